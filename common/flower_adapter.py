@@ -1,0 +1,128 @@
+"""Every place tinyfleet touches Flower internals, pinned to flwr==1.42.0.
+
+Flower's public Message API is what jobs and handlers are written against; what
+follows is what a *grid* needs beyond it: building messages outside Flower's own
+runtime, stamping ids, and the protobuf serde that carries a whole message across
+our own transport. Keep this module small; its tests (tests/test_flower_adapter.py)
+fail loudly when a Flower upgrade moves any of it.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Final
+
+from flwr.app import Context, Error, Message, Metadata, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+FLOWER_VERSION: Final = "1.42.0"
+COORDINATOR_NODE_ID: Final = SUPERLINK_NODE_ID
+#: Error codes used in error replies (Flower reserves small numbers; ours start at 100).
+ERR_UNKNOWN_MESSAGE_TYPE: Final = 100
+ERR_HANDLER_FAILED: Final = 101
+ERR_MESSAGE_TOO_LARGE: Final = 102
+ERR_INVALID_UPDATE: Final = 103
+ERR_DEADLINE: Final = 104
+
+
+class MessageDecodeError(ValueError):
+    """Bytes that claim to be a Flower message but do not parse as one."""
+
+
+def ensure_task_identity(run_id: int = 0, node_id: int = COORDINATOR_NODE_ID) -> None:
+    """Let `Message(content, dst_node_id, message_type)` work in this process.
+
+    Flower 1.42 reads the sender's run/node/task ids from the process-wide
+    TaskIdentity, which only Flower's own runtime sets. Stock strategies build
+    messages that way, so a grid outside that runtime must set it; the grid then
+    rewrites run id and message id per message (see `stamp`).
+    """
+    for name, value in (("run_id", run_id), ("node_id", node_id), ("task_id", 1)):
+        try:
+            getattr(TaskIdentity, name)
+        except RuntimeError:
+            setattr(TaskIdentity, name, value)
+
+
+def new_instruction(
+    content: RecordDict,
+    message_type: str,
+    dst_node_id: int,
+    *,
+    run_id: int,
+    group_id: str = "",
+    ttl: float | None = None,
+    src_node_id: int = COORDINATOR_NODE_ID,
+) -> Message:
+    """Build an instruction message without relying on the process-wide TaskIdentity."""
+    metadata = Metadata(
+        run_id=run_id,
+        message_id="",
+        src_node_id=src_node_id,
+        dst_node_id=dst_node_id,
+        reply_to_message_id="",
+        group_id=group_id,
+        created_at=time.time(),
+        ttl=ttl if ttl is not None else 43200.0,
+        message_type=message_type,
+        src_task_id=1,
+    )
+    return Message(content=content, metadata=metadata)
+
+
+def stamp(message: Message, *, run_id: int, message_id: str | None = None) -> str:
+    """Give an outgoing instruction its run id and a fresh unique message id."""
+    mid = message_id or uuid.uuid4().hex
+    message.metadata.__dict__["_message_id"] = mid
+    message.metadata.__dict__["_run_id"] = run_id
+    return mid
+
+
+def set_message_id(message: Message, message_id: str) -> None:
+    """Set the id of a message received over the wire (the transport owns ids)."""
+    message.metadata.__dict__["_message_id"] = message_id
+
+
+def reply_with_content(instruction: Message, content: RecordDict) -> Message:
+    return Message(content, reply_to=instruction)
+
+
+def reply_with_error(instruction: Message, code: int, reason: str) -> Message:
+    return Message(Error(code=code, reason=reason), reply_to=instruction)
+
+
+def message_to_bytes(message: Message) -> bytes:
+    """Serialize a whole message (metadata and content) with Flower's own serde."""
+    return message_to_proto(message).SerializeToString()
+
+
+def message_from_bytes(data: bytes) -> Message:
+    """Parse bytes produced by `message_to_bytes`; bad bytes raise MessageDecodeError."""
+    proto = ProtoMessage()
+    try:
+        proto.ParseFromString(data)
+        message = message_from_proto(proto)
+    except Exception as exc:  # protobuf and Flower raise several unrelated types
+        raise MessageDecodeError(f"not a Flower message ({len(data)} bytes): {exc}") from exc
+    return message
+
+
+def make_context(node_id: int, node_config: dict[str, str | int | float | bool]) -> Context:
+    """A Flower Context for running ClientApp-style handlers outside a SuperNode."""
+    return Context(
+        run_id=0,
+        node_id=node_id,
+        node_config=dict(node_config),
+        state=RecordDict(),
+        run_config={},
+    )
+
+
+def empty_run(run_id: int) -> Run:
+    """The Run record a Grid reports; only `run_id` is meaningful outside Flower's runtime."""
+    return Run.create_empty(run_id)

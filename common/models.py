@@ -1,0 +1,92 @@
+"""The model zoo: every model a job can name, built the same way on server and device."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the fleet needs to know about a model without building it."""
+
+    name: str
+    build: Callable[..., nn.Module]
+    input_shape: tuple[int, ...]
+    task: str
+    description: str
+
+
+def sine_mlp() -> nn.Module:
+    """1-64-64-1 tanh MLP: the sine-regression model of the Reptile and TinyReptile papers."""
+    return nn.Sequential(
+        nn.Linear(1, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)
+    )
+
+
+class OmniglotConv4(nn.Module):
+    """4 conv blocks of 64 channels (conv3x3, batch norm, ReLU, 2x2 max-pool) and a linear head.
+
+    The few-shot classifier of MAML/Reptile on 28x28 Omniglot; `features` is the
+    embedding (64 values) used by prototype methods, `head` the N-way classifier.
+    """
+
+    def __init__(self, ways: int = 5, channels: int = 64) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        in_ch = 1
+        for _ in range(4):
+            blocks += [
+                nn.Conv2d(in_ch, channels, 3, padding=1),
+                nn.BatchNorm2d(channels, track_running_stats=False),
+                nn.ReLU(),
+                nn.MaxPool2d(2, ceil_mode=True),
+            ]
+            in_ch = channels
+        self.features = nn.Sequential(*blocks, nn.Flatten())
+        self.head = nn.Linear(channels * 2 * 2, ways)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+MODELS: dict[str, ModelSpec] = {
+    "sine-mlp": ModelSpec(
+        name="sine-mlp",
+        build=sine_mlp,
+        input_shape=(1,),
+        task="regression",
+        description="1-64-64-1 tanh MLP for sine-wave regression",
+    ),
+    "omniglot-conv4": ModelSpec(
+        name="omniglot-conv4",
+        build=OmniglotConv4,
+        input_shape=(1, 28, 28),
+        task="classification",
+        description="4x64-channel conv net for 28x28 few-shot character classification",
+    ),
+}
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}") from None
+
+
+def build_model(name: str, seed: int | None = None, **kwargs: object) -> nn.Module:
+    """Build a zoo model; with a seed, its initial weights are reproducible."""
+    spec = get_model_spec(name)
+    if seed is None:
+        return spec.build(**kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return spec.build(**kwargs)
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

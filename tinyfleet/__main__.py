@@ -1,0 +1,5 @@
+import sys
+
+from tinyfleet.cli import main
+
+sys.exit(main())
