@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from torch import nn
-
 from tinyfleet.client.data_sources import DataSource, shared_source
 from tinyfleet.client.handlers import HandlerRegistry
 from tinyfleet.common.arrays import load_array_record, to_array_record
 from tinyfleet.common.flower_adapter import reply_with_content
 from tinyfleet.common.models import build_model, get_model_spec
+from torch import nn
 
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
@@ -63,7 +62,7 @@ def train(message: Message, context: Context) -> Message:
         loss = criterion(model(x), y)
         loss.backward()
         optimizer.step()
-        total += float(loss)
+        total += loss.item()
     metrics = MetricRecord({"train_loss": total / max(steps, 1), "num-examples": steps * batch})
     return reply_with_content(
         message, RecordDict({ARRAYS_KEY: to_array_record(model), METRICS_KEY: metrics})

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
-
 from tinyfleet.common.flower_adapter import empty_run, new_instruction
 
 REPLIED = "replied"
@@ -53,7 +52,7 @@ class TrackingGrid(Grid):
         self._run = run  # type: ignore[assignment]
 
     @property
-    def run(self):  # noqa: ANN201 - Flower's Run type is internal, see flower_adapter
+    def run(self):
         return self._run
 
     def create_message(

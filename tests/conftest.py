@@ -1,0 +1,28 @@
+"""Shared fixtures: process-wide Flower identity and the real-data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("TINYFLEET_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _flower_identity() -> None:
+    from tinyfleet.common.flower_adapter import ensure_task_identity
+
+    ensure_task_identity()
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The real datasets; tests that need them skip with the path they looked for."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder not found at {SHARED_DATA} (set TINYFLEET_DATA)")
+    return SHARED_DATA

@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+from tinyfleet.common.jobspec import JobSpecError, parse_job_spec
+
+GOOD = """
+name = "sine"
+strategy = "fedavg"
+model = "sine-mlp"
+rounds = 3
+[round]
+deadline_s = 5
+min_nodes = 2
+fraction = 0.5
+[train]
+lr = 0.02
+local_steps = 10
+"""
+
+
+def test_parses_a_complete_job() -> None:
+    spec = parse_job_spec(GOOD)
+    assert spec.rounds == 3 and spec.round.deadline_s == 5.0 and spec.round.min_nodes == 2
+    assert spec.train == {"lr": 0.02, "local_steps": 10}
+    assert spec.strategy_path == "flwr.serverapp.strategy:FedAvg"
+    assert parse_job_spec(spec.to_toml()) == spec
+
+
+def test_import_path_of_a_stock_strategy() -> None:
+    spec = parse_job_spec('strategy = "flwr.serverapp.strategy:FedMedian"\nmodel = "sine-mlp"\nrounds = 1')
+    assert spec.strategy_path.endswith(":FedMedian")
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "words"),
+    [
+        ('model = "sine-mlp"\nrounds = 1', "strategy", "missing"),
+        ('strategy = "fedavg"\nmodel = "resnet"\nrounds = 1', "model", "unknown model"),
+        ('strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 0', "rounds", "at least 1"),
+        ('strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = "3"', "rounds", "integer"),
+        ('strategy = "nope"\nmodel = "sine-mlp"\nrounds = 1', "strategy", "unknown strategy"),
+        ('strategy = "os:path"\nmodel = "sine-mlp"\nrounds = 1', "strategy", "not a flwr"),
+        ('strategy = "no.such.mod:X"\nmodel = "sine-mlp"\nrounds = 1', "strategy", "cannot import"),
+        ('strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 1\n[round]\ndeadline_s = -1',
+         "round.deadline_s", "greater than 0"),
+        ('strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 1\n[round]\nfraction = 2.0',
+         "round.fraction", "at most"),
+        ('strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 1\n[round]\nquorum = 2',
+         "round.quorum", "unknown field"),
+        ('strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 1\ncolour = 2', "colour", "unknown field"),
+        ('strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 1\n[train]\nlr = [1, 2]', "train.lr", "number"),
+        ("strategy = ", "<file>", "not valid TOML"),
+    ],
+)
+def test_errors_name_the_field(text: str, field: str, words: str) -> None:
+    with pytest.raises(JobSpecError) as info:
+        parse_job_spec(text)
+    assert info.value.field == field
+    assert words in str(info.value) and f"'{field}'" in str(info.value)

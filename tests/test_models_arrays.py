@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tinyfleet.common.arrays import (
+    InvalidUpdateError,
+    check_compatible,
+    check_finite,
+    from_numpy_dict,
+    load_array_record,
+    to_array_record,
+    to_numpy_dict,
+)
+from tinyfleet.common.models import build_model, get_model_spec, parameter_count
+
+
+def test_zoo_models_build_reproducibly() -> None:
+    a, b = build_model("sine-mlp", seed=3), build_model("sine-mlp", seed=3)
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    assert all(torch.equal(x, y) for x, y in pairs)
+    assert parameter_count(a) == 1 * 64 + 64 + 64 * 64 + 64 + 64 + 1
+    out = build_model("omniglot-conv4", seed=0, ways=5)(torch.zeros(2, 1, 28, 28))
+    assert out.shape == (2, 5)
+    with pytest.raises(KeyError, match="unknown model 'x'"):
+        get_model_spec("x")
+
+
+def test_array_record_round_trip_and_checks() -> None:
+    model = build_model("sine-mlp", seed=0)
+    record = to_array_record(model)
+    other = build_model("sine-mlp", seed=1)
+    load_array_record(other, record)
+    assert torch.equal(other.state_dict()["0.weight"], model.state_dict()["0.weight"])
+    arrays = to_numpy_dict(record)
+    check_finite(from_numpy_dict(arrays))
+    check_compatible(from_numpy_dict(arrays), record)
+    arrays["2.bias"] = arrays["2.bias"].copy()
+    arrays["2.bias"][3] = np.nan
+    with pytest.raises(InvalidUpdateError, match=r"'2\.bias' holds 1 NaN/Inf"):
+        check_finite(from_numpy_dict(arrays))
+    arrays["2.bias"] = np.zeros(5, dtype=np.float32)
+    with pytest.raises(InvalidUpdateError, match=r"'2\.bias' has shape"):
+        check_compatible(from_numpy_dict(arrays), record)
+    del arrays["0.bias"]
+    with pytest.raises(InvalidUpdateError, match="missing"):
+        check_compatible(from_numpy_dict(arrays), record)
