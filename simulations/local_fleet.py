@@ -1,0 +1,226 @@
+"""A real fleet on loopback: one coordinator process and N agent processes.
+
+The demo, the round-latency benchmark and the end-to-end tests all need the same
+thing: start `tinyfleet server start` on ephemeral ports, wait until it has
+written its `server.json`, start agents with their own state dirs and data
+streams, talk to the Admin service, and stop every process by its PID however
+the caller exits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
+
+
+class FleetStartError(RuntimeError):
+    """A process of the local fleet did not come up; the message carries its log tail."""
+
+
+@dataclass
+class AgentProcess:
+    index: int
+    device_id: str
+    data: str
+    state_dir: Path
+    log_path: Path
+    process: subprocess.Popen[bytes]
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _stop(process: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return int(process.returncode)
+
+
+class LocalFleet:
+    """Context manager owning a coordinator and its agents under `root`."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        admin_token: str | None = None,
+        db_url: str | None = None,
+        server_args: Sequence[str] = (),
+        agent_args: Sequence[str] = (),
+        verbose: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        self.data_dir = self.root / "coordinator"
+        self.logs = self.root / "logs"
+        self.admin_token = admin_token
+        self.db_url = db_url
+        self.server_args = list(server_args)
+        self.agent_args = list(agent_args)
+        self.verbose = verbose
+        self.server: subprocess.Popen[bytes] | None = None
+        self.server_info: dict[str, object] = {}
+        self.agents: list[AgentProcess] = []
+        self._channel: grpc.Channel | None = None
+        self._listen_port = 0
+        self._http_port = 0
+
+    # -- lifecycle ----------------------------------------------------------
+    def __enter__(self) -> LocalFleet:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["FLWR_TELEMETRY_ENABLED"] = "0"
+        env["PYTHONUNBUFFERED"] = "1"
+        # Many processes on few cores: one intra-op thread each keeps them from thrashing.
+        env.setdefault("OMP_NUM_THREADS", "1")
+        return env
+
+    def _cli(self) -> list[str]:
+        return [sys.executable, "-m", "tinyfleet"] + (["-v"] if self.verbose else [])
+
+    def start_server(self, timeout: float = 60.0) -> dict[str, object]:
+        """Start the coordinator (again, after a kill: same data dir, same ports)."""
+        ready = self.data_dir / "server.json"
+        ready.unlink(missing_ok=True)
+        cmd = self._cli() + [
+            "server", "start",
+            "--data-dir", str(self.data_dir),
+            "--listen", f"127.0.0.1:{self._listen_port}",
+            "--http", f"127.0.0.1:{self._http_port}",
+        ]
+        if self.db_url:
+            cmd += ["--db", self.db_url]
+        if self.admin_token:
+            cmd += ["--admin-token", self.admin_token]
+        cmd += self.server_args
+        log_path = self.logs / "server.log"
+        with log_path.open("ab") as log:
+            self.server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env())
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if self.server.poll() is not None:
+                raise FleetStartError(
+                    f"coordinator exited with {self.server.returncode}:\n{_tail(log_path)}"
+                )
+            if time.monotonic() > deadline:
+                raise FleetStartError(f"coordinator not ready after {timeout:.0f}s:\n{_tail(log_path)}")
+            time.sleep(0.05)
+        self.server_info = json.loads(ready.read_text())
+        self._listen_port = int(str(self.server_info["listen"]).rsplit(":", 1)[1])
+        self._http_port = int(str(self.server_info["http"]).rsplit(":", 1)[1])
+        return self.server_info
+
+    @property
+    def address(self) -> str:
+        return str(self.server_info["listen"])
+
+    @property
+    def http_address(self) -> str:
+        return str(self.server_info["http"])
+
+    def start_agent(self, data: str, *, device_id: str | None = None) -> AgentProcess:
+        from tinyfleet.client.descriptions import minimal_thing_description
+
+        index = len(self.agents)
+        device_id = device_id or f"urn:tinyfleet:demo:agent-{index}"
+        state_dir = self.root / f"agent-{index}"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        device_file = state_dir / "device.td.json"
+        device_file.write_text(json.dumps(minimal_thing_description(device_id), indent=2))
+        log_path = self.logs / f"agent-{index}.log"
+        cmd = self._cli() + [
+            "agent", "run",
+            "--server", self.address,
+            "--state-dir", str(state_dir),
+            "--device", str(device_file),
+            "--data", data,
+        ] + self.agent_args
+        with log_path.open("ab") as log:
+            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env())
+        agent = AgentProcess(index, device_id, data, state_dir, log_path, process)
+        self.agents.append(agent)
+        return agent
+
+    def start_agents(self, data_specs: Sequence[str]) -> list[AgentProcess]:
+        return [self.start_agent(spec) for spec in data_specs]
+
+    def kill_server(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        if self.server is not None and self.server.poll() is None:
+            self.server.send_signal(sig)
+            self.server.wait(30)
+        self._close_channel()
+
+    def close(self) -> None:
+        """Stop agents and the coordinator by PID (SIGTERM, then SIGKILL)."""
+        self._close_channel()
+        for agent in self.agents:
+            _stop(agent.process)
+        if self.server is not None:
+            _stop(self.server)
+
+    # -- admin API ----------------------------------------------------------
+    def _close_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+
+    def admin(self) -> fleet_pb2_grpc.AdminStub:
+        if self._channel is None:
+            self._channel = grpc.insecure_channel(self.address)
+        return fleet_pb2_grpc.AdminStub(self._channel)
+
+    def _metadata(self) -> list[tuple[str, str]]:
+        return [("authorization", f"Bearer {self.admin_token}")] if self.admin_token else []
+
+    def submit(self, spec_toml: str) -> str:
+        info = self.admin().SubmitJob(
+            fleet_pb2.SubmitJobRequest(spec_toml=spec_toml), metadata=self._metadata(), timeout=30
+        )
+        return str(info.job_id)
+
+    def job(self, job_id: str) -> fleet_pb2.JobInfo:
+        return self.admin().GetJob(fleet_pb2.GetJobRequest(job_id=job_id), metadata=self._metadata(), timeout=30)
+
+    def watch(self, job_id: str, timeout: float | None = None) -> Iterator[fleet_pb2.JobInfo]:
+        """Job states as they change, until the job ends (server stream, no polling)."""
+        yield from self.admin().WatchJob(
+            fleet_pb2.GetJobRequest(job_id=job_id), metadata=self._metadata(), timeout=timeout
+        )
+
+    def wait(self, job_id: str, timeout: float | None = None) -> fleet_pb2.JobInfo:
+        last = self.job(job_id)
+        for info in self.watch(job_id, timeout):
+            last = info
+        return last
+
+    def devices(self) -> list[fleet_pb2.DeviceInfo]:
+        response = self.admin().ListDevices(
+            fleet_pb2.ListDevicesRequest(), metadata=self._metadata(), timeout=30
+        )
+        return list(response.devices)
