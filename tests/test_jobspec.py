@@ -57,3 +57,14 @@ def test_errors_name_the_field(text: str, field: str, words: str) -> None:
         parse_job_spec(text)
     assert info.value.field == field
     assert words in str(info.value) and f"'{field}'" in str(info.value)
+
+
+def test_example_job_files_parse() -> None:
+    from pathlib import Path
+
+    from tinyfleet.common.jobspec import load_job_spec
+
+    examples = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.toml"))
+    assert examples
+    for path in examples:
+        assert load_job_spec(path).rounds >= 1
