@@ -13,10 +13,16 @@ import time
 import uuid
 from typing import Final
 
-from flwr.app import Context, Error, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, Context, Error, Message, Metadata, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.common.serde import (
+    array_record_from_proto,
+    array_record_to_proto,
+    message_from_proto,
+    message_to_proto,
+)
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
+from flwr.proto.recorddict_pb2 import ArrayRecord as ProtoArrayRecord  # pylint: disable=E0611
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -110,6 +116,25 @@ def message_from_bytes(data: bytes) -> Message:
     except Exception as exc:  # protobuf and Flower raise several unrelated types
         raise MessageDecodeError(f"not a Flower message ({len(data)} bytes): {exc}") from exc
     return message
+
+
+def array_record_to_bytes(record: ArrayRecord) -> bytes:
+    """Serialize an ArrayRecord alone (checkpoints, artifacts) with Flower's serde.
+
+    Deterministic, so equal records give equal bytes and the sha256 of the bytes
+    is a stable content address.
+    """
+    return array_record_to_proto(record).SerializeToString(deterministic=True)
+
+
+def array_record_from_bytes(data: bytes) -> ArrayRecord:
+    """Parse bytes produced by `array_record_to_bytes`; bad bytes raise MessageDecodeError."""
+    proto = ProtoArrayRecord()
+    try:
+        proto.ParseFromString(data)
+        return array_record_from_proto(proto)
+    except Exception as exc:  # protobuf and Flower raise several unrelated types
+        raise MessageDecodeError(f"not a Flower ArrayRecord ({len(data)} bytes): {exc}") from exc
 
 
 def make_context(node_id: int, node_config: dict[str, str | int | float | bool]) -> Context:

@@ -1,0 +1,108 @@
+"""Every function of the Flower adapter, so a Flower upgrade that moves an internal fails here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from tinyfleet.common import flower_adapter as fa
+from tinyfleet.common.arrays import from_numpy_dict, to_array_record
+from tinyfleet.common.models import build_model
+
+
+def _content() -> RecordDict:
+    return RecordDict(
+        {
+            "arrays": from_numpy_dict({"w": np.arange(6, dtype=np.float32).reshape(2, 3)}),
+            "config": ConfigRecord({"lr": 0.1, "model": "sine-mlp"}),
+        }
+    )
+
+
+def test_pinned_flower_version_is_installed() -> None:
+    import flwr
+
+    assert flwr.__version__ == fa.FLOWER_VERSION
+
+
+def test_ensure_task_identity_lets_stock_message_constructor_work() -> None:
+    fa.ensure_task_identity()
+    assert TaskIdentity.node_id is not None
+    message = Message(content=_content(), dst_node_id=7, message_type="train")
+    assert message.metadata.dst_node_id == 7
+    assert message.metadata.src_node_id == TaskIdentity.node_id
+    before = TaskIdentity.run_id
+    fa.ensure_task_identity(run_id=before + 99)  # an identity already set is kept
+    assert TaskIdentity.run_id == before
+
+
+def test_new_instruction_stamp_and_serde_round_trip() -> None:
+    message = fa.new_instruction(_content(), "train.fedavg", 42, run_id=5, group_id="3", ttl=60.0)
+    assert message.metadata.src_node_id == fa.COORDINATOR_NODE_ID
+    assert message.metadata.message_id == ""
+    mid = fa.stamp(message, run_id=11)
+    assert len(mid) == 32 and message.metadata.message_id == mid
+    assert message.metadata.run_id == 11
+    assert fa.stamp(message, run_id=11, message_id="fixed") == "fixed"
+
+    wire = fa.message_to_bytes(message)
+    back = fa.message_from_bytes(wire)
+    assert back.metadata.message_type == "train.fedavg"
+    assert back.metadata.dst_node_id == 42 and back.metadata.group_id == "3"
+    np.testing.assert_array_equal(
+        back.content.array_records["arrays"]["w"].numpy(), np.arange(6).reshape(2, 3)
+    )
+    assert back.content.config_records["config"]["lr"] == pytest.approx(0.1)
+
+
+def test_set_message_id_and_replies_point_back_to_the_instruction() -> None:
+    message = fa.new_instruction(_content(), "evaluate", 8, run_id=1)
+    fa.set_message_id(message, "abc")
+    assert message.metadata.message_id == "abc"
+
+    ok = fa.reply_with_content(message, RecordDict({"metrics": MetricRecord({"loss": 1.5})}))
+    assert ok.metadata.reply_to_message_id == "abc"
+    assert ok.metadata.src_node_id == 8 and ok.metadata.dst_node_id == fa.COORDINATOR_NODE_ID
+    assert not ok.has_error()
+
+    bad = fa.reply_with_error(message, fa.ERR_INVALID_UPDATE, "NaN in 'w'")
+    assert bad.has_error() and bad.error.code == fa.ERR_INVALID_UPDATE
+    assert bad.error.reason == "NaN in 'w'"
+    assert fa.message_from_bytes(fa.message_to_bytes(bad)).error.reason == "NaN in 'w'"
+
+
+def test_error_codes_are_distinct_and_above_flowers_range() -> None:
+    codes = [
+        fa.ERR_UNKNOWN_MESSAGE_TYPE,
+        fa.ERR_HANDLER_FAILED,
+        fa.ERR_MESSAGE_TOO_LARGE,
+        fa.ERR_INVALID_UPDATE,
+        fa.ERR_DEADLINE,
+    ]
+    assert len(set(codes)) == len(codes) and min(codes) >= 100
+
+
+def test_message_from_bytes_rejects_garbage() -> None:
+    with pytest.raises(fa.MessageDecodeError, match="not a Flower message"):
+        fa.message_from_bytes(b"\xff\xff\xff\x01garbage")
+
+
+def test_array_record_bytes_are_deterministic_and_round_trip() -> None:
+    record = to_array_record(build_model("sine-mlp", seed=3))
+    data = fa.array_record_to_bytes(record)
+    assert data == fa.array_record_to_bytes(to_array_record(build_model("sine-mlp", seed=3)))
+    assert data != fa.array_record_to_bytes(to_array_record(build_model("sine-mlp", seed=4)))
+    back = fa.array_record_from_bytes(data)
+    assert list(back.keys()) == list(record.keys())
+    for key in record:
+        np.testing.assert_array_equal(back[key].numpy(), record[key].numpy())
+    with pytest.raises(fa.MessageDecodeError, match="ArrayRecord"):
+        fa.array_record_from_bytes(b"\xff\xff\x01")
+
+
+def test_make_context_and_empty_run() -> None:
+    context = fa.make_context(17, {"data": "sine:seed=1"})
+    assert context.node_id == 17 and context.node_config["data"] == "sine:seed=1"
+    assert len(context.state) == 0
+    assert fa.empty_run(23).run_id == 23
