@@ -1,0 +1,334 @@
+"""Every read and write of the coordinator's SQL state, one transaction per change.
+
+Callers (gRPC handlers, the job runner) never build SQL; each method here is one
+unit of work that is committed (durable) before it returns, or rolled back with
+nothing half-written. Device changes append an `outbox` row in the same
+transaction so the registry can project them into RDF later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import sqlalchemy as sa
+from tinyfleet.server.schema import artifacts, devices, jobs, node_results, outbox, rounds
+
+QUEUED = "queued"
+RUNNING = "running"
+FINISHED = "finished"
+FAILED = "failed"
+TERMINAL_STATES = frozenset({FINISHED, FAILED})
+
+
+class DeviceExistsError(Exception):
+    """A device id (or, rarely, a random node id) that is already taken."""
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: str
+    node_id: int
+    credential_hash: str
+    description: bytes
+    media_type: str
+    registered_at: float
+    updated_at: float
+    last_seen: float | None
+    online: bool
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    name: str
+    strategy: str
+    spec_toml: str
+    state: str
+    reason: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    rounds_total: int
+    rounds_done: int
+    strategy_state: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    phase: str
+    node_id: int
+    status: str
+    error: str
+    bytes_down: int
+    bytes_up: int
+    compute_s: float
+    metrics: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    started_at: float
+    finished_at: float
+    participants: int
+    dropped: int
+    train_metrics: dict[str, Any] | None
+    eval_metrics: dict[str, Any] | None
+    bytes_down: int
+    bytes_up: int
+    duration_s: float
+    train_duration_s: float
+    eval_duration_s: float
+    artifact_sha: str | None
+    nodes: list[NodeResult] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    sha256: str
+    size: int
+    encoding: str
+    job_id: int | None
+    round: int | None
+    parent_sha: str | None
+    created_at: float
+
+
+def _device(row: Mapping[str, Any]) -> Device:
+    return Device(**{k: row[k] for k in Device.__dataclass_fields__})
+
+
+def _job(row: Mapping[str, Any]) -> Job:
+    return Job(**{k: row[k] for k in Job.__dataclass_fields__})
+
+
+class Repository:
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+
+    # -- devices -------------------------------------------------------------
+    def get_device(self, device_id: str) -> Device | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(devices).where(devices.c.device_id == device_id)).first()
+        return _device(row._mapping) if row else None
+
+    def list_devices(self) -> list[Device]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(devices).order_by(devices.c.registered_at)).all()
+        return [_device(r._mapping) for r in rows]
+
+    def create_device(
+        self,
+        device_id: str,
+        node_id: int,
+        credential_hash: str,
+        description: bytes,
+        media_type: str,
+    ) -> Device:
+        now = time.time()
+        values = {
+            "device_id": device_id,
+            "node_id": node_id,
+            "credential_hash": credential_hash,
+            "description": description,
+            "media_type": media_type,
+            "registered_at": now,
+            "updated_at": now,
+            "last_seen": None,
+            "online": False,
+        }
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(devices.insert().values(**values))
+                self._outbox(conn, "device.registered", device_id, {
+                    "node_id": node_id, "media_type": media_type,
+                    "description": description.decode("utf-8", "replace"),
+                })
+        except sa.exc.IntegrityError as exc:
+            raise DeviceExistsError(device_id) from exc
+        return Device(**values)
+
+    def replace_description(self, device_id: str, description: bytes, media_type: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                devices.update()
+                .where(devices.c.device_id == device_id)
+                .values(description=description, media_type=media_type, updated_at=time.time())
+            )
+            self._outbox(conn, "device.updated", device_id, {
+                "media_type": media_type, "description": description.decode("utf-8", "replace"),
+            })
+
+    def set_online(self, device_id: str, online: bool) -> None:
+        now = time.time()
+        with self.engine.begin() as conn:
+            conn.execute(
+                devices.update()
+                .where(devices.c.device_id == device_id)
+                .values(online=online, last_seen=now)
+            )
+            self._outbox(conn, "device.online" if online else "device.offline", device_id,
+                         {"at": now})
+
+    def touch_last_seen(self, seen: Mapping[str, float]) -> None:
+        """Batch write of liveness: one transaction for every device heard from since last time."""
+        if not seen:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                devices.update()
+                .where(devices.c.device_id == sa.bindparam("did"))
+                .values(last_seen=sa.bindparam("ts")),
+                [{"did": did, "ts": ts} for did, ts in seen.items()],
+            )
+
+    def mark_all_offline(self) -> int:
+        """At daemon start nothing is connected yet, whatever the last run left behind."""
+        with self.engine.begin() as conn:
+            stale = conn.execute(
+                sa.select(devices.c.device_id).where(devices.c.online.is_(True))
+            ).scalars().all()
+            if stale:
+                conn.execute(devices.update().where(devices.c.online.is_(True)).values(online=False))
+                for device_id in stale:
+                    self._outbox(conn, "device.offline", device_id, {"at": time.time()})
+        return len(stale)
+
+    def outbox_since(self, seq: int = 0, limit: int = 1000) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(outbox).where(outbox.c.seq > seq).order_by(outbox.c.seq).limit(limit)
+            ).all()
+        return [dict(r._mapping) for r in rows]
+
+    @staticmethod
+    def _outbox(conn: sa.Connection, kind: str, subject: str, payload: dict[str, Any]) -> None:
+        conn.execute(outbox.insert().values(
+            kind=kind, subject=subject, payload=payload, created_at=time.time()
+        ))
+
+    # -- jobs ------------------------------------------------------------------
+    def create_job(self, name: str, strategy: str, spec_toml: str, rounds_total: int) -> Job:
+        with self.engine.begin() as conn:
+            job_id = conn.execute(
+                jobs.insert().values(
+                    name=name, strategy=strategy, spec_toml=spec_toml, state=QUEUED, reason="",
+                    created_at=time.time(), rounds_total=rounds_total, rounds_done=0,
+                )
+            ).inserted_primary_key[0]
+        job = self.get_job(int(job_id))
+        assert job is not None
+        return job
+
+    def get_job(self, job_id: int) -> Job | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).first()
+        return _job(row._mapping) if row else None
+
+    def list_jobs(self) -> list[Job]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs).order_by(jobs.c.id)).all()
+        return [_job(r._mapping) for r in rows]
+
+    def next_job(self) -> Job | None:
+        """The job to run next: an interrupted running one first (resume), then FIFO queued."""
+        with self.engine.connect() as conn:
+            for state in (RUNNING, QUEUED):
+                row = conn.execute(
+                    sa.select(jobs).where(jobs.c.state == state).order_by(jobs.c.id).limit(1)
+                ).first()
+                if row:
+                    return _job(row._mapping)
+        return None
+
+    def start_job(self, job_id: int, initial: ArtifactRecord) -> None:
+        """Mark a queued job running and record its initial model as the round-0 artifact."""
+        with self.engine.begin() as conn:
+            self._insert_artifact(conn, initial)
+            conn.execute(
+                jobs.update().where(jobs.c.id == job_id)
+                .values(state=RUNNING, started_at=time.time())
+            )
+
+    def commit_round(
+        self,
+        job_id: int,
+        record: RoundRecord,
+        artifact: ArtifactRecord | None,
+        strategy_state: dict[str, Any] | None,
+    ) -> None:
+        """A finished round: its row, per-node results, artifact row and job progress, atomically."""
+        with self.engine.begin() as conn:
+            if artifact is not None:
+                self._insert_artifact(conn, artifact)
+            values = {k: getattr(record, k) for k in RoundRecord.__dataclass_fields__ if k != "nodes"}
+            conn.execute(rounds.insert().values(job_id=job_id, **values))
+            if record.nodes:
+                conn.execute(
+                    node_results.insert(),
+                    [{"job_id": job_id, "round": record.round, **n.__dict__} for n in record.nodes],
+                )
+            conn.execute(
+                jobs.update().where(jobs.c.id == job_id)
+                .values(rounds_done=record.round, strategy_state=strategy_state)
+            )
+
+    def end_job(self, job_id: int, state: str, reason: str = "") -> None:
+        if state not in TERMINAL_STATES:
+            raise ValueError(f"end_job needs a terminal state, got {state!r}")
+        with self.engine.begin() as conn:
+            conn.execute(
+                jobs.update().where(jobs.c.id == job_id)
+                .values(state=state, reason=reason, finished_at=time.time())
+            )
+
+    def get_rounds(self, job_id: int) -> list[RoundRecord]:
+        with self.engine.connect() as conn:
+            round_rows = conn.execute(
+                sa.select(rounds).where(rounds.c.job_id == job_id).order_by(rounds.c.round)
+            ).all()
+            node_rows = conn.execute(
+                sa.select(node_results).where(node_results.c.job_id == job_id)
+                .order_by(node_results.c.round, node_results.c.id)
+            ).all()
+        by_round: dict[int, list[NodeResult]] = {}
+        for n in node_rows:
+            m = n._mapping
+            by_round.setdefault(m["round"], []).append(
+                NodeResult(**{k: m[k] for k in NodeResult.__dataclass_fields__})
+            )
+        result = []
+        for r in round_rows:
+            m = r._mapping
+            fields = {k: m[k] for k in RoundRecord.__dataclass_fields__ if k != "nodes"}
+            result.append(RoundRecord(**fields, nodes=by_round.get(m["round"], [])))
+        return result
+
+    # -- artifacts -------------------------------------------------------------
+    def get_artifact(self, sha: str) -> ArtifactRecord | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(artifacts).where(artifacts.c.sha256 == sha)).first()
+        return ArtifactRecord(**row._mapping) if row else None
+
+    def round_artifact(self, job_id: int, round_number: int) -> ArtifactRecord | None:
+        """The global model a job had after `round_number` (None before round 1)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(artifacts)
+                .join(rounds, rounds.c.artifact_sha == artifacts.c.sha256)
+                .where(rounds.c.job_id == job_id, rounds.c.round == round_number)
+                .limit(1)
+            ).first()
+        return ArtifactRecord(**row._mapping) if row else None
+
+    @staticmethod
+    def _insert_artifact(conn: sa.Connection, record: ArtifactRecord) -> None:
+        exists = conn.execute(
+            sa.select(artifacts.c.sha256).where(artifacts.c.sha256 == record.sha256)
+        ).first()
+        if not exists:  # content-addressed: the same bytes are the same artifact
+            conn.execute(artifacts.insert().values(**record.__dict__))
+
