@@ -276,13 +276,13 @@ class Agent:
             self.context = make_context(welcome.node_id, node_config)
         else:
             self.context.node_id = welcome.node_id
-        session.start_heartbeats(welcome.heartbeat_interval_s)
         self.config.state_dir.write_status(
             device_id=identity.device_id,
             node_id=welcome.node_id,
             server=self.config.server,
             connected=True,
         )
+        session.start_heartbeats(welcome.heartbeat_interval_s)
         log.info(
             "connected to %s as node %d (heartbeat %.1f s, max message %d bytes)",
             self.config.server,

@@ -31,9 +31,13 @@ log = logging.getLogger(__name__)
 
 
 def _stand_in(task: fleet_pb2.Task, node_id: int) -> Message:
-    """An instruction to reply to when the task's own bytes did not decode."""
+    """An instruction to reply to when the task's own bytes did not decode.
+
+    Its real type is unknown; Flower only accepts train/evaluate/query categories,
+    and the coordinator matches replies by message id, so "query.undecodable" it is.
+    """
     message = new_instruction(
-        RecordDict(), "undecodable", node_id, run_id=0, src_node_id=COORDINATOR_NODE_ID
+        RecordDict(), "query.undecodable", node_id, run_id=0, src_node_id=COORDINATOR_NODE_ID
     )
     set_message_id(message, task.message_id)
     return message
