@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 import torch
-from conftest import FakeFleet
+from fake_fleet import FakeFleet
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from tinyfleet.client.handlers import HandlerRegistry, default_handlers
 from tinyfleet.client.state_dir import Identity, StateDir
