@@ -1,0 +1,153 @@
+"""Who is connected right now, and the one way to send them frames.
+
+Streams live on the coordinator's asyncio loop; the job runner and FleetGrid live
+on a worker thread. The hub is the thread-safe seam between them: `send` hands a
+frame to a stream's queue from any thread, `wait_changed` lets the job thread
+sleep until membership changes (no polling), and listeners (FleetGrid) hear
+about replies and disconnects as they happen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
+
+log = logging.getLogger(__name__)
+
+
+class HubListener(Protocol):
+    def on_reply(self, node_id: int, reply: fleet_pb2.Reply) -> None: ...
+
+    def on_disconnect(self, node_id: int) -> None: ...
+
+
+@dataclass(eq=False)
+class Session:
+    """One open Connect stream; frames queued here are written by the stream's handler."""
+
+    device_id: str
+    node_id: int
+    loop: asyncio.AbstractEventLoop
+    outgoing: asyncio.Queue[fleet_pb2.CoordinatorFrame | None] = field(default_factory=asyncio.Queue)
+    opened_at: float = field(default_factory=time.time)
+    closed: bool = False
+
+    def put(self, frame: fleet_pb2.CoordinatorFrame | None) -> None:
+        """Queue a frame (None ends the stream); safe from any thread, order kept."""
+        try:
+            self.loop.call_soon_threadsafe(self.outgoing.put_nowait, frame)
+        except RuntimeError:  # the loop has closed: the stream is gone anyway
+            self.closed = True
+
+    def close(self, reason: str, reconnect_after_s: float = 0.0) -> None:
+        """Send Shutdown and end the stream (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        shutdown = fleet_pb2.Shutdown(reason=reason, reconnect_after_s=reconnect_after_s)
+        self.put(fleet_pb2.CoordinatorFrame(shutdown=shutdown))
+        self.put(None)
+
+
+class ConnectionHub:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._sessions: dict[int, Session] = {}
+        self._listeners: list[HubListener] = []
+        self._version = 0
+        self._seen: dict[str, float] = {}
+
+    def add_listener(self, listener: HubListener) -> None:
+        self._listeners.append(listener)
+
+    # -- membership (called on the loop thread by the Connect handler) -----------
+    def attach(self, session: Session) -> Session | None:
+        """Make `session` the node's stream; returns the one it replaces (caller closes it)."""
+        with self._lock:
+            old = self._sessions.get(session.node_id)
+            self._sessions[session.node_id] = session
+            self._seen[session.device_id] = time.time()
+            self._bump()
+        if old is not None:
+            for listener in self._listeners:
+                listener.on_disconnect(old.node_id)
+        return old
+
+    def detach(self, session: Session) -> bool:
+        """Forget `session` if it is still the node's current stream; True if it was."""
+        with self._lock:
+            current = self._sessions.get(session.node_id) is session
+            if current:
+                del self._sessions[session.node_id]
+                self._bump()
+        if current:
+            for listener in self._listeners:
+                listener.on_disconnect(session.node_id)
+        return current
+
+    def _bump(self) -> None:
+        self._version += 1
+        self._changed.notify_all()
+
+    def wake(self) -> None:
+        """Wake every `wait_changed` caller (e.g. the coordinator is stopping)."""
+        with self._lock:
+            self._bump()
+
+    # -- queries and sending (any thread) ------------------------------------
+    @property
+    def version(self) -> int:
+        with self._lock:
+            return self._version
+
+    def online_nodes(self) -> set[int]:
+        with self._lock:
+            return set(self._sessions)
+
+    def device_of(self, node_id: int) -> str | None:
+        with self._lock:
+            session = self._sessions.get(node_id)
+            return session.device_id if session else None
+
+    def wait_changed(self, since: int, timeout: float) -> int:
+        """Block until membership changes after version `since`, or timeout; returns the version."""
+        with self._lock:
+            self._changed.wait_for(lambda: self._version != since, timeout=max(timeout, 0.0))
+            return self._version
+
+    def send(self, node_id: int, frame: fleet_pb2.CoordinatorFrame) -> bool:
+        """Queue a frame for a node's stream; False when the node is not connected."""
+        with self._lock:
+            session = self._sessions.get(node_id)
+        if session is None or session.closed:
+            return False
+        session.put(frame)
+        return True
+
+    def close_all(self, reason: str, reconnect_after_s: float = 0.0) -> None:
+        with self._lock:
+            sessions = list(self._sessions.values())
+        for session in sessions:
+            session.close(reason, reconnect_after_s)
+
+    # -- inbound events (loop thread) ---------------------------------------------
+    def touch(self, device_id: str) -> None:
+        with self._lock:
+            self._seen[device_id] = time.time()
+
+    def take_seen(self) -> dict[str, float]:
+        """Liveness heard since the last call, for one batched SQL write."""
+        with self._lock:
+            seen, self._seen = self._seen, {}
+        return seen
+
+    def deliver_reply(self, node_id: int, reply: fleet_pb2.Reply) -> None:
+        for listener in self._listeners:
+            listener.on_reply(node_id, reply)

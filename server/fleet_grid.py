@@ -1,0 +1,287 @@
+"""FleetGrid: Flower's Grid interface over the agents connected to this coordinator.
+
+Strategies call it synchronously from the job thread; frames travel on the
+asyncio loop through the ConnectionHub. Everything is event-driven: a reply or a
+disconnect resolves its message and wakes `wait_for_replies` through a
+condition, so a round ends the moment the last reply lands, a node that drops
+mid-exchange is undeliverable at once, and only silence waits for the deadline.
+
+Replies are checked before any strategy sees them: oversized, undecodable,
+NaN/Inf arrays, or arrays under "arrays" whose keys overlap the global model
+but do not match its keys and shapes. Such a reply becomes an error reply
+(Flower's strategies skip those) and its Delivery records why.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, Message
+from tinyfleet.common.arrays import InvalidUpdateError, check_compatible, check_finite
+from tinyfleet.common.flower_adapter import (
+    ERR_INVALID_UPDATE,
+    ERR_MESSAGE_TOO_LARGE,
+    MessageDecodeError,
+    message_from_bytes,
+    message_to_bytes,
+    reply_with_error,
+    stamp,
+)
+from tinyfleet.common.grids import (
+    ERROR,
+    REPLIED,
+    TIMEOUT,
+    UNDELIVERABLE,
+    Delivery,
+    TrackingGrid,
+)
+from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
+from tinyfleet.server.connections import ConnectionHub
+
+log = logging.getLogger(__name__)
+
+ARRAYS_KEY = "arrays"
+
+
+class GridClosedError(RuntimeError):
+    """The coordinator is stopping; the exchange in progress is abandoned."""
+
+
+class NodeWaitTimeoutError(RuntimeError):
+    """A strategy kept asking for nodes beyond the round's wait window (Flower's
+    `sample_nodes` loops forever when fewer nodes are online than it wants)."""
+
+
+@dataclass
+class _Pending:
+    node_id: int
+    instruction: Message
+
+
+class FleetGrid(TrackingGrid):
+    def __init__(
+        self,
+        hub: ConnectionHub,
+        *,
+        max_message_bytes: int,
+        eligible_nodes: Callable[[], set[int]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.hub = hub
+        self.max_message_bytes = max_message_bytes
+        #: Registry hook: the node ids a job may use (None: every connected node).
+        self.eligible_nodes = eligible_nodes
+        #: The global model; replies under "arrays" that overlap its keys must match it.
+        self.reference_arrays: ArrayRecord | None = None
+        #: Seconds an agent is told it has for each task (the runner sets the round deadline).
+        self.task_deadline_s = 0.0
+        self._cond = threading.Condition(self._lock)
+        self._pending: dict[str, _Pending] = {}
+        self._replies: dict[str, Message] = {}
+        self._closed = False
+        self._phase_started = time.monotonic()
+        self._phase_wait_s = float("inf")
+        self._phase_calls = 0
+        hub.add_listener(self)
+
+    # -- nodes -------------------------------------------------------------------
+    def available_nodes(self) -> set[int]:
+        online = self.hub.online_nodes()
+        if self.eligible_nodes is not None:
+            online &= set(self.eligible_nodes())
+        return online
+
+    def begin_phase(self, wait_s: float) -> None:
+        """Start a configure step: repeated node queries past `wait_s` raise instead of looping."""
+        self._phase_started = time.monotonic()
+        self._phase_wait_s = wait_s
+        self._phase_calls = 0
+
+    def get_node_ids(self) -> Iterable[int]:
+        if self._closed:
+            raise GridClosedError("coordinator is stopping")
+        self._phase_calls += 1
+        nodes = sorted(self.available_nodes())
+        waited = time.monotonic() - self._phase_started
+        if self._phase_calls > 1 and waited > self._phase_wait_s:
+            raise NodeWaitTimeoutError(
+                f"the strategy waited {waited:.0f} s for more nodes than the {len(nodes)} "
+                "eligible online"
+            )
+        return nodes
+
+    def wait_for_nodes(self, count: int, timeout: float) -> int:
+        """Block until `count` eligible nodes are online or timeout; returns how many are."""
+        deadline = time.monotonic() + timeout
+        while True:
+            version = self.hub.version
+            available = len(self.available_nodes())
+            remaining = deadline - time.monotonic()
+            if available >= count or remaining <= 0 or self._closed:
+                return available
+            self.hub.wait_changed(version, remaining)
+
+    # -- sending -----------------------------------------------------------------
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        if self._closed:
+            raise GridClosedError("coordinator is stopping")
+        ids: list[str] = []
+        for message in messages:
+            mid = stamp(message, run_id=self._run.run_id)
+            wire = message_to_bytes(message)
+            node_id = message.metadata.dst_node_id
+            delivery = Delivery(
+                message_id=mid,
+                node_id=node_id,
+                message_type=message.metadata.message_type,
+                group_id=message.metadata.group_id,
+                bytes_down=len(wire),
+            )
+            ids.append(mid)
+            if len(wire) > self.max_message_bytes:
+                delivery.status = ERROR
+                delivery.error = (
+                    f"instruction of {len(wire)} bytes exceeds max_message_bytes "
+                    f"({self.max_message_bytes})"
+                )
+                self._track(delivery)
+                continue
+            with self._lock:
+                self._deliveries[mid] = delivery
+                self._pending[mid] = _Pending(node_id, message)
+            task = fleet_pb2.Task(message_id=mid, flower_message=wire, deadline_s=self.task_deadline_s)
+            if not self.hub.send(node_id, fleet_pb2.CoordinatorFrame(task=task)):
+                self._resolve_undeliverable(mid, "node is not connected")
+        return ids
+
+    def wait_for_replies(self, message_ids: list[str], timeout: float | None) -> None:
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self._closed or not any(m in self._pending for m in message_ids),
+                timeout=timeout,
+            )
+            if self._closed:
+                raise GridClosedError("coordinator is stopping")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        with self._lock:
+            return [self._replies.pop(m) for m in message_ids if m in self._replies]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        message_ids: list[str] = []
+        try:
+            replies = list(super().send_and_receive(_recording(messages, message_ids), timeout=timeout))
+        finally:
+            with self._lock:  # replies arriving after the deadline are ignored, not kept
+                for mid in message_ids:
+                    self._pending.pop(mid, None)
+                    delivery = self._deliveries.get(mid)
+                    if delivery is not None and delivery.status == TIMEOUT and not delivery.error:
+                        delivery.error = f"no reply within the {timeout} s deadline"
+        return replies
+
+    def close(self) -> None:
+        """Stop: every exchange in progress ends now, undelivered."""
+        with self._cond:
+            self._closed = True
+            for mid in list(self._pending):
+                self._resolve_locked(mid, UNDELIVERABLE, "coordinator is stopping")
+            self._cond.notify_all()
+        self.hub.wake()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- inbound (called by the hub on the asyncio loop) -------------------------
+    def on_reply(self, node_id: int, reply: fleet_pb2.Reply) -> None:
+        mid = reply.message_id
+        with self._lock:
+            pending = self._pending.get(mid)
+        if pending is None or pending.node_id != node_id:
+            log.info("ignoring reply %s from node %d: not an open task of that node", mid, node_id)
+            return
+        message, error, code = self._check_reply(node_id, pending, reply.flower_message)
+        if error:
+            message = reply_with_error(pending.instruction, code, error)
+        elif message.has_error():
+            error = f"node reported error {message.error.code}: {message.error.reason}"
+        with self._cond:
+            if self._pending.pop(mid, None) is None:
+                return
+            self._replies[mid] = message
+            delivery = self._deliveries.get(mid)
+            if delivery is not None:
+                delivery.status = ERROR if error else REPLIED
+                delivery.error = error
+                delivery.bytes_up = len(reply.flower_message)
+                delivery.compute_s = reply.compute_seconds
+                delivery.replied_at = time.time()
+            self._cond.notify_all()
+        if error:
+            log.warning("reply from node %d for %s recorded as error: %s", node_id, mid, error)
+
+    def _check_reply(
+        self, node_id: int, pending: _Pending, data: bytes
+    ) -> tuple[Message | None, str, int]:
+        """(message, error, error code); error is '' for a reply that may be aggregated."""
+        if len(data) > self.max_message_bytes:
+            return None, (
+                f"reply of {len(data)} bytes exceeds max_message_bytes ({self.max_message_bytes})"
+            ), ERR_MESSAGE_TOO_LARGE
+        try:
+            message = message_from_bytes(data)
+        except MessageDecodeError as exc:
+            return None, f"reply does not decode: {exc}", ERR_INVALID_UPDATE
+        if message.metadata.src_node_id != node_id:
+            return None, (
+                f"reply claims to come from node {message.metadata.src_node_id}"
+            ), ERR_INVALID_UPDATE
+        if message.has_error():
+            return message, "", 0
+        try:
+            for key, record in message.content.array_records.items():
+                try:
+                    check_finite(record)
+                except InvalidUpdateError as exc:
+                    raise InvalidUpdateError(f"update contains NaN/Inf in {key!r}: {exc}") from exc
+            arrays = message.content.array_records.get(ARRAYS_KEY)
+            reference = self.reference_arrays
+            if arrays is not None and reference is not None and set(arrays) & set(reference):
+                check_compatible(arrays, reference)
+        except InvalidUpdateError as exc:
+            return None, str(exc), ERR_INVALID_UPDATE
+        return message, "", 0
+
+    def on_disconnect(self, node_id: int) -> None:
+        with self._cond:
+            lost = [m for m, p in self._pending.items() if p.node_id == node_id]
+            for mid in lost:
+                self._resolve_locked(mid, UNDELIVERABLE, "node disconnected before replying")
+            if lost:
+                self._cond.notify_all()
+
+    def _resolve_undeliverable(self, mid: str, reason: str) -> None:
+        with self._cond:
+            self._resolve_locked(mid, UNDELIVERABLE, reason)
+            self._cond.notify_all()
+
+    def _resolve_locked(self, mid: str, status: str, reason: str) -> None:
+        self._pending.pop(mid, None)
+        delivery = self._deliveries.get(mid)
+        if delivery is not None and delivery.status == "pending":
+            delivery.status = status
+            delivery.error = reason
+
+
+def _recording(messages: Iterable[Message], ids: list[str]) -> Iterable[Message]:
+    """Pass messages through, remembering the ids `push_messages` stamps on them."""
+    for message in messages:
+        yield message
+        ids.append(message.metadata.message_id)

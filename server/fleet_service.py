@@ -1,0 +1,228 @@
+"""The Fleet gRPC service agents talk to: Register, Connect (long-lived stream), GetArtifact.
+
+Runs on the coordinator's asyncio loop (grpc.aio); blocking SQL goes through
+`asyncio.to_thread`. Bad input is answered with a status naming the problem
+and never takes the stream or the coordinator down: malformed descriptions
+(INVALID_ARGUMENT, nothing stored), wrong credentials (PERMISSION_DENIED on
+Register, UNAUTHENTICATED on Connect), unknown frame kinds (logged, ignored).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
+from tinyfleet.server.artifacts import ArtifactNotFoundError, ArtifactStore
+from tinyfleet.server.auth import (
+    bearer_token,
+    hash_credential,
+    metadata_value,
+    new_credential,
+    new_node_id,
+    token_matches,
+    verify_credential,
+)
+from tinyfleet.server.connections import ConnectionHub, Session
+from tinyfleet.server.descriptions import DescribeDevice, DescriptionError
+from tinyfleet.server.repository import DeviceExistsError, Repository
+
+log = logging.getLogger(__name__)
+
+HELLO_TIMEOUT_S = 30.0
+DEFAULT_CHUNK = 256 * 1024
+#: A stream that sends nothing (no heartbeat) for this many heartbeat intervals is closed.
+MISSED_HEARTBEATS = 3
+
+
+class _Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class FleetService(fleet_pb2_grpc.FleetServicer):
+    def __init__(
+        self,
+        repo: Repository,
+        hub: ConnectionHub,
+        store: ArtifactStore,
+        describe: DescribeDevice,
+        *,
+        admin_token: str | None,
+        heartbeat_interval_s: float,
+        max_message_bytes: int,
+    ) -> None:
+        self.repo = repo
+        self.hub = hub
+        self.store = store
+        self.describe = describe
+        self.admin_token = admin_token
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.max_message_bytes = max_message_bytes
+
+    # -- Register ----------------------------------------------------------------
+    async def Register(
+        self, request: fleet_pb2.RegisterRequest, context: grpc.aio.ServicerContext
+    ) -> fleet_pb2.RegisterResponse:
+        try:
+            device_id, normalized = self.describe(bytes(request.description), request.media_type)
+        except DescriptionError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid description: {exc}")
+        is_admin = bool(self.admin_token) and token_matches(
+            bearer_token(context.invocation_metadata()), self.admin_token
+        )
+        try:
+            return await asyncio.to_thread(
+                self._register, device_id, normalized, request.media_type, request.credential,
+                is_admin,
+            )
+        except _Refused as exc:
+            await context.abort(exc.code, str(exc))
+
+    def _register(
+        self, device_id: str, description: bytes, media_type: str, credential: str, is_admin: bool
+    ) -> fleet_pb2.RegisterResponse:
+        for _ in range(5):  # retries cover a lost race with a concurrent registration
+            device = self.repo.get_device(device_id)
+            if device is not None:
+                if not (is_admin or verify_credential(credential, device.credential_hash)):
+                    raise _Refused(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"device {device_id!r} is already registered; re-registering needs "
+                        "its credential",
+                    )
+                self.repo.replace_description(device_id, description, media_type)
+                return fleet_pb2.RegisterResponse(
+                    device_id=device_id, node_id=device.node_id, created=False
+                )
+            fresh = new_credential()
+            try:
+                created = self.repo.create_device(
+                    device_id, new_node_id(), hash_credential(fresh), description, media_type
+                )
+            except DeviceExistsError:
+                continue
+            log.info("registered device %s as node %d", device_id, created.node_id)
+            return fleet_pb2.RegisterResponse(
+                device_id=device_id, node_id=created.node_id, credential=fresh, created=True
+            )
+        raise _Refused(grpc.StatusCode.ABORTED, f"could not register {device_id!r}; try again")
+
+    # -- Connect -----------------------------------------------------------------
+    async def Connect(
+        self, request_iterator: AsyncIterator[fleet_pb2.AgentFrame], context: grpc.aio.ServicerContext
+    ) -> None:
+        try:
+            first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT_S)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello frame received")
+        if first is grpc.aio.EOF or first.WhichOneof("kind") != "hello":
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the first frame must be hello")
+        hello = first.hello
+        device = await asyncio.to_thread(self.repo.get_device, hello.device_id)
+        if device is None or not verify_credential(hello.credential, device.credential_hash):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"unknown device {hello.device_id!r} or wrong credential",
+            )
+        loop = asyncio.get_running_loop()
+        session = Session(device_id=device.device_id, node_id=device.node_id, loop=loop)
+        replaced = self.hub.attach(session)
+        if replaced is not None:
+            replaced.close("replaced by a newer connection of the same device")
+        await asyncio.to_thread(self.repo.set_online, device.device_id, True)
+        log.info("node %d (%s) connected", device.node_id, device.device_id)
+        await context.write(fleet_pb2.CoordinatorFrame(welcome=fleet_pb2.Welcome(
+            node_id=device.node_id,
+            heartbeat_interval_s=self.heartbeat_interval_s,
+            max_message_bytes=self.max_message_bytes,
+        )))
+        reader = asyncio.create_task(self._read_frames(session, context))
+        try:
+            while True:
+                frame = await session.outgoing.get()
+                if frame is None:
+                    break
+                await context.write(frame)
+        finally:
+            session.closed = True
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            if self.hub.detach(session):
+                log.info("node %d (%s) disconnected", device.node_id, device.device_id)
+                await asyncio.to_thread(self.repo.set_online, device.device_id, False)
+
+    async def _read_frames(self, session: Session, context: grpc.aio.ServicerContext) -> None:
+        """Dispatch agent frames until the stream ends or goes silent; then end the session."""
+        idle_timeout = MISSED_HEARTBEATS * self.heartbeat_interval_s
+        reason = "stream ended"
+        try:
+            while True:
+                try:
+                    frame = await asyncio.wait_for(context.read(), idle_timeout)
+                except TimeoutError:
+                    reason = f"no frame for {idle_timeout:g} s (missed heartbeats)"
+                    break
+                if frame is grpc.aio.EOF:
+                    break
+                self._dispatch(session, frame)
+        except grpc.aio.AioRpcError as exc:
+            reason = f"stream error: {exc.code().name}"
+        finally:
+            log.debug("node %d: reader ends: %s", session.node_id, reason)
+            session.put(None)
+
+    def _dispatch(self, session: Session, frame: fleet_pb2.AgentFrame) -> None:
+        kind = frame.WhichOneof("kind")
+        self.hub.touch(session.device_id)
+        if kind == "reply":
+            self.hub.deliver_reply(session.node_id, frame.reply)
+        elif kind in ("heartbeat", "pong"):
+            return
+        elif kind == "hello":
+            log.warning("node %d sent a second hello; ignored", session.node_id)
+        else:
+            log.warning("node %d sent an unknown frame kind; ignored", session.node_id)
+
+    # -- GetArtifact ---------------------------------------------------------------
+    async def GetArtifact(
+        self, request: fleet_pb2.GetArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[fleet_pb2.ArtifactChunk]:
+        metadata = context.invocation_metadata()
+        if not await self._may_download(metadata):
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "GetArtifact needs x-device-id and x-credential metadata (or the admin token)",
+            )
+        sha = request.sha256.lower()
+        try:
+            total = await asyncio.to_thread(self.store.size, sha)
+        except ArtifactNotFoundError:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no artifact with sha256 {sha!r}")
+        if request.offset > total:
+            await context.abort(
+                grpc.StatusCode.OUT_OF_RANGE, f"offset {request.offset} is past the end ({total})"
+            )
+        chunk = min(request.chunk_size or DEFAULT_CHUNK, self.max_message_bytes)
+        offset = request.offset
+        while offset < total:
+            data = await asyncio.to_thread(self.store.read_range, sha, offset, chunk)
+            yield fleet_pb2.ArtifactChunk(offset=offset, data=data, total_size=total, sha256=sha)
+            offset += len(data)
+
+    async def _may_download(self, metadata: Any) -> bool:
+        token = bearer_token(metadata)
+        if self.admin_token and token and token_matches(token, self.admin_token):
+            return True
+        device_id = metadata_value(metadata, "x-device-id")
+        credential = metadata_value(metadata, "x-credential")
+        if not device_id or not credential:
+            return False
+        device = await asyncio.to_thread(self.repo.get_device, device_id)
+        return device is not None and verify_credential(credential, device.credential_hash)

@@ -1,0 +1,296 @@
+"""The job runner: one job at a time from a FIFO queue, each round under deadline and quorum.
+
+It executes a Flower strategy's round loop itself instead of `Strategy.start`,
+because a fleet needs what `start` does not do: wait (event-driven, bounded) for
+enough nodes, drop and record late or dead nodes, end the job when quorum fails,
+checkpoint every finished round, and resume after a crash from the last
+finished round. A round never waits forever: node waits are bounded by
+`wait_for_nodes_s` and exchanges by `deadline_s`.
+
+Durability: the aggregated model is written to the artifact store (atomic file)
+before the round's SQL rows; the round row, node results, artifact row, job
+progress and strategy state are one transaction. A crash at any point leaves the
+job at its last finished round.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flwr.app import ArrayRecord, MetricRecord
+from tinyfleet.common.flower_adapter import (
+    array_record_from_bytes,
+    array_record_to_bytes,
+    empty_run,
+)
+from tinyfleet.common.grids import REPLIED, Delivery
+from tinyfleet.common.jobspec import JobSpec, parse_job_spec
+from tinyfleet.server.artifacts import ArtifactStore
+from tinyfleet.server.fleet_grid import FleetGrid, GridClosedError, NodeWaitTimeoutError
+from tinyfleet.server.job_strategy import (
+    build_strategy,
+    evaluate_config,
+    initial_arrays,
+    train_config,
+)
+from tinyfleet.server.repository import (
+    FAILED,
+    FINISHED,
+    QUEUED,
+    ArtifactRecord,
+    Job,
+    NodeResult,
+    Repository,
+    RoundRecord,
+)
+
+log = logging.getLogger(__name__)
+
+#: How artifact blobs of global models are encoded (Flower's ArrayRecord protobuf).
+ARRAY_RECORD_ENCODING = "flwr-arrayrecord"
+
+#: Turns a job's eligibility query into a node filter (the registry plugs in here).
+Eligibility = Callable[[JobSpec], Callable[[], set[int]] | None]
+
+
+class JobFailedError(Exception):
+    """The job cannot go on; the message is the reason users see."""
+
+
+class _Stopping(Exception):
+    """The coordinator is stopping: leave the job running so a restart resumes it."""
+
+
+def metrics_dict(record: MetricRecord | None) -> dict[str, Any] | None:
+    return None if record is None else {k: v for k, v in record.items()}
+
+
+class JobRunner:
+    def __init__(
+        self,
+        repo: Repository,
+        store: ArtifactStore,
+        grid: FleetGrid,
+        *,
+        on_change: Callable[[int], None] = lambda job_id: None,
+        eligibility: Eligibility | None = None,
+    ) -> None:
+        self.repo = repo
+        self.store = store
+        self.grid = grid
+        self.on_change = on_change
+        self.eligibility = eligibility
+        self._wakeup = threading.Condition()
+        self._work = False
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
+
+    # -- lifecycle ---------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        """A job was submitted: look at the queue again."""
+        with self._wakeup:
+            self._work = True
+            self._wakeup.notify_all()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Abandon the round in progress (its job stays running for a restart) and join."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify_all()
+        self.grid.close()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wakeup:
+                if self._stopping:
+                    return
+                self._work = False
+            job = self.repo.next_job()
+            if job is None:
+                with self._wakeup:
+                    self._wakeup.wait_for(lambda: self._work or self._stopping)
+                continue
+            self.run_job(job)
+
+    # -- one job -----------------------------------------------------------------
+    def run_job(self, job: Job) -> None:
+        try:
+            self._run(job)
+        except _Stopping:
+            log.info("job %d left running at round %d: coordinator stopping", job.id,
+                     (self.repo.get_job(job.id) or job).rounds_done)
+            return
+        except JobFailedError as exc:
+            log.warning("job %d failed: %s", job.id, exc)
+            self.repo.end_job(job.id, FAILED, str(exc))
+        except Exception as exc:  # a strategy bug must fail its job, not the coordinator
+            log.exception("job %d crashed", job.id)
+            self.repo.end_job(job.id, FAILED, f"{type(exc).__name__}: {exc}")
+        else:
+            self.repo.end_job(job.id, FINISHED)
+        self.on_change(job.id)
+
+    def _run(self, job: Job) -> None:
+        spec = parse_job_spec(job.spec_toml)
+        strategy = build_strategy(spec)
+        arrays, parent_sha = self._starting_point(job, spec, strategy)
+        self.on_change(job.id)
+        self.grid.set_run(empty_run(job.id))
+        self.grid.eligible_nodes = self.eligibility(spec) if self.eligibility else None
+        self.grid.task_deadline_s = spec.round.deadline_s
+        start = (self.repo.get_job(job.id) or job).rounds_done + 1
+        for server_round in range(start, spec.rounds + 1):
+            arrays, parent_sha = self._round(job.id, spec, strategy, server_round, arrays, parent_sha)
+            self.on_change(job.id)
+
+    def _starting_point(
+        self, job: Job, spec: JobSpec, strategy: object
+    ) -> tuple[ArrayRecord, str]:
+        """Initial model for a new job, or the last finished round's model when resuming."""
+        if job.state == QUEUED or job.rounds_done == 0:
+            arrays = initial_arrays(spec)
+            blob = array_record_to_bytes(arrays)
+            sha = self.store.put(blob)
+            if job.state == QUEUED:
+                self.repo.start_job(job.id, ArtifactRecord(
+                    sha, len(blob), ARRAY_RECORD_ENCODING, job.id, 0, None, time.time()
+                ))
+            return arrays, sha
+        artifact = self.repo.round_artifact(job.id, job.rounds_done)
+        if artifact is None:
+            raise JobFailedError(f"cannot resume: no checkpoint for round {job.rounds_done}")
+        arrays = array_record_from_bytes(self.store.get(artifact.sha256))
+        if job.strategy_state is not None and hasattr(strategy, "load_state_dict"):
+            strategy.load_state_dict(job.strategy_state)
+        log.info("job %d resumes after round %d from artifact %s", job.id, job.rounds_done,
+                 artifact.sha256[:12])
+        return arrays, artifact.sha256
+
+    def _round(
+        self,
+        job_id: int,
+        spec: JobSpec,
+        strategy: Any,
+        server_round: int,
+        arrays: ArrayRecord,
+        parent_sha: str,
+    ) -> tuple[ArrayRecord, str]:
+        settings = spec.round
+        started = time.time()
+        online = self.grid.wait_for_nodes(settings.min_nodes, settings.wait_for_nodes_s)
+        self._check_stopping()
+        if online < settings.min_nodes:
+            raise JobFailedError(
+                f"quorum not reached: {online} of {settings.min_nodes} nodes online "
+                f"(waited {settings.wait_for_nodes_s:g} s before round {server_round})"
+            )
+        self.grid.reference_arrays = arrays
+        train_started = time.monotonic()
+        try:
+            replies = self._exchange(
+                lambda: strategy.configure_train(server_round, arrays, train_config(spec), self.grid),
+                settings.wait_for_nodes_s, settings.deadline_s,
+            )
+        except NodeWaitTimeoutError as exc:
+            raise JobFailedError(f"quorum not reached in round {server_round}: {exc}") from exc
+        train = self.grid.take_deliveries()
+        replied = sum(d.status == REPLIED for d in train)
+        if replied < settings.min_nodes:
+            raise JobFailedError(
+                f"quorum failed in round {server_round}: {replied} of {settings.min_nodes} "
+                f"required nodes replied ({_drop_summary(train)})"
+            )
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is None:
+            raise JobFailedError(f"round {server_round}: the strategy aggregated no model")
+        blob = array_record_to_bytes(new_arrays)
+        sha = self.store.put(blob)
+        train_s = time.monotonic() - train_started
+
+        eval_started = time.monotonic()
+        self.grid.reference_arrays = new_arrays
+        eval_metrics = None
+        try:
+            eval_replies = self._exchange(
+                lambda: strategy.configure_evaluate(
+                    server_round, new_arrays, evaluate_config(spec), self.grid
+                ),
+                settings.wait_for_nodes_s, settings.deadline_s,
+            )
+            eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
+        except NodeWaitTimeoutError as exc:  # evaluation shortfall does not fail the job
+            log.warning("job %d round %d: evaluation skipped: %s", job_id, server_round, exc)
+        evaluate = self.grid.take_deliveries()
+        eval_s = time.monotonic() - eval_started
+
+        nodes = [_node_result("train", d) for d in train] + [
+            _node_result("evaluate", d) for d in evaluate
+        ]
+        finished = time.time()
+        record = RoundRecord(
+            round=server_round,
+            started_at=started,
+            finished_at=finished,
+            participants=len(train),
+            dropped=len(train) - replied,
+            train_metrics=metrics_dict(train_metrics),
+            eval_metrics=metrics_dict(eval_metrics),
+            bytes_down=sum(d.bytes_down for d in train + evaluate),
+            bytes_up=sum(d.bytes_up for d in train + evaluate),
+            duration_s=finished - started,
+            train_duration_s=train_s,
+            eval_duration_s=eval_s,
+            artifact_sha=sha,
+            nodes=nodes,
+        )
+        state = strategy.state_dict() if hasattr(strategy, "state_dict") else None
+        artifact = ArtifactRecord(
+            sha, len(blob), ARRAY_RECORD_ENCODING, job_id, server_round, parent_sha, finished
+        )
+        self.repo.commit_round(job_id, record, artifact, state)
+        log.info("job %d round %d: %d/%d replied, %.2f s", job_id, server_round, replied,
+                 len(train), record.duration_s)
+        return new_arrays, sha
+
+    def _exchange(self, configure: Callable[[], Any], wait_s: float, deadline_s: float) -> list:
+        """configure -> send_and_receive under the deadline; stopping interrupts it."""
+        try:
+            self.grid.begin_phase(wait_s)
+            messages = list(configure())
+            return list(self.grid.send_and_receive(messages, timeout=deadline_s)) if messages else []
+        except GridClosedError as exc:
+            raise _Stopping from exc
+        finally:
+            self._check_stopping()
+
+    def _check_stopping(self) -> None:
+        if self._stopping or self.grid.closed:
+            raise _Stopping
+
+
+def _node_result(phase: str, delivery: Delivery) -> NodeResult:
+    return NodeResult(
+        phase=phase,
+        node_id=delivery.node_id,
+        status=delivery.status,
+        error=delivery.error,
+        bytes_down=delivery.bytes_down,
+        bytes_up=delivery.bytes_up,
+        compute_s=delivery.compute_s,
+    )
+
+
+def _drop_summary(deliveries: list[Delivery]) -> str:
+    dropped = [d for d in deliveries if d.status != REPLIED]
+    if not dropped:
+        return "no node was sampled" if not deliveries else "all sampled nodes replied"
+    return "; ".join(f"node {d.node_id}: {d.status} {d.error}".strip() for d in dropped[:5])
