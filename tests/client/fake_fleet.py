@@ -72,6 +72,7 @@ class FakeFleet(fleet_pb2_grpc.FleetServicer):
     registrations: list[fleet_pb2.RegisterRequest] = field(default_factory=list)
     register_error: tuple[grpc.StatusCode, str] | None = None
     accept_connect: bool = True
+    tls: grpc.ServerCredentials | None = None
     connections: list[Connection] = field(default_factory=list)
     refused: list[fleet_pb2.Hello] = field(default_factory=list)
     port: int = 0
@@ -145,7 +146,10 @@ class FakeFleet(fleet_pb2_grpc.FleetServicer):
     def start(self) -> None:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
         fleet_pb2_grpc.add_FleetServicer_to_server(self, server)
-        self.port = server.add_insecure_port(f"127.0.0.1:{self.port}")
+        address = f"127.0.0.1:{self.port}"
+        self.port = (
+            server.add_secure_port(address, self.tls) if self.tls else server.add_insecure_port(address)
+        )
         server.start()
         self._server = server
 
