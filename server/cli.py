@@ -249,39 +249,52 @@ def _job_list(args: argparse.Namespace) -> int:
 
 
 def print_job(job: dict[str, Any]) -> None:
-    """A job's state line and its per-round table (rich)."""
+    """A job's state line and its per-round table (rich), one column per reported metric."""
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:
+        console.width = 200  # piped output: keep rows on one line
     line = (f"job {job['job_id']} {job['name']!r} ({job['strategy']}): {job['state']}, "
             f"{job['rounds_done']}/{job['rounds_total']} rounds")
-    console.print(line + (f" — {job['reason']}" if job["reason"] else ""))
+    console.print(line + (f" - {job['reason']}" if job["reason"] else ""))
     if not job["rounds"]:
         return
+    metric_columns = _metric_columns(job["rounds"])
     table = Table()
-    for column in ("round", "participants", "dropped", "train", "evaluate", "bytes down",
-                   "bytes up", "duration"):
-        table.add_column(column, justify="right" if column != "train" else "left")
+    for column in ("round", "participants", "dropped", *(c for _, c in metric_columns),
+                   "bytes down", "bytes up", "duration"):
+        table.add_column(column, justify="right")
     for r in job["rounds"]:
+        values = [_number((r[kind] or {}).get(key)) for (kind, key), _ in metric_columns]
         table.add_row(
-            str(r["round"]), str(r["participants"]), str(r["dropped"]),
-            _metrics(r["train_metrics"]), _metrics(r["eval_metrics"]),
+            str(r["round"]), str(r["participants"]), str(r["dropped"]), *values,
             _bytes(r["bytes_down"]), _bytes(r["bytes_up"]), f"{r['duration_s']:.2f} s",
         )
     console.print(table)
-    drops = [(r["round"], n) for r in job["rounds"] for n in r.get("nodes", [])
-             if n["status"] != "replied"]
-    for round_number, node in drops:
-        console.print(f"  round {round_number} {node['phase']}: node {node['node_id']} "
-                      f"{node['status']}: {node['error']}")
+    for r in job["rounds"]:
+        for node in r.get("nodes", []):
+            if node["status"] != "replied":
+                console.print(f"  round {r['round']} {node['phase']}: node {node['node_id']} "
+                              f"{node['status']}: {node['error']}")
 
 
-def _metrics(values: dict[str, Any] | None) -> str:
-    if not values:
+def _metric_columns(rounds: list[dict[str, Any]]) -> list[tuple[tuple[str, str], str]]:
+    """((record, key), header) for every metric any round reported, except weights."""
+    columns: dict[tuple[str, str], str] = {}
+    for kind in ("train_metrics", "eval_metrics"):
+        for r in rounds:
+            for key in r[kind] or {}:
+                if key != "num-examples":
+                    columns.setdefault((kind, key), key)
+    return list(columns.items())
+
+
+def _number(value: Any) -> str:
+    if value is None:
         return "-"
-    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in values.items() if k != "num-examples")
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _bytes(n: int) -> str:
