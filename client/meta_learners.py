@@ -1,0 +1,277 @@
+"""Device side of FedReptile / TinyMetaFed: the `train.fedreptile` and `evaluate.fedreptile` handlers.
+
+Training starts from the weights the coordinator sent (or its compressed delta
+applied to the device's copy), rebuilds the local layers from local data
+(partial local reconstruction: they start at zero and train alone for
+`reconstruct_steps`, global layers frozen), then takes `inner_steps` steps on
+fresh stream batches. What goes back is the update of the global layers only,
+compressed with top-P and int8 when asked; the part not sent stays in
+`context.state` and is added to the next update (error feedback). A device
+keeps one Context for its life, so this state spans rounds.
+
+`adapt` is the one K-shot adaptation routine: the handlers use it, and so does
+the meta-test harness (tinyfleet.simulations.meta_eval), so training and
+evaluation adapt the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from tinyfleet.client.handlers import HandlerRegistry
+from tinyfleet.client.learners import loss_fn, node_source
+from tinyfleet.common import codec
+from tinyfleet.common.flower_adapter import reply_with_content
+from tinyfleet.common.models import build_model, get_model_spec
+from tinyfleet.common.reptile_protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    DELTA_KEY,
+    METRICS_KEY,
+    REPLICA_BASE,
+    REPLICA_VERSION,
+    UPDATE_KEY,
+    is_local,
+    parse_layers,
+)
+from torch import nn
+
+RESIDUAL_STATE = "fedreptile.residual"
+REPLICA_STATE = "fedreptile.replica"
+REPLICA_META_STATE = "fedreptile.replica-meta"
+MODEL_KWARG_PREFIX = "model."
+
+Sampler = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def model_from_config(config: ConfigRecord) -> tuple[str, nn.Module]:
+    """The zoo model the config names; keys "model.<kw>" (e.g. "model.ways") become build kwargs."""
+    name = str(config.get("model", "sine-mlp"))
+    kwargs = {k[len(MODEL_KWARG_PREFIX) :]: v for k, v in config.items() if k.startswith(MODEL_KWARG_PREFIX)}
+    return name, build_model(name, **kwargs)
+
+
+def reset_local(model: nn.Module, local_layers: Sequence[str]) -> None:
+    """Local layers restart from zero: a new task's head owes nothing to the last one."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if is_local(name, local_layers):
+                param.zero_()
+
+
+def adapt(
+    model: nn.Module,
+    sample: Sampler,
+    *,
+    steps: int,
+    lr: float,
+    batch: int,
+    criterion: nn.Module,
+    optimizer: str = "sgd",
+    local_layers: Sequence[str] = (),
+    reconstruct_steps: int = 0,
+) -> list[float]:
+    """Reconstruct local layers (global frozen), then `steps` steps on all parameters; returns losses."""
+    model.train()
+    losses: list[float] = []
+    phases: list[tuple[list[nn.Parameter], int]] = []
+    if local_layers and reconstruct_steps > 0:
+        local = [p for n, p in model.named_parameters() if is_local(n, local_layers)]
+        phases.append((local, reconstruct_steps))
+    phases.append((list(model.parameters()), steps))
+    for params, count in phases:
+        opt = _optimizer(optimizer, params, lr)
+        for _ in range(count):
+            x, y = sample(batch)
+            opt.zero_grad()
+            loss = criterion(model(x), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return losses
+
+
+def predict(model: nn.Module, support_x: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
+    """Outputs for the queries. With batch-statistics normalisation each query is
+    evaluated together with the support set alone (non-transductive), so one
+    query never informs another's prediction."""
+    model.train()  # batch norm without running stats always uses batch statistics
+    with torch.no_grad():
+        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            return model(query_x)
+        outs = [model(torch.cat([support_x, q[None]]))[-1] for q in query_x]
+        return torch.stack(outs)
+
+
+def task_loss(model_name: str, out: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    values = {"loss": float(loss_fn(model_name)(out, y))}
+    if get_model_spec(model_name).task == "classification":
+        values["acc"] = float((out.argmax(dim=1) == y).float().mean())
+    return values
+
+
+def train(message: Message, context: Context) -> Message:
+    """One FedReptile round on this device: adapt from the received weights, return the update."""
+    content = message.content
+    config = content.config_records.get(CONFIG_KEY, ConfigRecord())
+    model_name, model = model_from_config(config)
+    local_layers = parse_layers(config.get("local_layers"))  # type: ignore[arg-type]
+    start = _starting_weights(content, config, context)
+    _check_layout(model, start, local_layers)
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in start.items()}, strict=False)
+    reset_local(model, local_layers)
+    source = node_source(context)
+    new_task = getattr(source, "new_task", None)
+    if callable(new_task):  # episodic sources (e.g. omniglot) start a fresh task each round
+        new_task()
+    steps, batch = int(config.get("inner_steps", 5)), int(config.get("inner_batch", 10))
+    losses = adapt(
+        model,
+        source.next,
+        steps=steps,
+        lr=float(config.get("inner_lr", 0.02)),
+        batch=batch,
+        criterion=loss_fn(model_name),
+        optimizer=str(config.get("inner_optimizer", "sgd")),
+        local_layers=local_layers,
+        reconstruct_steps=int(config.get("reconstruct_steps", 0)),
+    )
+    adapted = {k: v.detach().numpy() for k, v in model.state_dict().items() if k in start}
+    update = {k: adapted[k] - start[k] for k in start}
+    top_p, quantize = float(config.get("top_p", 1.0)), str(config.get("quantize", "none"))
+    if codec.kind_for(top_p, quantize) == codec.DENSE:
+        record = codec.encode(update)
+    else:
+        residual = _stored(context, RESIDUAL_STATE, codec.Layout.of(update))
+        record, _, residual = codec.compress(update, residual, top_p=top_p, quantize=quantize)
+        context.state[RESIDUAL_STATE] = _to_record(residual)
+    metrics = MetricRecord(
+        {"train_loss": float(np.mean(losses)), "last_loss": losses[-1], "num-examples": steps * batch}
+    )
+    return reply_with_content(message, RecordDict({UPDATE_KEY: record, METRICS_KEY: metrics}))
+
+
+def evaluate(message: Message, context: Context) -> Message:
+    """K-shot adaptation on held-back local samples: query loss (and accuracy) before and after."""
+    content = message.content
+    config = content.config_records.get(CONFIG_KEY, ConfigRecord())
+    model_name, model = model_from_config(config)
+    local_layers = parse_layers(config.get("local_layers"))  # type: ignore[arg-type]
+    arrays = content.array_records.get(ARRAYS_KEY)
+    if arrays is None:
+        raise ValueError(f"evaluate message carries no ArrayRecord under {ARRAYS_KEY!r}")
+    weights = {k: v.numpy() for k, v in arrays.items()}
+    _check_layout(model, weights, local_layers)
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()}, strict=False)
+    reset_local(model, local_layers)
+    shots, queries = int(config.get("eval_shots", 10)), int(config.get("eval_queries", 50))
+    x, y = node_source(context).holdout(shots + queries)
+    metrics = episode_metrics(
+        model,
+        model_name,
+        (x[:shots], y[:shots]),
+        (x[shots:], y[shots:]),
+        steps=int(config.get("eval_steps", 32)),
+        lr=float(config.get("eval_lr", 0.02)),
+        optimizer=str(config.get("inner_optimizer", "sgd")),
+        local_layers=local_layers,
+        reconstruct_steps=int(config.get("reconstruct_steps", 0)),
+    )
+    metrics["num-examples"] = int(len(x) - shots)
+    return reply_with_content(message, RecordDict({METRICS_KEY: MetricRecord(metrics)}))
+
+
+def episode_metrics(
+    model: nn.Module,
+    model_name: str,
+    support: tuple[torch.Tensor, torch.Tensor],
+    query: tuple[torch.Tensor, torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    optimizer: str,
+    local_layers: Sequence[str],
+    reconstruct_steps: int,
+) -> dict[str, float]:
+    """Query loss/accuracy before and after full-batch adaptation on the support set."""
+    before = task_loss(model_name, predict(model, support[0], query[0]), query[1])
+    adapt(
+        model,
+        lambda _n: support,
+        steps=steps,
+        lr=lr,
+        batch=len(support[0]),
+        criterion=loss_fn(model_name),
+        optimizer=optimizer,
+        local_layers=local_layers,
+        reconstruct_steps=reconstruct_steps,
+    )
+    after = task_loss(model_name, predict(model, support[0], query[0]), query[1])
+    return {**{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()}}
+
+
+def register_all(registry: HandlerRegistry) -> None:
+    registry.register("train.fedreptile")(train)
+    registry.register("evaluate.fedreptile")(evaluate)
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _optimizer(kind: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    if kind == "adam":  # Reptile's inner Adam: no momentum, so steps stay task-local
+        return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999))
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {kind!r}")
+
+
+def _starting_weights(content: RecordDict, config: ConfigRecord, context: Context) -> dict[str, np.ndarray]:
+    """θ from "arrays", or the device's replica plus the decoded "delta"; keeps the replica."""
+    version = config.get(REPLICA_VERSION)
+    if ARRAYS_KEY in content.array_records:
+        start = {k: v.numpy() for k, v in content.array_records[ARRAYS_KEY].items()}
+    elif DELTA_KEY in content.array_records:
+        meta = context.state.config_records.get(REPLICA_META_STATE, ConfigRecord())
+        held, base = meta.get("version"), config.get(REPLICA_BASE)
+        if REPLICA_STATE not in context.state.array_records or held != base:
+            raise ValueError(
+                f"replica out of sync: this device holds {held!r}, the delta is against {base!r}"
+            )
+        replica = {k: v.numpy() for k, v in context.state.array_records[REPLICA_STATE].items()}
+        decoded = codec.decode(content.array_records[DELTA_KEY], codec.Layout.of(replica))
+        start = {k: replica[k] + decoded[k] for k in replica}
+    else:
+        raise ValueError(f"train message carries neither {ARRAYS_KEY!r} nor {DELTA_KEY!r}")
+    if version is not None:
+        context.state[REPLICA_STATE] = _to_record(start)
+        context.state[REPLICA_META_STATE] = ConfigRecord({"version": str(version)})
+    return start
+
+
+def _check_layout(model: nn.Module, received: dict[str, np.ndarray], local_layers: Sequence[str]) -> None:
+    state = model.state_dict()
+    expected = {k for k in state if not is_local(k, local_layers)}
+    if set(received) != expected:
+        raise ValueError(
+            f"received arrays do not match the global part of the model: missing "
+            f"{sorted(expected - set(received))}, unexpected {sorted(set(received) - expected)}"
+        )
+    for key, values in received.items():
+        if tuple(values.shape) != tuple(state[key].shape):
+            raise ValueError(f"array {key!r} has shape {values.shape}, model has {tuple(state[key].shape)}")
+
+
+def _stored(context: Context, key: str, layout: codec.Layout) -> dict[str, np.ndarray] | None:
+    record = context.state.array_records.get(key)
+    if record is None:
+        return None
+    values = {k: v.numpy() for k, v in record.items()}
+    return values if codec.Layout.of(values) == layout else None
+
+
+def _to_record(values: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in values.items()})

@@ -1,0 +1,5 @@
+"""Server-side federated strategies written on Flower's strategy API."""
+
+from tinyfleet.server.strategies.fedreptile import FedReptile
+
+__all__ = ["FedReptile"]

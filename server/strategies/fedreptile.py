@@ -1,0 +1,383 @@
+"""FedReptile: federated Reptile (online serial or parallel) with the TinyMetaFed extensions.
+
+The server step is Reptile's: θ ← θ + ε · (weighted mean over replies of θᵢ - θ),
+weights = "num-examples". `serial=True` is TinyReptile's online serial variant:
+one device per round, visited in turn (sorted node ids) or at random (seeded);
+otherwise a seeded fraction of the nodes is sampled.
+
+TinyMetaFed options travel to the devices in the ConfigRecord and shape what
+crosses the wire: `local_layers` never leave the device (they are cut from every
+outgoing ArrayRecord and left untouched by aggregation); `top_p` and `quantize`
+compress the update the device sends (with error feedback on the device); with
+`compress_downlink` the server also sends only a compressed delta against the
+copy of θ it knows each device holds (its replica), falling back to the dense
+model whenever that copy is unknown (first contact, resume, failed round).
+
+Replies carry either "update" (a `tinyfleet.common.codec` payload holding
+θᵢ - θ_start) or "arrays" (plain adapted weights, as any Flower "train" handler
+returns), so the strategy also runs on nodes without a `train.fedreptile`
+handler. Bad replies are skipped with a warning naming node and problem.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+from tinyfleet.common import codec
+from tinyfleet.common.reptile_protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    DELTA_KEY,
+    EVALUATE_TYPE,
+    METRICS_KEY,
+    REPLICA_BASE,
+    REPLICA_VERSION,
+    TRAIN_TYPE,
+    UPDATE_KEY,
+    is_local,
+    parse_layers,
+)
+
+log = logging.getLogger(__name__)
+
+SCHEDULES: Final = ("constant", "linear")
+VISIT_ORDERS: Final = ("round-robin", "random")
+STATE_VERSION: Final = 1
+
+
+def epsilon_at(
+    server_round: int, epsilon: float, epsilon_final: float, schedule: str, num_rounds: int | None
+) -> float:
+    """Meta step size of a round (1-based); linear decay goes from ε towards ε_final as in Reptile."""
+    if schedule == "constant":
+        return epsilon
+    assert num_rounds is not None
+    done = min(max(server_round - 1, 0), num_rounds) / num_rounds
+    return epsilon + (epsilon_final - epsilon) * done
+
+
+class FedReptile(Strategy):
+    """Federated Reptile; constructor arguments mirror the job file's [options] keys."""
+
+    def __init__(
+        self,
+        *,
+        epsilon: float = 1.0,
+        epsilon_final: float = 0.0,
+        epsilon_schedule: str = "constant",
+        num_rounds: int | None = None,
+        serial: bool = True,
+        visit_order: str = "round-robin",
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 1,
+        fraction_evaluate: float = 1.0,
+        min_evaluate_nodes: int = 1,
+        min_available_nodes: int = 1,
+        evaluate_every: int = 1,
+        inner_steps: int = 5,
+        inner_lr: float = 0.02,
+        inner_batch: int = 10,
+        inner_optimizer: str = "sgd",
+        local_layers: str | Sequence[str] | None = None,
+        reconstruct_steps: int = 0,
+        top_p: float = 1.0,
+        quantize: str | bool = "none",
+        compress_downlink: bool = False,
+        eval_shots: int = 10,
+        eval_queries: int = 50,
+        eval_steps: int = 32,
+        eval_lr: float | None = None,
+        seed: int = 0,
+        weighted_by_key: str = "num-examples",
+    ) -> None:
+        if epsilon_schedule not in SCHEDULES:
+            raise ValueError(f"epsilon_schedule must be one of {SCHEDULES}, got {epsilon_schedule!r}")
+        if epsilon_schedule == "linear" and (num_rounds is None or num_rounds < 1):
+            raise ValueError("epsilon_schedule 'linear' needs num_rounds (the job's total rounds)")
+        if not 0.0 < epsilon <= 1.0 or not 0.0 <= epsilon_final <= 1.0:
+            raise ValueError(f"epsilon and epsilon_final must lie in (0, 1], got {epsilon}, {epsilon_final}")
+        if visit_order not in VISIT_ORDERS:
+            raise ValueError(f"visit_order must be one of {VISIT_ORDERS}, got {visit_order!r}")
+        for name, value in (("fraction_train", fraction_train), ("fraction_evaluate", fraction_evaluate)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        for name, value in (
+            ("inner_steps", inner_steps),
+            ("inner_batch", inner_batch),
+            ("evaluate_every", evaluate_every),
+            ("min_train_nodes", min_train_nodes),
+        ):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if inner_optimizer not in ("sgd", "adam"):
+            raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
+        quantize = "int8" if quantize is True else "none" if quantize is False else quantize
+        codec.check_options(top_p, quantize)
+        self.epsilon, self.epsilon_final = float(epsilon), float(epsilon_final)
+        self.epsilon_schedule, self.num_rounds = epsilon_schedule, num_rounds
+        self.serial, self.visit_order = bool(serial), visit_order
+        self.fraction_train, self.min_train_nodes = float(fraction_train), int(min_train_nodes)
+        self.fraction_evaluate, self.min_evaluate_nodes = float(fraction_evaluate), int(min_evaluate_nodes)
+        self.min_available_nodes, self.evaluate_every = int(min_available_nodes), int(evaluate_every)
+        self.local_layers = parse_layers(local_layers)
+        self.top_p, self.quantize, self.compress_downlink = float(top_p), quantize, bool(compress_downlink)
+        self.seed, self.weighted_by_key = int(seed), weighted_by_key
+        self.client_options: dict[str, int | float | str | list[str]] = {
+            "inner_steps": int(inner_steps),
+            "inner_lr": float(inner_lr),
+            "inner_batch": int(inner_batch),
+            "inner_optimizer": inner_optimizer,
+            "reconstruct_steps": int(reconstruct_steps),
+            "top_p": self.top_p,
+            "quantize": self.quantize,
+        }
+        if self.local_layers:
+            self.client_options["local_layers"] = list(self.local_layers)
+        self.eval_options: dict[str, int | float | str | list[str]] = {
+            "eval_shots": int(eval_shots),
+            "eval_queries": int(eval_queries),
+            "eval_steps": int(eval_steps),
+            "eval_lr": float(eval_lr if eval_lr is not None else inner_lr),
+            "inner_optimizer": inner_optimizer,
+            "reconstruct_steps": int(reconstruct_steps),
+        }
+        if self.local_layers:
+            self.eval_options["local_layers"] = list(self.local_layers)
+        # Round bookkeeping (checkpointed) and per-exchange state (not checkpointed).
+        self.rounds_done = 0
+        self.last_node: int | None = None
+        self.visits = 0
+        self._session = uuid.uuid4().hex[:8]
+        self._theta: ArrayRecord | None = None
+        self._starts: dict[int, dict[str, np.ndarray]] = {}
+        self._pending: dict[int, tuple[str, dict[str, np.ndarray]]] = {}
+        self._replicas: dict[int, tuple[str, dict[str, np.ndarray]]] = {}
+
+    # -- Flower Strategy API ------------------------------------------------
+    def summary(self) -> None:
+        log.info(
+            "FedReptile: ε=%s→%s (%s), %s, inner %s, local layers %s, top_p=%s, quantize=%s, downlink %s",
+            self.epsilon,
+            self.epsilon_final,
+            self.epsilon_schedule,
+            f"serial ({self.visit_order})" if self.serial else f"parallel (fraction {self.fraction_train})",
+            self.client_options,
+            list(self.local_layers) or "none",
+            self.top_p,
+            self.quantize,
+            "compressed" if self.compress_downlink else "dense",
+        )
+
+    def epsilon_for(self, server_round: int) -> float:
+        return epsilon_at(
+            server_round, self.epsilon, self.epsilon_final, self.epsilon_schedule, self.num_rounds
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self._theta = arrays
+        global_part = self._global_part(arrays)
+        nodes = self._sample_train(server_round, sorted(grid.get_node_ids()))
+        self._starts, self._pending = {}, {}
+        if not nodes:
+            return []
+        base_config = {**dict(config), **self.client_options, "server-round": server_round}
+        messages = []
+        for node in nodes:
+            cfg = ConfigRecord(dict(base_config))
+            content = RecordDict({CONFIG_KEY: cfg})
+            start = {k: v.numpy() for k, v in global_part.items()}
+            if self.compress_downlink:
+                version = f"{self._session}:{server_round}"
+                replica = self._replicas.get(node)
+                cfg[REPLICA_VERSION] = version
+                if replica is None:
+                    content[ARRAYS_KEY] = global_part
+                else:
+                    base_version, base = replica
+                    delta = {k: start[k] - base[k] for k in start}
+                    record = codec.encode(delta, top_p=self.top_p, quantize=self.quantize)
+                    decoded = codec.decode(record, codec.Layout.of(start))
+                    start = {k: base[k] + decoded[k] for k in start}
+                    content[DELTA_KEY] = record
+                    cfg[REPLICA_BASE] = base_version
+                self._pending[node] = (version, start)
+            else:
+                content[ARRAYS_KEY] = global_part
+            self._starts[node] = start
+            messages.append(Message(content=content, message_type=TRAIN_TYPE, dst_node_id=node))
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self._theta is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        theta = self._theta
+        layout = codec.Layout.of({k: tuple(v.shape) for k, v in self._global_part(theta).items()})
+        deltas, weights, contents = [], [], []
+        answered: set[int] = set()
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning(
+                    "round %d: node %d replied with an error: %s", server_round, node, reply.error.reason
+                )
+                continue
+            try:
+                delta, weight = self._read_reply(reply, node, layout)
+            except (codec.CodecError, ValueError, KeyError) as exc:
+                log.warning("round %d: update from node %d skipped: %s", server_round, node, exc)
+                continue
+            answered.add(node)
+            deltas.append(delta)
+            weights.append(weight)
+            contents.append(reply.content)
+        if self.compress_downlink:
+            for node, replica in self._pending.items():
+                if node in answered:
+                    self._replicas[node] = replica
+                else:  # its copy is unknown now: send it the dense model next time
+                    self._replicas.pop(node, None)
+        self._pending = {}
+        self.rounds_done = server_round
+        if not deltas:
+            return None, None
+        eps = self.epsilon_for(server_round)
+        total = float(sum(weights))
+        factors = [w / total for w in weights] if total > 0 else [1.0 / len(weights)] * len(weights)
+        new = {}
+        for key, array in theta.items():
+            values = array.numpy()
+            if key in layout.names:
+                step = sum(f * d[key].astype(np.float64) for f, d in zip(factors, deltas, strict=True))
+                values = (values.astype(np.float64) + eps * step).astype(values.dtype)
+            new[key] = values
+        metrics = aggregate_metricrecords(contents, self.weighted_by_key)
+        metrics["epsilon"] = eps
+        metrics["nodes"] = len(deltas)
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()}), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.fraction_evaluate == 0.0 or server_round % self.evaluate_every:
+            return []
+        nodes = sorted(grid.get_node_ids())
+        count = min(len(nodes), max(int(len(nodes) * self.fraction_evaluate), self.min_evaluate_nodes))
+        chosen = self._rng(server_round, "evaluate").sample(nodes, count)
+        global_part = self._global_part(arrays)
+        cfg = {**dict(config), **self.eval_options, "server-round": server_round}
+        return [
+            Message(
+                content=RecordDict({ARRAYS_KEY: global_part, CONFIG_KEY: ConfigRecord(dict(cfg))}),
+                message_type=EVALUATE_TYPE,
+                dst_node_id=node,
+            )
+            for node in chosen
+        ]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        contents = []
+        for reply in replies:
+            if reply.has_error():
+                log.warning(
+                    "round %d: evaluation on node %d failed: %s",
+                    server_round,
+                    reply.metadata.src_node_id,
+                    reply.error.reason,
+                )
+            elif self.weighted_by_key in reply.content.metric_records.get(METRICS_KEY, {}):
+                contents.append(RecordDict({METRICS_KEY: reply.content.metric_records[METRICS_KEY]}))
+        return aggregate_metricrecords(contents, self.weighted_by_key) if contents else None
+
+    # -- checkpointing --------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able round bookkeeping; device replicas are not kept (dense resync after resume)."""
+        return {
+            "version": STATE_VERSION,
+            "rounds_done": self.rounds_done,
+            "last_node": self.last_node,
+            "visits": self.visits,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"FedReptile state version {state.get('version')!r} is not {STATE_VERSION}")
+        self.rounds_done = int(state["rounds_done"])
+        last = state.get("last_node")
+        self.last_node = None if last is None else int(last)
+        self.visits = int(state["visits"])
+        self._replicas = {}
+
+    # -- helpers --------------------------------------------------------------
+    def _global_part(self, arrays: ArrayRecord) -> ArrayRecord:
+        for layer in self.local_layers:
+            if not any(is_local(k, (layer,)) for k in arrays):
+                raise ValueError(
+                    f"local layer {layer!r} matches no array of the model; arrays: {', '.join(arrays.keys())}"
+                )
+        return ArrayRecord({k: v for k, v in arrays.items() if not is_local(k, self.local_layers)})
+
+    def _rng(self, server_round: int, purpose: str) -> random.Random:
+        return random.Random(f"{self.seed}:{purpose}:{server_round}")
+
+    def _sample_train(self, server_round: int, nodes: list[int]) -> list[int]:
+        if len(nodes) < self.min_available_nodes or not nodes:
+            log.warning(
+                "round %d: %d node(s) available, %d needed; nobody trains",
+                server_round,
+                len(nodes),
+                self.min_available_nodes,
+            )
+            return []
+        if not self.serial:
+            if self.fraction_train == 0.0:
+                return []
+            count = min(len(nodes), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
+            return sorted(self._rng(server_round, "train").sample(nodes, count))
+        if self.visit_order == "random":
+            node = self._rng(server_round, "train").choice(nodes)
+        else:
+            later = [n for n in nodes if self.last_node is not None and n > self.last_node]
+            node = later[0] if later else nodes[0]
+        self.last_node = node
+        self.visits += 1
+        return [node]
+
+    def _read_reply(
+        self, reply: Message, node: int, layout: codec.Layout
+    ) -> tuple[dict[str, np.ndarray], float]:
+        content = reply.content
+        metrics = content.metric_records.get(METRICS_KEY)
+        if metrics is None or self.weighted_by_key not in metrics:
+            raise ValueError(f"reply has no MetricRecord {METRICS_KEY!r} with {self.weighted_by_key!r}")
+        weight = float(metrics[self.weighted_by_key])  # type: ignore[arg-type]
+        if not np.isfinite(weight) or weight < 0:
+            raise ValueError(f"{self.weighted_by_key} must be a non-negative number, got {weight}")
+        if node not in self._starts:
+            raise ValueError("node was not asked to train this round")
+        start = self._starts[node]
+        if UPDATE_KEY in content.array_records:
+            delta = codec.decode(content.array_records[UPDATE_KEY], layout)
+        elif ARRAYS_KEY in content.array_records:
+            record = content.array_records[ARRAYS_KEY]
+            adapted = {k: v for k, v in record.items() if not is_local(k, self.local_layers)}
+            weights = codec.decode(ArrayRecord(adapted), layout)
+            delta = {k: weights[k] - start[k] for k in layout.names}
+        else:
+            raise ValueError(f"reply carries neither {UPDATE_KEY!r} nor {ARRAYS_KEY!r}")
+        for key, values in delta.items():
+            if not np.isfinite(values).all():
+                raise ValueError(f"update for {key!r} holds NaN/Inf")
+        return delta, weight
