@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from tinyfleet.client import learners, meta_learners
 from tinyfleet.client.data_sources import close_shared_sources
 from tinyfleet.client.handlers import HandlerRegistry, default_handlers
@@ -134,7 +133,7 @@ def test_local_layers_never_appear_in_any_message(compress_downlink: bool) -> No
     replies: list[RecordDict] = []
     handlers = default_handlers()
 
-    def recording_train(message: Message, context):  # noqa: ANN001, ANN202 - Flower handler signature
+    def recording_train(message: Message, context: Context) -> Message:
         reply = meta_learners.train(message, context)
         replies.append(reply.content)
         return reply
