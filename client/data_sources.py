@@ -76,6 +76,11 @@ def shared_source(spec: str) -> DataSource:
     return _OPEN[spec]
 
 
+def close_shared_sources() -> None:
+    """Forget every shared source, so a simulation that runs again starts every stream afresh."""
+    _OPEN.clear()
+
+
 @dataclass(frozen=True)
 class SineTask:
     amplitude: float

@@ -47,8 +47,10 @@ class SimGrid(TrackingGrid):
         *,
         seed: int = 0,
         run_id: int = 0,
+        keep_sent: bool = True,
     ) -> None:
         super().__init__(run_id)
+        self.keep_sent = keep_sent  # long simulations turn this off: `sent` would grow without bound
         self.clients = {c.node_id: c for c in clients}
         self.handlers = handlers or default_handlers()
         self._rng = random.Random(seed)
@@ -68,7 +70,8 @@ class SimGrid(TrackingGrid):
         for message in messages:
             mid = stamp(message, run_id=self._run.run_id)
             wire = message_to_bytes(message)
-            self.sent.append(wire)
+            if self.keep_sent:
+                self.sent.append(wire)
             delivery = Delivery(
                 message_id=mid,
                 node_id=message.metadata.dst_node_id,
