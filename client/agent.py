@@ -162,7 +162,8 @@ class Agent:
                 if end.reconnect_after_s > 0
                 else self.backoff.next_delay()
             )
-            log.warning("disconnected (%s); reconnecting in %.1f s", end.reason, delay)
+            what = "disconnected" if end.welcomed else "could not connect"
+            log.warning("%s (%s); trying again in %.1f s", what, end.reason, delay)
             self._stop.wait(delay)
 
     def _stored_identity(self) -> Identity | None:
