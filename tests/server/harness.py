@@ -1,0 +1,178 @@
+"""Test harness: a real coordinator on 127.0.0.1 in this process, and scriptable fake agents.
+
+The coordinator runs on its own asyncio loop in a background thread (as in the
+daemon), so tests drive FleetGrid from the test thread exactly as the job
+runner does. Fake agents speak the Fleet protocol with the generated gRPC stubs
+and let a test decide what each task gets back (a real answer, NaN, garbage,
+silence, a dropped stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from flwr.app import Message
+from tinyfleet.client.handlers import default_handlers
+from tinyfleet.common.flower_adapter import (
+    make_context,
+    message_from_bytes,
+    message_to_bytes,
+    set_message_id,
+)
+from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
+from tinyfleet.server.daemon import Coordinator, Hooks, ServerSettings
+
+TD = "application/td+json"
+
+
+def thing(device_id: str) -> bytes:
+    return json.dumps({"@context": "https://www.w3.org/2022/wot/td/v1.1", "id": device_id,
+                       "title": device_id}).encode()
+
+
+class CoordinatorThread:
+    """`Coordinator` started on a private event loop thread; `stop()` is its graceful stop."""
+
+    def __init__(self, settings: ServerSettings, hooks: Hooks | None = None) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.coordinator = Coordinator(settings, hooks)
+        self._call(self.coordinator.start())
+
+    def _call(self, coro: object, timeout: float = 30.0) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    @property
+    def address(self) -> str:
+        return self.coordinator.listen_address
+
+    def stop(self) -> None:
+        try:
+            self._call(self.coordinator.stop())
+            self._call(_cancel_leftover_tasks())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+async def _cancel_leftover_tasks() -> None:
+    """What asyncio.run does for the real daemon: finish cancelled stream handlers."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+Behaviour = Callable[["FakeAgent", fleet_pb2.Task, Message], fleet_pb2.AgentFrame | None]
+
+
+def answer(agent: FakeAgent, task: fleet_pb2.Task, message: Message) -> fleet_pb2.AgentFrame:
+    """What a real agent does: run the built-in handlers on its data stream."""
+    reply = agent.handlers.handle(message, agent.context)
+    return reply_frame(task, message_to_bytes(reply))
+
+
+def reply_frame(task: fleet_pb2.Task, data: bytes, compute_s: float = 0.01) -> fleet_pb2.AgentFrame:
+    return fleet_pb2.AgentFrame(
+        reply=fleet_pb2.Reply(message_id=task.message_id, flower_message=data,
+                              compute_seconds=compute_s)
+    )
+
+
+class FakeAgent:
+    """One device: registers, connects, answers tasks through `behaviour`."""
+
+    def __init__(
+        self,
+        address: str,
+        device_id: str,
+        *,
+        data: str = "sine:seed=1",
+        behaviour: Behaviour = answer,
+        channel_credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
+        self.device_id = device_id
+        self.behaviour = behaviour
+        self.data = data
+        if channel_credentials is None:
+            self.channel = grpc.insecure_channel(address)
+        else:
+            self.channel = grpc.secure_channel(address, channel_credentials)
+        self.stub = fleet_pb2_grpc.FleetStub(self.channel)
+        self.handlers = default_handlers()
+        self.credential = ""
+        self.node_id = 0
+        self.tasks: list[fleet_pb2.Task] = []
+        self.frames: list[fleet_pb2.CoordinatorFrame] = []
+        self.welcomed = threading.Event()
+        self.ended = threading.Event()
+        self.error: grpc.RpcError | None = None
+        self._outgoing: queue.Queue[fleet_pb2.AgentFrame | None] = queue.Queue()
+        self._call: grpc.Future | None = None
+
+    def register(self, description: bytes | None = None) -> fleet_pb2.RegisterResponse:
+        response = self.stub.Register(fleet_pb2.RegisterRequest(
+            description=description or thing(self.device_id), media_type=TD,
+            credential=self.credential,
+        ), timeout=10)
+        self.credential = response.credential or self.credential
+        self.node_id = response.node_id
+        self.context = make_context(self.node_id, {"data": self.data})
+        return response
+
+    def connect(self, *, device_id: str | None = None, credential: str | None = None,
+                wait: bool = True) -> FakeAgent:
+        hello = fleet_pb2.Hello(device_id=device_id or self.device_id,
+                                credential=self.credential if credential is None else credential)
+        self._outgoing.put(fleet_pb2.AgentFrame(hello=hello))
+        self._call = self.stub.Connect(iter(self._outgoing.get, None))
+        threading.Thread(target=self._read, daemon=True).start()
+        if wait:
+            assert self.welcomed.wait(10), f"no welcome for {self.device_id}: {self.error}"
+        return self
+
+    def _read(self) -> None:
+        try:
+            for frame in self._call:  # type: ignore[union-attr]
+                self.frames.append(frame)
+                kind = frame.WhichOneof("kind")
+                if kind == "welcome":
+                    self.welcomed.set()
+                elif kind == "task":
+                    self.tasks.append(frame.task)
+                    message = message_from_bytes(frame.task.flower_message)
+                    set_message_id(message, frame.task.message_id)
+                    out = self.behaviour(self, frame.task, message)
+                    if out is not None:
+                        self.send(out)
+        except grpc.RpcError as exc:
+            self.error = exc
+        finally:
+            self.ended.set()
+
+    def send(self, frame: fleet_pb2.AgentFrame) -> None:
+        self._outgoing.put(frame)
+
+    def close(self) -> None:
+        """Drop the stream (like a process dying): the coordinator sees it end."""
+        self._outgoing.put(None)
+        if self._call is not None:
+            self._call.cancel()
+        self.ended.wait(5)
+        self.channel.close()
+
+
+def settings_for(data_dir: Path, **overrides: object) -> ServerSettings:
+    values: dict[str, object] = {
+        "data_dir": data_dir, "listen": "127.0.0.1:0", "http": None, "heartbeat_interval_s": 2.0,
+    }
+    values.update(overrides)
+    return ServerSettings(**values)  # type: ignore[arg-type]

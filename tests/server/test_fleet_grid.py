@@ -1,0 +1,246 @@
+"""FleetGrid over real gRPC on 127.0.0.1 with in-process fake agents."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp.strategy import FedAvg
+from tinyfleet.common.arrays import from_numpy_dict, to_array_record
+from tinyfleet.common.flower_adapter import message_to_bytes, reply_with_content
+from tinyfleet.common.grids import ERROR, REPLIED, TIMEOUT, UNDELIVERABLE
+from tinyfleet.common.models import build_model
+from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
+from tinyfleet.server.fleet_grid import NodeWaitTimeoutError
+
+from .harness import CoordinatorThread, FakeAgent, answer, reply_frame, settings_for
+
+LIMIT = 200_000  # max_message_bytes of these tests' coordinator
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[CoordinatorThread]:
+    running = CoordinatorThread(settings_for(tmp_path / "coord", max_message_bytes=LIMIT))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def agents() -> Iterator[list[FakeAgent]]:
+    created: list[FakeAgent] = []
+    yield created
+    for agent in created:
+        agent.close()
+
+
+def _agent(coordinator: CoordinatorThread, agents: list[FakeAgent], name: str, **kw: object) -> FakeAgent:
+    agent = FakeAgent(coordinator.address, f"urn:dev:{name}", **kw)  # type: ignore[arg-type]
+    agent.register()
+    agent.connect()
+    agents.append(agent)
+    return agent
+
+
+def _model() -> ArrayRecord:
+    return to_array_record(build_model("sine-mlp", seed=0))
+
+
+def _train_messages(grid, nodes: list[int]) -> list[Message]:
+    config = ConfigRecord({"local_steps": 2, "model": "sine-mlp"})
+    content = RecordDict({"arrays": _model(), "config": config})
+    return [grid.create_message(content, "train", node, "1") for node in nodes]
+
+
+def _wait_online(grid, count: int) -> None:
+    assert grid.wait_for_nodes(count, 10) >= count
+
+
+def test_replies_resolve_and_silence_times_out(
+    coordinator: CoordinatorThread, agents: list[FakeAgent]
+) -> None:
+    grid = coordinator.coordinator.grid
+    good = _agent(coordinator, agents, "good")
+    silent = _agent(coordinator, agents, "silent", behaviour=lambda a, t, m: None)
+    _wait_online(grid, 2)
+    assert set(grid.get_node_ids()) == {good.node_id, silent.node_id}
+    grid.reference_arrays = _model()
+
+    started = time.monotonic()
+    replies = list(grid.send_and_receive(_train_messages(grid, [good.node_id, silent.node_id]), timeout=1.0))
+    elapsed = time.monotonic() - started
+    assert 0.9 <= elapsed < 5
+    assert [r.metadata.src_node_id for r in replies] == [good.node_id]
+    deliveries = {d.node_id: d for d in grid.take_deliveries()}
+    assert deliveries[good.node_id].status == REPLIED and deliveries[good.node_id].bytes_up > 0
+    assert deliveries[good.node_id].bytes_down == len(good.tasks[0].flower_message)
+    assert deliveries[silent.node_id].status == TIMEOUT
+    assert "deadline" in deliveries[silent.node_id].error
+
+    # A late reply to the closed exchange is ignored, and the next exchange is clean.
+    silent.send(answer(silent, silent.tasks[0], _decoded(silent.tasks[0])))
+    replies = list(grid.send_and_receive(_train_messages(grid, [good.node_id]), timeout=10))
+    assert len(replies) == 1 and [d.status for d in grid.take_deliveries()] == [REPLIED]
+
+
+def _decoded(task: fleet_pb2.Task) -> Message:
+    from tinyfleet.common.flower_adapter import message_from_bytes, set_message_id
+
+    message = message_from_bytes(task.flower_message)
+    set_message_id(message, task.message_id)
+    return message
+
+
+def test_all_replies_end_the_wait_at_once(coordinator: CoordinatorThread, agents: list[FakeAgent]) -> None:
+    grid = coordinator.coordinator.grid
+    nodes = [_agent(coordinator, agents, f"n{i}", data=f"sine:seed={i}").node_id for i in range(3)]
+    _wait_online(grid, 3)
+    started = time.monotonic()
+    replies = list(grid.send_and_receive(_train_messages(grid, nodes), timeout=60))
+    assert len(replies) == 3 and time.monotonic() - started < 10  # not the 60 s deadline
+    assert {d.status for d in grid.take_deliveries()} == {REPLIED}
+
+
+def test_disconnect_mid_exchange_resolves_immediately(
+    coordinator: CoordinatorThread, agents: list[FakeAgent]
+) -> None:
+    grid = coordinator.coordinator.grid
+
+    def die(agent: FakeAgent, task: fleet_pb2.Task, message: Message) -> None:
+        agent.send(None)  # type: ignore[arg-type]  # ends the request stream: the agent goes away
+
+    dying = _agent(coordinator, agents, "dying", behaviour=die)
+    good = _agent(coordinator, agents, "good")
+    _wait_online(grid, 2)
+    started = time.monotonic()
+    replies = list(grid.send_and_receive(_train_messages(grid, [dying.node_id, good.node_id]), timeout=60))
+    assert time.monotonic() - started < 10
+    assert len(replies) == 1
+    deliveries = {d.node_id: d for d in grid.take_deliveries()}
+    assert deliveries[dying.node_id].status == UNDELIVERABLE
+    assert "disconnected" in deliveries[dying.node_id].error
+    assert grid.wait_for_nodes(2, 0.2) == 1  # it is no longer online
+
+    # Sending to a node that is not connected is undeliverable at once as well.
+    replies = list(grid.send_and_receive(_train_messages(grid, [dying.node_id]), timeout=60))
+    assert replies == [] and grid.take_deliveries()[0].status == UNDELIVERABLE
+
+
+def _nan_update(agent: FakeAgent, task: fleet_pb2.Task, message: Message) -> fleet_pb2.AgentFrame:
+    arrays = {k: v.numpy().copy() for k, v in message.content.array_records["arrays"].items()}
+    arrays["2.weight"][0, 0] = np.nan
+    reply = reply_with_content(message, RecordDict({"arrays": from_numpy_dict(arrays)}))
+    return reply_frame(task, message_to_bytes(reply))
+
+
+def _wrong_shape(agent: FakeAgent, task: fleet_pb2.Task, message: Message) -> fleet_pb2.AgentFrame:
+    arrays = {k: v.numpy().copy() for k, v in message.content.array_records["arrays"].items()}
+    arrays["0.bias"] = np.zeros(3, dtype=np.float32)
+    reply = reply_with_content(message, RecordDict({"arrays": from_numpy_dict(arrays)}))
+    return reply_frame(task, message_to_bytes(reply))
+
+
+def _sparse_update(agent: FakeAgent, task: fleet_pb2.Task, message: Message) -> fleet_pb2.AgentFrame:
+    """Keys that do not overlap the model's (a compressed payload) are not shape-checked."""
+    update = from_numpy_dict({"update.values": np.ones(5, dtype=np.float32)})
+    reply = reply_with_content(message, RecordDict({"arrays": update}))
+    return reply_frame(task, message_to_bytes(reply))
+
+
+def _oversized(agent: FakeAgent, task: fleet_pb2.Task, message: Message) -> fleet_pb2.AgentFrame:
+    big = from_numpy_dict({"blob": np.zeros(LIMIT // 4 + 1000, dtype=np.float32)})
+    return reply_frame(task, message_to_bytes(reply_with_content(message, RecordDict({"x": big}))))
+
+
+def _garbage(agent: FakeAgent, task: fleet_pb2.Task, message: Message) -> fleet_pb2.AgentFrame:
+    return reply_frame(task, b"\xff\xfe not a flower message")
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "expected"),
+    [
+        (_nan_update, "NaN/Inf in 'arrays'"),
+        (_wrong_shape, "'0.bias' has shape (3,)"),
+        (_oversized, f"exceeds max_message_bytes ({LIMIT})"),
+        (_garbage, "does not decode"),
+    ],
+)
+def test_bad_replies_are_errors_and_the_stream_keeps_working(
+    coordinator: CoordinatorThread, agents: list[FakeAgent], behaviour, expected: str
+) -> None:
+    grid = coordinator.coordinator.grid
+    agent = _agent(coordinator, agents, "bad", behaviour=behaviour)
+    _wait_online(grid, 1)
+    grid.reference_arrays = _model()
+    replies = list(grid.send_and_receive(_train_messages(grid, [agent.node_id]), timeout=20))
+    [delivery] = grid.take_deliveries()
+    assert delivery.status == ERROR and expected in delivery.error
+    assert len(replies) == 1 and replies[0].has_error()  # strategies see an error reply
+    assert expected in replies[0].error.reason
+
+    agent.behaviour = answer  # same stream, now a good reply: still served
+    replies = list(grid.send_and_receive(_train_messages(grid, [agent.node_id]), timeout=20))
+    assert [d.status for d in grid.take_deliveries()] == [REPLIED]
+    assert not replies[0].has_error() and not agent.ended.is_set()
+
+
+def test_partial_payloads_that_do_not_overlap_the_model_pass(
+    coordinator: CoordinatorThread, agents: list[FakeAgent]
+) -> None:
+    grid = coordinator.coordinator.grid
+    agent = _agent(coordinator, agents, "sparse", behaviour=_sparse_update)
+    _wait_online(grid, 1)
+    grid.reference_arrays = _model()
+    list(grid.send_and_receive(_train_messages(grid, [agent.node_id]), timeout=20))
+    assert [d.status for d in grid.take_deliveries()] == [REPLIED]
+
+
+def test_stock_fedavg_runs_unchanged_on_fleet_grid(
+    coordinator: CoordinatorThread, agents: list[FakeAgent]
+) -> None:
+    grid = coordinator.coordinator.grid
+    for i in range(3):
+        _agent(coordinator, agents, f"fedavg{i}", data=f"sine:seed={i}")
+    _wait_online(grid, 3)
+    strategy = FedAvg(min_train_nodes=3, min_evaluate_nodes=3, min_available_nodes=3)
+    initial = _model()
+    result = strategy.start(
+        grid=grid, initial_arrays=initial, num_rounds=2, timeout=30,
+        train_config=ConfigRecord({"local_steps": 5, "lr": 0.02, "model": "sine-mlp"}),
+        evaluate_config=ConfigRecord({"model": "sine-mlp"}),
+    )
+    assert set(result.train_metrics_clientapp) == {1, 2}
+    assert set(result.evaluate_metrics_clientapp) == {1, 2}
+    assert not np.allclose(result.arrays["0.weight"].numpy(), initial["0.weight"].numpy())
+    assert all(len(a.tasks) == 4 for a in agents)  # 2 rounds x (train + evaluate)
+
+
+def test_strategy_asking_for_more_nodes_than_online_fails_instead_of_looping(
+    coordinator: CoordinatorThread, agents: list[FakeAgent]
+) -> None:
+    grid = coordinator.coordinator.grid
+    _agent(coordinator, agents, "alone")
+    _wait_online(grid, 1)
+    grid.begin_phase(wait_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(NodeWaitTimeoutError, match="more nodes"):
+        FedAvg(min_available_nodes=2).configure_train(1, _model(), ConfigRecord(), grid)
+    assert time.monotonic() - started < 5
+
+
+def test_eligibility_filter_limits_the_nodes(coordinator: CoordinatorThread, agents: list[FakeAgent]) -> None:
+    grid = coordinator.coordinator.grid
+    first = _agent(coordinator, agents, "e1")
+    _agent(coordinator, agents, "e2")
+    _wait_online(grid, 2)
+    grid.eligible_nodes = lambda: {first.node_id}
+    try:
+        assert list(grid.get_node_ids()) == [first.node_id]
+        assert grid.wait_for_nodes(2, 0.2) == 1
+    finally:
+        grid.eligible_nodes = None
