@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FATAL = 2
+#: A coordinator that accepts the stream but says nothing is as good as down.
+WELCOME_TIMEOUT_S = 30.0
 #: Connect refusals that retrying cannot fix (UNAUTHENTICATED gets one re-registration first).
 FATAL_CONNECT_CODES = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT})
 
@@ -61,6 +63,7 @@ class AgentConfig:
     root_certificates: bytes | None = None
     backoff_base_s: float = BASE_S
     backoff_cap_s: float = CAP_S
+    welcome_timeout_s: float = WELCOME_TIMEOUT_S
 
 
 @dataclass
@@ -226,10 +229,14 @@ class Agent:
         if self._stop.is_set():  # stop() ran before the session was visible to it
             session.close()
         welcomed = False
+        no_welcome = threading.Timer(self.config.welcome_timeout_s, session.close)
+        no_welcome.daemon = True
+        no_welcome.start()
         try:
             for frame in session:
                 kind = frame.WhichOneof("kind")
                 if not welcomed:
+                    no_welcome.cancel()
                     if kind != "welcome":
                         return SessionEnd(f"protocol error: first frame was {kind!r}, not welcome")
                     self._welcomed(session, identity, frame.welcome)
@@ -250,6 +257,8 @@ class Agent:
         except grpc.RpcError as exc:
             code = rpc_code(exc)
             reason = f"{code.name}: {rpc_detail(exc)}"
+            if not welcomed and session.closed and not self._stop.is_set():
+                reason = f"no Welcome within {self.config.welcome_timeout_s:.0f} s"
             if code in FATAL_CONNECT_CODES and not self._stop.is_set():
                 raise FatalError(
                     f"the coordinator at {self.config.server} refused the connection: {reason}"
@@ -258,6 +267,7 @@ class Agent:
                 reason, welcomed=welcomed, unauthenticated=code == grpc.StatusCode.UNAUTHENTICATED
             )
         finally:
+            no_welcome.cancel()
             session.close()
             with self._session_lock:
                 self._session = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ class FakeFleet(fleet_pb2_grpc.FleetServicer):
     registrations: list[fleet_pb2.RegisterRequest] = field(default_factory=list)
     register_error: tuple[grpc.StatusCode, str] | None = None
     accept_connect: bool = True
+    send_welcome: bool = True
+    silent: list[fleet_pb2.Hello] = field(default_factory=list)
     tls: grpc.ServerCredentials | None = None
     connections: list[Connection] = field(default_factory=list)
     refused: list[fleet_pb2.Hello] = field(default_factory=list)
@@ -109,6 +112,13 @@ class FakeFleet(fleet_pb2_grpc.FleetServicer):
                 self.refused.append(hello)
                 self._changed.notify_all()
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown device or wrong credential")
+        if not self.send_welcome:  # a coordinator that hangs before answering
+            with self._changed:
+                self.silent.append(hello)
+                self._changed.notify_all()
+            while context.is_active():
+                time.sleep(0.02)
+            return
         conn = Connection(hello, self.node_ids[hello.device_id])
 
         def read() -> None:

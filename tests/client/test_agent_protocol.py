@@ -200,6 +200,14 @@ def test_unauthenticated_connect_registers_again_with_stored_credential(
     assert identity is not None and identity.credential == fleet.credentials[DEVICE]
 
 
+def test_a_coordinator_that_never_welcomes_is_left_and_retried(fleet: FakeFleet, start_agent) -> None:
+    fleet.send_welcome = False
+    start_agent(welcome_timeout_s=0.3)
+    fleet.wait_until(lambda: len(fleet.silent) >= 2)  # gave up on the silent stream, tried again
+    fleet.send_welcome = True
+    fleet.wait_connections(1)
+
+
 def test_credential_refused_after_registering_again_is_fatal(fleet: FakeFleet, start_agent) -> None:
     fleet.accept_connect = False
     agent = start_agent()
