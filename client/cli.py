@@ -176,6 +176,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
+        from datetime import UTC, datetime
+
+        report["registered_at"] = datetime.fromtimestamp(identity.registered_at, UTC).isoformat()
         width = max(map(len, report))
         for key, value in report.items():
             print(f"{key:<{width}}  {value}")
