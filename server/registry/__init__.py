@@ -1,0 +1,1 @@
+"""tinyfleet.server.registry: the semantic fleet registry (RDF store, validation, SPARQL, WoT directory)."""

@@ -1,0 +1,177 @@
+"""Where the registry's RDF lives: an embedded on-disk Oxigraph store, or any SPARQL 1.1 server.
+
+Both backends answer the same three calls (query, update, load) with pyoxigraph
+result objects, so everything above them is backend-agnostic. Queries see the
+union of all named graphs as their default graph (one graph per device and per
+artifact). The embedded store runs SPARQL in Oxigraph (Rust), never in rdflib's
+pure-Python engine; `rdflib_dataset()` gives an rdflib view of the same store
+(through oxrdflib) for code that wants the rdflib API.
+
+A remote store must treat its default graph as the union of named graphs
+(`oxigraph serve --union-default-graph`, Fuseki `unionDefaultGraph`); its
+endpoints are BASE/query and BASE/update (the layout of both servers).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import pyoxigraph as ox
+
+if TYPE_CHECKING:
+    import rdflib
+
+#: SELECT -> QuerySolutions, ASK -> QueryBoolean, CONSTRUCT/DESCRIBE -> triples.
+QueryResult = ox.QuerySolutions | ox.QueryBoolean | ox.QueryTriples | list[ox.Triple]
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or reached; the message says which and why."""
+
+
+class StoreBusyError(StoreError):
+    """The on-disk store is held by another process (a running server)."""
+
+
+class RegistryStore(Protocol):
+    location: str
+
+    def query(self, sparql: str, *, timeout_s: float | None = None) -> QueryResult: ...
+
+    def update(self, sparql: str) -> None: ...
+
+    def load(self, data: bytes, rdf_format: ox.RdfFormat, *, bulk: bool = False) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class EmbeddedStore:
+    """An Oxigraph store in a directory (RocksDB); in memory when `path` is None (tests)."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.location = str(path) if path is not None else "memory"
+        try:
+            self._store = ox.Store(str(path)) if path is not None else ox.Store()
+        except OSError as exc:
+            if "lock" in str(exc).lower():
+                raise StoreBusyError(
+                    f"the registry store at {path} is in use by another process (a running server?); "
+                    "stop it or query it through its HTTP address (--server URL)"
+                ) from exc
+            raise StoreError(f"cannot open the registry store at {path}: {exc}") from exc
+
+    @property
+    def oxigraph(self) -> ox.Store:
+        return self._store
+
+    def query(self, sparql: str, *, timeout_s: float | None = None) -> QueryResult:
+        # Oxigraph evaluates lazily and cannot be interrupted; callers that need a deadline
+        # (the SPARQL endpoint) consume results in a worker and stop at the deadline.
+        del timeout_s
+        return self._store.query(sparql, use_default_graph_as_union=True)
+
+    def update(self, sparql: str) -> None:
+        self._store.update(sparql)
+
+    def load(self, data: bytes, rdf_format: ox.RdfFormat, *, bulk: bool = False) -> None:
+        if bulk:
+            self._store.bulk_load(data, format=rdf_format)
+        else:
+            self._store.load(data, format=rdf_format)
+
+    def dump(self, rdf_format: ox.RdfFormat = ox.RdfFormat.N_QUADS) -> bytes:
+        return self._store.dump(format=rdf_format)
+
+    def rdflib_dataset(self) -> rdflib.Dataset:
+        """An rdflib Dataset over this very store (oxrdflib), union of graphs as default."""
+        import rdflib
+        from oxrdflib import OxigraphStore
+
+        return rdflib.Dataset(store=OxigraphStore(store=self._store), default_union=True)
+
+    def flush(self) -> None:
+        self._store.flush()
+
+    def close(self) -> None:
+        self._store.flush()
+        del self._store
+
+
+class RemoteStore:
+    """A SPARQL 1.1 Query + Update server at BASE (BASE/query, BASE/update) over HTTP."""
+
+    def __init__(self, base_url: str, *, timeout_s: float = 30.0) -> None:
+        import httpx
+
+        self.location = base_url.rstrip("/")
+        self._timeout_s = timeout_s
+        self._client = httpx.Client(timeout=timeout_s)
+
+    def query(self, sparql: str, *, timeout_s: float | None = None) -> QueryResult:
+        import httpx
+
+        accept = "application/sparql-results+json, application/n-triples;q=0.9"
+        try:
+            response = self._client.post(
+                f"{self.location}/query",
+                content=sparql.encode("utf-8"),
+                headers={"content-type": "application/sparql-query", "accept": accept},
+                timeout=timeout_s or self._timeout_s,
+            )
+        except httpx.TimeoutException as exc:
+            raise TimeoutError(f"the SPARQL server at {self.location} did not answer in time") from exc
+        except httpx.HTTPError as exc:
+            raise StoreError(f"cannot reach the SPARQL server at {self.location}: {exc}") from exc
+        self._raise_for(response, "query")
+        media = response.headers.get("content-type", "").split(";")[0].strip()
+        if media == "application/n-triples":
+            return _triples(response.content)
+        return ox.parse_query_results(response.content, format=ox.QueryResultsFormat.JSON)
+
+    def update(self, sparql: str) -> None:
+        import httpx
+
+        try:
+            response = self._client.post(
+                f"{self.location}/update",
+                content=sparql.encode("utf-8"),
+                headers={"content-type": "application/sparql-update"},
+            )
+        except httpx.HTTPError as exc:
+            raise StoreError(f"cannot reach the SPARQL server at {self.location}: {exc}") from exc
+        self._raise_for(response, "update")
+
+    def load(self, data: bytes, rdf_format: ox.RdfFormat, *, bulk: bool = False) -> None:
+        """Sent as INSERT DATA updates of bounded size (any SPARQL 1.1 server accepts them)."""
+        del bulk
+        from tinyfleet.server.registry.updates import insert_data_chunks
+
+        for update in insert_data_chunks(ox.parse(data, format=rdf_format)):
+            self.update(update)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _raise_for(self, response: object, what: str) -> None:
+        status = response.status_code  # type: ignore[attr-defined]
+        if status >= 400:
+            detail = response.text.strip()[:500]  # type: ignore[attr-defined]
+            if status == 400:
+                raise SyntaxError(f"the SPARQL server rejected the {what}: {detail}")
+            raise StoreError(f"the SPARQL server at {self.location} answered {status} to a {what}: {detail}")
+
+
+def _triples(data: bytes) -> list[ox.Triple]:
+    return [quad.triple for quad in ox.parse(data, format=ox.RdfFormat.N_TRIPLES)]
+
+
+def open_store(data_dir: str | Path | None = None, registry_url: str | None = None) -> RegistryStore:
+    """The remote store when a URL is given, else the embedded one under DATA_DIR/registry."""
+    if registry_url:
+        return RemoteStore(registry_url)
+    if data_dir is None:
+        return EmbeddedStore(None)
+    path = Path(data_dir) / "registry"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return EmbeddedStore(path)

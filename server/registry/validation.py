@@ -1,0 +1,230 @@
+"""Is a description acceptable? JSON-level TD 1.1 checks, then SHACL against the fleet shapes.
+
+Every problem is reported as {path, message}: `path` is a JSON pointer into the
+TD for JSON-level problems, and "<focus node> <property path>" for SHACL ones.
+The shapes are parsed once per process and the harvested shapes reused for
+every validation; pyshacl runs without inference, in place, on a small graph of
+just the description(s) being registered.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import pyoxigraph as ox
+
+from tinyfleet.ontology import PREFIXES, SHAPES_PATH, TD_CONTEXT_URLS, XSD
+
+_XSD_STRING: Final = XSD + "string"
+_ABSOLUTE_IRI: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:\S+$")
+_OPERATIONS: Final = frozenset(
+    {
+        "readproperty", "writeproperty", "observeproperty", "unobserveproperty", "invokeaction",
+        "queryaction", "cancelaction", "subscribeevent", "unsubscribeevent", "readallproperties",
+        "writeallproperties", "readmultipleproperties", "writemultipleproperties",
+        "observeallproperties", "unobserveallproperties", "subscribeallevents",
+        "unsubscribeallevents", "queryallactions",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    message: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": self.path, "message": self.message}
+
+
+class DescriptionInvalid(ValueError):
+    """A description the registry refuses; `errors` lists every problem found."""
+
+    def __init__(self, errors: Sequence[Problem]) -> None:
+        self.errors = list(errors)
+        summary = "; ".join(f"{p.path}: {p.message}" if p.path else p.message for p in self.errors[:5])
+        more = f" (and {len(self.errors) - 5} more)" if len(self.errors) > 5 else ""
+        super().__init__(f"invalid description: {summary}{more}")
+
+    def as_list(self) -> list[dict[str, str]]:
+        return [p.as_dict() for p in self.errors]
+
+
+def check_td_json(td: dict[str, Any], *, require_id: bool = True) -> list[Problem]:
+    """The TD 1.1 rules a JSON document must meet before it is worth reading as RDF."""
+    problems: list[Problem] = []
+    context = td.get("@context")
+    contexts = context if isinstance(context, list) else [context]
+    if context is None:
+        problems.append(Problem("/@context", f"missing; a TD 1.1 starts with {TD_CONTEXT_URLS[0]!r}"))
+    elif not any(c in TD_CONTEXT_URLS for c in contexts if isinstance(c, str)):
+        problems.append(Problem("/@context", f"must include the TD context {TD_CONTEXT_URLS[0]!r}"))
+    thing_id = td.get("id")
+    if thing_id is None:
+        if require_id:
+            problems.append(Problem("/id", "missing; the device needs an IRI such as urn:tinyfleet:device:pi-01"))
+    elif not isinstance(thing_id, str) or not _ABSOLUTE_IRI.match(thing_id):
+        problems.append(Problem("/id", f"must be an absolute IRI, got {thing_id!r}"))
+    title = td.get("title")
+    if not isinstance(title, str) or not title.strip():
+        problems.append(Problem("/title", "required: a non-empty string"))
+    definitions = td.get("securityDefinitions")
+    if not isinstance(definitions, dict) or not definitions:
+        problems.append(Problem("/securityDefinitions", "required: an object with at least one named scheme"))
+        definitions = {}
+    for name, scheme in definitions.items():
+        if not isinstance(scheme, dict) or not isinstance(scheme.get("scheme"), str):
+            problems.append(Problem(f"/securityDefinitions/{name}", "needs a \"scheme\" (e.g. \"nosec\")"))
+    security = td.get("security")
+    names = [security] if isinstance(security, str) else security
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        problems.append(Problem("/security", "required: a name or list of names from securityDefinitions"))
+    else:
+        problems += [
+            Problem("/security", f"{n!r} is not defined in securityDefinitions") for n in names if n not in definitions
+        ]
+    if "@type" in td and not _strings(td["@type"]):
+        problems.append(Problem("/@type", "must be a string or a list of strings"))
+    for kind in ("properties", "actions", "events"):
+        affordances = td.get(kind, {})
+        if not isinstance(affordances, dict):
+            problems.append(Problem(f"/{kind}", "must be an object keyed by affordance name"))
+            continue
+        for name, affordance in affordances.items():
+            problems += _check_affordance(f"/{kind}/{_escape(name)}", affordance)
+    links = td.get("links", [])
+    if not isinstance(links, list) or not all(isinstance(x, dict) and isinstance(x.get("href"), str) for x in links):
+        problems.append(Problem("/links", "must be a list of objects each with an \"href\""))
+    return problems
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+
+
+def _escape(name: str) -> str:
+    return name.replace("~", "~0").replace("/", "~1")
+
+
+def _check_affordance(path: str, affordance: Any) -> list[Problem]:
+    if not isinstance(affordance, dict):
+        return [Problem(path, "must be an object")]
+    forms = affordance.get("forms")
+    if not isinstance(forms, list) or not forms:
+        return [Problem(f"{path}/forms", "required: a non-empty list of forms")]
+    problems = []
+    for index, form in enumerate(forms):
+        where = f"{path}/forms/{index}"
+        if not isinstance(form, dict) or not isinstance(form.get("href"), str) or not form["href"]:
+            problems.append(Problem(f"{where}/href", "required: the URL of the interaction"))
+            continue
+        ops = form.get("op", [])
+        ops = [ops] if isinstance(ops, str) else ops
+        bad = [op for op in ops if op not in _OPERATIONS] if isinstance(ops, list) else [ops]
+        if bad:
+            problems.append(Problem(f"{where}/op", f"unknown operation(s) {bad}; TD 1.1 defines {sorted(_OPERATIONS)}"))
+    return problems
+
+
+class ShaclValidator:
+    """The fleet shapes, parsed and harvested once, applied to descriptions one or many at a time."""
+
+    _instance: ShaclValidator | None = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self) -> None:
+        import rdflib
+        from pyshacl.shapes_graph import ShapesGraph
+
+        graph = rdflib.Graph()
+        graph.parse(SHAPES_PATH, format="turtle")
+        self._shapes = ShapesGraph(graph)
+        _ = self._shapes.shapes  # harvest now, not on the first registration
+        self._lock = threading.Lock()
+
+    @classmethod
+    def shared(cls) -> ShaclValidator:
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = ShaclValidator()
+            return cls._instance
+
+    def validate(self, triples: Sequence[ox.Triple]) -> list[Problem]:
+        return self.validate_many([triples])[0]
+
+    def validate_many(self, descriptions: Sequence[Sequence[ox.Triple]]) -> list[list[Problem]]:
+        """Problems per description; one pyshacl run over all of them (registrations in bulk)."""
+        import rdflib
+        from pyshacl import Validator
+        from pyshacl.graph_abstraction import DataGraph
+
+        graph = rdflib.Graph()
+        owner: dict[str, list[int]] = {}
+        for number, triples in enumerate(descriptions):
+            for t in triples:
+                graph.add((_to_rdflib(t.subject), _to_rdflib(t.predicate), _to_rdflib(t.object)))
+                owner.setdefault(t.subject.value, [])
+                if not owner[t.subject.value] or owner[t.subject.value][-1] != number:
+                    owner[t.subject.value].append(number)
+        with self._lock:  # pyshacl keeps per-run caches on the shapes
+            validator = Validator(DataGraph.from_rdflib(graph), shacl_graph=rdflib.Graph(), options={"inference": "none"})
+            validator.shacl_graph = self._shapes
+            conforms, report, _ = validator.run()
+        problems: list[list[Problem]] = [[] for _ in descriptions]
+        if conforms:
+            return problems
+        for problem, focus in _problems(report):
+            for number in owner.get(focus, range(len(descriptions))):
+                problems[number].append(problem)
+        return problems
+
+
+def _to_rdflib(term: ox.NamedNode | ox.BlankNode | ox.Literal) -> Any:
+    import rdflib
+
+    if isinstance(term, ox.NamedNode):
+        return rdflib.URIRef(term.value)
+    if isinstance(term, ox.BlankNode):
+        return rdflib.BNode(term.value)
+    if term.language:
+        return rdflib.Literal(term.value, lang=term.language)
+    if term.datatype.value == _XSD_STRING:  # rdflib keeps plain and xsd:string literals apart
+        return rdflib.Literal(term.value)
+    return rdflib.Literal(term.value, datatype=rdflib.URIRef(term.datatype.value))
+
+
+def _problems(report: Any) -> list[tuple[Problem, str]]:
+    import rdflib
+    from rdflib.namespace import SH
+
+    found = []
+    for result in report.objects(None, SH.result):
+        focus = report.value(result, SH.focusNode)
+        path = report.value(result, SH.resultPath)
+        message = report.value(result, SH.resultMessage)
+        value = report.value(result, SH.value)
+        text = str(message) if message is not None else "does not conform to the fleet shapes"
+        if value is not None and str(value) not in text:
+            text += f" (got {_compact(value)})"
+        where = _compact(focus) + (f" {_compact(path)}" if path is not None else "")
+        found.append((Problem(where, text), str(focus) if isinstance(focus, rdflib.term.Node) else ""))
+    found.sort(key=lambda item: (item[0].path, item[0].message))
+    return found
+
+
+def _compact(term: Any) -> str:
+    import rdflib
+
+    if isinstance(term, rdflib.URIRef):
+        text = str(term)
+        for prefix, iri in PREFIXES.items():
+            if text.startswith(iri) and len(text) > len(iri):
+                return f"{prefix}:{text[len(iri):]}"
+        return f"<{text}>"
+    if isinstance(term, rdflib.Literal):
+        return repr(str(term))
+    return str(term)
