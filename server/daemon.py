@@ -189,6 +189,7 @@ class Coordinator:
             build_app(self.repo, self.hub, self.hooks.http_routes),
             log_level="warning",
             lifespan="off",
+            ws="none",
             ssl_certfile=str(self.settings.tls_cert) if self.settings.tls_cert else None,
             ssl_keyfile=str(self.settings.tls_key) if self.settings.tls_key else None,
         )

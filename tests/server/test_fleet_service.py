@@ -1,0 +1,275 @@
+"""Fleet and Admin services over real gRPC: registration, credentials, streams, artifacts,
+admin token, HTTP JSON API, and the whole path over TLS with a throwaway CA."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
+from tinyfleet.server.admin_client import AdminClient
+from tinyfleet.server.daemon import READY_FILE
+
+from .harness import TD, CoordinatorThread, FakeAgent, settings_for, thing
+
+TOKEN = "s3cret-admin"
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[CoordinatorThread]:
+    running = CoordinatorThread(settings_for(tmp_path / "coord", http="127.0.0.1:0", admin_token=TOKEN))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def _code(call, *args, **kwargs) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        result = call(*args, **kwargs)
+        if hasattr(result, "__iter__"):
+            list(result)
+    return info.value
+
+
+def test_ready_file_names_the_bound_ports_and_goes_away_on_stop(tmp_path: Path) -> None:
+    running = CoordinatorThread(settings_for(tmp_path / "c", http="127.0.0.1:0"))
+    ready = json.loads((tmp_path / "c" / READY_FILE).read_text())
+    assert ready["listen"] == running.address and not ready["listen"].endswith(":0")
+    assert ready["http"].startswith("127.0.0.1:") and ready["tls"] is False and ready["pid"] > 0
+    running.stop()
+    assert not (tmp_path / "c" / READY_FILE).exists()
+
+
+def test_register_is_idempotent_with_credential_and_refused_without(
+    coordinator: CoordinatorThread,
+) -> None:
+    agent = FakeAgent(coordinator.address, "urn:dev:pi-1")
+    first = agent.register()
+    assert first.created and first.credential and first.node_id > 1
+    again = agent.register(thing("urn:dev:pi-1").replace(b'"title"', b'"description": "v2", "title"'))
+    assert not again.created and again.credential == "" and again.node_id == first.node_id
+    stored = coordinator.coordinator.repo.get_device("urn:dev:pi-1")
+    assert stored is not None and b"v2" in stored.description
+
+    intruder = FakeAgent(coordinator.address, "urn:dev:pi-1")
+    error = _code(intruder.register)
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "credential" in error.details()
+    intruder.credential = "wrong"
+    assert _code(intruder.register).code() == grpc.StatusCode.PERMISSION_DENIED
+    assert b"v2" in coordinator.coordinator.repo.get_device("urn:dev:pi-1").description  # type: ignore[union-attr]
+
+    # The admin token may re-register a device whose credential was lost.
+    admin = fleet_pb2_grpc.FleetStub(agent.channel)
+    response = admin.Register(fleet_pb2.RegisterRequest(description=thing("urn:dev:pi-1"), media_type=TD),
+                              metadata=[("authorization", f"Bearer {TOKEN}")])
+    assert response.node_id == first.node_id
+    agent.channel.close()
+    intruder.channel.close()
+
+
+@pytest.mark.parametrize(
+    ("description", "media_type", "expected"),
+    [
+        (b"{not json", TD, "not valid JSON"),
+        (b'{"title": "no id"}', TD, "has no \"id\""),
+        (b"<urn:a> <urn:b> ", "text/turtle", "does not parse"),
+        (b"<urn:a> <urn:b> <urn:c> .", "text/turtle", "names no device"),
+        (b"{}", "image/png", "unsupported media type"),
+    ],
+)
+def test_malformed_descriptions_are_refused_and_nothing_is_stored(
+    coordinator: CoordinatorThread, description: bytes, media_type: str, expected: str
+) -> None:
+    with grpc.insecure_channel(coordinator.address) as channel:
+        stub = fleet_pb2_grpc.FleetStub(channel)
+        request = fleet_pb2.RegisterRequest(description=description, media_type=media_type)
+        error = _code(stub.Register, request)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in error.details()
+    assert coordinator.coordinator.repo.list_devices() == []
+
+
+def test_turtle_descriptions_name_their_device(coordinator: CoordinatorThread) -> None:
+    turtle = b"""@prefix td: <https://www.w3.org/2019/wot/td#> .
+        <urn:dev:ttl-1> a td:Thing ; td:title "pi" ."""
+    with grpc.insecure_channel(coordinator.address) as channel:
+        response = fleet_pb2_grpc.FleetStub(channel).Register(
+            fleet_pb2.RegisterRequest(description=turtle, media_type="text/turtle"))
+    assert response.device_id == "urn:dev:ttl-1" and response.created
+
+
+def test_connect_checks_credential_and_device_identity(coordinator: CoordinatorThread) -> None:
+    alice = FakeAgent(coordinator.address, "urn:dev:alice")
+    bob = FakeAgent(coordinator.address, "urn:dev:bob")
+    alice.register()
+    bob.register()
+
+    wrong = FakeAgent(coordinator.address, "urn:dev:alice")
+    wrong.connect(credential="not-the-credential", wait=False)
+    assert wrong.ended.wait(10) and wrong.error.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[union-attr]
+
+    # Bob's credential does not let him speak for Alice.
+    bob.connect(device_id="urn:dev:alice", wait=False)
+    assert bob.ended.wait(10) and bob.error.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[union-attr]
+    assert coordinator.coordinator.hub.online_nodes() == set()
+
+    alice.connect()
+    assert coordinator.coordinator.hub.online_nodes() == {alice.node_id}
+    assert alice.frames[0].welcome.node_id == alice.node_id
+    assert alice.frames[0].welcome.heartbeat_interval_s == 2.0
+    for agent in (alice, bob, wrong):
+        agent.close()
+
+
+def test_second_connect_replaces_the_first_and_unknown_frames_are_ignored(
+    coordinator: CoordinatorThread,
+) -> None:
+    first = FakeAgent(coordinator.address, "urn:dev:twice")
+    first.register()
+    first.connect()
+    first.send(fleet_pb2.AgentFrame())  # no kind set: logged and ignored
+    first.send(fleet_pb2.AgentFrame(heartbeat=fleet_pb2.Heartbeat(sent_at=1.0)))
+    second = FakeAgent(coordinator.address, "urn:dev:twice")
+    second.credential, second.node_id = first.credential, first.node_id
+    second.connect()
+    assert first.ended.wait(10)
+    assert first.frames[-1].WhichOneof("kind") == "shutdown"
+    assert "replaced" in first.frames[-1].shutdown.reason
+    assert coordinator.coordinator.hub.online_nodes() == {first.node_id}
+    assert coordinator.coordinator.repo.get_device("urn:dev:twice").online  # type: ignore[union-attr]
+    first.close()
+    second.close()
+
+
+def test_get_artifact_streams_chunks_with_resume_and_needs_a_credential(
+    coordinator: CoordinatorThread,
+) -> None:
+    blob = bytes(range(256)) * 40
+    sha = coordinator.coordinator.store.put(blob)
+    agent = FakeAgent(coordinator.address, "urn:dev:dl")
+    agent.register()
+    creds = [("x-device-id", "urn:dev:dl"), ("x-credential", agent.credential)]
+    request = fleet_pb2.GetArtifactRequest(sha256=sha, offset=0, chunk_size=4000)
+    chunks = list(agent.stub.GetArtifact(request, metadata=creds))
+    assert [c.offset for c in chunks] == [0, 4000, 8000]
+    assert b"".join(c.data for c in chunks) == blob
+    assert {(c.total_size, c.sha256) for c in chunks} == {(len(blob), sha)}
+    resumed = agent.stub.GetArtifact(fleet_pb2.GetArtifactRequest(sha256=sha, offset=9000), metadata=creds)
+    assert b"".join(c.data for c in resumed) == blob[9000:]
+
+    unknown = fleet_pb2.GetArtifactRequest(sha256="a" * 64)
+    assert _code(agent.stub.GetArtifact, unknown, metadata=creds).code() == grpc.StatusCode.NOT_FOUND
+    assert _code(agent.stub.GetArtifact, request).code() == grpc.StatusCode.UNAUTHENTICATED
+    bad = [("x-device-id", "urn:dev:dl"), ("x-credential", "nope")]
+    assert _code(agent.stub.GetArtifact, request, metadata=bad).code() == grpc.StatusCode.UNAUTHENTICATED
+    admin = [("authorization", f"Bearer {TOKEN}")]
+    assert b"".join(c.data for c in agent.stub.GetArtifact(request, metadata=admin)) == blob
+    agent.channel.close()
+
+
+def test_admin_calls_need_the_token_and_bad_jobs_are_refused_by_the_server(
+    coordinator: CoordinatorThread,
+) -> None:
+    with AdminClient(coordinator.address, admin_token="wrong") as client:
+        assert _code(client.jobs).code() == grpc.StatusCode.UNAUTHENTICATED
+    with AdminClient(coordinator.address) as client:
+        assert _code(client.devices).code() == grpc.StatusCode.UNAUTHENTICATED
+    with AdminClient(coordinator.address, admin_token=TOKEN) as client:
+        error = _code(client.submit, 'strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 0\n')
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "'rounds'" in error.details()
+        error = _code(client.submit, 'strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 1\n'
+                                     '[options]\nbogus = 1\n')
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "options.bogus" in error.details()
+        error = _code(client.submit, 'strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 1\n'
+                                     '[round]\neligible = "SELECT ?d WHERE {}"\n')
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "round.eligible" in error.details()
+        assert client.jobs() == []
+        assert _code(client.job, "42").code() == grpc.StatusCode.NOT_FOUND
+        assert _code(client.job, "x").code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_http_api_serves_health_jobs_and_devices(coordinator: CoordinatorThread) -> None:
+    agent = FakeAgent(coordinator.address, "urn:dev:web")
+    agent.register()
+    agent.connect()
+    base = f"http://{coordinator.coordinator.http_address}"
+    assert httpx.get(f"{base}/healthz").json() == {"status": "ok", "online_nodes": 1}
+    [device] = httpx.get(f"{base}/api/devices").json()
+    assert device["device_id"] == "urn:dev:web" and device["online"] is True
+    assert httpx.get(f"{base}/api/jobs").json() == []
+    assert httpx.get(f"{base}/api/jobs/7").status_code == 404
+    assert httpx.get(f"{base}/api/jobs/x").status_code == 400
+    agent.close()
+
+
+def _throwaway_ca(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA and a server certificate for 127.0.0.1 signed by it (PEM files)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tinyfleet test CA")])
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ))
+    return paths
+
+
+def test_fleet_path_over_tls_with_a_throwaway_ca(tmp_path: Path) -> None:
+    ca, cert, key = _throwaway_ca(tmp_path)
+    running = CoordinatorThread(settings_for(tmp_path / "c", tls_cert=cert, tls_key=key,
+                                             http="127.0.0.1:0"))
+    try:
+        assert json.loads((tmp_path / "c" / READY_FILE).read_text())["tls"] is True
+        trusted = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
+        agent = FakeAgent(running.address, "urn:dev:tls", channel_credentials=trusted)
+        agent.register()
+        agent.connect()
+        grid = running.coordinator.grid
+        assert grid.wait_for_nodes(1, 10) == 1
+        with AdminClient(running.address, ca=ca) as client:
+            assert [d.device_id for d in client.devices()] == ["urn:dev:tls"]
+        verify = ssl.create_default_context(cafile=str(ca))
+        health = httpx.get(f"https://{running.coordinator.http_address}/healthz", verify=verify)
+        assert health.json()["online_nodes"] == 1
+        agent.close()
+
+        # A client that does not trust the CA cannot even register.
+        untrusted = FakeAgent(running.address, "urn:dev:mallory",
+                              channel_credentials=grpc.ssl_channel_credentials())
+        with pytest.raises(grpc.RpcError) as info:
+            untrusted.register()
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        untrusted.channel.close()
+    finally:
+        running.stop()
