@@ -33,7 +33,7 @@ from tinyfleet.client.connection import (
 from tinyfleet.client.descriptions import Description
 from tinyfleet.client.handlers import HandlerRegistry, default_handlers
 from tinyfleet.client.session import Session
-from tinyfleet.client.state_dir import Identity, StateDir
+from tinyfleet.client.state_dir import Identity, StateDir, StateDirError
 from tinyfleet.client.tasks import answer_task
 from tinyfleet.common.flower_adapter import make_context
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
@@ -106,8 +106,11 @@ class Agent:
         worker.start()
         try:
             self._loop()
-        except FatalError as exc:
+        except (FatalError, StateDirError) as exc:
             log.error("agent stopped: %s", exc)
+            return EXIT_FATAL
+        except OSError as exc:  # the state dir became unwritable (disk full, permissions)
+            log.error("agent stopped: state dir %s: %s", self.config.state_dir.path, exc)
             return EXIT_FATAL
         finally:
             self._work.put(None)
@@ -121,10 +124,6 @@ class Agent:
             session = self._session
         if session is not None:
             session.close()
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
 
     # -- connection loop -----------------------------------------------------
     def _loop(self) -> None:

@@ -137,10 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    try:
-        return agent.run()
-    except StateDirError as exc:
-        return _fail(str(exc))
+    return agent.run()
 
 
 def _pid_alive(pid: int) -> bool:

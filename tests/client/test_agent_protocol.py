@@ -249,6 +249,13 @@ def test_state_dir_of_another_device_is_refused(fleet: FakeFleet, start_agent, t
     assert not fleet.registrations
 
 
+def test_a_corrupt_identity_file_stops_the_agent(fleet: FakeFleet, start_agent, tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "identity.json").write_text("{truncated")
+    assert start_agent().join() == 2
+    assert not fleet.registrations
+
+
 def test_a_task_past_its_deadline_is_not_run(fleet: FakeFleet, start_agent) -> None:
     log: list[str] = []
     gate = threading.Event()
