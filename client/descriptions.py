@@ -28,6 +28,7 @@ MEDIA_TD_JSON: Final = "application/td+json"
 MEDIA_TURTLE: Final = "text/turtle"
 _JSON_SUFFIXES: Final = {".json", ".jsonld"}
 _TURTLE_SUFFIXES: Final = {".ttl"}
+_DEVICE_CLASSES: Final = {"thing", "device"}
 _IRI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:\S+$")
 
 
@@ -93,7 +94,7 @@ def _json_device_id(data: bytes, source: str) -> str:
         )
     if "@context" not in td:
         raise DescriptionError(f"{source}: missing \"@context\" (a TD 1.1 uses {TD_CONTEXT!r})")
-    device_id = td.get("id")
+    device_id = td.get("id", td.get("@id"))
     if device_id is None:
         raise DescriptionError(f"{source}: missing \"id\"; the device needs an IRI such as urn:dev:pi-01")
     if not isinstance(device_id, str) or not _IRI.match(device_id):
@@ -114,10 +115,17 @@ def _turtle_device_id(data: bytes, source: str) -> str:
     except Exception as exc:  # rdflib raises BadSyntax and assorted others for bad Turtle
         detail = " ".join(str(exc).split())
         raise DescriptionError(f"{source}: not valid Turtle: {detail}") from exc
-    types = (URIRef(TD_NS + "Thing"), URIRef(TF_NS + "Device"))
-    things = sorted({s for t in types for s in graph.subjects(RDF.type, t)}, key=str)
+    # As the coordinator decides (server/descriptions.py): the subject typed with a
+    # Thing or Device class of any vocabulary (td:Thing, tf:Device, saref:Device, ...),
+    # failing that the subject carrying td:title.
+    typed = {s for s, cls in graph.subject_objects(RDF.type) if _local_name(str(cls)) in _DEVICE_CLASSES}
+    titled = set(graph.subjects(URIRef(TD_NS + "title")))
+    things = sorted(typed or titled, key=str)
     if not things:
-        raise DescriptionError(f"{source}: no subject typed td:Thing or tf:Device; which device is this?")
+        raise DescriptionError(
+            f"{source}: no subject typed as a Thing or Device (td:Thing, tf:Device) and none "
+            "with a td:title; which device is this?"
+        )
     if len(things) > 1:
         raise DescriptionError(
             f"{source}: describes {len(things)} devices ({', '.join(map(str, things))}); "
@@ -128,6 +136,10 @@ def _turtle_device_id(data: bytes, source: str) -> str:
             f"{source}: the device is a blank node; give it an IRI such as <urn:dev:pi-01>"
         )
     return str(things[0])
+
+
+def _local_name(iri: str) -> str:
+    return iri.rsplit("#", 1)[-1].rsplit("/", 1)[-1].lower()
 
 
 def device_iri(device_id: str) -> str:

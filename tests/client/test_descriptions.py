@@ -51,7 +51,7 @@ def test_turtle_by_extension_and_by_content(tmp_path: Path) -> None:
         ("a.json", '{"@context": "x", "id": "pi 01"}', '"id" must be an absolute IRI'),
         ("a.json", '{"@context": "x", "id": 7}', '"id" must be an absolute IRI'),
         ("a.ttl", "<urn:dev:x> a <https://www.w3.org/2019/wot/td#Thing>", "not valid Turtle"),
-        ("a.ttl", '<urn:dev:x> <urn:p> "v" .', "no subject typed td:Thing or tf:Device"),
+        ("a.ttl", '<urn:dev:x> <urn:p> "v" .', "no subject typed as a Thing or Device"),
         ("a.ttl", "[] a <https://www.w3.org/2019/wot/td#Thing> .", "blank node"),
         (
             "a.ttl",
@@ -69,6 +69,14 @@ def test_malformed_descriptions_name_file_and_problem(
     with pytest.raises(DescriptionError, match=problem) as error:
         load_description(path)
     assert str(error.value).startswith(str(path))
+
+
+def test_turtle_device_found_by_any_device_class_or_by_title(tmp_path: Path) -> None:
+    saref = "<urn:dev:s1> a <https://saref.etsi.org/core/Device> ; <urn:p> 1 ."
+    titled = '<urn:dev:t1> <https://www.w3.org/2019/wot/td#title> "t" . <urn:other> <urn:p> 1 .'
+    for name, text, device in (("s.ttl", saref, "urn:dev:s1"), ("t.ttl", titled, "urn:dev:t1")):
+        (tmp_path / name).write_text(text)
+        assert load_description(tmp_path / name).device_id == device
 
 
 def test_missing_and_non_utf8_files(tmp_path: Path) -> None:
