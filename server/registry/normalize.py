@@ -16,8 +16,18 @@ from collections.abc import Iterable
 from typing import Final
 
 import pyoxigraph as ox
-
-from tinyfleet.ontology import NNET, RDF, S3N, S3N_EXTEND, SCHEMA, SOSA_EXTEND, SSN, SSN_EXTEND, SSN_SYSTEM, TF
+from tinyfleet.ontology import (
+    NNET,
+    RDF,
+    S3N,
+    S3N_EXTEND,
+    SCHEMA,
+    SOSA_EXTEND,
+    SSN,
+    SSN_EXTEND,
+    SSN_SYSTEM,
+    TF,
+)
 
 _TYPE: Final = ox.NamedNode(RDF + "type")
 _HAS_SUBSYSTEM: Final = ox.NamedNode(SSN + "hasSubSystem")
@@ -38,7 +48,9 @@ _TF_SENSORS: Final = frozenset(TF + name for name in ("Hygrometer", "LightSensor
 
 
 def is_sensor_class(term: object) -> bool:
-    return isinstance(term, ox.NamedNode) and (term.value.startswith(SOSA_EXTEND) or term.value in _TF_SENSORS)
+    return isinstance(term, ox.NamedNode) and (
+        term.value.startswith(SOSA_EXTEND) or term.value in _TF_SENSORS
+    )
 
 
 class _Index:
@@ -89,7 +101,9 @@ def normalize_device(triples: list[ox.Triple], device: str) -> list[ox.Triple]:
         prop = ox.NamedNode(shortcut)
         if index.objects(subject, prop):
             continue
-        value = _largest(_numbers([v for node in memory if index.typed(node, cls) for v in index.objects(node, _VALUE)]))
+        value = _largest(
+            _numbers([v for node in memory if index.typed(node, cls) for v in index.objects(node, _VALUE)])
+        )
         if value is not None:
             added.append(ox.Triple(subject, prop, value))
     sensor_type = ox.NamedNode(TF + "sensorType")
@@ -121,7 +135,9 @@ def normalize_models(triples: list[ox.Triple]) -> list[ox.Triple]:
             prop = ox.NamedNode(shortcut)
             if index.objects(model, prop):
                 continue
-            needs = [v for node in conditions if index.typed(node, cls) for v in index.objects(node, _MIN_VALUE)]
+            needs = [
+                v for node in conditions if index.typed(node, cls) for v in index.objects(node, _MIN_VALUE)
+            ]
             value = _largest(_numbers(needs))
             if value is not None:
                 added.append(ox.Triple(model, prop, value))

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import pyoxigraph as ox
-
 from tinyfleet.ontology import DISCOVERY, ONTOLOGY_PATH, RDF, TF, XSD
 from tinyfleet.ontology.catalog import render, resolve_query
 from tinyfleet.server.registry import updates
@@ -155,7 +154,9 @@ class Registry:
                 if problems:
                     raise DescriptionInvalid(problems)
                 if thing_id is not None and document["id"] != thing_id:
-                    raise DescriptionInvalid([Problem("/id", f"is {document['id']!r} but the request is for {thing_id!r}")])
+                    raise DescriptionInvalid(
+                        [Problem("/id", f"is {document['id']!r} but the request is for {thing_id!r}")]
+                    )
                 ttl_s = _registration_ttl(document, ttl_s)
                 document.pop("registration", None)  # directory-managed; recomputed on every write
                 triples = td_triples(document)
@@ -167,15 +168,27 @@ class Registry:
         except DescriptionSyntaxError as exc:
             raise DescriptionInvalid([Problem(exc.path, exc.message)]) from exc
         triples = normalize_models(normalize_device(triples, thing))
-        return Prepared(thing_id=thing, triples=updates.skolemize(triples, thing), document=document, ttl_s=ttl_s)
+        return Prepared(
+            thing_id=thing, triples=updates.skolemize(triples, thing), document=document, ttl_s=ttl_s
+        )
 
     def put(self, prepared: Prepared, *, seq: int | None = None) -> bool:
         """Write (create or replace) one thing; True when it did not exist before."""
         return self.put_many([prepared], seq=seq)[0]
 
-    def put_many(self, items: Sequence[Prepared], *, seq: int | None = None) -> list[bool]:
-        """Write many things in ONE update (all or nothing); True per newly created thing."""
-        if not items:
+    def validate_many(self, graphs: Sequence[Sequence[ox.Triple]]) -> list[list[Problem]]:
+        return self._validator.validate_many(graphs)
+
+    def put_many(
+        self,
+        items: Sequence[Prepared],
+        *,
+        extra_graphs: Mapping[str, list[ox.Triple]] | None = None,
+        seq: int | None = None,
+    ) -> list[bool]:
+        """Write many things (and already validated `extra_graphs`, e.g. imported models) in
+        ONE update: all or nothing. True per newly created thing."""
+        if not items and not extra_graphs:
             return []
         with self._write_lock:
             existing = self._registrations([p.thing_id for p in items])
@@ -191,7 +204,11 @@ class Registry:
                     expires=now + dt.timedelta(seconds=prepared.ttl_s) if prepared.ttl_s else None,
                     ttl_s=prepared.ttl_s,
                 )
-                operations.append(updates.replace_graph(prepared.thing_id, self._graph_triples(prepared, registration)))
+                operations.append(
+                    updates.replace_graph(prepared.thing_id, self._graph_triples(prepared, registration))
+                )
+            for graph, triples in (extra_graphs or {}).items():
+                operations.append(updates.replace_graph(graph, triples))
             if seq is not None:
                 operations.append(updates.set_last_seq(seq))
             self.store.update(updates.combine(*operations))
@@ -210,7 +227,13 @@ class Registry:
         if registration.expires is not None:
             extra.append(ox.Triple(node, _EXPIRES, updates.datetime_literal(registration.expires)))
         if registration.ttl_s is not None:
-            extra.append(ox.Triple(node, _TTL, ox.Literal(str(registration.ttl_s), datatype=ox.NamedNode(XSD + "unsignedInt"))))
+            extra.append(
+                ox.Triple(
+                    node,
+                    _TTL,
+                    ox.Literal(str(registration.ttl_s), datatype=ox.NamedNode(XSD + "unsignedInt")),
+                )
+            )
         if prepared.document is not None:
             text = json.dumps(prepared.document, separators=(",", ":"), ensure_ascii=False)
             extra.append(ox.Triple(thing, _TD_DOCUMENT, ox.Literal(text, datatype=_RDF_JSON)))
@@ -240,7 +263,9 @@ class Registry:
             self._emit("thing_deleted", thing_id)
         return existed
 
-    def set_liveness(self, changes: Mapping[str, tuple[bool, dt.datetime | None]], *, seq: int | None = None) -> None:
+    def set_liveness(
+        self, changes: Mapping[str, tuple[bool, dt.datetime | None]], *, seq: int | None = None
+    ) -> None:
         """Mirror online/last-seen for many devices in one update (batched by the caller)."""
         operations = [updates.liveness(changes)]
         if seq is not None:
@@ -250,9 +275,8 @@ class Registry:
                 self.store.update(updates.combine(*operations))
 
     def last_applied_seq(self) -> int:
-        query = (
-            f"SELECT ?seq WHERE {{ GRAPH <{updates.META_GRAPH}> {{ <{updates.REGISTRY_IRI}> <{TF}lastAppliedSeq> ?seq }} }}"
-        )
+        pattern = f"<{updates.REGISTRY_IRI}> <{TF}lastAppliedSeq> ?seq"
+        query = f"SELECT ?seq WHERE {{ GRAPH <{updates.META_GRAPH}> {{ {pattern} }} }}"
         rows = list(self.store.query(query))  # type: ignore[arg-type]
         return int(rows[0]["seq"].value) if rows else 0
 
@@ -290,15 +314,21 @@ class Registry:
         registration = self.registration(thing_id)
         if registration is None:
             return None
-        rows = list(self.store.query(  # type: ignore[arg-type]
-            f"SELECT ?doc WHERE {{ GRAPH {ox.NamedNode(thing_id)} {{ {ox.NamedNode(thing_id)} {_TD_DOCUMENT} ?doc }} }}"
-        ))
+        name = ox.NamedNode(thing_id)
+        rows = list(
+            self.store.query(  # type: ignore[arg-type]
+                f"SELECT ?doc WHERE {{ GRAPH {name} {{ {name} {_TD_DOCUMENT} ?doc }} }}"
+            )
+        )
         if rows:
             document = json.loads(rows[0]["doc"].value)
         else:
             triples = self.graph_triples(thing_id)
-            document = {"@context": "https://www.w3.org/2022/wot/td/v1.1", "id": thing_id,
-                        "@graph": json.loads(ox.serialize(triples, format=ox.RdfFormat.JSON_LD))}
+            document = {
+                "@context": "https://www.w3.org/2022/wot/td/v1.1",
+                "id": thing_id,
+                "@graph": json.loads(ox.serialize(triples, format=ox.RdfFormat.JSON_LD)),
+            }
         document["registration"] = registration.as_json()
         return document
 
@@ -312,7 +342,10 @@ class Registry:
         count_query = f"SELECT (COUNT(DISTINCT ?g) AS ?n) WHERE {{ GRAPH ?g {{ ?g {_REGISTRATION} ?r }} }}"
         total = int(next(iter(self.store.query(count_query)))["n"].value)  # type: ignore[arg-type]
         page = f" LIMIT {int(limit)}" if limit is not None else ""
-        query = f"SELECT DISTINCT ?g WHERE {{ GRAPH ?g {{ ?g {_REGISTRATION} ?r }} }} ORDER BY ?g OFFSET {int(offset)}{page}"
+        query = (
+            f"SELECT DISTINCT ?g WHERE {{ GRAPH ?g {{ ?g {_REGISTRATION} ?r }} }} "
+            f"ORDER BY ?g OFFSET {int(offset)}{page}"
+        )
         return [row["g"].value for row in self.store.query(query)], total  # type: ignore[union-attr]
 
     def expired(self, now: dt.datetime | None = None) -> list[str]:
@@ -351,7 +384,9 @@ class Registry:
         graph = ox.NamedNode(updates.ONTOLOGY_GRAPH)
         if not self.store.query(f"ASK {{ GRAPH {graph} {{ ?s ?p ?o }} }}"):
             triples = [q.triple for q in ox.parse(path=str(ONTOLOGY_PATH), format=ox.RdfFormat.TURTLE)]
-            self.store.update(updates.replace_graph(updates.ONTOLOGY_GRAPH, updates.skolemize(triples, "ontology")))
+            self.store.update(
+                updates.replace_graph(updates.ONTOLOGY_GRAPH, updates.skolemize(triples, "ontology"))
+            )
 
 
 def _registration_ttl(document: dict[str, Any], ttl_s: int | None) -> int | None:
@@ -361,7 +396,9 @@ def _registration_ttl(document: dict[str, Any], ttl_s: int | None) -> int | None
     if isinstance(registration, dict) and "ttl" in registration:
         ttl = registration["ttl"]
         if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl <= 0:
-            raise DescriptionInvalid([Problem("/registration/ttl", f"must be a positive integer of seconds, got {ttl!r}")])
+            raise DescriptionInvalid(
+                [Problem("/registration/ttl", f"must be a positive integer of seconds, got {ttl!r}")]
+            )
         return ttl
     return None
 
@@ -371,15 +408,30 @@ def _single_thing(triples: list[ox.Triple]) -> str:
     typed = {
         t.subject.value
         for t in triples
-        if t.predicate.value == RDF + "type" and t.object.value in _THING_TYPES and isinstance(t.subject, ox.NamedNode)
+        if t.predicate.value == RDF + "type"
+        and t.object.value in _THING_TYPES
+        and isinstance(t.subject, ox.NamedNode)
     }
     if not typed:
-        smart = {t.subject.value for t in triples if t.predicate.value == RDF + "type"
-                 and t.object.value.endswith("/SmartSensor") and isinstance(t.subject, ox.NamedNode)}
+        smart = {
+            t.subject.value
+            for t in triples
+            if t.predicate.value == RDF + "type"
+            and t.object.value.endswith("/SmartSensor")
+            and isinstance(t.subject, ox.NamedNode)
+        }
         typed = smart
     if not typed and model_subjects(triples):
-        raise DescriptionInvalid([Problem("", "this describes models, not a device; import it with `tinyfleet registry import`")])
+        raise DescriptionInvalid(
+            [Problem("", "this describes models, not a device; import it with `tinyfleet registry import`")]
+        )
     if len(typed) != 1:
-        what = "no subject typed td:Thing, tf:Device or s3n:SmartSensor" if not typed else f"{len(typed)} things ({', '.join(sorted(typed))})"
-        raise DescriptionInvalid([Problem("", f"a Turtle device description must describe one device; found {what}")])
+        what = (
+            "no subject typed td:Thing, tf:Device or s3n:SmartSensor"
+            if not typed
+            else f"{len(typed)} things ({', '.join(sorted(typed))})"
+        )
+        raise DescriptionInvalid(
+            [Problem("", f"a Turtle device description must describe one device; found {what}")]
+        )
     return typed.pop()

@@ -15,7 +15,6 @@ import re
 from typing import Any, Final
 
 import pyoxigraph as ox
-
 from tinyfleet.ontology import TD_CONTEXT_URLS, TINYFLEET_CONTEXT_URL, known_contexts, local_context
 
 JSON_MEDIA_TYPES: Final = frozenset({"application/td+json", "application/ld+json", "application/json"})
@@ -51,7 +50,9 @@ def load_json(data: bytes) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise DescriptionSyntaxError(f"line {exc.lineno}:{exc.colno}", f"not valid JSON: {exc.msg}") from exc
     if not isinstance(document, dict):
-        raise DescriptionSyntaxError("/", f"a Thing Description is a JSON object, not {type(document).__name__}")
+        raise DescriptionSyntaxError(
+            "/", f"a Thing Description is a JSON object, not {type(document).__name__}"
+        )
     return document
 
 

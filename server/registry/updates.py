@@ -14,7 +14,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Final
 
 import pyoxigraph as ox
-
 from tinyfleet.ontology import TF, XSD
 
 META_GRAPH: Final = "urn:tinyfleet:graph:meta"
@@ -62,7 +61,11 @@ def drop_graphs(graphs: Iterable[str]) -> str:
 
 def set_last_seq(seq: int) -> str:
     """Records the last applied outbox sequence; appended to the change it belongs to."""
-    meta, registry, prop = ox.NamedNode(META_GRAPH), ox.NamedNode(REGISTRY_IRI), ox.NamedNode(TF + "lastAppliedSeq")
+    meta, registry, prop = (
+        ox.NamedNode(META_GRAPH),
+        ox.NamedNode(REGISTRY_IRI),
+        ox.NamedNode(TF + "lastAppliedSeq"),
+    )
     return (
         f"DELETE WHERE {{ GRAPH {meta} {{ {registry} {prop} ?seq }} }} ;\n"
         f"INSERT DATA {{ GRAPH {meta} {{ {registry} {prop} {int(seq)} }} }}"
@@ -93,10 +96,7 @@ def liveness(changes: Mapping[str, tuple[bool, dt.datetime | None]]) -> str:
         lines.append(f"{subject} {online} {'true' if is_online else 'false'} .")
         if seen is not None:
             lines.append(f"{subject} {last_seen} {datetime_literal(seen)} .")
-    return (
-        f"DELETE {{ GRAPH {graph} {{ ?d ?p ?o }} }} WHERE {{ VALUES ?d {{ {values} }} GRAPH {graph} {{ ?d ?p ?o }} }} ;\n"
-        f"INSERT DATA {{ GRAPH {graph} {{\n" + "\n".join(lines) + "\n} }"
-    )
+    return _forget(graph, values) + f" ;\nINSERT DATA {{ GRAPH {graph} {{\n" + "\n".join(lines) + "\n} }"
 
 
 def forget_liveness(devices: Iterable[str]) -> str:
@@ -104,7 +104,12 @@ def forget_liveness(devices: Iterable[str]) -> str:
     values = " ".join(str(ox.NamedNode(d)) for d in devices)
     if not values:
         return ""
-    return f"DELETE {{ GRAPH {graph} {{ ?d ?p ?o }} }} WHERE {{ VALUES ?d {{ {values} }} GRAPH {graph} {{ ?d ?p ?o }} }}"
+    return _forget(graph, values)
+
+
+def _forget(graph: ox.NamedNode, values: str) -> str:
+    pattern = f"GRAPH {graph} {{ ?d ?p ?o }}"
+    return f"DELETE {{ {pattern} }} WHERE {{ VALUES ?d {{ {values} }} {pattern} }}"
 
 
 def insert_data_chunks(quads: Iterable[ox.Quad], max_triples: int = 5000) -> Iterator[str]:

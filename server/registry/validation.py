@@ -16,18 +16,30 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import pyoxigraph as ox
-
 from tinyfleet.ontology import PREFIXES, SHAPES_PATH, TD_CONTEXT_URLS, XSD
 
 _XSD_STRING: Final = XSD + "string"
 _ABSOLUTE_IRI: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:\S+$")
 _OPERATIONS: Final = frozenset(
     {
-        "readproperty", "writeproperty", "observeproperty", "unobserveproperty", "invokeaction",
-        "queryaction", "cancelaction", "subscribeevent", "unsubscribeevent", "readallproperties",
-        "writeallproperties", "readmultipleproperties", "writemultipleproperties",
-        "observeallproperties", "unobserveallproperties", "subscribeallevents",
-        "unsubscribeallevents", "queryallactions",
+        "readproperty",
+        "writeproperty",
+        "observeproperty",
+        "unobserveproperty",
+        "invokeaction",
+        "queryaction",
+        "cancelaction",
+        "subscribeevent",
+        "unsubscribeevent",
+        "readallproperties",
+        "writeallproperties",
+        "readmultipleproperties",
+        "writemultipleproperties",
+        "observeallproperties",
+        "unobserveallproperties",
+        "subscribeallevents",
+        "unsubscribeallevents",
+        "queryallactions",
     }
 )
 
@@ -66,7 +78,9 @@ def check_td_json(td: dict[str, Any], *, require_id: bool = True) -> list[Proble
     thing_id = td.get("id")
     if thing_id is None:
         if require_id:
-            problems.append(Problem("/id", "missing; the device needs an IRI such as urn:tinyfleet:device:pi-01"))
+            problems.append(
+                Problem("/id", "missing; the device needs an IRI such as urn:tinyfleet:device:pi-01")
+            )
     elif not isinstance(thing_id, str) or not _ABSOLUTE_IRI.match(thing_id):
         problems.append(Problem("/id", f"must be an absolute IRI, got {thing_id!r}"))
     title = td.get("title")
@@ -78,14 +92,16 @@ def check_td_json(td: dict[str, Any], *, require_id: bool = True) -> list[Proble
         definitions = {}
     for name, scheme in definitions.items():
         if not isinstance(scheme, dict) or not isinstance(scheme.get("scheme"), str):
-            problems.append(Problem(f"/securityDefinitions/{name}", "needs a \"scheme\" (e.g. \"nosec\")"))
+            problems.append(Problem(f"/securityDefinitions/{name}", 'needs a "scheme" (e.g. "nosec")'))
     security = td.get("security")
     names = [security] if isinstance(security, str) else security
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         problems.append(Problem("/security", "required: a name or list of names from securityDefinitions"))
     else:
         problems += [
-            Problem("/security", f"{n!r} is not defined in securityDefinitions") for n in names if n not in definitions
+            Problem("/security", f"{n!r} is not defined in securityDefinitions")
+            for n in names
+            if n not in definitions
         ]
     if "@type" in td and not _strings(td["@type"]):
         problems.append(Problem("/@type", "must be a string or a list of strings"))
@@ -97,8 +113,10 @@ def check_td_json(td: dict[str, Any], *, require_id: bool = True) -> list[Proble
         for name, affordance in affordances.items():
             problems += _check_affordance(f"/{kind}/{_escape(name)}", affordance)
     links = td.get("links", [])
-    if not isinstance(links, list) or not all(isinstance(x, dict) and isinstance(x.get("href"), str) for x in links):
-        problems.append(Problem("/links", "must be a list of objects each with an \"href\""))
+    if not isinstance(links, list) or not all(
+        isinstance(x, dict) and isinstance(x.get("href"), str) for x in links
+    ):
+        problems.append(Problem("/links", 'must be a list of objects each with an "href"'))
     return problems
 
 
@@ -126,7 +144,9 @@ def _check_affordance(path: str, affordance: Any) -> list[Problem]:
         ops = [ops] if isinstance(ops, str) else ops
         bad = [op for op in ops if op not in _OPERATIONS] if isinstance(ops, list) else [ops]
         if bad:
-            problems.append(Problem(f"{where}/op", f"unknown operation(s) {bad}; TD 1.1 defines {sorted(_OPERATIONS)}"))
+            problems.append(
+                Problem(f"{where}/op", f"unknown operation(s) {bad}; TD 1.1 defines {sorted(_OPERATIONS)}")
+            )
     return problems
 
 
@@ -171,7 +191,9 @@ class ShaclValidator:
                 if not owner[t.subject.value] or owner[t.subject.value][-1] != number:
                     owner[t.subject.value].append(number)
         with self._lock:  # pyshacl keeps per-run caches on the shapes
-            validator = Validator(DataGraph.from_rdflib(graph), shacl_graph=rdflib.Graph(), options={"inference": "none"})
+            validator = Validator(
+                DataGraph.from_rdflib(graph), shacl_graph=rdflib.Graph(), options={"inference": "none"}
+            )
             validator.shacl_graph = self._shapes
             conforms, report, _ = validator.run()
         problems: list[list[Problem]] = [[] for _ in descriptions]
@@ -223,7 +245,7 @@ def _compact(term: Any) -> str:
         text = str(term)
         for prefix, iri in PREFIXES.items():
             if text.startswith(iri) and len(text) > len(iri):
-                return f"{prefix}:{text[len(iri):]}"
+                return f"{prefix}:{text[len(iri) :]}"
         return f"<{text}>"
     if isinstance(term, rdflib.Literal):
         return repr(str(term))

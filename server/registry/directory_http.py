@@ -1,0 +1,311 @@
+"""W3C WoT Discovery directory API (starlette routes) over the registry.
+
+/things (list with limit/offset and Link rel="next"; POST anonymous TDs),
+/things/{id} (GET, PUT 201/204, PATCH JSON merge patch, DELETE), /search/sparql
+(read-only SPARQL), /.well-known/wot (the directory's own TD) and /events
+(SSE). Writes need the admin token, or a device credential for the device's
+own description. Registrations with a `ttl` expire; `purge_loop` removes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import urllib.parse
+import uuid
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from tinyfleet.server.registry.events import EVENT_TYPES, EventHub, sse_response
+from tinyfleet.server.registry.http_common import Access, problem
+from tinyfleet.server.registry.registry import Registry
+from tinyfleet.server.registry.sparql_http import sparql_routes
+from tinyfleet.server.registry.thing_description import JSON_MEDIA_TYPES, TURTLE_MEDIA_TYPES
+from tinyfleet.server.registry.validation import DescriptionInvalid
+
+log = logging.getLogger(__name__)
+TD_JSON = "application/td+json"
+MAX_PAGE = 1000
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7396 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def invalid(exc: DescriptionInvalid) -> JSONResponse:
+    return problem(400, "Invalid Thing Description", str(exc), validationErrors=exc.as_list())
+
+
+def directory_td(base_url: str) -> dict[str, Any]:
+    """The directory described as a Thing (WoT Discovery: ThingDirectory)."""
+    return {
+        "@context": ["https://www.w3.org/2022/wot/td/v1.1", "https://www.w3.org/2022/wot/discovery"],
+        "@type": "ThingDirectory",
+        "id": f"urn:tinyfleet:directory:{urllib.parse.urlsplit(base_url).netloc or 'local'}",
+        "title": "tinyfleet Thing Description Directory",
+        "base": base_url,
+        "securityDefinitions": {
+            "bearer_sc": {
+                "scheme": "bearer",
+                "description": "admin token, or a device credential for its own TD",
+            },
+            "nosec_sc": {"scheme": "nosec"},
+        },
+        "security": "nosec_sc",
+        "properties": {
+            "things": {
+                "description": "Registered Thing Descriptions, paged with limit and offset",
+                "uriVariables": {"offset": {"type": "number"}, "limit": {"type": "number"}},
+                "readOnly": True,
+                "forms": [
+                    {
+                        "href": "things{?offset,limit}",
+                        "op": "readproperty",
+                        "contentType": "application/ld+json",
+                    }
+                ],
+            }
+        },
+        "actions": {
+            "createThing": {
+                "forms": [
+                    {
+                        "href": "things/{id}",
+                        "op": "invokeaction",
+                        "htv:methodName": "PUT",
+                        "contentType": TD_JSON,
+                        "security": "bearer_sc",
+                    }
+                ]
+            },
+            "createAnonymousThing": {
+                "forms": [
+                    {
+                        "href": "things",
+                        "op": "invokeaction",
+                        "htv:methodName": "POST",
+                        "contentType": TD_JSON,
+                        "security": "bearer_sc",
+                    }
+                ]
+            },
+            "retrieveThing": {
+                "forms": [{"href": "things/{id}", "op": "invokeaction", "htv:methodName": "GET"}]
+            },
+            "updateThing": {
+                "forms": [
+                    {
+                        "href": "things/{id}",
+                        "op": "invokeaction",
+                        "htv:methodName": "PATCH",
+                        "contentType": "application/merge-patch+json",
+                        "security": "bearer_sc",
+                    }
+                ]
+            },
+            "deleteThing": {
+                "forms": [
+                    {
+                        "href": "things/{id}",
+                        "op": "invokeaction",
+                        "htv:methodName": "DELETE",
+                        "security": "bearer_sc",
+                    }
+                ]
+            },
+            "searchSPARQL": {
+                "forms": [
+                    {"href": "search/sparql?query={query}", "op": "invokeaction", "htv:methodName": "GET"}
+                ]
+            },
+        },
+        "events": {
+            name: {
+                "forms": [
+                    {
+                        "href": f"events/{name}",
+                        "op": "subscribeevent",
+                        "subprotocol": "sse",
+                        "contentType": "text/event-stream",
+                    }
+                ]
+            }
+            for name in EVENT_TYPES
+        },
+    }
+
+
+def directory_routes(
+    registry: Registry,
+    hub: EventHub,
+    *,
+    access: Access | None = None,
+    query_timeout_s: float = 30.0,
+    max_rows: int = 10_000,
+) -> list[Route]:
+    access = access or Access()
+    registry.subscribe(hub.publish)
+
+    async def list_things(request: Request) -> Response:
+        try:
+            offset = int(request.query_params.get("offset", "0"))
+            limit = int(request.query_params.get("limit", "100"))
+            if offset < 0 or not 0 < limit <= MAX_PAGE:
+                raise ValueError
+        except ValueError:
+            return problem(400, "Bad paging", f"offset must be >= 0 and limit between 1 and {MAX_PAGE}")
+        ids, total = await anyio.to_thread.run_sync(lambda: registry.thing_ids(offset=offset, limit=limit))
+        documents = [d for d in [await anyio.to_thread.run_sync(registry.document, i) for i in ids] if d]
+        headers = {"x-total-count": str(total)}
+        if offset + limit < total:
+            headers["link"] = f'</things?offset={offset + limit}&limit={limit}>; rel="next"'
+        return JSONResponse(documents, headers=headers, media_type="application/ld+json")
+
+    async def read_body(request: Request) -> tuple[bytes, str]:
+        media = request.headers.get("content-type", TD_JSON).split(";")[0].strip().lower()
+        return await request.body(), media
+
+    async def create_anonymous(request: Request) -> Response:
+        if not access.is_admin(request):
+            return problem(401, "Unauthorized", "creating an anonymous Thing needs the admin token")
+        body, media = await read_body(request)
+        if media in JSON_MEDIA_TYPES:
+            try:
+                document = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                return problem(400, "Invalid Thing Description", f"not valid JSON: {exc}")
+            if isinstance(document, dict) and "id" in document:
+                return problem(400, "Thing has an id", "a TD with an id is registered with PUT /things/{id}")
+        elif media not in TURTLE_MEDIA_TYPES:
+            return problem(415, "Unsupported media type", f"send {TD_JSON} or text/turtle")
+        thing_id = f"urn:uuid:{uuid.uuid4()}"
+        try:
+            prepared = await anyio.to_thread.run_sync(
+                lambda: registry.prepare(body, media, thing_id=thing_id)
+            )
+        except DescriptionInvalid as exc:
+            return invalid(exc)
+        await anyio.to_thread.run_sync(registry.put, prepared)
+        return Response(status_code=201, headers={"location": f"/things/{thing_id}"})
+
+    async def get_thing(request: Request) -> Response:
+        thing_id = request.path_params["id"]
+        document = await anyio.to_thread.run_sync(registry.document, thing_id)
+        if document is None:
+            return problem(404, "Not found", f"no Thing {thing_id!r} in the directory")
+        return JSONResponse(document, media_type=TD_JSON)
+
+    async def put_thing(request: Request) -> Response:
+        thing_id = request.path_params["id"]
+        if not access.may_write(request, thing_id):
+            return problem(
+                401, "Unauthorized", f"writing {thing_id!r} needs the admin token or that device's credential"
+            )
+        body, media = await read_body(request)
+        try:
+            prepared = await anyio.to_thread.run_sync(
+                lambda: registry.prepare(body, media, thing_id=thing_id)
+            )
+        except DescriptionInvalid as exc:
+            return invalid(exc)
+        created = await anyio.to_thread.run_sync(registry.put, prepared)
+        return Response(status_code=201 if created else 204)
+
+    async def patch_thing(request: Request) -> Response:
+        thing_id = request.path_params["id"]
+        if not access.may_write(request, thing_id):
+            return problem(
+                401, "Unauthorized", f"writing {thing_id!r} needs the admin token or that device's credential"
+            )
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media not in {"application/merge-patch+json", "application/json"}:
+            return problem(415, "Unsupported media type", "PATCH takes application/merge-patch+json")
+        current = await anyio.to_thread.run_sync(registry.document, thing_id)
+        if current is None:
+            return problem(404, "Not found", f"no Thing {thing_id!r} in the directory")
+        if "@graph" in current:
+            return problem(409, "Not patchable", "this Thing was registered as Turtle; replace it with PUT")
+        try:
+            patch = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return problem(400, "Invalid patch", f"not valid JSON: {exc}")
+        current.pop("registration", None)
+        patched = merge_patch(current, patch)
+        if not isinstance(patched, dict):
+            return problem(400, "Invalid patch", "the patched Thing Description must stay a JSON object")
+        data = json.dumps(patched).encode()
+        try:
+            prepared = await anyio.to_thread.run_sync(
+                lambda: registry.prepare(data, TD_JSON, thing_id=thing_id)
+            )
+        except DescriptionInvalid as exc:
+            return invalid(exc)
+        await anyio.to_thread.run_sync(registry.put, prepared)
+        return Response(status_code=204)
+
+    async def delete_thing(request: Request) -> Response:
+        thing_id = request.path_params["id"]
+        if not access.may_write(request, thing_id):
+            return problem(
+                401,
+                "Unauthorized",
+                f"deleting {thing_id!r} needs the admin token or that device's credential",
+            )
+        existed = await anyio.to_thread.run_sync(registry.delete, thing_id)
+        if not existed:
+            return problem(404, "Not found", f"no Thing {thing_id!r} in the directory")
+        return Response(status_code=204)
+
+    async def well_known(request: Request) -> Response:
+        base = str(request.base_url)
+        return JSONResponse(directory_td(base), media_type=TD_JSON)
+
+    async def events(request: Request) -> Response:
+        event_type = request.path_params.get("type")
+        if event_type is not None and event_type not in EVENT_TYPES:
+            return problem(404, "Unknown event", f"events are {', '.join(EVENT_TYPES)}")
+        return sse_response(hub, request, event_type)
+
+    return [
+        Route("/things", list_things, methods=["GET"]),
+        Route("/things", create_anonymous, methods=["POST"]),
+        Route("/things/{id:path}", get_thing, methods=["GET"]),
+        Route("/things/{id:path}", put_thing, methods=["PUT"]),
+        Route("/things/{id:path}", patch_thing, methods=["PATCH"]),
+        Route("/things/{id:path}", delete_thing, methods=["DELETE"]),
+        Route("/.well-known/wot", well_known, methods=["GET"]),
+        Route("/events", events, methods=["GET"]),
+        Route("/events/{type}", events, methods=["GET"]),
+        *sparql_routes(
+            registry.store,
+            path="/search/sparql",
+            allow_update=False,
+            timeout_s=query_timeout_s,
+            max_rows=max_rows,
+        ),
+    ]
+
+
+async def purge_loop(registry: Registry, interval_s: float = 30.0) -> None:
+    """Remove expired registrations every `interval_s` until cancelled."""
+    while True:
+        try:
+            gone = await anyio.to_thread.run_sync(registry.purge_expired)
+            if gone:
+                log.info("purged %d expired Thing Description(s)", len(gone))
+        except Exception:  # a failed purge must not end the loop; it is retried next interval
+            log.exception("purging expired Thing Descriptions failed")
+        await asyncio.sleep(interval_s)

@@ -1,0 +1,66 @@
+"""The registry's HTTP surface in one place: routes to mount on the daemon's app, or a standalone app.
+
+`registry_routes` is what the coordinator's HTTP app mounts (/sparql,
+/things..., /search/sparql, /.well-known/wot, /events); `registry_app` wraps
+the same routes in a Starlette app whose lifespan runs the expiry purge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.routing import Route
+from tinyfleet.server.registry.directory_http import directory_routes, purge_loop
+from tinyfleet.server.registry.events import EventHub
+from tinyfleet.server.registry.http_common import Access
+from tinyfleet.server.registry.registry import Registry
+from tinyfleet.server.registry.sparql_http import sparql_routes
+
+
+def registry_routes(
+    registry: Registry,
+    hub: EventHub,
+    *,
+    access: Access | None = None,
+    query_timeout_s: float = 30.0,
+    max_rows: int = 10_000,
+) -> list[Route]:
+    access = access or Access()
+    return [
+        *sparql_routes(registry.store, access=access, timeout_s=query_timeout_s, max_rows=max_rows),
+        *directory_routes(registry, hub, access=access, query_timeout_s=query_timeout_s, max_rows=max_rows),
+    ]
+
+
+def registry_app(
+    registry: Registry,
+    *,
+    access: Access | None = None,
+    query_timeout_s: float = 30.0,
+    max_rows: int = 10_000,
+    purge_interval_s: float = 30.0,
+) -> Starlette:
+    hub = EventHub()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.create_task(purge_loop(registry, purge_interval_s))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app = Starlette(
+        routes=registry_routes(
+            registry, hub, access=access, query_timeout_s=query_timeout_s, max_rows=max_rows
+        ),
+        lifespan=lifespan,
+    )
+    app.state.registry = registry
+    app.state.event_hub = hub
+    return app

@@ -1,0 +1,205 @@
+"""Import published TinyML descriptions (SeLoC-ML style Turtle), repairing known quirks with a report.
+
+Real files in the wild have: relative IRIs such as `<None>` (resolved against a
+base: --base, else the file's `# baseURI:` comment, else the file's own URI);
+S3N written as http://w3id.org/s3n/ although S3N publishes https; class names
+with a stray colon (`sosa_extend::Magnetometer` parses as a class named
+`:Magnetometer`); and several procedure features per model (one for RAM, one
+for flash), which normalization folds into tf:requiresRamKB/FlashKB.
+
+Each board becomes its own named graph (a registered device), each model its
+own graph (everything reachable from it, plus the sensors that feed its
+input); whatever belongs to neither lands in one graph per file. Every graph is
+SHACL-validated; the whole file is written in one update or not at all.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import pyoxigraph as ox
+from tinyfleet.ontology import NNET, RDF, S3N, S3N_HTTP, SSN_EXTEND, TD, TF
+from tinyfleet.server.registry import updates
+from tinyfleet.server.registry.normalize import normalize_device, normalize_models
+from tinyfleet.server.registry.registry import Prepared, Registry
+from tinyfleet.server.registry.validation import DescriptionInvalid, Problem
+
+_SENTINEL: Final = "https://relative.invalid/tinyfleet-import/"
+_BASE_COMMENT: Final = re.compile(rb"^#\s*baseURI:\s*(\S+)", re.MULTILINE)
+#: Namespaces whose local names never start with ':' (a doubled colon in a prefixed name).
+_STRAY_COLON_NAMESPACES: Final = (
+    "https://w3id.org/tinyml-schema/neural-network-schema/",
+    S3N,
+    "http://www.w3.org/ns/",
+)
+_TYPE: Final = RDF + "type"
+_DEVICE_TYPES: Final = frozenset({S3N + "SmartSensor", TD + "Thing", TF + "Device"})
+_MODEL_TYPES: Final = frozenset({NNET + "NeuralNetwork", TF + "ModelArtifact"})
+
+
+@dataclass
+class Repair:
+    kind: str
+    detail: str
+    count: int
+
+
+@dataclass
+class FileReport:
+    path: str
+    base: str
+    devices: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    other_graph: str | None = None
+    triples: int = 0
+    repairs: list[Repair] = field(default_factory=list)
+
+
+class ImportFailed(ValueError):
+    """A file that cannot be imported; nothing of it was written."""
+
+    def __init__(self, path: str, problems: list[Problem]) -> None:
+        self.path = path
+        self.problems = problems
+        listed = "; ".join(f"{p.path}: {p.message}" for p in problems[:5])
+        super().__init__(f"{path}: {listed}")
+
+
+def _base_for(path: Path, data: bytes, base: str | None) -> str:
+    if base:
+        return base
+    match = _BASE_COMMENT.search(data[:2000])
+    if match:
+        declared = match.group(1).decode("utf-8", "replace")
+        return declared if declared.endswith(("/", "#")) else declared + "/"
+    return path.resolve().as_uri()
+
+
+def _repair_iri(value: str, base: str, counts: Counter[tuple[str, str]]) -> str:
+    if value.startswith(_SENTINEL):
+        relative = value[len(_SENTINEL) :]
+        resolved = urllib.parse.urljoin(base, relative)
+        counts[("relative IRI", f"<{relative}> resolved to <{resolved}>")] += 1
+        value = resolved
+    if value.startswith(S3N_HTTP):
+        counts[("S3N namespace", f"{S3N_HTTP} rewritten to {S3N}")] += 1
+        value = S3N + value[len(S3N_HTTP) :]
+    for namespace in _STRAY_COLON_NAMESPACES:
+        if value.startswith(namespace):
+            head, sep, local = value.rpartition("/")
+            if sep and local.startswith(":") and len(local) > 1:
+                fixed = f"{head}/{local.lstrip(':')}"
+                counts[("malformed class name", f"<{value}> renamed <{fixed}>")] += 1
+                value = fixed
+            break
+    return value
+
+
+def read_published(path: Path, base: str | None = None) -> tuple[list[ox.Triple], FileReport]:
+    """The file's triples with every quirk repaired, and a report saying what was repaired."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImportFailed(str(path), [Problem("", f"cannot read: {exc.strerror}")]) from exc
+    report = FileReport(path=str(path), base=_base_for(path, data, base))
+    try:
+        quads = list(ox.parse(data, format=ox.RdfFormat.TURTLE, base_iri=_SENTINEL))
+    except SyntaxError as exc:
+        where = f"line {exc.lineno}" if exc.lineno else ""
+        raise ImportFailed(str(path), [Problem(where, f"not valid Turtle: {exc.msg or exc}")]) from exc
+    counts: Counter[tuple[str, str]] = Counter()
+    memo: dict[str, tuple[ox.NamedNode, list[tuple[str, str]]]] = {}
+
+    def fix(term: ox.NamedNode | ox.BlankNode | ox.Literal) -> ox.NamedNode | ox.BlankNode | ox.Literal:
+        if not isinstance(term, ox.NamedNode):
+            return term
+        if term.value not in memo:
+            found: Counter[tuple[str, str]] = Counter()
+            repaired = _repair_iri(term.value, report.base, found)
+            memo[term.value] = (ox.NamedNode(repaired), list(found))
+        repaired_node, repairs = memo[term.value]
+        counts.update(repairs)
+        return repaired_node
+
+    triples = [ox.Triple(fix(q.subject), fix(q.predicate), fix(q.object)) for q in quads]  # type: ignore[arg-type]
+    report.repairs = [Repair(kind, detail, count) for (kind, detail), count in sorted(counts.items())]
+    report.triples = len(triples)
+    return triples, report
+
+
+def split_graphs(
+    triples: list[ox.Triple],
+) -> tuple[dict[str, list[ox.Triple]], dict[str, list[ox.Triple]], list[ox.Triple]]:
+    """(device graphs, model graphs, leftover triples) by reachability from each root."""
+    by_subject: dict[object, list[ox.Triple]] = defaultdict(list)
+    types: dict[object, set[str]] = defaultdict(set)
+    feeds: dict[object, list[object]] = defaultdict(list)  # input node -> sensors providing it
+    for t in triples:
+        by_subject[t.subject].append(t)
+        if t.predicate.value == _TYPE and isinstance(t.object, ox.NamedNode):
+            types[t.subject].add(t.object.value)
+        if t.predicate.value == SSN_EXTEND + "provideInput":
+            feeds[t.object].append(t.subject)
+    devices = [s for s, ts in types.items() if ts & _DEVICE_TYPES and isinstance(s, ox.NamedNode)]
+    models = [s for s, ts in types.items() if ts & _MODEL_TYPES and isinstance(s, ox.NamedNode)]
+    roots = set(devices) | set(models)
+    owned: set[object] = set()
+
+    def closure(root: object) -> list[ox.Triple]:
+        seen = {root}
+        stack = [root]
+        result: list[ox.Triple] = []
+        while stack:
+            node = stack.pop()
+            result.extend(by_subject.get(node, []))
+            neighbours = [t.object for t in by_subject.get(node, [])] + feeds.get(node, [])
+            for nxt in neighbours:
+                if nxt not in seen and nxt not in roots and nxt in by_subject:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        owned.update(seen)
+        return result
+
+    device_graphs = {d.value: closure(d) for d in devices}
+    model_graphs = {m.value: closure(m) for m in models}
+    leftover = [t for t in triples if t.subject not in owned]
+    return device_graphs, model_graphs, leftover
+
+
+def import_file(
+    registry: Registry, path: str | Path, *, base: str | None = None, seq: int | None = None
+) -> FileReport:
+    """Repair, split, normalize, validate and write one file (one update; all or nothing)."""
+    path = Path(path)
+    triples, report = read_published(path, base)
+    device_graphs, model_graphs, leftover = split_graphs(triples)
+    prepared = [
+        Prepared(thing_id=d, triples=updates.skolemize(normalize_device(ts, d), d), document=None)
+        for d, ts in device_graphs.items()
+    ]
+    models = {m: updates.skolemize(normalize_models(ts), m) for m, ts in model_graphs.items()}
+    graphs = [p.triples for p in prepared] + list(models.values())
+    problems = [p for found in registry.validate_many(graphs) for p in found]
+    if problems:
+        raise ImportFailed(str(path), problems)
+    if leftover:
+        report.other_graph = f"urn:tinyfleet:graph:import:{urllib.parse.quote(path.name)}"
+        models[report.other_graph] = updates.skolemize(leftover, report.other_graph)
+    registry.put_many(prepared, extra_graphs=models, seq=seq)
+    report.devices = sorted(device_graphs)
+    report.models = sorted(model_graphs)
+    return report
+
+
+def import_files(registry: Registry, paths: list[str | Path], *, base: str | None = None) -> list[FileReport]:
+    """Each file on its own (a bad file fails alone, after the good ones before it were written)."""
+    return [import_file(registry, path, base=base) for path in paths]
+
+
+def problems_of(exc: DescriptionInvalid | ImportFailed) -> list[Problem]:
+    return exc.errors if isinstance(exc, DescriptionInvalid) else exc.problems
