@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Any
 
+from tinyfleet.client.descriptions import DEVICE_CLASSES
+
 from tinyfleet.cli import HelpFormatter
 
 RUN_EXAMPLES = """examples:
@@ -64,7 +66,10 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     run.add_argument("--ram-kb", type=int, help="with --device-id: RAM to declare (default: measured)")
     run.add_argument("--flash-kb", type=int, help="with --device-id: storage to declare (default: measured)")
     run.add_argument("--cpu", help="with --device-id: CPU to declare (default: this machine's)")
-    run.add_argument("--device-class", default="sbc", help="with --device-id: tf:deviceClass (default: sbc)")
+    run.add_argument(
+        "--device-class", default="sbc", choices=DEVICE_CLASSES,
+        help="with --device-id: tf:deviceClass (default: sbc)",
+    )
     run.add_argument(
         "--data", metavar="KIND:key=value,...",
         help="this device's data source, e.g. sine:seed=3 (a synthetic sine-task stream)",

@@ -7,7 +7,7 @@ names the device with an IRI, so a typo fails on the device with the file and
 the problem named, not as a rejected registration.
 
 Fleet terms use the namespace https://w3id.org/tinyfleet# with prefix "tf"
-(tf:ramKB, tf:flashKB, tf:cpu, tf:deviceClass).
+(tf:ramKB, tf:flashKB, tf:cpu, tf:cpuCores, tf:deviceClass).
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ MEDIA_TD_JSON: Final = "application/td+json"
 MEDIA_TURTLE: Final = "text/turtle"
 _JSON_SUFFIXES: Final = {".json", ".jsonld"}
 _TURTLE_SUFFIXES: Final = {".ttl"}
-_DEVICE_CLASSES: Final = {"thing", "device"}
+#: tf:deviceClass values the fleet ontology allows.
+DEVICE_CLASSES: Final = ("sbc", "mcu", "gateway")
+_DEVICE_TYPE_NAMES: Final = {"thing", "device"}
 _IRI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:\S+$")
 
 
@@ -118,7 +120,7 @@ def _turtle_device_id(data: bytes, source: str) -> str:
     # As the coordinator decides (server/descriptions.py): the subject typed with a
     # Thing or Device class of any vocabulary (td:Thing, tf:Device, saref:Device, ...),
     # failing that the subject carrying td:title.
-    typed = {s for s, cls in graph.subject_objects(RDF.type) if _local_name(str(cls)) in _DEVICE_CLASSES}
+    typed = {s for s, cls in graph.subject_objects(RDF.type) if _local_name(str(cls)) in _DEVICE_TYPE_NAMES}
     titled = set(graph.subjects(URIRef(TD_NS + "title")))
     things = sorted(typed or titled, key=str)
     if not things:
@@ -154,6 +156,7 @@ def host_resources(path: str | Path = "/") -> dict[str, Any]:
         "ram_kb": ram_bytes // 1024,
         "flash_kb": shutil.disk_usage(path).total // 1024,
         "cpu": platform.machine() or "unknown",
+        "cpu_cores": os.cpu_count() or 1,
     }
 
 
@@ -163,6 +166,7 @@ def minimal_thing_description(
     flash_kb: int | None = None,
     cpu: str | None = None,
     device_class: str = "sbc",
+    cpu_cores: int | None = None,
     title: str | None = None,
 ) -> dict[str, Any]:
     """A valid TD 1.1 for a device known only by id and resources (tests, demos, quick starts).
@@ -172,10 +176,13 @@ def minimal_thing_description(
     """
     if not device_id.strip():
         raise DescriptionError("device id is empty")
-    host = host_resources() if None in (ram_kb, flash_kb, cpu) else {}
+    host = host_resources() if None in (ram_kb, flash_kb, cpu, cpu_cores) else {}
     ram_kb = host["ram_kb"] if ram_kb is None else ram_kb
     flash_kb = host["flash_kb"] if flash_kb is None else flash_kb
-    for name, value in (("ram_kb", ram_kb), ("flash_kb", flash_kb)):
+    cpu_cores = host["cpu_cores"] if cpu_cores is None else cpu_cores
+    if device_class not in DEVICE_CLASSES:
+        raise DescriptionError(f"device class {device_class!r} is not one of {', '.join(DEVICE_CLASSES)}")
+    for name, value in (("ram_kb", ram_kb), ("flash_kb", flash_kb), ("cpu_cores", cpu_cores)):
         if value <= 0:
             raise DescriptionError(f"{name} must be positive, got {value}")
     iri = device_iri(device_id.strip())
@@ -188,6 +195,7 @@ def minimal_thing_description(
         "tf:ramKB": int(ram_kb),
         "tf:flashKB": int(flash_kb),
         "tf:cpu": cpu if cpu is not None else host["cpu"],
+        "tf:cpuCores": int(cpu_cores),
         "tf:deviceClass": device_class,
     }
 

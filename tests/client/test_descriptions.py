@@ -88,19 +88,19 @@ def test_missing_and_non_utf8_files(tmp_path: Path) -> None:
 
 
 def test_minimal_thing_description_is_td_1_1_with_fleet_terms() -> None:
-    td = minimal_thing_description("pi-02", ram_kb=512, flash_kb=2048, cpu="armv7l", device_class="sbc")
+    td = minimal_thing_description("pi-02", ram_kb=512, flash_kb=2048, cpu="armv7l", cpu_cores=4)
     assert td["@context"][0] == "https://www.w3.org/2022/wot/td/v1.1"
     assert td["@context"][1] == {"tf": "https://w3id.org/tinyfleet#"}
     assert td["id"] == "urn:tinyfleet:device:pi-02" and td["title"] == "pi-02"
     assert td["securityDefinitions"] == {"nosec_sc": {"scheme": "nosec"}} and td["security"] == ["nosec_sc"]
-    fleet_terms = (td["tf:ramKB"], td["tf:flashKB"], td["tf:cpu"], td["tf:deviceClass"])
-    assert fleet_terms == (512, 2048, "armv7l", "sbc")
+    fleet_terms = (td["tf:ramKB"], td["tf:flashKB"], td["tf:cpu"], td["tf:cpuCores"], td["tf:deviceClass"])
+    assert fleet_terms == (512, 2048, "armv7l", 4, "sbc")
     assert minimal_thing_description("urn:dev:already-an-iri", 1, 1, "x")["id"] == "urn:dev:already-an-iri"
 
 
 def test_minimal_description_measures_what_it_is_not_told() -> None:
     td = minimal_thing_description("pi-03")
-    assert td["tf:ramKB"] > 0 and td["tf:flashKB"] > 0 and td["tf:cpu"]
+    assert td["tf:ramKB"] > 0 and td["tf:flashKB"] > 0 and td["tf:cpu"] and td["tf:cpuCores"] >= 1
     description = minimal_description("pi-03", ram_kb=64, flash_kb=128, cpu="m4")
     assert description.device_id == "urn:tinyfleet:device:pi-03"
     assert json.loads(description.data)["tf:ramKB"] == 64
@@ -116,8 +116,23 @@ def test_fleet_terms_expand_to_the_tinyfleet_namespace() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "problem"), [({"device_id": " "}, "empty"), ({"device_id": "a", "ram_kb": 0}, "ram_kb")]
+    ("kwargs", "problem"),
+    [
+        ({"device_id": " "}, "empty"),
+        ({"device_id": "a", "ram_kb": 0}, "ram_kb"),
+        ({"device_id": "a", "device_class": "toaster"}, "'toaster' is not one of sbc, mcu, gateway"),
+    ],
 )
 def test_minimal_description_refuses_nonsense(kwargs: dict, problem: str) -> None:
     with pytest.raises(DescriptionError, match=problem):
         minimal_thing_description(**{"flash_kb": 1, "cpu": "x", **kwargs})
+
+
+def test_minimal_thing_description_passes_the_registry_checks() -> None:
+    """The contract with the coordinator's registry: a generated TD is accepted as it is."""
+    from tinyfleet.server.registry.thing_description import td_triples
+    from tinyfleet.server.registry.validation import ShaclValidator, check_td_json
+
+    td = minimal_thing_description("pi-05")
+    assert check_td_json(td) == []
+    assert ShaclValidator.shared().validate(td_triples(td)) == []
