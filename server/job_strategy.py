@@ -35,18 +35,15 @@ def build_strategy(spec: JobSpec) -> Strategy:
     cls = resolve_strategy_class(spec.strategy_path)
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise JobSpecError("strategy", f"{spec.strategy_path!r} is not a Flower Strategy class")
-    try:
-        parameters = inspect.signature(cls).parameters
-    except (TypeError, ValueError):
-        parameters = {}
-    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    accepts_any = _takes_var_keyword(cls)
+    parameters = _init_parameters(cls, through_bases=accepts_any)
     if not accepts_any:
-        unknown = sorted(set(spec.options) - set(parameters))
+        unknown = sorted(set(spec.options) - parameters)
         if unknown:
             raise JobSpecError(
                 f"options.{unknown[0]}",
                 f"{cls.__name__} has no argument {unknown[0]!r}; it takes: "
-                + ", ".join(n for n in parameters if n != "self"),
+                + ", ".join(sorted(parameters)),
             )
     kwargs = {k: v for k, v in round_defaults(spec).items() if k in parameters}
     kwargs.update(spec.options)
@@ -54,6 +51,33 @@ def build_strategy(spec: JobSpec) -> Strategy:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise JobSpecError("options", f"{cls.__name__}({kwargs}) failed: {exc}") from exc
+
+
+def _init_parameters(cls: type, *, through_bases: bool) -> set[str]:
+    """Named constructor arguments; with through_bases also those of the bases a
+    `**kwargs` constructor passes them on to."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass) and issubclass(klass, Strategy):
+            try:
+                signature = inspect.signature(klass.__init__)
+            except (TypeError, ValueError):
+                continue
+            names |= {
+                n for n, p in signature.parameters.items()
+                if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+            }
+            if not through_bases:
+                break
+    return names
+
+
+def _takes_var_keyword(cls: type) -> bool:
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def train_config(spec: JobSpec) -> ConfigRecord:
