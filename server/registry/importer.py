@@ -159,7 +159,7 @@ def split_graphs(
             result.extend(by_subject.get(node, []))
             neighbours = [t.object for t in by_subject.get(node, [])] + feeds.get(node, [])
             for nxt in neighbours:
-                if nxt not in seen and nxt not in roots and nxt in by_subject:
+                if nxt not in seen and nxt not in roots and (nxt in by_subject or nxt in feeds):
                     seen.add(nxt)
                     stack.append(nxt)
         owned.update(seen)

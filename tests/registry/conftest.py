@@ -1,0 +1,27 @@
+"""Fixtures for registry tests: an in-memory registry and device descriptions made on the spot."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+
+from tinyfleet.server.registry.registry import Registry
+from tinyfleet.server.registry.store import EmbeddedStore
+from tinyfleet.server.registry.thing_description import device_thing_description
+
+
+@pytest.fixture
+def registry() -> Registry:
+    return Registry(EmbeddedStore(None))
+
+
+@pytest.fixture
+def make_td() -> Callable[..., bytes]:
+    def make(name: str = "pi-01", **overrides: object) -> bytes:
+        fields: dict[str, object] = {"title": name, "ram_kb": 512, "flash_kb": 4096, "device_class": "mcu"}
+        fields.update(overrides)
+        return json.dumps(device_thing_description(f"urn:tinyfleet:device:{name}", **fields)).encode()
+
+    return make
