@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -199,11 +200,12 @@ async def _operation(request: Request) -> tuple[str, str]:
     if content_type == "application/sparql-update":
         return "update", (await request.body()).decode("utf-8")
     if content_type == "application/x-www-form-urlencoded":
-        form = await request.form()
+        # The protocol's form is plain urlencoding; no multipart parser needed.
+        form = urllib.parse.parse_qs((await request.body()).decode("utf-8"))
         if "query" in form:
-            return "query", str(form["query"])
+            return "query", form["query"][0]
         if "update" in form:
-            return "update", str(form["update"])
+            return "update", form["update"][0]
         raise ValueError("form needs a 'query' or 'update' field")
     raise ValueError(
         f"unsupported content type {content_type!r}; use application/sparql-query, "
