@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import pyoxigraph as ox
 import pytest
-
 from tinyfleet.ontology import catalog
 from tinyfleet.ontology.catalog import QueryError, named_query, render, resolve_query
 
@@ -10,8 +9,15 @@ from tinyfleet.ontology.catalog import QueryError, named_query, render, resolve_
 def test_every_named_query_parses_and_runs_on_an_empty_store() -> None:
     store = ox.Store()
     names = set(catalog.catalog())
-    assert {"devices", "compatible-models", "devices-for-model", "per-gateway-counts", "stale-devices",
-            "artifact-lineage", "eligible-devices"} <= names
+    assert {
+        "devices",
+        "compatible-models",
+        "devices-for-model",
+        "per-gateway-counts",
+        "stale-devices",
+        "artifact-lineage",
+        "eligible-devices",
+    } <= names
     for name, query in catalog.catalog().items():
         values = {p.name: "urn:tinyfleet:x" for p in query.params if p.required}
         assert query.summary, name
@@ -34,7 +40,10 @@ def test_values_are_typed_and_cannot_change_the_query() -> None:
 
 def test_prefixed_names_lists_and_required_parameters() -> None:
     text = render("eligible-devices", {"sensors": "sosa_extend:Camera, <urn:tinyfleet:sensor:x>"})
-    assert "<https://w3id.org/tinyml-schema/neural-network-schema/sosa_extend/Camera> <urn:tinyfleet:sensor:x>" in text
+    assert (
+        "<https://w3id.org/tinyml-schema/neural-network-schema/sosa_extend/Camera> <urn:tinyfleet:sensor:x>"
+        in text
+    )
     with pytest.raises(QueryError, match="needs parameter 'device'"):
         render("compatible-models")
     with pytest.raises(QueryError, match="has no parameter 'colour'"):
@@ -46,7 +55,9 @@ def test_prefixed_names_lists_and_required_parameters() -> None:
 def test_resolve_query_accepts_sparql_or_a_named_query_with_arguments() -> None:
     sparql = "SELECT ?device WHERE { ?device a <urn:x> }"
     assert resolve_query(sparql) == sparql
-    text = resolve_query('eligible-devices min_ram_kb=100 sensors="sosa_extend:Microphone sosa_extend:Camera"')
+    text = resolve_query(
+        'eligible-devices min_ram_kb=100 sensors="sosa_extend:Microphone sosa_extend:Camera"'
+    )
     assert "?ramKB >= 100" in text and "sosa_extend/Microphone>" in text
     with pytest.raises(QueryError, match="NAME=VALUE"):
         resolve_query("eligible-devices min_ram_kb")

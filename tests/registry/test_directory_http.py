@@ -12,7 +12,6 @@ import httpx
 import pytest
 import uvicorn
 from starlette.testclient import TestClient
-
 from tinyfleet.server.registry.http_app import registry_app
 from tinyfleet.server.registry.http_common import Access
 from tinyfleet.server.registry.registry import Registry
@@ -39,16 +38,24 @@ def test_put_get_patch_delete_lifecycle(client: TestClient, make_td: Callable[..
     got = client.get(f"/things/{PI}")
     assert got.status_code == 200 and got.headers["content-type"].startswith("application/td+json")
     assert got.json()["ramKB"] == 1024 and set(got.json()["registration"]) == {"created", "modified"}
-    patched = client.patch(f"/things/{PI}", content=json.dumps({"site": "lab-2", "ramKB": 2048}),
-                           headers={**ADMIN, "content-type": "application/merge-patch+json"})
+    patched = client.patch(
+        f"/things/{PI}",
+        content=json.dumps({"site": "lab-2", "ramKB": 2048}),
+        headers={**ADMIN, "content-type": "application/merge-patch+json"},
+    )
     assert patched.status_code == 204
-    assert (client.get(f"/things/{PI}").json()["site"], client.get(f"/things/{PI}").json()["ramKB"]) == ("lab-2", 2048)
+    assert (client.get(f"/things/{PI}").json()["site"], client.get(f"/things/{PI}").json()["ramKB"]) == (
+        "lab-2",
+        2048,
+    )
     assert client.delete(f"/things/{PI}", headers=ADMIN).status_code == 204
     assert client.get(f"/things/{PI}").status_code == 404
     assert client.delete(f"/things/{PI}", headers=ADMIN).status_code == 404
 
 
-def test_invalid_descriptions_come_back_as_problem_json(client: TestClient, make_td: Callable[..., bytes]) -> None:
+def test_invalid_descriptions_come_back_as_problem_json(
+    client: TestClient, make_td: Callable[..., bytes]
+) -> None:
     response = client.put(f"/things/{PI}", content=make_td(ram_kb=0, device_class="toaster"), headers=ADMIN)
     assert response.status_code == 400
     assert response.headers["content-type"] == "application/problem+json"
@@ -58,8 +65,11 @@ def test_invalid_descriptions_come_back_as_problem_json(client: TestClient, make
     mismatch = client.put("/things/urn:tinyfleet:device:other", content=make_td(), headers=ADMIN)
     assert mismatch.status_code == 400 and mismatch.json()["validationErrors"][0]["path"] == "/id"
     client.put(f"/things/{PI}", content=make_td(), headers=ADMIN)
-    bad_patch = client.patch(f"/things/{PI}", content=json.dumps({"ramKB": None}),
-                             headers={**ADMIN, "content-type": "application/merge-patch+json"})
+    bad_patch = client.patch(
+        f"/things/{PI}",
+        content=json.dumps({"ramKB": None}),
+        headers={**ADMIN, "content-type": "application/merge-patch+json"},
+    )
     assert bad_patch.status_code == 400
     assert client.get(f"/things/{PI}").json()["ramKB"] == 512  # the stored TD is untouched
 
@@ -68,7 +78,10 @@ def test_writes_need_the_admin_token_or_the_devices_own_credential(
     client: TestClient, make_td: Callable[..., bytes]
 ) -> None:
     body = make_td()
-    assert client.put(f"/things/{PI}", content=body, headers={"content-type": "application/td+json"}).status_code == 401
+    assert (
+        client.put(f"/things/{PI}", content=body, headers={"content-type": "application/td+json"}).status_code
+        == 401
+    )
     own = {"authorization": f"Bearer credential-of-{PI}", "content-type": "application/td+json"}
     assert client.put(f"/things/{PI}", content=body, headers=own).status_code == 201
     other = "urn:tinyfleet:device:pi-02"
@@ -95,12 +108,16 @@ def test_listing_pages_with_link_next(client: TestClient, make_td: Callable[...,
     assert client.get("/things", params={"limit": 0}).status_code == 400
 
 
-def test_ttl_expiry_search_and_well_known(client: TestClient, registry: Registry, make_td: Callable[..., bytes]) -> None:
+def test_ttl_expiry_search_and_well_known(
+    client: TestClient, registry: Registry, make_td: Callable[..., bytes]
+) -> None:
     td = json.loads(make_td())
     td["registration"] = {"ttl": 1}
     client.put(f"/things/{PI}", content=json.dumps(td), headers=ADMIN)
     assert client.get(f"/things/{PI}").json()["registration"]["ttl"] == 1
-    found = client.get("/search/sparql", params={"query": "SELECT ?d WHERE { ?d a <https://w3id.org/tinyfleet#Device> }"})
+    found = client.get(
+        "/search/sparql", params={"query": "SELECT ?d WHERE { ?d a <https://w3id.org/tinyfleet#Device> }"}
+    )
     assert [b["d"]["value"] for b in found.json()["results"]["bindings"]] == [PI]
     assert registry.purge_expired() == []
     assert registry.purge_expired(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=2)) == [PI]
@@ -152,7 +169,9 @@ def test_real_server_answers_sparql_and_streams_events(served: str, make_td: Cal
     with httpx.Client(base_url=served, headers=ADMIN, timeout=10) as http:
         assert http.put(f"/things/{PI}", content=make_td()).status_code == 201
         assert http.put(f"/things/{PI}", content=make_td(ram_kb=64)).status_code == 204
-        answer = http.get("/sparql", params={"query": "SELECT ?r WHERE { ?d <https://w3id.org/tinyfleet#ramKB> ?r }"})
+        answer = http.get(
+            "/sparql", params={"query": "SELECT ?r WHERE { ?d <https://w3id.org/tinyfleet#ramKB> ?r }"}
+        )
         assert answer.json()["results"]["bindings"][0]["r"]["value"] == "64"
         assert http.delete(f"/things/{PI}").status_code == 204
     listener.join(timeout=10)

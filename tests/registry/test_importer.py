@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
-
 from tinyfleet.server.registry.http_app import registry_app
 from tinyfleet.server.registry.importer import ImportFailed, import_file, import_files
 from tinyfleet.server.registry.registry import Registry
@@ -49,7 +48,8 @@ m:s1 a sosa_extend:Magnetometer, schema:Sensor ; ssn_extend:provideInput m:in1 .
 m:toobig a nnet:NeuralNetwork ; schema:name "toobig" ; s3n:hasProcedureFeature m:pf3, m:pf4 .
 m:pf3 ns1:inCondition m:c3 . m:c3 a s3n_extend:RAM ; schema:minValue 201 ; schema:unitCode om:kilobyte .
 m:pf4 ns1:inCondition m:c4 . m:c4 a s3n_extend:Flash ; schema:minValue 1 ; schema:unitCode om:kilobyte .
-m:wrongsensor a nnet:NeuralNetwork ; schema:name "camera" ; s3n:hasProcedureFeature m:pf5, m:pf6 ; ssn:hasInput m:in2 .
+m:wrongsensor a nnet:NeuralNetwork ; schema:name "camera" ;
+  s3n:hasProcedureFeature m:pf5, m:pf6 ; ssn:hasInput m:in2 .
 m:pf5 ns1:inCondition m:c5 . m:c5 a s3n_extend:RAM ; schema:minValue 1 ; schema:unitCode om:kilobyte .
 m:pf6 ns1:inCondition m:c6 . m:c6 a s3n_extend:Flash ; schema:minValue 1 ; schema:unitCode om:kilobyte .
 m:s2 a sosa_extend:Camera ; ssn_extend:provideInput m:in2 .
@@ -68,8 +68,11 @@ def test_quirks_are_repaired_and_reported(registry: Registry, tmp_path: Path) ->
     assert board_report.devices == ["https://example.org/boards/quirky-1"]
     relative = [r for r in model_report.repairs if r.kind == "relative IRI"]
     assert [r.detail for r in relative] == [f"<None> resolved to <{models.parent.as_uri()}/None>"]
-    assert model_report.models == ["https://example.org/nn/fits", "https://example.org/nn/toobig",
-                                   "https://example.org/nn/wrongsensor"]
+    assert model_report.models == [
+        "https://example.org/nn/fits",
+        "https://example.org/nn/toobig",
+        "https://example.org/nn/wrongsensor",
+    ]
     fits = registry.named("compatible-models", {"device": "https://example.org/boards/quirky-1"})
     # RAM 150 <= 200, flash 600 <= 700, magnetometer present after the class-name repair;
     # "toobig" needs 201 kB RAM, "camera" needs a camera.
@@ -80,7 +83,9 @@ def test_quirks_are_repaired_and_reported(registry: Registry, tmp_path: Path) ->
 
 def test_a_file_that_fails_the_shapes_writes_nothing(registry: Registry, tmp_path: Path) -> None:
     broken = tmp_path / "broken.ttl"
-    broken.write_text(QUIRKY_BOARD.replace("om:kilobyte ; schema:value 200", "om:megabyte ; schema:value 200"))
+    broken.write_text(
+        QUIRKY_BOARD.replace("om:kilobyte ; schema:value 200", "om:megabyte ; schema:value 200")
+    )
     with pytest.raises(ImportFailed, match="om:kilobyte") as caught:
         import_file(registry, broken)
     assert caught.value.problems
@@ -103,7 +108,9 @@ PREFIX schema: <https://schema.org/>
 PREFIX td: <https://www.w3.org/2019/wot/td#>
 """
 
-BOARDS = PREFIXES + """
+BOARDS = (
+    PREFIXES
+    + """
 SELECT ?board ?ram ?flash WHERE {
   ?board a s3n:SmartSensor ;
          ssn:hasSubSystem/a sosa_extend:Accelerometer ;
@@ -115,8 +122,11 @@ SELECT ?board ?ram ?flash WHERE {
   FILTER(?ram >= 121 && ?flash >= 610)
 } ORDER BY ?ram
 """
+)
 
-CAMERA_MODELS = PREFIXES + """
+CAMERA_MODELS = (
+    PREFIXES
+    + """
 SELECT ?name ?ram ?flash WHERE {
   ?model a nnet:NeuralNetwork ; schema:name ?name ; ssn:hasInput ?input ;
          s3n:hasProcedureFeature/ssn-system:inCondition ?r, ?f .
@@ -126,8 +136,11 @@ SELECT ?name ?ram ?flash WHERE {
   FILTER(?ram <= 144 && ?flash <= 621)
 } ORDER BY ?name
 """
+)
 
-YES_NO_MODELS = PREFIXES + """
+YES_NO_MODELS = (
+    PREFIXES
+    + """
 SELECT ?name ?accuracy WHERE {
   ?model a nnet:NeuralNetwork ; schema:name ?name ; schema:description ?description ;
          nnet:trainingDataset ?dataset ; ssn:hasInput ?input ; nnet:hasMetric ?metric .
@@ -136,10 +149,13 @@ SELECT ?name ?accuracy WHERE {
   FILTER(CONTAINS(LCASE(?description), "yes/no") && CONTAINS(STR(?dataset), "speech_commands"))
 } ORDER BY ?accuracy
 """
+)
 
 
 def _sparql(client: TestClient, query: str) -> list[dict[str, str]]:
-    response = client.get("/sparql", params={"query": query}, headers={"accept": "application/sparql-results+json"})
+    response = client.get(
+        "/sparql", params={"query": query}, headers={"accept": "application/sparql-results+json"}
+    )
     assert response.status_code == 200, response.text
     return [{k: v["value"] for k, v in b.items()} for b in response.json()["results"]["bindings"]]
 
@@ -155,12 +171,17 @@ def test_published_seloc_data_gives_the_known_answers(registry: Registry, shared
         assert [(b["ram"], b["flash"]) for b in boards] == [("172", "628"), ("187", "785")]
         assert all("arduino_nano_ble_33" in b["board"] for b in boards)
         cameras = _sparql(client, CAMERA_MODELS)
-        assert [(float(m["ram"]), float(m["flash"])) for m in cameras] == [(94.128, 236.072), (116.48, 531.624)]
+        assert [(float(m["ram"]), float(m["flash"])) for m in cameras] == [
+            (94.128, 236.072),
+            (116.48, 531.624),
+        ]
         assert [m["name"] for m in cameras] == ["Person_Detection", "Visual_Alarm_Clock"]
         yes_no = _sparql(client, YES_NO_MODELS)
         assert [(m["name"], float(m["accuracy"])) for m in yes_no] == [
-            ("Micro_Speech_Yes_No_2", 82.3), ("Micro_Speech_Yes_No_4", 83.0),
-            ("Micro_Speech_Yes_No_1", 92.1), ("Micro_Speech_Yes_No_3", 93.2),
+            ("Micro_Speech_Yes_No_2", 82.3),
+            ("Micro_Speech_Yes_No_4", 83.0),
+            ("Micro_Speech_Yes_No_1", 92.1),
+            ("Micro_Speech_Yes_No_3", 93.2),
         ]
     kit = "https://w3id.org/tinyml-schema/neural-network-schema/tinyml-demo/arduino_nano_ble_33_tinyml_kit-322-000-000-003"
     names = {row["name"].value for row in registry.named("compatible-models", {"device": kit})}

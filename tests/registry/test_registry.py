@@ -5,7 +5,6 @@ import json
 from collections.abc import Callable
 
 import pytest
-
 from tinyfleet.server.registry.registry import Registry
 from tinyfleet.server.registry.store import EmbeddedStore, StoreBusyError
 from tinyfleet.server.registry.validation import DescriptionInvalid
@@ -33,22 +32,31 @@ def test_register_replace_and_delete_a_device(registry: Registry, make_td: Calla
 
 
 def test_json_level_td_problems_name_their_path(registry: Registry) -> None:
-    bad = {"@context": "https://www.w3.org/2022/wot/td/v1.1", "id": "not an iri", "title": "",
-           "securityDefinitions": {"s": {"scheme": "nosec"}}, "security": ["missing"],
-           "properties": {"t": {"forms": [{"href": "http://x", "op": "fly"}]}}}
+    bad = {
+        "@context": "https://www.w3.org/2022/wot/td/v1.1",
+        "id": "not an iri",
+        "title": "",
+        "securityDefinitions": {"s": {"scheme": "nosec"}},
+        "security": ["missing"],
+        "properties": {"t": {"forms": [{"href": "http://x", "op": "fly"}]}},
+    }
     with pytest.raises(DescriptionInvalid) as caught:
         registry.prepare(json.dumps(bad).encode(), TD_JSON)
     paths = {p["path"] for p in caught.value.as_list()}
     assert paths == {"/id", "/title", "/security", "/properties/t/forms/0/op"}
 
 
-def test_shacl_problems_are_listed_and_nothing_is_stored(registry: Registry, make_td: Callable[..., bytes]) -> None:
+def test_shacl_problems_are_listed_and_nothing_is_stored(
+    registry: Registry, make_td: Callable[..., bytes]
+) -> None:
     registry.put(registry.prepare(make_td(), TD_JSON))
     before = registry.graph_triples(DEVICE)
     with pytest.raises(DescriptionInvalid) as caught:
         registry.prepare(make_td(ram_kb=-1, device_class="phone"), TD_JSON)
     messages = {p["path"]: p["message"] for p in caught.value.as_list()}
-    assert any(path.endswith("tf:ramKB") and "positive number of kilobytes" in m for path, m in messages.items())
+    assert any(
+        path.endswith("tf:ramKB") and "positive number of kilobytes" in m for path, m in messages.items()
+    )
     assert any(path.endswith("tf:deviceClass") and "'phone'" in m for path, m in messages.items())
     assert registry.graph_triples(DEVICE) == before
 
@@ -56,9 +64,14 @@ def test_shacl_problems_are_listed_and_nothing_is_stored(registry: Registry, mak
 def test_unknown_context_and_bad_json_are_refused(registry: Registry) -> None:
     with pytest.raises(DescriptionInvalid, match="not valid JSON"):
         registry.prepare(b"{nope", TD_JSON)
-    td = {"@context": ["https://www.w3.org/2022/wot/td/v1.1", "https://evil.example/ctx"], "id": DEVICE,
-          "title": "x", "securityDefinitions": {"s": {"scheme": "nosec"}}, "security": "s"}
-    with pytest.raises(DescriptionInvalid, match="unknown JSON-LD context 'https://evil.example/ctx'"):
+    td = {
+        "@context": ["https://www.w3.org/2022/wot/td/v1.1", "https://evil.example/ctx"],
+        "id": DEVICE,
+        "title": "x",
+        "securityDefinitions": {"s": {"scheme": "nosec"}},
+        "security": "s",
+    }
+    with pytest.raises(DescriptionInvalid, match=r"unknown JSON-LD context 'https://evil\.example/ctx'"):
         registry.prepare(json.dumps(td).encode(), TD_JSON)
 
 
@@ -68,7 +81,8 @@ def test_turtle_with_the_long_s3n_form_gets_shortcuts_and_no_blank_nodes(registr
     @prefix s3n: <https://w3id.org/s3n/> . @prefix ssn-system: <http://www.w3.org/ns/ssn/systems/> .
     @prefix x: <https://w3id.org/tinyml-schema/neural-network-schema/s3n_extend/> .
     @prefix se: <https://w3id.org/tinyml-schema/neural-network-schema/sosa_extend/> .
-    @prefix schema: <https://schema.org/> . @prefix om: <http://www.ontology-of-units-of-measure.org/resource/om-2/> .
+    @prefix schema: <https://schema.org/> .
+    @prefix om: <http://www.ontology-of-units-of-measure.org/resource/om-2/> .
     <urn:tinyfleet:device:board> a s3n:SmartSensor ; td:title "board" ;
       ssn:hasSubSystem [ a se:Microphone ] , [ a s3n:MicroController ; s3n:hasSystemCapability [
         ssn-system:hasSystemProperty [ a x:RAM ; schema:value 256 ; schema:unitCode om:kilobyte ] ,
@@ -77,19 +91,26 @@ def test_turtle_with_the_long_s3n_form_gets_shortcuts_and_no_blank_nodes(registr
     registry.put(registry.prepare(turtle, "text/turtle"))
     [row] = registry.named("devices")
     assert (row["ramKB"].value, row["flashKB"].value) == ("256", "1024")
-    assert registry.eligible("eligible-devices sensors=sosa_extend:Microphone") == ["urn:tinyfleet:device:board"]
+    assert registry.eligible("eligible-devices sensors=sosa_extend:Microphone") == [
+        "urn:tinyfleet:device:board"
+    ]
     assert not registry.store.query("ASK { GRAPH ?g { ?s ?p ?o FILTER(isBlank(?s) || isBlank(?o)) } }")
 
 
-def test_liveness_is_batched_into_one_update_and_seq_recorded(registry: Registry, make_td: Callable[..., bytes]) -> None:
+def test_liveness_is_batched_into_one_update_and_seq_recorded(
+    registry: Registry, make_td: Callable[..., bytes]
+) -> None:
     prepared = [registry.prepare(make_td(f"d{i}"), TD_JSON) for i in range(3)]
     registry.put_many(prepared, seq=7)
     assert registry.last_applied_seq() == 7
     seen = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
     registry.set_liveness({f"urn:tinyfleet:device:d{i}": (i != 1, seen) for i in range(3)}, seq=9)
     rows = {r["device"].value: r["online"].value for r in registry.named("devices")}
-    assert rows == {"urn:tinyfleet:device:d0": "true", "urn:tinyfleet:device:d1": "false",
-                    "urn:tinyfleet:device:d2": "true"}
+    assert rows == {
+        "urn:tinyfleet:device:d0": "true",
+        "urn:tinyfleet:device:d1": "false",
+        "urn:tinyfleet:device:d2": "true",
+    }
     assert registry.last_applied_seq() == 9
     stale = {r["device"].value for r in registry.named("stale-devices", {"older_than": "PT1M"})}
     assert stale == set(rows)
@@ -106,7 +127,9 @@ def test_ttl_registrations_expire(registry: Registry, make_td: Callable[..., byt
     assert registry.document(DEVICE) is None
 
 
-def test_on_disk_store_survives_reopen_and_refuses_a_second_writer(tmp_path, make_td: Callable[..., bytes]) -> None:
+def test_on_disk_store_survives_reopen_and_refuses_a_second_writer(
+    tmp_path, make_td: Callable[..., bytes]
+) -> None:
     store = EmbeddedStore(tmp_path / "registry")
     registry = Registry(store)
     registry.put(registry.prepare(make_td(), TD_JSON))

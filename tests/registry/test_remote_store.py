@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from tinyfleet.server.registry.registry import Registry
 from tinyfleet.server.registry.store import RemoteStore
 
@@ -31,8 +30,15 @@ def oxigraph_server(tmp_path: Path) -> Iterator[str]:
         pytest.skip("the oxigraph server binary (PyPI package 'oxigraph') is not installed")
     port = _free_port()
     process = subprocess.Popen(
-        [OXIGRAPH, "serve", "--location", str(tmp_path / "oxigraph"), "--bind", f"127.0.0.1:{port}",
-         "--union-default-graph"],
+        [
+            OXIGRAPH,
+            "serve",
+            "--location",
+            str(tmp_path / "oxigraph"),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--union-default-graph",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -65,9 +71,11 @@ def test_registry_on_a_remote_sparql_server(oxigraph_server: str, make_td: Calla
     assert registry.eligible("eligible-devices sensors=sosa_extend:Camera") == ["urn:tinyfleet:device:a"]
     assert registry.last_applied_seq() == 3
     # The security definition was a blank node in JSON-LD; it left for the server as an IRI.
-    raw = httpx.post(f"{oxigraph_server}/query", content="SELECT (COUNT(*) AS ?n) WHERE { GRAPH ?g { ?s ?p ?o "
-                     "FILTER(isBlank(?s) || isBlank(?o)) } }", headers={"content-type": "application/sparql-query",
-                     "accept": "application/sparql-results+json"})
+    raw = httpx.post(
+        f"{oxigraph_server}/query",
+        content="SELECT (COUNT(*) AS ?n) WHERE { GRAPH ?g { ?s ?p ?o FILTER(isBlank(?s) || isBlank(?o)) } }",
+        headers={"content-type": "application/sparql-query", "accept": "application/sparql-results+json"},
+    )
     assert raw.json()["results"]["bindings"][0]["n"]["value"] == "0"
     assert registry.document("urn:tinyfleet:device:a")["sensorTypes"] == ["Camera"]
     triples = registry.graph_triples("urn:tinyfleet:device:b")

@@ -11,14 +11,16 @@ import pyoxigraph as ox
 import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
-
 from tinyfleet.server.registry.http_app import registry_app
 from tinyfleet.server.registry.http_common import Access, negotiate
 from tinyfleet.server.registry.registry import Registry
 from tinyfleet.server.registry.sparql_http import sparql_routes
 
 TOKEN = "admin-secret"
-DEVICES = "PREFIX tf: <https://w3id.org/tinyfleet#> SELECT ?d ?ram WHERE { ?d a tf:Device ; tf:ramKB ?ram } ORDER BY ?d"
+DEVICES = (
+    "PREFIX tf: <https://w3id.org/tinyfleet#> SELECT ?d ?ram WHERE { ?d a tf:Device ; tf:ramKB ?ram } "
+    "ORDER BY ?d"
+)
 
 
 @pytest.fixture
@@ -32,7 +34,9 @@ def client(registry: Registry, make_td: Callable[..., bytes]) -> Iterator[TestCl
 def test_get_post_and_form_requests_agree(client: TestClient) -> None:
     accept = {"accept": "application/sparql-results+json"}
     by_get = client.get("/sparql", params={"query": DEVICES}, headers=accept)
-    by_post = client.post("/sparql", content=DEVICES, headers={**accept, "content-type": "application/sparql-query"})
+    by_post = client.post(
+        "/sparql", content=DEVICES, headers={**accept, "content-type": "application/sparql-query"}
+    )
     by_form = client.post("/sparql", data={"query": DEVICES}, headers=accept)
     assert by_get.status_code == by_post.status_code == by_form.status_code == 200
     assert by_get.json() == by_post.json() == by_form.json()
@@ -42,7 +46,9 @@ def test_get_post_and_form_requests_agree(client: TestClient) -> None:
 
 
 def test_results_in_xml_csv_tsv_and_graphs_in_three_syntaxes(client: TestClient) -> None:
-    xml = client.get("/sparql", params={"query": DEVICES}, headers={"accept": "application/sparql-results+xml"})
+    xml = client.get(
+        "/sparql", params={"query": DEVICES}, headers={"accept": "application/sparql-results+xml"}
+    )
     assert xml.headers["content-type"].startswith("application/sparql-results+xml")
     assert xml.text.count("<result>") == 3
     table = client.get("/sparql", params={"query": DEVICES}, headers={"accept": "text/csv"})
@@ -53,8 +59,11 @@ def test_results_in_xml_csv_tsv_and_graphs_in_three_syntaxes(client: TestClient)
     ask = client.get("/sparql", params={"query": "ASK { ?s ?p ?o }"})
     assert ask.json() == {"head": {}, "boolean": True}
     construct = "CONSTRUCT { ?d <urn:p> ?ram } WHERE { ?d <https://w3id.org/tinyfleet#ramKB> ?ram }"
-    for media, fmt in (("text/turtle", ox.RdfFormat.TURTLE), ("application/n-triples", ox.RdfFormat.N_TRIPLES),
-                       ("application/ld+json", ox.RdfFormat.JSON_LD)):
+    for media, fmt in (
+        ("text/turtle", ox.RdfFormat.TURTLE),
+        ("application/n-triples", ox.RdfFormat.N_TRIPLES),
+        ("application/ld+json", ox.RdfFormat.JSON_LD),
+    ):
         response = client.get("/sparql", params={"query": construct}, headers={"accept": media})
         assert response.headers["content-type"].startswith(media)
         assert len(list(ox.parse(response.content, format=fmt))) == 3
@@ -68,10 +77,19 @@ def test_updates_need_the_admin_token(client: TestClient) -> None:
     assert client.post("/sparql", content=update, headers=headers).status_code == 403
     wrong = client.post("/sparql", content=update, headers={**headers, "authorization": "Bearer nope"})
     assert wrong.status_code == 403
-    assert client.post("/sparql", content=update, headers={**headers, "authorization": f"Bearer {TOKEN}"}).status_code == 204
-    assert client.get("/sparql", params={"query": "ASK { <urn:a> <urn:b> <urn:c> }"}).json()["boolean"] is True
+    assert (
+        client.post(
+            "/sparql", content=update, headers={**headers, "authorization": f"Bearer {TOKEN}"}
+        ).status_code
+        == 204
+    )
+    assert (
+        client.get("/sparql", params={"query": "ASK { <urn:a> <urn:b> <urn:c> }"}).json()["boolean"] is True
+    )
     # The directory's search endpoint never writes, even for the admin.
-    read_only = client.post("/search/sparql", data={"update": update}, headers={"authorization": f"Bearer {TOKEN}"})
+    read_only = client.post(
+        "/search/sparql", data={"update": update}, headers={"authorization": f"Bearer {TOKEN}"}
+    )
     assert read_only.status_code == 403
 
 
