@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 #: How artifact blobs of global models are encoded (Flower's ArrayRecord protobuf).
 ARRAY_RECORD_ENCODING = "flwr-arrayrecord"
 
+#: Seconds between attempts to read the job queue while the database is unreachable.
+DB_RETRY_S = 5.0
+
 #: Turns a job's eligibility query into a node filter (the registry plugs in here).
 Eligibility = Callable[[JobSpec], Callable[[], set[int]] | None]
 
@@ -114,12 +117,18 @@ class JobRunner:
                 if self._stopping:
                     return
                 self._work = False
-            job = self.repo.next_job()
-            if job is None:
+            try:
+                job = self.repo.next_job()
+                if job is not None:
+                    self.run_job(job)
+                    continue
+            except Exception:  # the database went away: keep the thread, retry on the next wake
+                log.exception("job queue unavailable; retrying in %g s", DB_RETRY_S)
                 with self._wakeup:
-                    self._wakeup.wait_for(lambda: self._work or self._stopping)
+                    self._wakeup.wait_for(lambda: self._stopping, timeout=DB_RETRY_S)
                 continue
-            self.run_job(job)
+            with self._wakeup:
+                self._wakeup.wait_for(lambda: self._work or self._stopping)
 
     # -- one job -----------------------------------------------------------------
     def run_job(self, job: Job) -> None:

@@ -14,9 +14,11 @@ from tinyfleet.server.database import default_url, make_engine, upgrade
 PG_URL = os.environ.get("TINYFLEET_TEST_PG", "")
 
 
-def _pg_engine_in_fresh_schema() -> Iterator[sa.Engine]:
+def _pg_schema() -> Iterator[str]:
+    """A fresh schema in the TINYFLEET_TEST_PG database, dropped afterwards."""
     if not PG_URL:
-        pytest.skip("PostgreSQL tests need TINYFLEET_TEST_PG (e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)")
+        pytest.skip("PostgreSQL tests need TINYFLEET_TEST_PG "
+                    "(e.g. postgresql+psycopg://postgres@127.0.0.1:5432/test)")
     schema = f"tf_test_{uuid.uuid4().hex[:10]}"
     admin = sa.create_engine(PG_URL)
     try:
@@ -25,14 +27,29 @@ def _pg_engine_in_fresh_schema() -> Iterator[sa.Engine]:
     except sa.exc.OperationalError as exc:
         admin.dispose()
         pytest.skip(f"PostgreSQL at TINYFLEET_TEST_PG not reachable: {exc.orig}")
-    engine = make_engine(PG_URL, connect_args={"options": f"-csearch_path={schema}"})
     try:
-        yield engine
+        yield schema
     finally:
-        engine.dispose()
         with admin.begin() as conn:
             conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+def _pg_engine_in_fresh_schema() -> Iterator[sa.Engine]:
+    for schema in _pg_schema():
+        engine = make_engine(PG_URL, connect_args={"options": f"-csearch_path={schema}"})
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL URL whose connections use a fresh, private schema (for the daemon's --db)."""
+    for schema in _pg_schema():
+        separator = "&" if "?" in PG_URL else "?"
+        yield f"{PG_URL}{separator}options=-csearch_path%3D{schema}"
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -273,3 +273,19 @@ def test_fleet_path_over_tls_with_a_throwaway_ca(tmp_path: Path) -> None:
         untrusted.channel.close()
     finally:
         running.stop()
+
+
+def test_a_silent_stream_is_closed_after_missed_heartbeats_and_marked_offline(tmp_path: Path) -> None:
+    running = CoordinatorThread(settings_for(tmp_path / "c", heartbeat_interval_s=0.2))
+    try:
+        quiet = FakeAgent(running.address, "urn:dev:quiet")  # sends no heartbeats
+        quiet.register()
+        quiet.connect()
+        assert quiet.ended.wait(10)  # 3 missed heartbeats (0.6 s) end the stream
+        grid = running.coordinator.grid
+        assert grid.wait_for_nodes(1, 0.1) == 0
+        device = running.coordinator.repo.get_device("urn:dev:quiet")
+        assert device is not None and not device.online and device.last_seen is not None
+        quiet.close()
+    finally:
+        running.stop()

@@ -241,3 +241,21 @@ def job_info_dict_from_repo(repo, job_id: int) -> dict[str, Any]:
     from tinyfleet.server.job_views import job_dict
 
     return job_dict(repo.get_job(job_id), repo.get_rounds(job_id))
+
+
+def test_a_job_runs_with_postgresql_as_the_store(tmp_path: Path, pg_url: str) -> None:
+    running = CoordinatorThread(settings_for(tmp_path / "coord", db_url=pg_url))
+    agent = FakeAgent(running.address, "urn:dev:pg")
+    try:
+        assert running.coordinator.engine.dialect.name == "postgresql"
+        agent.register()
+        agent.connect()
+        with AdminClient(running.address) as client:
+            job_id = client.submit(job_toml(rounds=2)).job_id
+            list(client.watch(job_id))
+            job = job_info_dict(client.job(job_id))
+        assert job["state"] == "finished" and [r["round"] for r in job["rounds"]] == [1, 2]
+        assert running.coordinator.repo.get_device("urn:dev:pg").online  # type: ignore[union-attr]
+    finally:
+        running.stop()
+        agent.close()
