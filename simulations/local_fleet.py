@@ -15,13 +15,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-
-from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
+from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
+from tinyfleet.server.admin_client import AdminClient
 
 
 class FleetStartError(RuntimeError):
@@ -81,7 +80,7 @@ class LocalFleet:
         self.server: subprocess.Popen[bytes] | None = None
         self.server_info: dict[str, object] = {}
         self.agents: list[AgentProcess] = []
-        self._channel: grpc.Channel | None = None
+        self._admin: AdminClient | None = None
         self._listen_port = 0
         self._http_port = 0
 
@@ -108,11 +107,16 @@ class LocalFleet:
         """Start the coordinator (again, after a kill: same data dir, same ports)."""
         ready = self.data_dir / "server.json"
         ready.unlink(missing_ok=True)
-        cmd = self._cli() + [
-            "server", "start",
-            "--data-dir", str(self.data_dir),
-            "--listen", f"127.0.0.1:{self._listen_port}",
-            "--http", f"127.0.0.1:{self._http_port}",
+        cmd = [
+            *self._cli(),
+            "server",
+            "start",
+            "--data-dir",
+            str(self.data_dir),
+            "--listen",
+            f"127.0.0.1:{self._listen_port}",
+            "--http",
+            f"127.0.0.1:{self._http_port}",
         ]
         if self.db_url:
             cmd += ["--db", self.db_url]
@@ -125,9 +129,7 @@ class LocalFleet:
         deadline = time.monotonic() + timeout
         while not ready.exists():
             if self.server.poll() is not None:
-                raise FleetStartError(
-                    f"coordinator exited with {self.server.returncode}:\n{_tail(log_path)}"
-                )
+                raise FleetStartError(f"coordinator exited with {self.server.returncode}:\n{_tail(log_path)}")
             if time.monotonic() > deadline:
                 raise FleetStartError(f"coordinator not ready after {timeout:.0f}s:\n{_tail(log_path)}")
             time.sleep(0.05)
@@ -154,13 +156,20 @@ class LocalFleet:
         device_file = state_dir / "device.td.json"
         device_file.write_text(json.dumps(minimal_thing_description(device_id), indent=2))
         log_path = self.logs / f"agent-{index}.log"
-        cmd = self._cli() + [
-            "agent", "run",
-            "--server", self.address,
-            "--state-dir", str(state_dir),
-            "--device", str(device_file),
-            "--data", data,
-        ] + self.agent_args
+        cmd = [
+            *self._cli(),
+            "agent",
+            "run",
+            "--server",
+            self.address,
+            "--state-dir",
+            str(state_dir),
+            "--device",
+            str(device_file),
+            "--data",
+            data,
+            *self.agent_args,
+        ]
         with log_path.open("ab") as log:
             process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env())
         agent = AgentProcess(index, device_id, data, state_dir, log_path, process)
@@ -186,41 +195,22 @@ class LocalFleet:
 
     # -- admin API ----------------------------------------------------------
     def _close_channel(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = None
+        if self._admin is not None:
+            self._admin.channel.close()
+            self._admin = None
 
-    def admin(self) -> fleet_pb2_grpc.AdminStub:
-        if self._channel is None:
-            self._channel = grpc.insecure_channel(self.address)
-        return fleet_pb2_grpc.AdminStub(self._channel)
-
-    def _metadata(self) -> list[tuple[str, str]]:
-        return [("authorization", f"Bearer {self.admin_token}")] if self.admin_token else []
+    def admin(self) -> AdminClient:
+        """The operator's client for this fleet's coordinator (reconnects after a restart)."""
+        if self._admin is None:
+            self._admin = AdminClient(self.address, admin_token=self.admin_token)
+        return self._admin
 
     def submit(self, spec_toml: str) -> str:
-        info = self.admin().SubmitJob(
-            fleet_pb2.SubmitJobRequest(spec_toml=spec_toml), metadata=self._metadata(), timeout=30
-        )
-        return str(info.job_id)
+        return str(self.admin().submit(spec_toml).job_id)
 
-    def job(self, job_id: str) -> fleet_pb2.JobInfo:
-        return self.admin().GetJob(fleet_pb2.GetJobRequest(job_id=job_id), metadata=self._metadata(), timeout=30)
-
-    def watch(self, job_id: str, timeout: float | None = None) -> Iterator[fleet_pb2.JobInfo]:
-        """Job states as they change, until the job ends (server stream, no polling)."""
-        yield from self.admin().WatchJob(
-            fleet_pb2.GetJobRequest(job_id=job_id), metadata=self._metadata(), timeout=timeout
-        )
-
-    def wait(self, job_id: str, timeout: float | None = None) -> fleet_pb2.JobInfo:
-        last = self.job(job_id)
-        for info in self.watch(job_id, timeout):
+    def wait(self, job_id: str) -> fleet_pb2.JobInfo:
+        """Follow the job (server stream, no polling) and return its final state."""
+        last = self.admin().job(job_id)
+        for info in self.admin().watch(job_id):
             last = info
         return last
-
-    def devices(self) -> list[fleet_pb2.DeviceInfo]:
-        response = self.admin().ListDevices(
-            fleet_pb2.ListDevicesRequest(), metadata=self._metadata(), timeout=30
-        )
-        return list(response.devices)

@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "tinyfleet.server.cli",
     "tinyfleet.client.cli",
     "tinyfleet.simulations.cli",
+    "tinyfleet.simulations.demo",
 ]
 
 EXAMPLES = """examples:
