@@ -184,11 +184,12 @@ class Registry:
         items: Sequence[Prepared],
         *,
         extra_graphs: Mapping[str, list[ox.Triple]] | None = None,
+        liveness: Mapping[str, tuple[bool, dt.datetime | None]] | None = None,
         seq: int | None = None,
     ) -> list[bool]:
-        """Write many things (and already validated `extra_graphs`, e.g. imported models) in
-        ONE update: all or nothing. True per newly created thing."""
-        if not items and not extra_graphs:
+        """Write many things (and already validated `extra_graphs`, e.g. imported models, and
+        liveness changes) in ONE update: all or nothing. True per newly created thing."""
+        if not items and not extra_graphs and not liveness and seq is None:
             return []
         with self._write_lock:
             existing = self._registrations([p.thing_id for p in items])
@@ -209,6 +210,8 @@ class Registry:
                 )
             for graph, triples in (extra_graphs or {}).items():
                 operations.append(updates.replace_graph(graph, triples))
+            if liveness:
+                operations.append(updates.liveness(liveness))
             if seq is not None:
                 operations.append(updates.set_last_seq(seq))
             self.store.update(updates.combine(*operations))

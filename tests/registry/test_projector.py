@@ -1,0 +1,64 @@
+"""Outbox projection: SQL is the system of record; the store catches up and can be rebuilt."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from tinyfleet.server.database import default_url, open_database
+from tinyfleet.server.registry.projector import Projector, rebuild
+from tinyfleet.server.registry.registry import Registry
+from tinyfleet.server.registry.store import EmbeddedStore
+from tinyfleet.server.repository import Repository
+
+TD_JSON = "application/td+json"
+
+
+def _repository(tmp_path: Path) -> Repository:
+    return Repository(open_database(default_url(tmp_path)))
+
+
+def test_projection_catches_up_after_a_crash_between_commit_and_projection(
+    tmp_path: Path, make_td: Callable[..., bytes]
+) -> None:
+    repo = _repository(tmp_path)
+    store_dir = tmp_path / "registry"
+    registry = Registry(EmbeddedStore(store_dir))
+    projector = Projector(registry, repo, batch=2)
+    repo.create_device("urn:tinyfleet:device:a", 11, "sha256$x", make_td("a"), TD_JSON)
+    assert projector.catch_up().descriptions == 1
+    # Changes committed to SQL while the registry is down ("killed" before projecting them).
+    registry.store.close()
+    repo.create_device("urn:tinyfleet:device:b", 12, "sha256$y", make_td("b", sensors=("Camera",)), TD_JSON)
+    repo.set_online("urn:tinyfleet:device:b", True)
+    repo.replace_description("urn:tinyfleet:device:a", make_td("a", ram_kb=64), TD_JSON)
+    repo.create_device("urn:tinyfleet:device:c", 13, "sha256$z", b'{"not": "a td"}', TD_JSON)
+    restarted = Registry(EmbeddedStore(store_dir))
+    assert restarted.last_applied_seq() == 1
+    done = Projector(restarted, repo, batch=2).catch_up()
+    assert (done.rows, done.descriptions, done.liveness, done.skipped) == (4, 2, 1, 1)
+    assert restarted.last_applied_seq() == 5
+    rows = {r["device"].value: r for r in restarted.named("devices")}
+    assert set(rows) == {"urn:tinyfleet:device:a", "urn:tinyfleet:device:b"}
+    assert rows["urn:tinyfleet:device:a"]["ramKB"].value == "64"
+    assert rows["urn:tinyfleet:device:b"]["online"].value == "true"
+    assert restarted.eligible("eligible-devices sensors=sosa_extend:Camera") == ["urn:tinyfleet:device:b"]
+    # Nothing new: catching up again applies nothing and changes nothing.
+    assert Projector(restarted, repo).catch_up().rows == 0
+
+
+def test_rebuild_regenerates_the_store_from_sql(tmp_path: Path, make_td: Callable[..., bytes]) -> None:
+    repo = _repository(tmp_path)
+    for i in range(3):
+        repo.create_device(f"urn:tinyfleet:device:d{i}", 20 + i, "sha256$x", make_td(f"d{i}"), TD_JSON)
+    repo.set_online("urn:tinyfleet:device:d1", True)
+    fresh = Registry(EmbeddedStore(None))
+    seen: list[tuple[int, int]] = []
+    applied = rebuild(fresh, repo, progress=lambda done, total: seen.append((done, total)))
+    assert (applied.descriptions, applied.skipped) == (3, 0)
+    assert fresh.last_applied_seq() == 4
+    assert seen[-1] == (3, 3)
+    online = {
+        r["device"].value for r in fresh.named("devices") if r["online"] and r["online"].value == "true"
+    }
+    assert online == {"urn:tinyfleet:device:d1"}
