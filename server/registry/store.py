@@ -99,14 +99,34 @@ class EmbeddedStore:
 
 
 class RemoteStore:
-    """A SPARQL 1.1 Query + Update server at BASE (BASE/query, BASE/update) over HTTP."""
+    """A SPARQL 1.1 Query + Update service over HTTP.
 
-    def __init__(self, base_url: str, *, timeout_s: float = 30.0) -> None:
+    `RemoteStore(BASE)` is a dataset server (BASE/query and BASE/update: Oxigraph,
+    Fuseki); `RemoteStore.endpoint(URL, token)` is one protocol endpoint for both,
+    such as a running tinyfleet server's /sparql (updates need its admin token).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        query_url: str | None = None,
+        update_url: str | None = None,
+        token: str | None = None,
+        timeout_s: float = 30.0,
+    ) -> None:
         import httpx
 
         self.location = base_url.rstrip("/")
+        self._query_url = query_url or f"{self.location}/query"
+        self._update_url = update_url or f"{self.location}/update"
         self._timeout_s = timeout_s
-        self._client = httpx.Client(timeout=timeout_s)
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.Client(timeout=timeout_s, headers=headers)
+
+    @classmethod
+    def endpoint(cls, url: str, token: str | None = None, *, timeout_s: float = 30.0) -> RemoteStore:
+        return cls(url, query_url=url, update_url=url, token=token, timeout_s=timeout_s)
 
     def query(self, sparql: str, *, timeout_s: float | None = None) -> QueryResult:
         import httpx
@@ -114,7 +134,7 @@ class RemoteStore:
         accept = "application/sparql-results+json, application/n-triples;q=0.9"
         try:
             response = self._client.post(
-                f"{self.location}/query",
+                self._query_url,
                 content=sparql.encode("utf-8"),
                 headers={"content-type": "application/sparql-query", "accept": accept},
                 timeout=timeout_s or self._timeout_s,
@@ -134,7 +154,7 @@ class RemoteStore:
 
         try:
             response = self._client.post(
-                f"{self.location}/update",
+                self._update_url,
                 content=sparql.encode("utf-8"),
                 headers={"content-type": "application/sparql-update"},
             )
