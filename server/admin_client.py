@@ -51,9 +51,11 @@ class AdminClient:
         response = self.stub.ListJobs(fleet_pb2.ListJobsRequest(), metadata=self.metadata, timeout=30)
         return list(response.jobs)
 
-    def watch(self, job_id: str) -> Iterator[fleet_pb2.JobInfo]:
+    def watch(self, job_id: str, timeout: float | None = None) -> Iterator[fleet_pb2.JobInfo]:
         """Every state change of the job until it ends (a server stream; no polling)."""
-        yield from self.stub.WatchJob(fleet_pb2.GetJobRequest(job_id=job_id), metadata=self.metadata)
+        yield from self.stub.WatchJob(
+            fleet_pb2.GetJobRequest(job_id=job_id), metadata=self.metadata, timeout=timeout
+        )
 
     def devices(self) -> list[fleet_pb2.DeviceInfo]:
         response = self.stub.ListDevices(

@@ -145,10 +145,12 @@ def _server_start(args: argparse.Namespace) -> int:
     if settings.max_message_bytes <= 0:
         print("error: --max-message-bytes must be positive", file=sys.stderr)
         return 2
+    from sqlalchemy.exc import SQLAlchemyError
+
     try:
         return run(settings)
-    except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (OSError, ValueError, SQLAlchemyError) as exc:
+        print(f"error: cannot start the coordinator: {exc}", file=sys.stderr)
         return 1
 
 

@@ -3,7 +3,8 @@
 One fleet serves the module, in order: a FedAvg job end to end; a job during
 which an agent is killed mid-round (the drop is recorded, the job finishes);
 a job during which the coordinator is killed with SIGKILL, restarted, and the
-job resumes at the next round while the agents reconnect by themselves.
+job resumes at the next round while the agents reconnect by themselves;
+finally SIGTERM stops the coordinator with exit code 0.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
         local.start_server()
         local.start_agents([f"sine:seed={i}" for i in range(3)])
         deadline = time.monotonic() + 60
-        while sum(d.online for d in local.devices()) < 3:
+        while sum(d.online for d in local.admin().devices()) < 3:
             assert time.monotonic() < deadline, "agents did not come online"
             time.sleep(0.2)
         yield local
@@ -57,8 +58,16 @@ def _rounds(info: object) -> list[dict]:
     return json.loads(info.rounds_json)  # type: ignore[attr-defined]
 
 
+def _wait(fleet: LocalFleet, job_id: str, timeout: float) -> object:
+    """The job's final state, following it with WatchJob (bounded, so a bug cannot hang CI)."""
+    last = fleet.admin().job(job_id)
+    for info in fleet.admin().watch(job_id, timeout=timeout):
+        last = info
+    return last
+
+
 def _watch_until(fleet: LocalFleet, job_id: str, rounds_done: int) -> None:
-    for info in fleet.watch(job_id, timeout=120):
+    for info in fleet.admin().watch(job_id, timeout=120):
         if info.rounds_done >= rounds_done:
             return
     raise AssertionError(f"job {job_id} ended before round {rounds_done}")
@@ -66,7 +75,7 @@ def _watch_until(fleet: LocalFleet, job_id: str, rounds_done: int) -> None:
 
 def test_three_agents_run_fedavg_end_to_end(fleet: LocalFleet) -> None:
     job_id = fleet.submit(job(3, min_nodes=3, local_steps=20))
-    info = fleet.wait(job_id, timeout=120)
+    info = _wait(fleet, job_id, timeout=120)
     assert info.state == "finished", info.reason
     rounds = _rounds(info)
     assert [r["round"] for r in rounds] == [1, 2, 3]
@@ -81,7 +90,7 @@ def test_an_agent_killed_mid_round_is_dropped_and_the_job_finishes(fleet: LocalF
     _watch_until(fleet, job_id, 1)  # round 2 is now training on every agent
     victim.process.send_signal(signal.SIGKILL)
     victim.process.wait(10)
-    info = fleet.wait(job_id, timeout=180)
+    info = _wait(fleet, job_id, timeout=180)
     assert info.state == "finished", info.reason
     rounds = _rounds(info)
     assert rounds[1]["participants"] == 3 and rounds[1]["dropped"] == 1
@@ -98,12 +107,24 @@ def test_coordinator_killed_mid_job_resumes_and_agents_reconnect(fleet: LocalFle
     before = fleet.server_info
     fleet.start_server()
     assert fleet.address == before["listen"]  # same port: agents find it again
-    info = fleet.wait(job_id, timeout=240)
+    info = _wait(fleet, job_id, timeout=240)
     assert info.state == "finished", info.reason
     rounds = _rounds(info)
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     resumed = [r for r in rounds if r["started_at"] > killed_at]
     assert resumed and all(r["participants"] == 2 for r in resumed)
     assert all(r["dropped"] == 0 for r in resumed)
-    online = [d for d in fleet.devices() if d.online]
+    online = [d for d in fleet.admin().devices() if d.online]
     assert len(online) == 2  # the two live agents reconnected by themselves
+
+
+def test_sigterm_stops_the_coordinator_cleanly(fleet: LocalFleet) -> None:
+    assert fleet.server is not None
+    ready = fleet.data_dir / "server.json"
+    assert ready.exists()
+    started = time.monotonic()
+    fleet.server.send_signal(signal.SIGTERM)
+    assert fleet.server.wait(15) == 0
+    assert time.monotonic() - started < 10
+    assert not ready.exists()
+    assert all(agent.process.poll() is None for agent in fleet.agents[:2])  # agents keep running

@@ -39,13 +39,19 @@ def _code(call, *args, **kwargs) -> grpc.StatusCode:
     return info.value
 
 
-def test_ready_file_names_the_bound_ports_and_goes_away_on_stop(tmp_path: Path) -> None:
+def test_ready_file_names_the_bound_ports_and_stop_sends_shutdown_and_removes_it(tmp_path: Path) -> None:
     running = CoordinatorThread(settings_for(tmp_path / "c", http="127.0.0.1:0"))
     ready = json.loads((tmp_path / "c" / READY_FILE).read_text())
     assert ready["listen"] == running.address and not ready["listen"].endswith(":0")
     assert ready["http"].startswith("127.0.0.1:") and ready["tls"] is False and ready["pid"] > 0
+    agent = FakeAgent(running.address, "urn:dev:stopping")
+    agent.register()
+    agent.connect()
     running.stop()
     assert not (tmp_path / "c" / READY_FILE).exists()
+    assert agent.ended.wait(10)
+    assert agent.frames[-1].shutdown.reason == "coordinator shutting down"
+    agent.close()
 
 
 def test_register_is_idempotent_with_credential_and_refused_without(
