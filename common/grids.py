@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
-from tinyfleet.common.flower_adapter import empty_run, new_instruction
+from tinyfleet.common.flower_adapter import empty_run, ensure_task_identity, new_instruction
 
 REPLIED = "replied"
 ERROR = "error"
@@ -44,6 +44,8 @@ class TrackingGrid(Grid):
     """Base class of FleetGrid and SimGrid."""
 
     def __init__(self, run_id: int = 0) -> None:
+        # Stock strategies build messages with Flower's process-wide identity.
+        ensure_task_identity()
         self._run = empty_run(run_id)
         self._lock = threading.Lock()
         self._deliveries: dict[str, Delivery] = {}
