@@ -152,11 +152,11 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         finally:
             session.closed = True
             reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
             if self.hub.detach(session):
                 log.info("node %d (%s) disconnected", device.node_id, device.device_id)
                 await asyncio.to_thread(self.repo.set_online, device.device_id, False)
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
 
     async def _read_frames(self, session: Session, context: grpc.aio.ServicerContext) -> None:
         """Dispatch agent frames until the stream ends or goes silent; then end the session."""
@@ -172,8 +172,8 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                 if frame is grpc.aio.EOF:
                     break
                 self._dispatch(session, frame)
-        except grpc.aio.AioRpcError as exc:
-            reason = f"stream error: {exc.code().name}"
+        except Exception as exc:  # gRPC errors, frames over the transport limit: end this stream only
+            reason = f"stream error: {exc}"
         finally:
             log.debug("node %d: reader ends: %s", session.node_id, reason)
             session.put(None)

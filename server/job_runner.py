@@ -236,8 +236,10 @@ class JobRunner:
                 settings.wait_for_nodes_s, settings.deadline_s,
             )
             eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
-        except NodeWaitTimeoutError as exc:  # evaluation shortfall does not fail the job
-            log.warning("job %d round %d: evaluation skipped: %s", job_id, server_round, exc)
+        except _Stopping:
+            raise
+        except Exception as exc:  # an evaluation shortfall or error does not fail the job
+            log.warning("job %d round %d: evaluation incomplete: %s", job_id, server_round, exc)
         evaluate = self.grid.take_deliveries()
         eval_s = time.monotonic() - eval_started
 

@@ -244,3 +244,24 @@ def test_eligibility_filter_limits_the_nodes(coordinator: CoordinatorThread, age
         assert grid.wait_for_nodes(2, 0.2) == 1
     finally:
         grid.eligible_nodes = None
+
+
+def test_a_frame_beyond_the_transport_limit_ends_only_that_stream(
+    coordinator: CoordinatorThread, agents: list[FakeAgent]
+) -> None:
+    from tinyfleet.server.daemon import GRPC_HEADROOM_BYTES
+
+    def huge(agent: FakeAgent, task: fleet_pb2.Task, message: Message) -> fleet_pb2.AgentFrame:
+        return reply_frame(task, b"\0" * (LIMIT + GRPC_HEADROOM_BYTES + 1000))
+
+    grid = coordinator.coordinator.grid
+    giant = _agent(coordinator, agents, "giant", behaviour=huge)
+    good = _agent(coordinator, agents, "fine")
+    _wait_online(grid, 2)
+    started = time.monotonic()
+    replies = list(grid.send_and_receive(_train_messages(grid, [giant.node_id, good.node_id]), timeout=60))
+    assert time.monotonic() - started < 20 and len(replies) == 1
+    deliveries = {d.node_id: d for d in grid.take_deliveries()}
+    assert deliveries[giant.node_id].status == UNDELIVERABLE
+    assert deliveries[good.node_id].status == REPLIED
+    assert giant.ended.wait(10) and grid.available_nodes() == {good.node_id}
