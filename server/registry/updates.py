@@ -89,27 +89,20 @@ def liveness(changes: Mapping[str, tuple[bool, dt.datetime | None]]) -> str:
         return ""
     graph = ox.NamedNode(LIVENESS_GRAPH)
     online, last_seen = ox.NamedNode(TF + "online"), ox.NamedNode(TF + "lastSeen")
-    values = " ".join(str(ox.NamedNode(device)) for device in changes)
     lines = []
     for device, (is_online, seen) in changes.items():
         subject = ox.NamedNode(device)
         lines.append(f"{subject} {online} {'true' if is_online else 'false'} .")
         if seen is not None:
             lines.append(f"{subject} {last_seen} {datetime_literal(seen)} .")
-    return _forget(graph, values) + f" ;\nINSERT DATA {{ GRAPH {graph} {{\n" + "\n".join(lines) + "\n} }"
+    insert = f"INSERT DATA {{ GRAPH {graph} {{\n" + "\n".join(lines) + "\n} }"
+    return combine(forget_liveness(changes), insert)
 
 
 def forget_liveness(devices: Iterable[str]) -> str:
+    # One DELETE per device with the subject named: index lookups, not a scan of the graph.
     graph = ox.NamedNode(LIVENESS_GRAPH)
-    values = " ".join(str(ox.NamedNode(d)) for d in devices)
-    if not values:
-        return ""
-    return _forget(graph, values)
-
-
-def _forget(graph: ox.NamedNode, values: str) -> str:
-    pattern = f"GRAPH {graph} {{ ?d ?p ?o }}"
-    return f"DELETE {{ {pattern} }} WHERE {{ VALUES ?d {{ {values} }} {pattern} }}"
+    return " ;\n".join(f"DELETE WHERE {{ GRAPH {graph} {{ {ox.NamedNode(d)} ?p ?o }} }}" for d in devices)
 
 
 def insert_data_chunks(quads: Iterable[ox.Quad], max_triples: int = 5000) -> Iterator[str]:

@@ -182,7 +182,7 @@ class ShaclValidator:
         from pyshacl import Validator
         from pyshacl.graph_abstraction import DataGraph
 
-        graph = rdflib.Graph()
+        graph = rdflib.Graph(bind_namespaces="none")
         owner: dict[str, list[int]] = {}
         for number, triples in enumerate(descriptions):
             for t in triples:
@@ -192,7 +192,9 @@ class ShaclValidator:
                     owner[t.subject.value].append(number)
         with self._lock:  # pyshacl keeps per-run caches on the shapes
             validator = Validator(
-                DataGraph.from_rdflib(graph), shacl_graph=rdflib.Graph(), options={"inference": "none"}
+                DataGraph.from_rdflib(graph),
+                shacl_graph=rdflib.Graph(bind_namespaces="none"),
+                options={"inference": "none"},
             )
             validator.shacl_graph = self._shapes
             conforms, report, _ = validator.run()

@@ -1,0 +1,293 @@
+"""Registry benchmark: registration throughput and query latency at fleet scale, vs rdflib.
+
+    python -m tinyfleet.simulations.benchmarks.registry --devices 1000,10000,100000 [--json PATH]
+
+Per fleet size N, on an on-disk Oxigraph store in a temporary directory:
+N - K synthetic device TDs (plus 50 models and deployments on 30% of devices)
+go in through the bulk loader; then K more are registered through the real
+path (JSON-LD parse, TD checks, normalization, SHACL, one SPARQL Update per
+registration; and again in batches of 200 with one SHACL run and one update
+per batch). Then the median latency of: the compatible-models point query, a
+selective fleet filter, a GROUP BY per gateway, a NOT EXISTS count, and a
+single-device re-registration. rdflib's in-memory Dataset runs the same
+queries on the same quads up to --rdflib-max devices; beyond that it is not
+run (loading alone takes minutes) and the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyoxigraph as ox
+from tinyfleet.ontology import sparql_prologue
+from tinyfleet.ontology.catalog import render
+from tinyfleet.server.registry import updates
+from tinyfleet.server.registry.normalize import normalize_models
+from tinyfleet.server.registry.registry import Registry
+from tinyfleet.server.registry.store import EmbeddedStore
+from tinyfleet.server.registry.thing_description import device_thing_description
+
+SENSORS = ("Accelerometer", "Gyroscope", "Magnetometer", "Microphone", "Camera", "Thermometer", "Hygrometer")
+MODELS = 50
+TD_JSON = "application/td+json"
+
+# What eligible-devices selects with these parameters, written most selective pattern
+# first (Oxigraph joins in the order written) and without its empty gateway clause
+# (rdflib cannot evaluate an empty VALUES block).
+SELECTIVE = (
+    sparql_prologue()
+    + """
+SELECT ?device WHERE {
+  ?device tf:sensorType sosa_extend:Gyroscope .
+  ?device tf:sensorType sosa_extend:Accelerometer .
+  ?device tf:deviceClass "mcu" .
+  ?device tf:ramKB ?ramKB .
+  FILTER(?ramKB >= 256)
+}
+ORDER BY ?device"""
+)
+
+NOT_EXISTS = (
+    sparql_prologue()
+    + """
+SELECT (COUNT(?device) AS ?undeployed) WHERE {
+  ?device a tf:Device .
+  FILTER NOT EXISTS { ?deployment tf:deployedOn ?device }
+}"""
+)
+
+
+MINUS = (
+    sparql_prologue()
+    + """
+SELECT (COUNT(?device) AS ?undeployed) WHERE {
+  ?device a tf:Device .
+  MINUS { ?deployment tf:deployedOn ?device }
+}"""
+)
+
+
+def device_td(index: int, rng: random.Random, gateways: int) -> dict[str, Any]:
+    kind = rng.choices(["mcu", "sbc", "gateway"], weights=[70, 25, 5])[0]
+    if kind == "mcu":
+        ram, flash = rng.choice([64, 128, 192, 256, 512]), rng.choice([256, 512, 1024, 2048])
+    else:
+        ram, flash = rng.choice([512_000, 1_000_000, 4_000_000]), rng.choice([16_000_000, 32_000_000])
+    sensors = tuple(sorted(rng.sample(SENSORS, rng.randint(0, 3))))
+    gateway = f"urn:tinyfleet:device:gw-{rng.randrange(gateways)}" if kind == "mcu" else None
+    return device_thing_description(
+        f"urn:tinyfleet:device:n{index}",
+        title=f"node {index}",
+        ram_kb=ram,
+        flash_kb=flash,
+        device_class=kind,
+        cpu="cortex-m4" if kind == "mcu" else "aarch64",
+        sensors=sensors,
+        gateway=gateway,
+        site=f"site-{rng.randrange(20)}",
+    )
+
+
+def model_graphs(rng: random.Random) -> dict[str, list[ox.Triple]]:
+    graphs = {}
+    for index in range(MODELS):
+        iri = f"urn:tinyfleet:model:m{index}"
+        sensor = rng.choice(SENSORS[:6])
+        turtle = f"""
+        @prefix nnet: <https://w3id.org/tinyml-schema/neural-network-schema#> .
+        @prefix tf: <https://w3id.org/tinyfleet#> . @prefix schema: <https://schema.org/> .
+        @prefix sosa_extend: <https://w3id.org/tinyml-schema/neural-network-schema/sosa_extend/> .
+        <{iri}> a nnet:NeuralNetwork ; schema:name "model {index}" ;
+          tf:requiresRamKB {rng.choice([8, 16, 32, 64, 96, 128, 200])} ;
+          tf:requiresFlashKB {rng.choice([20, 50, 100, 250, 500, 1000])} ;
+          tf:requiresSensorType sosa_extend:{sensor} .
+        """
+        triples = [q.triple for q in ox.parse(turtle.encode(), format=ox.RdfFormat.TURTLE)]
+        graphs[iri] = updates.skolemize(normalize_models(triples), iri)
+    return graphs
+
+
+def deployments(devices: int, rng: random.Random) -> dict[str, list[ox.Triple]]:
+    tf = "https://w3id.org/tinyfleet#"
+    triples = []
+    for index in rng.sample(range(devices), devices * 3 // 10):
+        node = ox.NamedNode(f"urn:tinyfleet:deployment:{index}")
+        triples += [
+            ox.Triple(node, ox.NamedNode(tf + "deployedOn"), ox.NamedNode(f"urn:tinyfleet:device:n{index}")),
+            ox.Triple(
+                node,
+                ox.NamedNode(tf + "deployedArtifact"),
+                ox.NamedNode(f"urn:tinyfleet:model:m{index % MODELS}"),
+            ),
+        ]
+    return {"urn:tinyfleet:graph:deployments": triples}
+
+
+def median_ms(run: Callable[[int], object], repeats: int) -> float:
+    times = []
+    for attempt in range(repeats):
+        start = time.perf_counter()
+        run(attempt)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def drain(result: Any) -> int:
+    return sum(1 for _ in result) if not isinstance(result, ox.QueryBoolean) else 1
+
+
+def queries(devices: int, rng: random.Random) -> dict[str, Callable[[int], str]]:
+    picks = [rng.randrange(devices) for _ in range(64)]
+    return {
+        "point: compatible-models of one device": lambda i: render(
+            "compatible-models", {"device": f"urn:tinyfleet:device:n{picks[i % len(picks)]}"}
+        ),
+        "selective filter: mcu, >=256 kB RAM, accel+gyro": lambda i: SELECTIVE,
+        "GROUP BY: devices and online per gateway": lambda i: render("per-gateway-counts"),
+        "NOT EXISTS: devices without a deployment": lambda i: NOT_EXISTS,
+        "same with MINUS (hash anti-join)": lambda i: MINUS,
+    }
+
+
+def run_size(devices: int, *, register: int, rdflib_max: int, repeats: int, seed: int) -> dict[str, Any]:
+    from rich.progress import Progress
+
+    rng = random.Random(seed)
+    gateways = max(1, devices // 200)
+    tds = [device_td(i, rng, gateways) for i in range(devices)]
+    bodies = [json.dumps(td).encode() for td in tds]
+    register = min(register, devices)
+    result: dict[str, Any] = {"devices": devices, "registered_through_real_path": register}
+    with tempfile.TemporaryDirectory(prefix="tinyfleet-bench-") as tmp:
+        registry = Registry(EmbeddedStore(Path(tmp) / "registry"))
+        bulk = devices - register
+        with Progress(transient=True) as progress:
+            task = progress.add_task(f"{devices} devices: bulk load", total=bulk)
+            start = time.perf_counter()
+            for begin in range(0, bulk, 5000):
+                chunk = bodies[begin : min(bulk, begin + 5000)]
+                prepared = [registry.prepare_unvalidated(b, TD_JSON, None, None) for b in chunk]
+                registry.bulk_load(prepared)
+                progress.update(task, advance=len(chunk))
+            registry.bulk_load([], {**model_graphs(rng), **deployments(devices, rng)})
+            result["bulk_load_s"] = time.perf_counter() - start
+            # Real path, one registration (one SHACL run, one update) at a time: first half.
+            half = register // 2
+            task = progress.add_task(f"{devices} devices: registrations", total=register)
+            start = time.perf_counter()
+            for body in bodies[bulk : bulk + half]:
+                registry.put(registry.prepare(body, TD_JSON))
+                progress.update(task, advance=1)
+            result["register_one_by_one_per_s"] = half / (time.perf_counter() - start) if half else 0.0
+            # Real path in batches of 200 (one SHACL run and one update per batch): second half.
+            start = time.perf_counter()
+            rest = bodies[bulk + half : bulk + register]
+            for begin in range(0, len(rest), 200):
+                batch = [(b, TD_JSON, None, None) for b in rest[begin : begin + 200]]
+                registry.put_many(registry.prepare_many(batch))  # type: ignore[arg-type]
+                progress.update(task, advance=len(batch))
+            result["register_batched_per_s"] = len(rest) / (time.perf_counter() - start) if rest else 0.0
+        registry.store.oxigraph.optimize()  # type: ignore[attr-defined]
+        online = {
+            f"urn:tinyfleet:device:n{i}": (True, None) for i in rng.sample(range(devices), devices // 2)
+        }
+        registry.set_liveness(online)
+        texts = queries(devices, rng)
+        store = registry.store
+        result["queries_ms"] = {
+            name: median_ms(lambda i, q=q: drain(store.query(q(i))), repeats) for name, q in texts.items()
+        }
+        result["rows"] = {name: drain(store.query(q(0))) for name, q in texts.items()}
+        target = bodies[rng.randrange(devices)]
+        result["single_update_ms"] = median_ms(
+            lambda i: registry.put(registry.prepare(target, TD_JSON)), repeats
+        )
+        if devices <= rdflib_max:
+            result["rdflib"] = rdflib_side(
+                store.oxigraph.dump(format=ox.RdfFormat.N_QUADS), texts, max(3, repeats // 5)
+            )  # type: ignore[attr-defined]
+            for name, rows in result["rdflib"]["rows"].items():
+                if rows != result["rows"][name]:
+                    raise AssertionError(
+                        f"rdflib and Oxigraph disagree on {name!r}: {rows} vs {result['rows'][name]}"
+                    )
+        registry.store.close()
+    return result
+
+
+def rdflib_side(nquads: bytes, texts: dict[str, Callable[[int], str]], repeats: int) -> dict[str, Any]:
+    import rdflib
+
+    start = time.perf_counter()
+    dataset = rdflib.Dataset(default_union=True)
+    dataset.parse(data=nquads, format="nquads")
+    load_s = time.perf_counter() - start
+    timings = {
+        name: median_ms(lambda i, q=q: sum(1 for _ in dataset.query(q(i))), repeats)
+        for name, q in texts.items()
+    }
+    rows = {name: sum(1 for _ in dataset.query(q(0))) for name, q in texts.items()}
+    return {"load_s": load_s, "queries_ms": timings, "rows": rows}
+
+
+def print_table(results: list[dict[str, Any]], rdflib_max: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="tinyfleet registry (Oxigraph on disk) vs rdflib in-memory, median ms")
+    for column in ("devices", "measure", "oxigraph", "rdflib", "speed-up"):
+        table.add_column(column, justify="right" if column != "measure" else "left")
+    for r in results:
+        n = f"{r['devices']:,}"
+        table.add_row(n, "bulk load (s)", f"{r['bulk_load_s']:.1f}", "", "")
+        table.add_row(
+            n,
+            f"register one by one ({r['registered_through_real_path'] // 2}), per s",
+            f"{r['register_one_by_one_per_s']:.0f}",
+            "",
+            "",
+        )
+        table.add_row(n, "register in batches of 200, per s", f"{r['register_batched_per_s']:.0f}", "", "")
+        for name, ms in r["queries_ms"].items():
+            other = r.get("rdflib", {}).get("queries_ms", {}).get(name)
+            rd = f"{other:.1f}" if other is not None else f"not run (> {rdflib_max:,} devices)"
+            ratio = f"{other / ms:.0f}x" if other is not None and ms > 0 else ""
+            table.add_row(n, f"{name} ({r['rows'][name]} rows)", f"{ms:.2f}", rd, ratio)
+        table.add_row(n, "single-device update (re-registration)", f"{r['single_update_ms']:.2f}", "", "")
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--devices", default="1000,10000,100000", help="comma-separated fleet sizes")
+    parser.add_argument(
+        "--register", type=int, default=2000, help="devices registered through the real path per size"
+    )
+    parser.add_argument("--rdflib-max", type=int, default=10_000, help="largest fleet rdflib is run on")
+    parser.add_argument("--repeats", type=int, default=20, help="runs per query (median)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.devices.split(",") if s.strip()]
+    results = [
+        run_size(n, register=args.register, rdflib_max=args.rdflib_max, repeats=args.repeats, seed=args.seed)
+        for n in sizes
+    ]
+    print_table(results, args.rdflib_max)
+    if args.json:
+        args.json.write_text(json.dumps({"rdflib_max_devices": args.rdflib_max, "sizes": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
