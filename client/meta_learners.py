@@ -4,7 +4,8 @@ Training starts from the weights the coordinator sent (or its compressed delta
 applied to the device's copy), rebuilds the local layers from local data
 (partial local reconstruction: they start at zero and train alone for
 `reconstruct_steps`, global layers frozen), then takes `inner_steps` steps on
-fresh stream batches. What goes back is the update of the global layers only,
+stream batches (fresh each step, or cycling over its `inner_samples` most recent samples).
+What goes back is the update of the global layers only,
 compressed with top-P and int8 when asked; the part not sent stays in
 `context.state` and is added to the next update (error feedback). A device
 keeps one Context for its life, so this state spans rounds.
@@ -21,6 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from tinyfleet.client.data_sources import DataSource
 from tinyfleet.client.handlers import HandlerRegistry
 from tinyfleet.client.learners import loss_fn, node_source
 from tinyfleet.common import codec
@@ -94,6 +96,23 @@ def adapt(
     return losses
 
 
+def recent_samples(source: DataSource, samples: int) -> Sampler:
+    """Steps on the device's `samples` most recent samples, cycling through them in minibatches;
+    with samples <= 0 every step takes a fresh batch from the stream instead."""
+    if samples <= 0:
+        return source.next
+    x, y = source.next(samples)
+    position = 0
+
+    def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal position
+        index = torch.arange(position, position + n) % samples
+        position = (position + n) % samples
+        return x[index], y[index]
+
+    return sample
+
+
 def predict(model: nn.Module, support_x: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
     """Outputs for the queries. With batch-statistics normalisation each query is
     evaluated together with the support set alone (non-transductive), so one
@@ -130,7 +149,7 @@ def train(message: Message, context: Context) -> Message:
     steps, batch = int(config.get("inner_steps", 5)), int(config.get("inner_batch", 10))
     losses = adapt(
         model,
-        source.next,
+        recent_samples(source, int(config.get("inner_samples", 0))),
         steps=steps,
         lr=float(config.get("inner_lr", 0.02)),
         batch=batch,

@@ -1,0 +1,151 @@
+"""`tinyfleet sim ...`: simulated fleets on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+RUN_EXAMPLES = """examples:
+  tinyfleet sim run sine-reptile --out runs/sine              # 20 devices, serial FedReptile + baselines
+  tinyfleet sim run sine-reptile --out runs/sine-tmf --top-p 0.1 --quantize int8 --compress-downlink
+  tinyfleet sim run sine-reptile --out runs/quick --rounds 500 --eval-every 100 --arms fedreptile,random
+  tinyfleet sim run omniglot-reptile --out runs/omni --rounds 6000 --budget-minutes 10 \
+      --data-dir ../shared/data
+
+Scenario defaults (rounds, ε schedule, inner loop, evaluation) apply to every option left out;
+summary.json records the full configuration used. Omniglot reads omniglot/images_*.npz from
+--data-dir, else $TINYFLEET_DATA, else ../shared/data next to the project.
+"""
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    from tinyfleet.cli import HelpFormatter
+
+    sim = subparsers.add_parser(
+        "sim",
+        help="simulated fleets: meta-learning experiments and demos",
+        description="Run simulated fleets in this process (SimGrid: every message really serialized).",
+        epilog="examples:\n  tinyfleet sim run sine-reptile --out runs/sine\n",
+        formatter_class=HelpFormatter,
+    )
+    sim.set_defaults(group_parser=sim)
+    commands = sim.add_subparsers(dest="sim_command", metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="run a meta-learning scenario with its baselines; writes metrics.csv, summary.json, plots",
+        description="Run FedReptile on a simulated fleet and meta-test it against random init, "
+        "FedAvg and centralised Reptile in the same run.",
+        epilog=RUN_EXAMPLES,
+        formatter_class=HelpFormatter,
+    )
+    run.add_argument("scenario", choices=["sine-reptile", "omniglot-reptile"])
+    run.add_argument("--out", required=True, type=Path, help="output directory")
+    run.add_argument("--rounds", type=int, help="training rounds per arm")
+    run.add_argument("--seed", type=int, default=0, help="seed of data, sampling and initial weights")
+    run.add_argument("--devices", type=int, help="simulated devices")
+    run.add_argument("--epsilon", type=float, help="meta step size ε (initial value when linear)")
+    run.add_argument("--epsilon-final", type=float, help="ε at the end of a linear schedule")
+    run.add_argument("--epsilon-schedule", choices=["constant", "linear"])
+    run.add_argument("--parallel", action="store_true", help="sample --fraction of devices per round")
+    run.add_argument("--fraction", type=float, default=0.25, help="share of devices per parallel round")
+    run.add_argument("--visit-order", choices=["round-robin", "random"], default="round-robin")
+    run.add_argument("--inner-steps", type=int, help="device SGD steps per round")
+    run.add_argument("--inner-lr", type=float, help="device learning rate")
+    run.add_argument("--inner-batch", type=int, help="samples per device step")
+    run.add_argument("--inner-optimizer", choices=["sgd", "adam"])
+    run.add_argument(
+        "--inner-samples",
+        type=int,
+        help="steps cycle over this many recent samples (0: a fresh batch every step)",
+    )
+    run.add_argument("--local-layers", help="comma-separated layer names kept on the devices (e.g. head)")
+    run.add_argument("--reconstruct-steps", type=int, help="steps rebuilding local layers before adapting")
+    run.add_argument("--top-p", type=float, default=1.0, help="fraction of the update sent (0.1 = top 10 %%)")
+    run.add_argument("--quantize", choices=["none", "int8"], default="none")
+    run.add_argument(
+        "--compress-downlink",
+        action="store_true",
+        help="also send devices compressed deltas against their copy of the model",
+    )
+    run.add_argument("--eval-every", type=int, help="rounds between meta-tests")
+    run.add_argument("--eval-tasks", type=int, help="tasks per intermediate meta-test")
+    run.add_argument("--final-eval-tasks", type=int, help="tasks in the final meta-test")
+    run.add_argument("--arms", help="comma-separated arms: fedreptile,fedreptile-dense,fedavg,central,random")
+    run.add_argument("--budget-minutes", type=float, help="stop an arm once its training time exceeds this")
+    run.add_argument("--data-dir", help="folder holding omniglot/ (omniglot-reptile)")
+    run.add_argument("--ways", type=int, help="classes per task (omniglot-reptile)")
+    run.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    run.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from tinyfleet.simulations.experiment import ARMS, Experiment, RunSettings, progress_bar
+    from tinyfleet.simulations.report import write_outputs
+    from tinyfleet.simulations.scenarios import scenario_module
+
+    console = Console(stderr=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    defaults = scenario_module(args.scenario).DEFAULTS
+
+    def pick(name: str) -> object:
+        value = getattr(args, name)
+        return defaults[name] if value is None else value
+
+    arms = tuple(a.strip() for a in args.arms.split(",")) if args.arms else ARMS
+    extra = {"ways": args.ways} if args.ways else {}
+    try:
+        settings = RunSettings(
+            scenario=args.scenario,
+            rounds=int(pick("rounds")),
+            seed=args.seed,
+            devices=int(pick("devices")),
+            epsilon=float(pick("epsilon")),
+            epsilon_final=float(pick("epsilon_final")),
+            epsilon_schedule=str(pick("epsilon_schedule")),
+            serial=not args.parallel,
+            visit_order=args.visit_order,
+            fraction=args.fraction,
+            inner_steps=int(pick("inner_steps")),
+            inner_lr=float(pick("inner_lr")),
+            inner_batch=int(pick("inner_batch")),
+            inner_optimizer=str(pick("inner_optimizer")),
+            inner_samples=int(pick("inner_samples")),
+            local_layers=str(pick("local_layers")),
+            reconstruct_steps=int(pick("reconstruct_steps")),
+            top_p=args.top_p,
+            quantize=args.quantize,
+            compress_downlink=args.compress_downlink,
+            eval_every=int(pick("eval_every")),
+            eval_tasks=int(pick("eval_tasks")),
+            final_eval_tasks=int(pick("final_eval_tasks")),
+            arms=arms,
+            budget_minutes=args.budget_minutes,
+            data_dir=args.data_dir,
+            extra=extra,
+        )
+        started = time.perf_counter()
+        with progress_bar() as progress:
+            experiment = Experiment(settings, progress)
+            experiment.run()
+    except (ValueError, KeyError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    summary = write_outputs(experiment, args.out, time.perf_counter() - started)
+    metric = summary["main_metric"]
+    for arm, entry in summary["arms"].items():
+        for test, row in entry["meta_test"].items():
+            extra_acc = f"  acc {row['acc_after']:.3f}" if "acc_after" in row else ""
+            bytes_text = (
+                f"  {entry['bytes_per_round_mean']:.0f} B/round" if "bytes_per_round_mean" in entry else ""
+            )
+            console.print(
+                f"{arm:17} {test:8} {metric} {row[metric]:.4f} ± {row[metric + '_ci95']:.4f}"
+                f"{extra_acc}{bytes_text}  ({entry['rounds_done']} rounds, {entry['train_seconds']:.0f} s)"
+            )
+    console.print(f"wrote {args.out}/metrics.csv, summary.json, meta_test.png, bytes_per_round.png")
+    return 0

@@ -1,0 +1,400 @@
+"""One simulation run: FedReptile and its baselines on a scenario, measured in the same run.
+
+Arms (all start from the same seeded initial weights and run the same rounds):
+
+* ``fedreptile``        FedReptile as configured (serial or parallel, compression, local layers)
+* ``fedreptile-dense``  the same with dense fp32 both ways (only when ``fedreptile`` compresses):
+                        the reference for the communication trade-off
+* ``fedavg``            Flower's stock FedAvg on the same devices, same nodes and steps per round
+* ``central``           centralised Reptile on fresh tasks (upper bound)
+* ``random``            the initial weights, never trained
+
+Each arm is meta-tested on the scenario's unseen tasks every ``eval_every`` rounds
+(``eval_tasks`` of them) and at the end (all of them). Bytes are what the grid
+measured for every train message, both directions.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.serverapp.strategy import FedAvg, Strategy
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from tinyfleet.client import learners
+from tinyfleet.client.data_sources import close_shared_sources
+from tinyfleet.client.handlers import HandlerRegistry, default_handlers
+from tinyfleet.client.meta_learners import recent_samples
+from tinyfleet.common.arrays import to_array_record
+from tinyfleet.common.models import build_model
+from tinyfleet.common.reptile_protocol import parse_layers
+from tinyfleet.server.strategies import FedReptile
+from tinyfleet.server.strategies.fedreptile import epsilon_at
+from tinyfleet.simulations.central_reptile import central_reptile
+from tinyfleet.simulations.meta_eval import MetaTestProtocol, meta_test
+from tinyfleet.simulations.rounds import RoundReport, run_rounds
+from tinyfleet.simulations.scenarios import Scenario, scenario_module
+from tinyfleet.simulations.sim_grid import SimGrid
+
+ARMS = ("fedreptile", "fedreptile-dense", "fedavg", "central", "random")
+
+
+@dataclass
+class RunSettings:
+    """Every knob of a run; written into summary.json so a run can be repeated."""
+
+    scenario: str
+    rounds: int
+    seed: int = 0
+    devices: int = 20
+    epsilon: float = 0.1
+    epsilon_final: float = 0.0
+    epsilon_schedule: str = "linear"
+    serial: bool = True
+    visit_order: str = "round-robin"
+    fraction: float = 0.25
+    inner_steps: int = 5
+    inner_lr: float = 0.02
+    inner_batch: int = 10
+    inner_optimizer: str = "sgd"
+    inner_samples: int = 0
+    local_layers: str = ""
+    reconstruct_steps: int = 0
+    top_p: float = 1.0
+    quantize: str = "none"
+    compress_downlink: bool = False
+    eval_every: int = 1000
+    eval_tasks: int = 50
+    final_eval_tasks: int = 200
+    arms: tuple[str, ...] = ARMS
+    budget_minutes: float | None = None
+    data_dir: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # scenario-specific knobs (e.g. ways)
+
+    @property
+    def compressed(self) -> bool:
+        return self.top_p < 1.0 or self.quantize != "none"
+
+
+@dataclass
+class Row:
+    """One meta-test point of one arm (a line of metrics.csv)."""
+
+    arm: str
+    round: int
+    test: str
+    tasks: int
+    loss_before: float
+    loss_after: float
+    loss_after_ci95: float
+    acc_before: float | None
+    acc_after: float | None
+    acc_after_ci95: float | None
+    train_seconds: float
+    bytes_down_per_round: float
+    bytes_up_per_round: float
+
+
+@dataclass
+class ArmResult:
+    arm: str
+    rounds_done: int
+    train_seconds: float
+    bytes_down: int = 0
+    bytes_up: int = 0
+    round_bytes: list[int] = field(default_factory=list)  # train bytes (down + up) of every round
+    up_bytes: list[int] = field(default_factory=list)
+
+
+class Experiment:
+    def __init__(self, settings: RunSettings, progress: Progress | None = None) -> None:
+        unknown = set(settings.arms) - set(ARMS)
+        if unknown:
+            raise ValueError(f"unknown arm(s) {sorted(unknown)}; known: {', '.join(ARMS)}")
+        self.settings = settings
+        self.scenario: Scenario = scenario_module(settings.scenario).build(settings)
+        self.local_layers = parse_layers(settings.local_layers)
+        self.protocol = MetaTestProtocol(
+            steps=self.scenario.eval_steps,
+            lr=self.scenario.eval_lr,
+            optimizer=settings.inner_optimizer,
+            local_layers=self.local_layers,
+            reconstruct_steps=settings.reconstruct_steps,
+        )
+        self.initial = to_array_record(
+            build_model(self.scenario.model, seed=settings.seed, **self.scenario.model_kwargs)
+        )
+        self.progress = progress
+        self.rows: list[Row] = []
+        self.results: dict[str, ArmResult] = {}
+
+    # -- public -----------------------------------------------------------------
+    def run(self) -> None:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+        arms = [a for a in ARMS if a in self.settings.arms]
+        if "fedreptile-dense" in arms and not self.settings.compressed:
+            arms.remove("fedreptile-dense")  # fedreptile is already dense
+        for arm in arms:
+            getattr(self, "_run_" + arm.replace("-", "_"))()
+
+    def evaluate(
+        self, arm: str, server_round: int, arrays: ArrayRecord, result: ArmResult, final: bool
+    ) -> None:
+        limit = None if final else self.settings.eval_tasks
+        recent = max(1, len(result.round_bytes[-self.settings.eval_every :]))
+        down = sum(result.round_bytes[-recent:]) - sum(result.up_bytes[-recent:])
+        up = sum(result.up_bytes[-recent:])
+        for name, tasks in self.scenario.meta_tests.items():
+            m = meta_test(
+                self.scenario.model,
+                arrays,
+                tasks,
+                self.protocol,
+                model_kwargs=self.scenario.model_kwargs,
+                limit=limit,
+            )
+            self.rows.append(
+                Row(
+                    arm=arm,
+                    round=server_round,
+                    test=name,
+                    tasks=int(m["tasks"]),
+                    loss_before=m["loss_before"],
+                    loss_after=m["loss_after"],
+                    loss_after_ci95=m["loss_after_ci95"],
+                    acc_before=m.get("acc_before"),
+                    acc_after=m.get("acc_after"),
+                    acc_after_ci95=m.get("acc_after_ci95"),
+                    train_seconds=round(result.train_seconds, 3),
+                    bytes_down_per_round=down / recent if result.round_bytes else 0.0,
+                    bytes_up_per_round=up / recent if result.round_bytes else 0.0,
+                )
+            )
+
+    # -- arms -------------------------------------------------------------------
+    def _run_fedreptile(self) -> None:
+        s = self.settings
+        self._federated(
+            "fedreptile",
+            self._fedreptile(s.top_p, s.quantize, s.compress_downlink),
+            default_handlers(),
+            self._reptile_config(),
+        )
+
+    def _run_fedreptile_dense(self) -> None:
+        self._federated(
+            "fedreptile-dense",
+            self._fedreptile(1.0, "none", False),
+            default_handlers(),
+            self._reptile_config(),
+        )
+
+    def _run_fedavg(self) -> None:
+        s = self.settings
+        per_round = 1 if s.serial else self._parallel_count()
+        random.seed(s.seed)  # Flower's FedAvg samples with the global `random`
+        strategy = FedAvg(
+            fraction_train=per_round / s.devices,
+            fraction_evaluate=0.0,
+            min_train_nodes=per_round,
+            min_available_nodes=per_round,
+        )
+        handlers = HandlerRegistry()
+        learners.register_all(handlers)
+        if self.scenario.episodic:
+            handlers.register("train")(_new_task_first(learners.train))
+        config = ConfigRecord(
+            {
+                **self._model_config(),
+                "local_steps": s.inner_steps,
+                "lr": s.inner_lr,
+                "batch_size": s.inner_batch,
+            }
+        )
+        self._federated("fedavg", strategy, handlers, config)
+
+    def _run_central(self) -> None:
+        s = self.settings
+        result = ArmResult("central", 0, 0.0)
+        self.evaluate("central", 0, self.initial, result, final=False)
+        task = self._bar("central")
+        clock = _Clock()
+
+        def on_round(server_round: int, current: Callable[[], ArrayRecord]) -> bool:
+            result.rounds_done, result.train_seconds = server_round, clock.train
+            self._advance(task)
+            stop = self._out_of_budget(clock.train)
+            if server_round % s.eval_every == 0 and server_round < s.rounds and not stop:
+                with clock.paused():
+                    self.evaluate("central", server_round, current(), result, final=False)
+            return stop
+
+        with clock.running():
+            arrays = central_reptile(
+                self.scenario.model,
+                self.initial,
+                lambda i: recent_samples(self.scenario.central_task(i), s.inner_samples),
+                s.rounds,
+                epsilon=lambda r: epsilon_at(r, s.epsilon, s.epsilon_final, s.epsilon_schedule, s.rounds),
+                tasks_per_round=1 if s.serial else self._parallel_count(),
+                inner_steps=s.inner_steps,
+                inner_lr=s.inner_lr,
+                inner_batch=s.inner_batch,
+                inner_optimizer=s.inner_optimizer,
+                local_layers=self.local_layers,
+                reconstruct_steps=s.reconstruct_steps,
+                model_kwargs=self.scenario.model_kwargs,
+                on_round=on_round,
+            )
+        result.train_seconds = clock.train
+        self.evaluate("central", result.rounds_done, arrays, result, final=True)
+        self.results["central"] = result
+
+    def _run_random(self) -> None:
+        result = ArmResult("random", 0, 0.0)
+        self.evaluate("random", 0, self.initial, result, final=True)
+        self.results["random"] = result
+
+    # -- helpers ----------------------------------------------------------------
+    def _fedreptile(self, top_p: float, quantize: str, compress_downlink: bool) -> FedReptile:
+        s = self.settings
+        return FedReptile(
+            epsilon=s.epsilon,
+            epsilon_final=s.epsilon_final,
+            epsilon_schedule=s.epsilon_schedule,
+            num_rounds=s.rounds,
+            serial=s.serial,
+            visit_order=s.visit_order,
+            fraction_train=s.fraction,
+            fraction_evaluate=0.0,
+            inner_steps=s.inner_steps,
+            inner_lr=s.inner_lr,
+            inner_batch=s.inner_batch,
+            inner_optimizer=s.inner_optimizer,
+            inner_samples=s.inner_samples,
+            local_layers=self.local_layers,
+            reconstruct_steps=s.reconstruct_steps,
+            top_p=top_p,
+            quantize=quantize,
+            compress_downlink=compress_downlink,
+            seed=s.seed,
+        )
+
+    def _model_config(self) -> dict[str, Any]:
+        return {
+            "model": self.scenario.model,
+            **{f"model.{k}": v for k, v in self.scenario.model_kwargs.items()},
+        }
+
+    def _reptile_config(self) -> ConfigRecord:
+        return ConfigRecord(self._model_config())
+
+    def _parallel_count(self) -> int:
+        return max(1, int(self.settings.devices * self.settings.fraction))
+
+    def _federated(
+        self, arm: str, strategy: Strategy, handlers: HandlerRegistry, config: ConfigRecord
+    ) -> None:
+        s = self.settings
+        close_shared_sources()  # every arm replays the devices' streams from their start
+        grid = SimGrid.from_data_specs(
+            self.scenario.device_specs, handlers=handlers, seed=s.seed, keep_sent=False
+        )
+        result = ArmResult(arm, 0, 0.0)
+        self.evaluate(arm, 0, self.initial, result, final=False)
+        task = self._bar(arm)
+        clock = _Clock()
+
+        def on_round(report: RoundReport, arrays: ArrayRecord) -> bool:
+            up = report.bytes_up
+            result.round_bytes.append(report.bytes_down + up)
+            result.up_bytes.append(up)
+            result.bytes_down += report.bytes_down
+            result.bytes_up += up
+            result.rounds_done, result.train_seconds = report.round, clock.train
+            self._advance(task)
+            stop = self._out_of_budget(clock.train)
+            if report.round % s.eval_every == 0 and report.round < s.rounds and not stop:
+                with clock.paused():
+                    self.evaluate(arm, report.round, arrays, result, final=False)
+            return stop
+
+        with clock.running():
+            arrays = run_rounds(
+                strategy, grid, self.initial, s.rounds, train_config=config, on_round=on_round
+            )
+        result.train_seconds = clock.train
+        self.evaluate(arm, result.rounds_done, arrays, result, final=True)
+        self.results[arm] = result
+
+    def _bar(self, arm: str) -> int | None:
+        if self.progress is None:
+            return None
+        return self.progress.add_task(arm, total=self.settings.rounds)
+
+    def _advance(self, task: int | None) -> None:
+        if self.progress is not None and task is not None:
+            self.progress.advance(task)
+
+    def _out_of_budget(self, train_seconds: float) -> bool:
+        budget = self.settings.budget_minutes
+        return budget is not None and train_seconds >= budget * 60.0
+
+    def settings_dict(self) -> dict[str, Any]:
+        data = asdict(self.settings)
+        data["arms"] = list(self.settings.arms)
+        return data
+
+
+class _Clock:
+    """Training wall time of an arm, excluding the meta-test pauses."""
+
+    def __init__(self) -> None:
+        self._spent = 0.0
+        self._since: float | None = None
+
+    @property
+    def train(self) -> float:
+        return self._spent + (time.perf_counter() - self._since if self._since is not None else 0.0)
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        self._since = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._spent, self._since = self.train, None
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        self._spent, self._since = self.train, None
+        try:
+            yield
+        finally:
+            self._since = time.perf_counter()
+
+
+def _new_task_first(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """A stock handler on an episodic device: start a fresh task, then train as usual."""
+
+    def wrapped(message: Message, context: Context) -> Message:
+        learners.node_source(context).new_task()  # type: ignore[attr-defined]
+        return handler(message, context)
+
+    return wrapped
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description:<17}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=False,
+    )

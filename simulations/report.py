@@ -1,0 +1,160 @@
+"""What a simulation run leaves behind: metrics.csv, summary.json and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from tinyfleet.simulations.experiment import Experiment, Row
+
+
+def write_outputs(experiment: Experiment, out: Path, wall_seconds: float) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(experiment.rows, out / "metrics.csv")
+    summary = summarize(experiment, wall_seconds)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    plot(experiment, out)
+    return summary
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[f.name for f in fields(Row)])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(asdict(row))
+
+
+def final_rows(experiment: Experiment) -> dict[str, dict[str, Row]]:
+    """The last meta-test of each arm and test (the one over all tasks)."""
+    last: dict[str, dict[str, Row]] = {}
+    for row in experiment.rows:
+        last.setdefault(row.arm, {})[row.test] = row
+    return last
+
+
+def summarize(experiment: Experiment, wall_seconds: float) -> dict[str, Any]:
+    scenario = experiment.scenario
+    metric = scenario.main_metric
+    finals = final_rows(experiment)
+    arms: dict[str, Any] = {}
+    for arm, tests in finals.items():
+        result = experiment.results.get(arm)
+        entry: dict[str, Any] = {
+            "rounds_done": result.rounds_done if result else 0,
+            "train_seconds": round(result.train_seconds, 2) if result else 0.0,
+            "meta_test": {
+                name: {k: v for k, v in asdict(row).items() if k not in ("arm", "test") and v is not None}
+                for name, row in tests.items()
+            },
+        }
+        if result and result.round_bytes:
+            entry["bytes_per_round_mean"] = statistics.fmean(result.round_bytes)
+            entry["bytes_per_round_median"] = statistics.median(result.round_bytes)
+            entry["bytes_up_per_round_mean"] = statistics.fmean(result.up_bytes)
+            entry["bytes_down_per_round_mean"] = (
+                entry["bytes_per_round_mean"] - entry["bytes_up_per_round_mean"]
+            )
+            entry["bytes_total"] = result.bytes_down + result.bytes_up
+        arms[arm] = entry
+    summary: dict[str, Any] = {
+        "scenario": scenario.name,
+        "model": scenario.model,
+        "main_metric": metric,
+        "config": experiment.settings_dict(),
+        "meta_test_protocol": {
+            "steps": scenario.eval_steps,
+            "lr": scenario.eval_lr,
+            "optimizer": experiment.protocol.optimizer,
+            "tasks": {n: len(t) for n, t in scenario.meta_tests.items()},
+        },
+        "arms": arms,
+        "wall_seconds": round(wall_seconds, 1),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+    }
+    if "fedreptile" in arms and "fedreptile-dense" in arms:
+        summary["communication"] = communication(arms["fedreptile"], arms["fedreptile-dense"], metric)
+    return summary
+
+
+def communication(compressed: dict[str, Any], dense: dict[str, Any], metric: str) -> dict[str, Any]:
+    """Bytes saved by compression and what it cost in meta-test quality."""
+    out: dict[str, Any] = {
+        "round_bytes_ratio_dense_over_compressed": dense["bytes_per_round_mean"]
+        / compressed["bytes_per_round_mean"],
+        "round_bytes_ratio_median": dense["bytes_per_round_median"] / compressed["bytes_per_round_median"],
+        "uplink_bytes_ratio": dense["bytes_up_per_round_mean"] / compressed["bytes_up_per_round_mean"],
+        "downlink_bytes_ratio": dense["bytes_down_per_round_mean"] / compressed["bytes_down_per_round_mean"],
+    }
+    for name, row in compressed["meta_test"].items():
+        c, d = row[metric], dense["meta_test"][name][metric]
+        out[f"{name}:{metric}:compressed"] = c
+        out[f"{name}:{metric}:dense"] = d
+        out[f"{name}:{metric}:relative_change"] = (c - d) / d if d else None
+    return out
+
+
+def plot(experiment: Experiment, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tests = list(experiment.scenario.meta_tests)
+    classification = any(r.acc_after is not None for r in experiment.rows)
+    metrics = [("loss_after", "meta-test loss after adaptation")]
+    if classification:
+        metrics.append(("acc_after", "meta-test accuracy after adaptation"))
+    fig, axes = plt.subplots(
+        len(metrics), len(tests), figsize=(6 * len(tests), 4 * len(metrics)), squeeze=False
+    )
+    for i, (key, label) in enumerate(metrics):
+        for j, test in enumerate(tests):
+            ax = axes[i][j]
+            for arm in dict.fromkeys(r.arm for r in experiment.rows):
+                points = [
+                    (r.round, getattr(r, key)) for r in experiment.rows if r.arm == arm and r.test == test
+                ]
+                if arm == "random":
+                    ax.axhline(points[0][1], linestyle="--", color="grey", label="random init")
+                else:
+                    ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=arm)
+            ax.set_xlabel("round")
+            ax.set_ylabel(label)
+            ax.set_title(f"{experiment.scenario.name}: {test}")
+            if key == "loss_after" and not classification:
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "meta_test.png", dpi=120)
+    plt.close(fig)
+
+    federated = [a for a, r in experiment.results.items() if r.round_bytes]
+    if not federated:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for arm in federated:
+        result = experiment.results[arm]
+        ax.plot(range(1, len(result.round_bytes) + 1), result.round_bytes, linewidth=0.6, label=arm)
+    ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.set_ylabel("bytes per round (train messages, both ways)")
+    ax.set_title(f"{experiment.scenario.name}: communication")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "bytes_per_round.png", dpi=120)
+    plt.close(fig)

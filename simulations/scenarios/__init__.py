@@ -1,0 +1,41 @@
+"""Simulation scenarios: a fleet of devices, a model, and the meta-test that scores it.
+
+`tinyfleet sim run NAME` looks scenarios up here. Each module defines the
+defaults of its knobs (`DEFAULTS`) and `build(settings)`, returning a `Scenario`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tinyfleet.client.data_sources import DataSource
+from tinyfleet.simulations.meta_eval import TaskSet
+
+#: scenario name -> module (imported on demand: omniglot loads data, sine does not)
+SCENARIOS: dict[str, str] = {
+    "sine-reptile": "tinyfleet.simulations.scenarios.sine",
+    "omniglot-reptile": "tinyfleet.simulations.scenarios.omniglot",
+}
+
+
+@dataclass
+class Scenario:
+    name: str
+    model: str
+    device_specs: list[str]
+    meta_tests: dict[str, TaskSet]  # name (e.g. "1-shot") -> fixed unseen tasks
+    eval_steps: int
+    eval_lr: float
+    central_task: Callable[[int], DataSource]  # i -> stream of the i-th fresh training task
+    episodic: bool = False  # devices start a new task each round (new_task())
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    main_metric: str = "loss_after"  # what the headline and targets read
+
+
+def scenario_module(name: str) -> Any:
+    if name not in SCENARIOS:
+        raise KeyError(f"unknown scenario {name!r}; known: {', '.join(sorted(SCENARIOS))}")
+    return importlib.import_module(SCENARIOS[name])

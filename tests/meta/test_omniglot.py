@@ -1,0 +1,79 @@
+"""Omniglot loading, the non-IID device stream and meta-test tasks, on a tiny made-up dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tinyfleet.client.data_sources import open_source
+from tinyfleet.simulations import omniglot
+
+ALPHABETS = (("A", 3), ("B", 4), ("C", 5), ("D", 3))  # 15 characters
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(omniglot, "BACKGROUND_ALPHABETS", ALPHABETS)
+    omniglot.load_split.cache_clear()
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "omniglot"
+    folder.mkdir()
+    for split, chars in (("background", 15), ("evaluation", 8)):
+        images = rng.random((chars, 20, 105, 105)) > 0.1  # True = background, as in the real files
+        labels = np.repeat(np.arange(chars)[:, None], 20, axis=1)
+        np.savez(folder / f"images_{split}.npz", images=images, labels=labels)
+    yield tmp_path
+    omniglot.load_split.cache_clear()
+
+
+def test_missing_data_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "omniglot" / "images_background.npz")):
+        omniglot.load_split("background", str(tmp_path))
+
+
+def test_images_are_28x28_with_ink_as_one(data_dir: Path) -> None:
+    images = omniglot.load_split("background", str(data_dir))
+    assert images.shape == (15, 20, 1, 28, 28)
+    assert 0.0 < float(images.mean()) < 0.5  # ink (False in the file) is the minority
+
+
+def test_devices_see_disjoint_alphabets_and_labels_stay_within_ways(data_dir: Path) -> None:
+    streams = [open_source(f"omniglot:device={d},devices=2,ways=3,seed=1,dir={data_dir}") for d in range(2)]
+    pools = [set(s.pool // 4) for s in streams]
+    assert pools[0].isdisjoint(pools[1])
+    assert pools[0] | pools[1] == set(range(15))
+    x, y = streams[0].next(12)
+    assert x.shape == (12, 1, 28, 28) and y.dtype == torch.int64 and int(y.max()) < 3
+    tasks = set()
+    for _ in range(5):
+        streams[0].new_task()
+        assert set(streams[0].classes) <= set(streams[0].pool)
+        tasks.add(tuple(streams[0].classes))
+    assert len(tasks) > 1
+
+
+def test_holdout_is_fixed_class_interleaved_and_from_held_back_drawers(data_dir: Path) -> None:
+    stream = open_source(f"omniglot:device=0,devices=2,ways=3,seed=1,dir={data_dir}")
+    x1, y1 = stream.holdout(9)
+    stream.next(30)
+    x2, y2 = stream.holdout(9)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and y1.tolist() == [0, 1, 2] * 3
+    images = omniglot.load_split("background", str(data_dir))
+    char, rotation = divmod(int(stream._holdout_classes[0]), 4)
+    expected = torch.rot90(images[char, omniglot.HELD_BACK_DRAWERS[0]], rotation, dims=(1, 2))
+    assert torch.equal(x1[0], expected)
+
+
+def test_meta_test_tasks_use_evaluation_characters_and_repeat(data_dir: Path) -> None:
+    tasks = omniglot.OmniglotTaskSet(data_dir, count=3, ways=3, shots=1, queries=2, seed=0)
+    sx, sy, qx, qy = tasks.episode(1)
+    assert sx.shape == (3, 1, 28, 28) and qx.shape == (6, 1, 28, 28)
+    assert sorted(sy.tolist()) == [0, 1, 2] and sorted(qy.tolist()) == [0, 0, 1, 1, 2, 2]
+    assert torch.equal(tasks.episode(1)[2], qx)
+
+
+def test_bad_device_spec_is_refused(data_dir: Path) -> None:
+    with pytest.raises(ValueError, match="device"):
+        open_source(f"omniglot:device=5,devices=2,dir={data_dir}")
