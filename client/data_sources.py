@@ -125,3 +125,11 @@ class SineStream:
 
     def holdout(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._draw(n, torch.Generator().manual_seed(self._holdout_seed))
+
+
+@register_source("omniglot")
+def omniglot_source(**params: str) -> DataSource:
+    """`omniglot:device=D,devices=N,ways=5,seed=S[,dir=DATA]`: one device of a non-IID Omniglot fleet."""
+    from tinyfleet.simulations.omniglot import OmniglotDeviceStream
+
+    return OmniglotDeviceStream.from_spec(**params)
