@@ -390,10 +390,13 @@ class Registry:
     def select(self, sparql: str) -> list[dict[str, Any]]:
         """Rows of a SELECT as {variable: pyoxigraph term or None}."""
         result = self.store.query(sparql)
-        if not isinstance(result, ox.QuerySolutions):
-            raise ValueError("expected a SELECT query")
-        names = [v.value for v in result.variables]
-        return [{name: row[name] for name in names} for row in result]
+        try:
+            if not isinstance(result, ox.QuerySolutions):
+                raise ValueError("expected a SELECT query")
+            names = [v.value for v in result.variables]
+            return [{name: row[name] for name in names} for row in result]
+        finally:
+            del result  # pyoxigraph iterators must die in the thread that made them
 
     def named(self, name: str, params: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
         return self.select(render(name, params))

@@ -63,20 +63,31 @@ class Materialized:
 def run_query(
     store: RegistryStore, sparql: str, *, max_rows: int, cancelled: threading.Event
 ) -> Materialized:
-    """Evaluate and read at most `max_rows` rows, checking `cancelled` between rows."""
+    """Evaluate and read at most `max_rows` rows, checking `cancelled` between rows.
+
+    Runs in a worker thread; pyoxigraph result iterators must be dropped in the
+    thread that made them, so rows are copied out as plain term lists and the
+    iterator is deleted here even when the read stops with an exception.
+    """
     result = store.query(sparql)
-    if isinstance(result, ox.QueryBoolean):
-        return Materialized("ask", [], [], bool(result))
-    rows: list[Any] = []
-    for row in result:  # type: ignore[union-attr]
-        if cancelled.is_set():
-            raise QueryTimedOut
-        rows.append(row)
-        if len(rows) > max_rows:
-            raise RowLimitExceeded
-    if isinstance(result, ox.QuerySolutions):
-        return Materialized("select", [v.value for v in result.variables], rows)
-    return Materialized("graph", [], rows)
+    try:
+        if isinstance(result, ox.QueryBoolean):
+            return Materialized("ask", [], [], bool(result))
+        variables = [v.value for v in result.variables] if isinstance(result, ox.QuerySolutions) else []
+        rows: list[Any] = []
+        for row in result:  # type: ignore[union-attr]
+            if cancelled.is_set():
+                raise QueryTimedOut
+            rows.append([row[name] for name in variables] if variables else row)
+            if len(rows) > max_rows:
+                raise RowLimitExceeded
+        return (
+            Materialized("select", variables, rows)
+            if isinstance(result, ox.QuerySolutions)
+            else Materialized("graph", [], rows)
+        )
+    finally:
+        del result
 
 
 def _term_json(term: Any) -> dict[str, str]:
@@ -96,7 +107,7 @@ def results_json(result: Materialized) -> bytes:
     if result.kind == "ask":
         return json.dumps({"head": {}, "boolean": result.boolean}).encode()
     bindings = [
-        {name: _term_json(row[name]) for name in result.variables if row[name] is not None}
+        {name: _term_json(term) for name, term in zip(result.variables, row, strict=True) if term is not None}
         for row in result.rows
     ]
     return json.dumps({"head": {"vars": result.variables}, "results": {"bindings": bindings}}).encode()

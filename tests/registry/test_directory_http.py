@@ -130,7 +130,9 @@ def test_ttl_expiry_search_and_well_known(
 def served(registry: Registry) -> Iterator[str]:
     """The registry app on a real uvicorn bound to 127.0.0.1 (a free port), stopped after the test."""
     app = registry_app(registry, access=Access(admin_token=TOKEN))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", ws="none")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
