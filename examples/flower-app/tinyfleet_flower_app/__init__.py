@@ -1,0 +1,1 @@
+"""tinyfleet on a stock Flower deployment: the ServerApp and ClientApp components of this Flower App."""
