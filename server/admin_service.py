@@ -78,6 +78,8 @@ class AdminService(fleet_pb2_grpc.AdminServicer):
                     "this coordinator has no registry to evaluate eligibility queries; "
                     "remove the field or start the coordinator with a registry",
                 )
+            if spec.round.eligible and self.eligibility is not None:
+                self.eligibility(spec)  # a bad query is refused now, not when the job starts
         except JobSpecError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         job = await asyncio.to_thread(

@@ -65,6 +65,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                        help="largest task or reply accepted (default: 64 MiB)")
     start.add_argument("--heartbeat-interval", type=float, default=5.0,
                        help="seconds between agent heartbeats (3 missed close the stream)")
+    start.add_argument("--registry", default=None,
+                       help="SPARQL 1.1 dataset server for the fleet registry (BASE/query, BASE/update); "
+                            "default: an embedded store in DATA_DIR/registry")
     start.set_defaults(func=_server_start)
 
     devices = server_sub.add_parser(
@@ -146,10 +149,16 @@ def _server_start(args: argparse.Namespace) -> int:
         print("error: --max-message-bytes must be positive", file=sys.stderr)
         return 2
     from sqlalchemy.exc import SQLAlchemyError
+    from tinyfleet.server.registry.coordinator_hooks import CoordinatorRegistry
+    from tinyfleet.server.registry.store import StoreError
 
     try:
-        return run(settings)
-    except (OSError, ValueError, SQLAlchemyError) as exc:
+        registry = CoordinatorRegistry.open(settings.data_dir, args.registry, settings.admin_token)
+        try:
+            return run(settings, registry.hooks())
+        finally:
+            registry.registry.store.close()
+    except (OSError, ValueError, SQLAlchemyError, StoreError) as exc:
         print(f"error: cannot start the coordinator: {exc}", file=sys.stderr)
         return 1
 

@@ -24,7 +24,7 @@ import os
 import signal
 import socket
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +73,8 @@ class Hooks:
     describe_device: DescribeDevice = describe_device
     http_routes: Sequence[BaseRoute] = field(default_factory=list)
     eligibility: Eligibility | None = None
+    #: Runs for the daemon's lifetime once SQL is open (the registry's projector); cancelled at stop.
+    background: Callable[[Repository], Awaitable[None]] | None = None
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -110,6 +112,7 @@ class Coordinator:
         self._http: _EmbeddedUvicorn | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._background: asyncio.Task[None] | None = None
         self.runner: JobRunner | None = None
         self.hub = ConnectionHub()
         self.listen_address = ""
@@ -167,6 +170,8 @@ class Coordinator:
         if settings.http:
             await self._start_http(settings.http)
         self._flusher = asyncio.create_task(self._flush_liveness())
+        if self.hooks.background is not None:
+            self._background = asyncio.create_task(self.hooks.background(self.repo))
         self.runner.start()
         write_json_atomically(self.ready_file, {
             "pid": os.getpid(),
@@ -235,6 +240,9 @@ class Coordinator:
         if self._flusher is not None:
             self._flusher.cancel()
             await asyncio.gather(self._flusher, return_exceptions=True)
+        if self._background is not None:
+            self._background.cancel()
+            await asyncio.gather(self._background, return_exceptions=True)
         self.engine.dispose()
         self.ready_file.unlink(missing_ok=True)
         log.info("coordinator stopped")

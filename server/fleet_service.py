@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -72,7 +73,13 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         try:
             device_id, normalized = self.describe(bytes(request.description), request.media_type)
         except DescriptionError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid description: {exc}")
+            # The registry's validator lists every problem as {path, message}: sent as JSON
+            # in the trailing metadata entry "validation-errors".
+            errors = getattr(exc, "errors", None)
+            trailer = (("validation-errors", json.dumps(errors)),) if errors else ()
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"invalid description: {exc}", trailing_metadata=trailer
+            )
         is_admin = bool(self.admin_token) and token_matches(
             bearer_token(context.invocation_metadata()), self.admin_token
         )

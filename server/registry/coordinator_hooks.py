@@ -1,0 +1,138 @@
+"""The registry plugged into the coordinator daemon (`tinyfleet.server.daemon.Hooks`).
+
+- describe_device: registrations are validated by the registry (TD checks + SHACL);
+  a refusal carries the {path, message} list (`errors`), which the Fleet service
+  returns with INVALID_ARGUMENT.
+- http_routes: /sparql, /things..., /search/sparql, /.well-known/wot, /events.
+- eligibility: a job's `eligible` query (SPARQL or named query) becomes the node
+  filter FleetGrid applies each time it selects nodes, i.e. every round, so a
+  description that changes mid-job changes who takes part from the next round.
+- background: the outbox projector (SQL -> store, catching up after a crash)
+  and the purge of expired directory registrations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pyoxigraph as ox
+from starlette.routing import BaseRoute
+from tinyfleet.common.jobspec import JobSpecError
+from tinyfleet.ontology.catalog import QueryError, resolve_query
+from tinyfleet.server.descriptions import DescriptionError
+from tinyfleet.server.registry.directory_http import purge_loop
+from tinyfleet.server.registry.events import EventHub
+from tinyfleet.server.registry.http_app import registry_routes
+from tinyfleet.server.registry.http_common import Access
+from tinyfleet.server.registry.projector import Projector
+from tinyfleet.server.registry.registry import Registry
+from tinyfleet.server.registry.store import open_store
+from tinyfleet.server.registry.validation import DescriptionInvalid
+
+if TYPE_CHECKING:
+    from tinyfleet.common.jobspec import JobSpec
+    from tinyfleet.server.daemon import Hooks
+    from tinyfleet.server.repository import Repository
+
+log = logging.getLogger(__name__)
+
+
+class RegistryDescriptionError(DescriptionError):
+    """A description the registry refused; `errors` is the [{path, message}] list."""
+
+    def __init__(self, invalid: DescriptionInvalid) -> None:
+        super().__init__(str(invalid))
+        self.errors = invalid.as_list()
+
+
+class EligibilityError(JobSpecError):
+    """A job's `eligible` setting that is not a usable query (refused at submission)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("round.eligible", message)
+
+
+class CoordinatorRegistry:
+    def __init__(self, registry: Registry, *, admin_token: str | None = None) -> None:
+        self.registry = registry
+        self.hub = EventHub()
+        self.admin_token = admin_token
+        self.repo: Repository | None = None
+
+    @classmethod
+    def open(
+        cls, data_dir: Path, registry_url: str | None = None, admin_token: str | None = None
+    ) -> CoordinatorRegistry:
+        return cls(Registry(open_store(data_dir, registry_url)), admin_token=admin_token)
+
+    def describe_device(self, description: bytes, media_type: str) -> tuple[str, bytes]:
+        """SQL keeps the description as the device sent it; the projector re-derives its graph."""
+        try:
+            prepared = self.registry.prepare(description, media_type)
+        except DescriptionInvalid as exc:
+            raise RegistryDescriptionError(exc) from exc
+        return prepared.thing_id, description
+
+    def verify_device(self, device_id: str, token: str) -> bool:
+        from tinyfleet.server.auth import verify_credential
+
+        device = self.repo.get_device(device_id) if self.repo is not None else None
+        return device is not None and verify_credential(token, device.credential_hash)
+
+    def routes(self) -> list[BaseRoute]:
+        access = Access(admin_token=self.admin_token, verify_device=self.verify_device)
+        return list(registry_routes(self.registry, self.hub, access=access))
+
+    def eligibility(self, spec: JobSpec) -> Callable[[], set[int]] | None:
+        if not spec.round.eligible:
+            return None
+        try:
+            query = resolve_query(spec.round.eligible)
+            result = ox.Store().query(query)  # parses it; an empty store answers at once
+        except QueryError as exc:
+            raise EligibilityError(str(exc)) from exc
+        except SyntaxError as exc:
+            raise EligibilityError(f"not valid SPARQL: {exc}") from exc
+        names = [v.value for v in result.variables] if isinstance(result, ox.QuerySolutions) else []
+        del result
+        if "device" not in names:
+            raise EligibilityError("must be a SELECT query returning ?device")
+
+        def eligible_nodes() -> set[int]:
+            devices = set(self.registry.eligible(query))
+            if self.repo is None or not devices:
+                return set()
+            return {d.node_id for d in self.repo.list_devices() if d.device_id in devices}
+
+        return eligible_nodes
+
+    async def background(self, repo: Repository) -> None:
+        """Projector and expiry purge, until cancelled (the daemon's lifetime)."""
+        self.repo = repo
+        projector = Projector(self.registry, repo)
+        applied = await asyncio.to_thread(projector.catch_up)
+        if applied.rows:
+            log.info("registry caught up with %d outbox row(s)", applied.rows)
+        tasks = [asyncio.create_task(projector.run()), asyncio.create_task(purge_loop(self.registry))]
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+    def hooks(self) -> Hooks:
+        from tinyfleet.server.daemon import Hooks
+
+        return Hooks(
+            describe_device=self.describe_device,
+            http_routes=self.routes(),
+            eligibility=self.eligibility,
+            background=self.background,
+        )

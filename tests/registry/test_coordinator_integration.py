@@ -1,0 +1,160 @@
+"""The registry inside the coordinator: validated registration, projection with catch-up after a
+crash, /sparql and /things on the daemon's HTTP address, eligibility re-evaluated per round."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from tinyfleet.common.jobspec import JobSpecError, parse_job_spec
+from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
+from tinyfleet.server.daemon import Coordinator, Hooks, ServerSettings
+from tinyfleet.server.database import default_url, open_database
+from tinyfleet.server.registry.coordinator_hooks import CoordinatorRegistry
+from tinyfleet.server.repository import Repository
+
+TOKEN = "admin-token"
+TD_JSON = "application/td+json"
+
+
+class CoordinatorThread:
+    """A real coordinator on 127.0.0.1, on its own event loop thread (as the daemon runs it)."""
+
+    def __init__(self, data_dir: Path, hooks: Hooks) -> None:
+        settings = ServerSettings(
+            data_dir=data_dir,
+            listen="127.0.0.1:0",
+            http="127.0.0.1:0",
+            admin_token=TOKEN,
+            heartbeat_interval_s=2.0,
+        )
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.coordinator = Coordinator(settings, hooks)
+        self._call(self.coordinator.start())
+
+    def _call(self, coro: Coroutine[object, object, object]) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
+
+    @property
+    def address(self) -> str:
+        return self.coordinator.listen_address
+
+    def stop(self) -> None:
+        try:
+            self._call(self.coordinator.stop())
+            self._call(_cancel_leftovers())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+async def _cancel_leftovers() -> None:
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _start(data_dir: Path) -> tuple[CoordinatorThread, CoordinatorRegistry]:
+    registry = CoordinatorRegistry.open(data_dir, admin_token=TOKEN)
+    thread = CoordinatorThread(data_dir, registry.hooks())
+    return thread, registry
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[tuple[CoordinatorThread, CoordinatorRegistry]]:
+    thread, registry = _start(tmp_path / "coord")
+    try:
+        yield thread, registry
+    finally:
+        thread.stop()
+        registry.registry.store.close()
+
+
+def _wait_for(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_registration_is_validated_and_projected(
+    running: tuple[CoordinatorThread, CoordinatorRegistry], make_td: Callable[..., bytes]
+) -> None:
+    thread, registry = running
+    with grpc.insecure_channel(thread.address) as channel:
+        stub = fleet_pb2_grpc.FleetStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Register(fleet_pb2.RegisterRequest(description=make_td(ram_kb=-1), media_type=TD_JSON))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        trailer = dict(refused.value.trailing_metadata())
+        errors = json.loads(trailer["validation-errors"])
+        assert [e["path"].split()[-1] for e in errors] == ["tf:ramKB"]
+        stub.Register(fleet_pb2.RegisterRequest(description=make_td(sensors=("Camera",)), media_type=TD_JSON))
+    _wait_for(lambda: registry.registry.exists("urn:tinyfleet:device:pi-01"))
+    base = f"http://{thread.coordinator.http_address}"
+    answer = httpx.get(
+        f"{base}/sparql", params={"query": "SELECT ?d WHERE { ?d a <https://w3id.org/tinyfleet#Device> }"}
+    )
+    assert [b["d"]["value"] for b in answer.json()["results"]["bindings"]] == ["urn:tinyfleet:device:pi-01"]
+    assert httpx.get(f"{base}/things/urn:tinyfleet:device:pi-01").json()["title"] == "pi-01"
+
+
+def test_the_registry_catches_up_after_a_crash_between_sql_commit_and_projection(
+    tmp_path: Path, make_td: Callable[..., bytes]
+) -> None:
+    data_dir = tmp_path / "coord"
+    thread, registry = _start(data_dir)
+    thread.stop()
+    registry.registry.store.close()
+    # What a crash right after the SQL commit leaves: the row and its outbox entry, no RDF.
+    repo = Repository(open_database(default_url(data_dir)))
+    repo.create_device("urn:tinyfleet:device:late", 42, "sha256$x", make_td("late"), TD_JSON)
+    repo.engine.dispose()
+    thread, registry = _start(data_dir)
+    try:
+        _wait_for(lambda: registry.registry.exists("urn:tinyfleet:device:late"))
+        assert registry.registry.last_applied_seq() >= 1
+    finally:
+        thread.stop()
+        registry.registry.store.close()
+
+
+def test_eligibility_is_checked_at_submission_and_re_evaluated_each_call(
+    tmp_path: Path, make_td: Callable[..., bytes]
+) -> None:
+    from tinyfleet.server.registry.projector import Projector
+    from tinyfleet.server.registry.registry import Registry
+    from tinyfleet.server.registry.store import EmbeddedStore
+
+    repo = Repository(open_database(default_url(tmp_path)))
+    hooks = CoordinatorRegistry(Registry(EmbeddedStore(None)))
+    hooks.repo = repo
+    repo.create_device("urn:tinyfleet:device:a", 101, "sha256$x", make_td("a", sensors=("Camera",)), TD_JSON)
+    repo.create_device("urn:tinyfleet:device:b", 102, "sha256$x", make_td("b"), TD_JSON)
+    projector = Projector(hooks.registry, repo)
+    projector.catch_up()
+    job = 'name = "j"\nstrategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 2\n[round]\neligible = "{}"\n'
+    nodes = hooks.eligibility(parse_job_spec(job.format("eligible-devices sensors=sosa_extend:Camera")))
+    assert nodes is not None and nodes() == {101}
+    # b gains a camera mid-job: the next selection sees it.
+    repo.replace_description("urn:tinyfleet:device:b", make_td("b", sensors=("Camera",)), TD_JSON)
+    projector.catch_up()
+    assert nodes() == {101, 102}
+    for bad, message in (
+        ("no-such-query", "no named query"),
+        ("SELECT ?x WHERE { ?x ?p }", "not valid SPARQL"),
+        ("SELECT ?x WHERE { ?x ?p ?o }", r"returning \?device"),
+    ):
+        with pytest.raises(JobSpecError, match=message):
+            hooks.eligibility(parse_job_spec(job.format(bad)))
