@@ -18,7 +18,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pyoxigraph as ox
 from starlette.routing import BaseRoute
@@ -29,7 +29,7 @@ from tinyfleet.server.registry.directory_http import purge_loop
 from tinyfleet.server.registry.events import EventHub
 from tinyfleet.server.registry.http_app import registry_routes
 from tinyfleet.server.registry.http_common import Access
-from tinyfleet.server.registry.projector import Projector
+from tinyfleet.server.registry.projector import ArtifactProjector, Projector
 from tinyfleet.server.registry.registry import Registry
 from tinyfleet.server.registry.store import open_store
 from tinyfleet.server.registry.validation import DescriptionInvalid
@@ -58,8 +58,9 @@ class EligibilityError(JobSpecError):
 
 
 class CoordinatorRegistry:
-    def __init__(self, registry: Registry, *, admin_token: str | None = None) -> None:
+    def __init__(self, registry: Registry, *, admin_token: str | None = None, blobs: Any = None) -> None:
         self.registry = registry
+        self.blobs = blobs  # the coordinator's ArtifactStore: round artifacts are described from it
         self.hub = EventHub()
         self.admin_token = admin_token
         self.repo: Repository | None = None
@@ -68,7 +69,12 @@ class CoordinatorRegistry:
     def open(
         cls, data_dir: Path, registry_url: str | None = None, admin_token: str | None = None
     ) -> CoordinatorRegistry:
-        return cls(Registry(open_store(data_dir, registry_url)), admin_token=admin_token)
+        from tinyfleet.server.artifacts import ArtifactStore
+
+        store = open_store(data_dir, registry_url)
+        return cls(
+            Registry(store), admin_token=admin_token, blobs=ArtifactStore(Path(data_dir) / "artifacts")
+        )
 
     def describe_device(self, description: bytes, media_type: str) -> tuple[str, bytes]:
         """SQL keeps the description as the device sent it; the projector re-derives its graph."""
@@ -119,6 +125,10 @@ class CoordinatorRegistry:
         if applied.rows:
             log.info("registry caught up with %d outbox row(s)", applied.rows)
         tasks = [asyncio.create_task(projector.run()), asyncio.create_task(purge_loop(self.registry))]
+        if self.blobs is not None:
+            tasks.append(
+                asyncio.create_task(_every(ArtifactProjector(self.registry, repo, self.blobs).catch_up))
+            )
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -136,3 +146,14 @@ class CoordinatorRegistry:
             eligibility=self.eligibility,
             background=self.background,
         )
+
+
+async def _every(step: Callable[[], object], interval_s: float = 1.0) -> None:
+    """Run a blocking step in a worker thread every `interval_s` until cancelled; failures are
+    logged and retried (a remote store can be briefly unreachable)."""
+    while True:
+        try:
+            await asyncio.to_thread(step)
+        except Exception:
+            log.exception("registry background step failed; retrying")
+        await asyncio.sleep(interval_s)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -145,3 +146,78 @@ def rebuild(
     registry.put_many([], seq=seq)
     applied.rows = seq
     return applied
+
+
+WATERMARK = "https://w3id.org/tinyfleet#artifactsDescribedUntil"
+XSD_DOUBLE = "http://www.w3.org/2001/XMLSchema#double"
+
+
+class ArtifactProjector:
+    """Describes each round's artifact (provenance, contributors, memory needs) once its round
+    is committed in SQL; the rounds' finished_at watermark lives in the store, written in the
+    same update as the description, so a crash neither loses nor duplicates one."""
+
+    def __init__(self, registry: Registry, source: OutboxSource, blobs: Any, *, batch: int = 20) -> None:
+        self.registry = registry
+        self.source = source
+        self.blobs = blobs
+        self.batch = batch
+
+    def watermark(self) -> float:
+        value = self.registry.meta_value(WATERMARK)
+        return float(value.value) if value is not None else 0.0
+
+    def catch_up(self) -> int:
+        import pyoxigraph as ox
+        from tinyfleet.common.flower_adapter import array_record_from_bytes
+        from tinyfleet.common.jobspec import parse_job_spec
+        from tinyfleet.server.registry import updates
+        from tinyfleet.server.registry.artifact_description import artifact_iri, describe_round_artifact
+        from tinyfleet.server.schema import artifacts, jobs, node_results, rounds
+
+        described = 0
+        while True:
+            with self.source.engine.connect() as conn:
+                rows = conn.execute(
+                    sa.select(rounds, artifacts.c.parent_sha, jobs.c.spec_toml)
+                    .join(artifacts, artifacts.c.sha256 == rounds.c.artifact_sha)
+                    .join(jobs, jobs.c.id == rounds.c.job_id)
+                    .where(rounds.c.finished_at > self.watermark())
+                    .order_by(rounds.c.finished_at)
+                    .limit(self.batch)
+                ).all()
+                contributors: dict[tuple[int, int], list[int]] = defaultdict(list)
+                for job_id, round_number in {(r.job_id, r.round) for r in rows}:
+                    for (node_id,) in conn.execute(
+                        sa.select(node_results.c.node_id).where(
+                            node_results.c.job_id == job_id,
+                            node_results.c.round == round_number,
+                            node_results.c.phase == "train",
+                            node_results.c.status == "replied",
+                        )
+                    ):
+                        contributors[(job_id, round_number)].append(node_id)
+            if not rows:
+                return described
+            devices = {d.node_id: d.device_id for d in self.source.list_devices()}  # type: ignore[attr-defined]
+            for row in rows:
+                spec = parse_job_spec(row.spec_toml)
+                metrics = {f"train.{k}": v for k, v in (row.train_metrics or {}).items()}
+                metrics.update({f"evaluate.{k}": v for k, v in (row.eval_metrics or {}).items()})
+                triples = describe_round_artifact(
+                    sha=row.artifact_sha,
+                    job_id=row.job_id,
+                    round_number=row.round,
+                    strategy=spec.strategy,
+                    model_name=spec.model,
+                    parent_sha=row.parent_sha,
+                    finished_at=row.finished_at,
+                    contributors=[devices[n] for n in contributors[(row.job_id, row.round)] if n in devices],
+                    metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+                    arrays=array_record_from_bytes(self.blobs.get(row.artifact_sha)),
+                )
+                stamp = ox.Literal(repr(float(row.finished_at)), datatype=ox.NamedNode(XSD_DOUBLE))
+                self.registry.put_graph(
+                    artifact_iri(row.artifact_sha), triples, also=updates.set_meta(WATERMARK, stamp)
+                )
+                described += 1

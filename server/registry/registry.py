@@ -267,13 +267,16 @@ class Registry:
             extra.append(ox.Triple(thing, _TD_DOCUMENT, ox.Literal(text, datatype=_RDF_JSON)))
         return prepared.triples + extra
 
-    def put_graph(self, graph: str, triples: Iterable[ox.Triple], *, seq: int | None = None) -> None:
-        """Replace a graph the coordinator itself describes (artifacts, rounds, deployments)."""
+    def put_graph(
+        self, graph: str, triples: Iterable[ox.Triple], *, seq: int | None = None, also: str = ""
+    ) -> None:
+        """Replace a graph the coordinator itself describes (artifacts, rounds, deployments),
+        SHACL-validated, in one update with `also` (e.g. a projection watermark)."""
         triples = updates.skolemize(list(triples), graph)
         problems = self._validator.validate(triples)
         if problems:
             raise DescriptionInvalid(problems)
-        operations = [updates.replace_graph(graph, triples)]
+        operations = [updates.replace_graph(graph, triples), also]
         if seq is not None:
             operations.append(updates.set_last_seq(seq))
         with self._write_lock:
@@ -301,6 +304,13 @@ class Registry:
         if any(operations):
             with self._write_lock:
                 self.store.update(updates.combine(*operations))
+
+    def meta_value(self, prop: str) -> ox.Literal | None:
+        query = (
+            f"SELECT ?v WHERE {{ GRAPH <{updates.META_GRAPH}> {{ <{updates.REGISTRY_IRI}> <{prop}> ?v }} }}"
+        )
+        rows = self.select(query)
+        return rows[0]["v"] if rows else None
 
     def last_applied_seq(self) -> int:
         pattern = f"<{updates.REGISTRY_IRI}> <{TF}lastAppliedSeq> ?seq"

@@ -72,6 +72,15 @@ def set_last_seq(seq: int) -> str:
     )
 
 
+def set_meta(prop: str, value: ox.Literal) -> str:
+    """Replace one value of the registry's own metadata (e.g. a projection watermark)."""
+    meta, registry, name = ox.NamedNode(META_GRAPH), ox.NamedNode(REGISTRY_IRI), ox.NamedNode(prop)
+    return (
+        f"DELETE WHERE {{ GRAPH {meta} {{ {registry} {name} ?value }} }} ;\n"
+        f"INSERT DATA {{ GRAPH {meta} {{ {registry} {name} {value} }} }}"
+    )
+
+
 def combine(*updates: str) -> str:
     """Several operations as one update request (applied in one transaction)."""
     return " ;\n".join(u for u in updates if u)
