@@ -16,12 +16,13 @@ job at its last finished round.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
-from flwr.app import ArrayRecord, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from tinyfleet.common.flower_adapter import (
     array_record_from_bytes,
     array_record_to_bytes,
@@ -203,6 +204,9 @@ class JobRunner:
                 f"(waited {settings.wait_for_nodes_s:g} s before round {server_round})"
             )
         self.grid.reference_arrays = arrays
+        # Flower's strategies sample nodes with the global `random`: seed it per round so a
+        # job samples the same way on the same fleet (and again after a resume).
+        random.seed(f"{spec.seed}:{server_round}")
         train_started = time.monotonic()
         try:
             replies = self._exchange(
@@ -228,6 +232,7 @@ class JobRunner:
         eval_started = time.monotonic()
         self.grid.reference_arrays = new_arrays
         eval_metrics = None
+        eval_replies: list[Message] = []
         try:
             eval_replies = self._exchange(
                 lambda: strategy.configure_evaluate(
@@ -243,8 +248,8 @@ class JobRunner:
         evaluate = self.grid.take_deliveries()
         eval_s = time.monotonic() - eval_started
 
-        nodes = [_node_result("train", d) for d in train] + [
-            _node_result("evaluate", d) for d in evaluate
+        nodes = [_node_result("train", d, replies) for d in train] + [
+            _node_result("evaluate", d, eval_replies) for d in evaluate
         ]
         finished = time.time()
         record = RoundRecord(
@@ -288,7 +293,7 @@ class JobRunner:
             raise _Stopping
 
 
-def _node_result(phase: str, delivery: Delivery) -> NodeResult:
+def _node_result(phase: str, delivery: Delivery, replies: list[Message]) -> NodeResult:
     return NodeResult(
         phase=phase,
         node_id=delivery.node_id,
@@ -297,7 +302,19 @@ def _node_result(phase: str, delivery: Delivery) -> NodeResult:
         bytes_down=delivery.bytes_down,
         bytes_up=delivery.bytes_up,
         compute_s=delivery.compute_s,
+        metrics=_reply_metrics(delivery, replies),
     )
+
+
+def _reply_metrics(delivery: Delivery, replies: list[Message]) -> dict[str, Any] | None:
+    """The metrics a node reported with its (valid) reply, for per-node tables."""
+    if delivery.status != REPLIED:
+        return None
+    for reply in replies:
+        if reply.metadata.src_node_id == delivery.node_id and not reply.has_error():
+            records = list(reply.content.metric_records.values())
+            return metrics_dict(records[0]) if records else None
+    return None
 
 
 def _drop_summary(deliveries: list[Delivery]) -> str:

@@ -128,6 +128,9 @@ def test_job_runs_rounds_checkpoints_and_records_everything(fleet: Fleet) -> Non
         assert {(n["phase"], n["status"]) for n in r["nodes"]} == {("train", "replied"),
                                                                    ("evaluate", "replied")}
         assert all(n["compute_s"] > 0 for n in r["nodes"])
+        for node in r["nodes"]:  # what each node reported, for per-node tables
+            key = "train_loss" if node["phase"] == "train" else "eval_loss"
+            assert node["metrics"][key] > 0
         arrays = array_record_from_bytes(store.get(r["artifact_sha"]))
         assert np.isfinite(arrays["0.weight"].numpy()).all()
     losses = [r["eval_metrics"]["eval_loss"] for r in rounds]
