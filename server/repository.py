@@ -151,6 +151,14 @@ class Repository:
             raise DeviceExistsError(device_id) from exc
         return Device(**values)
 
+    def delete_device(self, device_id: str) -> bool:
+        """Forget a device (the registry directory's DELETE); False if it was not there."""
+        with self.engine.begin() as conn:
+            gone = conn.execute(devices.delete().where(devices.c.device_id == device_id)).rowcount
+            if gone:
+                self._outbox(conn, "device.deleted", device_id, {})
+        return bool(gone)
+
     def replace_description(self, device_id: str, description: bytes, media_type: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(

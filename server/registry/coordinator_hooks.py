@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,7 @@ from tinyfleet.server.registry.events import EventHub
 from tinyfleet.server.registry.http_app import registry_routes
 from tinyfleet.server.registry.http_common import Access
 from tinyfleet.server.registry.projector import ArtifactProjector, Projector
-from tinyfleet.server.registry.registry import Registry
+from tinyfleet.server.registry.registry import Prepared, Registry
 from tinyfleet.server.registry.store import open_store
 from tinyfleet.server.registry.validation import DescriptionInvalid
 
@@ -64,6 +65,7 @@ class CoordinatorRegistry:
         self.hub = EventHub()
         self.admin_token = admin_token
         self.repo: Repository | None = None
+        self.projector: Projector | None = None
 
     @classmethod
     def open(
@@ -92,7 +94,7 @@ class CoordinatorRegistry:
 
     def routes(self) -> list[BaseRoute]:
         access = Access(admin_token=self.admin_token, verify_device=self.verify_device)
-        return list(registry_routes(self.registry, self.hub, access=access))
+        return list(registry_routes(self.registry, self.hub, writer=SqlWriter(self), access=access))
 
     def eligibility(self, spec: JobSpec) -> Callable[[], set[int]] | None:
         if not spec.round.eligible:
@@ -120,11 +122,14 @@ class CoordinatorRegistry:
     async def background(self, repo: Repository) -> None:
         """Projector and expiry purge, until cancelled (the daemon's lifetime)."""
         self.repo = repo
-        projector = Projector(self.registry, repo)
+        projector = self.projector = Projector(self.registry, repo)
         applied = await asyncio.to_thread(projector.catch_up)
         if applied.rows:
             log.info("registry caught up with %d outbox row(s)", applied.rows)
-        tasks = [asyncio.create_task(projector.run()), asyncio.create_task(purge_loop(self.registry))]
+        tasks = [
+            asyncio.create_task(projector.run()),
+            asyncio.create_task(purge_loop(self.registry, SqlWriter(self))),
+        ]
         if self.blobs is not None:
             tasks.append(
                 asyncio.create_task(_every(ArtifactProjector(self.registry, repo, self.blobs).catch_up))
@@ -146,6 +151,45 @@ class CoordinatorRegistry:
             eligibility=self.eligibility,
             background=self.background,
         )
+
+
+@dataclass(frozen=True)
+class SqlWriter:
+    """Directory writes on the daemon: SQL first (system of record, outbox row in the same
+    transaction), then the projector, so the RDF is current when the response goes out."""
+
+    owner: CoordinatorRegistry
+
+    def _started(self) -> tuple[Repository, Projector]:
+        if self.owner.repo is None or self.owner.projector is None:
+            raise RuntimeError("the coordinator is still starting; retry")
+        return self.owner.repo, self.owner.projector
+
+    def put(self, prepared: Prepared, data: bytes, media_type: str) -> bool:
+        from tinyfleet.server.auth import hash_credential, new_credential, new_node_id
+        from tinyfleet.server.repository import DeviceExistsError
+
+        repo, projector = self._started()
+        created = False
+        if repo.get_device(prepared.thing_id) is None:
+            try:
+                # Its agent registers later with the admin token to get a credential it knows.
+                repo.create_device(
+                    prepared.thing_id, new_node_id(), hash_credential(new_credential()), data, media_type
+                )
+                created = True
+            except DeviceExistsError:
+                pass
+        if not created:
+            repo.replace_description(prepared.thing_id, data, media_type)
+        projector.catch_up()
+        return created
+
+    def delete(self, thing_id: str) -> bool:
+        repo, projector = self._started()
+        gone = repo.delete_device(thing_id)
+        projector.catch_up()
+        return gone
 
 
 async def _every(step: Callable[[], object], interval_s: float = 1.0) -> None:

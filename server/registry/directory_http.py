@@ -14,7 +14,8 @@ import json
 import logging
 import urllib.parse
 import uuid
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import anyio
 from starlette.requests import Request
@@ -22,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from tinyfleet.server.registry.events import EVENT_TYPES, EventHub, sse_response
 from tinyfleet.server.registry.http_common import Access, problem
-from tinyfleet.server.registry.registry import Registry
+from tinyfleet.server.registry.registry import Prepared, Registry
 from tinyfleet.server.registry.sparql_http import sparql_routes
 from tinyfleet.server.registry.thing_description import JSON_MEDIA_TYPES, TURTLE_MEDIA_TYPES
 from tinyfleet.server.registry.validation import DescriptionInvalid
@@ -148,15 +149,37 @@ def directory_td(base_url: str) -> dict[str, Any]:
     }
 
 
+class ThingWriter(Protocol):
+    """Where directory writes go: straight into the registry (standalone), or through the
+    coordinator's SQL (system of record) and its projector."""
+
+    def put(self, prepared: Prepared, data: bytes, media_type: str) -> bool: ...
+
+    def delete(self, thing_id: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class RegistryWriter:
+    registry: Registry
+
+    def put(self, prepared: Prepared, data: bytes, media_type: str) -> bool:
+        return self.registry.put(prepared)
+
+    def delete(self, thing_id: str) -> bool:
+        return self.registry.delete(thing_id)
+
+
 def directory_routes(
     registry: Registry,
     hub: EventHub,
     *,
+    writer: ThingWriter | None = None,
     access: Access | None = None,
     query_timeout_s: float = 30.0,
     max_rows: int = 10_000,
 ) -> list[Route]:
     access = access or Access()
+    writer = writer or RegistryWriter(registry)
     registry.subscribe(hub.publish)
 
     async def list_things(request: Request) -> Response:
@@ -198,7 +221,7 @@ def directory_routes(
             )
         except DescriptionInvalid as exc:
             return invalid(exc)
-        await anyio.to_thread.run_sync(registry.put, prepared)
+        await anyio.to_thread.run_sync(writer.put, prepared, body, media)
         return Response(status_code=201, headers={"location": f"/things/{thing_id}"})
 
     async def get_thing(request: Request) -> Response:
@@ -221,7 +244,7 @@ def directory_routes(
             )
         except DescriptionInvalid as exc:
             return invalid(exc)
-        created = await anyio.to_thread.run_sync(registry.put, prepared)
+        created = await anyio.to_thread.run_sync(writer.put, prepared, body, media)
         return Response(status_code=201 if created else 204)
 
     async def patch_thing(request: Request) -> Response:
@@ -253,7 +276,7 @@ def directory_routes(
             )
         except DescriptionInvalid as exc:
             return invalid(exc)
-        await anyio.to_thread.run_sync(registry.put, prepared)
+        await anyio.to_thread.run_sync(writer.put, prepared, data, TD_JSON)
         return Response(status_code=204)
 
     async def delete_thing(request: Request) -> Response:
@@ -264,7 +287,7 @@ def directory_routes(
                 "Unauthorized",
                 f"deleting {thing_id!r} needs the admin token or that device's credential",
             )
-        existed = await anyio.to_thread.run_sync(registry.delete, thing_id)
+        existed = await anyio.to_thread.run_sync(writer.delete, thing_id)
         if not existed:
             return problem(404, "Not found", f"no Thing {thing_id!r} in the directory")
         return Response(status_code=204)
@@ -299,11 +322,19 @@ def directory_routes(
     ]
 
 
-async def purge_loop(registry: Registry, interval_s: float = 30.0) -> None:
-    """Remove expired registrations every `interval_s` until cancelled."""
+async def purge_loop(registry: Registry, writer: ThingWriter | None = None, interval_s: float = 30.0) -> None:
+    """Remove expired registrations (through `writer`) every `interval_s` until cancelled."""
+    writer = writer or RegistryWriter(registry)
+
+    def purge() -> list[str]:
+        gone = registry.expired()
+        for thing_id in gone:
+            writer.delete(thing_id)
+        return gone
+
     while True:
         try:
-            gone = await anyio.to_thread.run_sync(registry.purge_expired)
+            gone = await anyio.to_thread.run_sync(purge)
             if gone:
                 log.info("purged %d expired Thing Description(s)", len(gone))
         except Exception:  # a failed purge must not end the loop; it is retried next interval

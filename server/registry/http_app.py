@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.routing import Route
-from tinyfleet.server.registry.directory_http import directory_routes, purge_loop
+from tinyfleet.server.registry.directory_http import ThingWriter, directory_routes, purge_loop
 from tinyfleet.server.registry.events import EventHub
 from tinyfleet.server.registry.http_common import Access
 from tinyfleet.server.registry.registry import Registry
@@ -24,6 +24,7 @@ def registry_routes(
     registry: Registry,
     hub: EventHub,
     *,
+    writer: ThingWriter | None = None,
     access: Access | None = None,
     query_timeout_s: float = 30.0,
     max_rows: int = 10_000,
@@ -31,7 +32,9 @@ def registry_routes(
     access = access or Access()
     return [
         *sparql_routes(registry.store, access=access, timeout_s=query_timeout_s, max_rows=max_rows),
-        *directory_routes(registry, hub, access=access, query_timeout_s=query_timeout_s, max_rows=max_rows),
+        *directory_routes(
+            registry, hub, writer=writer, access=access, query_timeout_s=query_timeout_s, max_rows=max_rows
+        ),
     ]
 
 
@@ -47,7 +50,7 @@ def registry_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        task = asyncio.create_task(purge_loop(registry, purge_interval_s))
+        task = asyncio.create_task(purge_loop(registry, interval_s=purge_interval_s))
         try:
             yield
         finally:

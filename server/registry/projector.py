@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import threading
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ class Projector:
         self.registry = registry
         self.source = source
         self.batch = batch
+        self._lock = threading.Lock()  # the daemon's loop and directory writes both catch up
 
     def apply(self, rows: Sequence[dict[str, Any]]) -> Applied:
         """Apply outbox rows (in sequence order) as one update recording the last sequence."""
@@ -69,9 +71,15 @@ class Projector:
             return applied
         puts: dict[str, Prepared] = {}
         liveness: dict[str, tuple[bool, dt.datetime | None]] = {}
+        deletes: dict[str, None] = {}
         for row in rows:
             kind, subject, payload = row["kind"], row["subject"], row["payload"] or {}
-            if kind in {"device.registered", "device.updated"}:
+            if kind == "device.deleted":
+                puts.pop(subject, None)
+                liveness.pop(subject, None)
+                deletes[subject] = None
+            elif kind in {"device.registered", "device.updated"}:
+                deletes.pop(subject, None)
                 data = str(payload.get("description", "")).encode("utf-8")
                 try:
                     puts[subject] = self.registry.prepare(
@@ -86,12 +94,19 @@ class Projector:
             else:
                 log.warning("outbox %s: unknown change kind %r skipped", row["seq"], kind)
                 applied.skipped += 1
-        self.registry.put_many(list(puts.values()), liveness=liveness, seq=int(rows[-1]["seq"]))
+        present = [d for d in deletes if self.registry.exists(d)]
+        self.registry.put_many(
+            list(puts.values()), liveness=liveness, deletes=present, seq=int(rows[-1]["seq"])
+        )
         applied.descriptions, applied.liveness = len(puts), len(liveness)
         return applied
 
     def catch_up(self) -> Applied:
         """Apply everything after the store's last recorded sequence; returns the totals."""
+        with self._lock:
+            return self._catch_up()
+
+    def _catch_up(self) -> Applied:
         total = Applied()
         while True:
             rows = self.source.outbox_since(self.registry.last_applied_seq(), limit=self.batch)

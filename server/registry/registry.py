@@ -189,11 +189,12 @@ class Registry:
         *,
         extra_graphs: Mapping[str, list[ox.Triple]] | None = None,
         liveness: Mapping[str, tuple[bool, dt.datetime | None]] | None = None,
+        deletes: Sequence[str] = (),
         seq: int | None = None,
     ) -> list[bool]:
         """Write many things (and already validated `extra_graphs`, e.g. imported models, and
         liveness changes) in ONE update: all or nothing. True per newly created thing."""
-        if not items and not extra_graphs and not liveness and seq is None:
+        if not items and not extra_graphs and not liveness and not deletes and seq is None:
             return []
         with self._write_lock:
             existing = self._registrations([p.thing_id for p in items])
@@ -216,11 +217,15 @@ class Registry:
                 operations.append(updates.replace_graph(graph, triples))
             if liveness:
                 operations.append(updates.liveness(liveness))
+            if deletes:
+                operations += [updates.drop_graphs(deletes), updates.forget_liveness(deletes)]
             if seq is not None:
                 operations.append(updates.set_last_seq(seq))
             self.store.update(updates.combine(*operations))
         for prepared, is_new in zip(items, created, strict=True):
             self._emit("thing_created" if is_new else "thing_updated", prepared.thing_id)
+        for thing_id in deletes:
+            self._emit("thing_deleted", thing_id)
         return created
 
     def bulk_load(

@@ -158,3 +158,21 @@ def test_eligibility_is_checked_at_submission_and_re_evaluated_each_call(
     ):
         with pytest.raises(JobSpecError, match=message):
             hooks.eligibility(parse_job_spec(job.format(bad)))
+
+
+def test_directory_writes_on_the_daemon_go_through_sql(
+    running: tuple[CoordinatorThread, CoordinatorRegistry], make_td: Callable[..., bytes]
+) -> None:
+    thread, registry = running
+    base = f"http://{thread.coordinator.http_address}"
+    admin = {"authorization": f"Bearer {TOKEN}", "content-type": TD_JSON}
+    thing = "urn:tinyfleet:device:pi-01"
+    _wait_for(lambda: registry.repo is not None and registry.projector is not None)
+    assert httpx.put(f"{base}/things/{thing}", content=make_td(), headers=admin).status_code == 201
+    assert registry.repo.get_device(thing) is not None  # SQL, the system of record, has it
+    assert httpx.get(f"{base}/things/{thing}").json()["ramKB"] == 512  # and RDF is already current
+    assert httpx.put(f"{base}/things/{thing}", content=make_td(ram_kb=64), headers=admin).status_code == 204
+    assert registry.repo.get_device(thing).description == make_td(ram_kb=64)
+    assert httpx.delete(f"{base}/things/{thing}", headers=admin).status_code == 204
+    assert registry.repo.get_device(thing) is None
+    assert httpx.get(f"{base}/things/{thing}").status_code == 404
