@@ -14,9 +14,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import Strategy
-from tinyfleet.common.arrays import to_array_record
 from tinyfleet.common.jobspec import JobSpec, JobSpecError, resolve_strategy_class
-from tinyfleet.common.models import build_model
 
 
 def round_defaults(spec: JobSpec) -> dict[str, Any]:
@@ -89,4 +87,8 @@ def evaluate_config(spec: JobSpec) -> ConfigRecord:
 
 
 def initial_arrays(spec: JobSpec) -> ArrayRecord:
+    """The job's starting model (torch is imported here so `tinyfleet job submit` stays light)."""
+    from tinyfleet.common.arrays import to_array_record
+    from tinyfleet.common.models import build_model
+
     return to_array_record(build_model(spec.model, seed=spec.seed))
