@@ -45,6 +45,9 @@ from tinyfleet.server.connections import ConnectionHub
 log = logging.getLogger(__name__)
 
 ARRAYS_KEY = "arrays"
+#: Flower's `sample_nodes` polls get_node_ids every second while it waits for nodes; calls
+#: this far apart past the wait window are that loop, not one configure step asking twice.
+POLL_GAP_S = 0.5
 
 
 class GridClosedError(RuntimeError):
@@ -83,9 +86,8 @@ class FleetGrid(TrackingGrid):
         self._pending: dict[str, _Pending] = {}
         self._replies: dict[str, Message] = {}
         self._closed = False
-        self._phase_started = time.monotonic()
+        self._phase_started = self._last_call = time.monotonic()
         self._phase_wait_s = float("inf")
-        self._phase_calls = 0
         hub.add_listener(self)
 
     # -- nodes -------------------------------------------------------------------
@@ -96,18 +98,18 @@ class FleetGrid(TrackingGrid):
         return online
 
     def begin_phase(self, wait_s: float) -> None:
-        """Start a configure step: repeated node queries past `wait_s` raise instead of looping."""
-        self._phase_started = time.monotonic()
+        """Start a configure step: polling for nodes past `wait_s` raises instead of looping."""
+        self._phase_started = self._last_call = time.monotonic()
         self._phase_wait_s = wait_s
-        self._phase_calls = 0
 
     def get_node_ids(self) -> Iterable[int]:
         if self._closed:
             raise GridClosedError("coordinator is stopping")
-        self._phase_calls += 1
+        now = time.monotonic()
+        gap, self._last_call = now - self._last_call, now
         nodes = sorted(self.available_nodes())
-        waited = time.monotonic() - self._phase_started
-        if self._phase_calls > 1 and waited > self._phase_wait_s:
+        waited = now - self._phase_started
+        if waited > self._phase_wait_s and gap >= POLL_GAP_S:
             raise NodeWaitTimeoutError(
                 f"the strategy waited {waited:.0f} s for more nodes than the {len(nodes)} "
                 "eligible online"

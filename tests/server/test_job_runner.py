@@ -137,6 +137,12 @@ def test_job_runs_rounds_checkpoints_and_records_everything(fleet: Fleet) -> Non
     assert losses[-1] < losses[0]  # FedAvg on two sine tasks makes progress
 
 
+def test_no_node_wait_at_all_still_runs_when_the_nodes_are_there(fleet: Fleet) -> None:
+    fleet.agent("ready")
+    job = fleet.run(job_toml(rounds=1, min_nodes=1, wait_s=0.0))
+    assert job["state"] == "finished", job["reason"]
+
+
 def test_quorum_not_reached_fails_the_job_with_the_reason(fleet: Fleet) -> None:
     fleet.agent("only")
     job = fleet.run(job_toml(min_nodes=2, wait_s=0.3))
