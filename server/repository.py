@@ -3,7 +3,8 @@
 Callers (gRPC handlers, the job runner) never build SQL; each method here is one
 unit of work that is committed (durable) before it returns, or rolled back with
 nothing half-written. Device changes append an `outbox` row in the same
-transaction so the registry can project them into RDF later.
+transaction so the registry can project them into RDF later; so does every new
+artifact (kind "artifact.created": job, round, parent, size, encoding, metrics).
 """
 
 from __future__ import annotations
@@ -255,7 +256,7 @@ class Repository:
     def start_job(self, job_id: int, initial: ArtifactRecord) -> None:
         """Mark a queued job running and record its initial model as the round-0 artifact."""
         with self.engine.begin() as conn:
-            self._insert_artifact(conn, initial)
+            self._insert_artifact(conn, initial, {})
             conn.execute(
                 jobs.update().where(jobs.c.id == job_id)
                 .values(state=RUNNING, started_at=time.time())
@@ -271,7 +272,9 @@ class Repository:
         """A finished round: its row, per-node results, artifact row and job progress, atomically."""
         with self.engine.begin() as conn:
             if artifact is not None:
-                self._insert_artifact(conn, artifact)
+                self._insert_artifact(conn, artifact, {
+                    "train_metrics": record.train_metrics, "eval_metrics": record.eval_metrics,
+                })
             values = {k: getattr(record, k) for k in RoundRecord.__dataclass_fields__ if k != "nodes"}
             conn.execute(rounds.insert().values(job_id=job_id, **values))
             if record.nodes:
@@ -332,11 +335,15 @@ class Repository:
             ).first()
         return ArtifactRecord(**row._mapping) if row else None
 
-    @staticmethod
-    def _insert_artifact(conn: sa.Connection, record: ArtifactRecord) -> None:
+    @classmethod
+    def _insert_artifact(
+        cls, conn: sa.Connection, record: ArtifactRecord, metrics: dict[str, Any]
+    ) -> None:
+        """Artifact row plus an outbox row (provenance for the registry), if it is new."""
         exists = conn.execute(
             sa.select(artifacts.c.sha256).where(artifacts.c.sha256 == record.sha256)
         ).first()
         if not exists:  # content-addressed: the same bytes are the same artifact
             conn.execute(artifacts.insert().values(**record.__dict__))
+            cls._outbox(conn, "artifact.created", record.sha256, {**record.__dict__, **metrics})
 

@@ -103,6 +103,10 @@ def test_jobs_queue_fifo_commit_rounds_atomically_and_end(engine: sa.Engine) -> 
     record = RoundRecord(1, 1.0, 2.0, 2, 1, {"train_loss": 1.0}, None, 200, 90, 1.0, 0.8, 0.2,
                          "1" * 64, nodes)
     repo.commit_round(first.id, record, artifact, {"lr": 0.5})
+    created = [r for r in repo.outbox_since(0) if r["kind"] == "artifact.created"]
+    assert [r["subject"] for r in created] == ["0" * 64, "1" * 64]
+    assert created[1]["payload"]["parent_sha"] == "0" * 64
+    assert created[1]["payload"]["train_metrics"] == {"train_loss": 1.0}
     job = repo.get_job(first.id)
     assert job is not None and job.rounds_done == 1 and job.strategy_state == {"lr": 0.5}
     [stored] = repo.get_rounds(first.id)
