@@ -73,7 +73,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--eval-tasks", type=int, help="tasks per intermediate meta-test")
     run.add_argument("--final-eval-tasks", type=int, help="tasks in the final meta-test")
     run.add_argument("--arms", help="comma-separated arms: fedreptile,fedreptile-dense,fedavg,central,random")
-    run.add_argument("--budget-minutes", type=float, help="stop an arm once its training time exceeds this")
+    run.add_argument(
+        "--budget-minutes", type=float, help="stop an arm once its training CPU time exceeds this"
+    )
     run.add_argument("--data-dir", help="folder holding omniglot/ (omniglot-reptile)")
     run.add_argument("--ways", type=int, help="classes per task (omniglot-reptile)")
     run.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
@@ -84,7 +86,7 @@ def run_command(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
     from tinyfleet.simulations.experiment import ARMS, Experiment, RunSettings, progress_bar
-    from tinyfleet.simulations.report import write_outputs
+    from tinyfleet.simulations.report import write_csv, write_outputs
     from tinyfleet.simulations.scenarios import scenario_module
 
     console = Console(stderr=True)
@@ -130,7 +132,10 @@ def run_command(args: argparse.Namespace) -> int:
         )
         started = time.perf_counter()
         with progress_bar() as progress:
-            experiment = Experiment(settings, progress)
+            args.out.mkdir(parents=True, exist_ok=True)
+            experiment = Experiment(
+                settings, progress, on_rows=lambda rows: write_csv(rows, args.out / "metrics.csv")
+            )
             experiment.run()
     except (ValueError, KeyError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
@@ -145,7 +150,8 @@ def run_command(args: argparse.Namespace) -> int:
             )
             console.print(
                 f"{arm:17} {test:8} {metric} {row[metric]:.4f} ± {row[metric + '_ci95']:.4f}"
-                f"{extra_acc}{bytes_text}  ({entry['rounds_done']} rounds, {entry['train_seconds']:.0f} s)"
+                f"{extra_acc}{bytes_text}  ({entry['rounds_done']} rounds, "
+                f"{entry['train_cpu_seconds']:.0f} CPU s)"
             )
     console.print(f"wrote {args.out}/metrics.csv, summary.json, meta_test.png, bytes_per_round.png")
     return 0

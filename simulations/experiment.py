@@ -96,7 +96,7 @@ class Row:
     acc_before: float | None
     acc_after: float | None
     acc_after_ci95: float | None
-    train_seconds: float
+    train_cpu_seconds: float
     bytes_down_per_round: float
     bytes_up_per_round: float
 
@@ -113,7 +113,12 @@ class ArmResult:
 
 
 class Experiment:
-    def __init__(self, settings: RunSettings, progress: Progress | None = None) -> None:
+    def __init__(
+        self,
+        settings: RunSettings,
+        progress: Progress | None = None,
+        on_rows: Callable[[list[Row]], None] | None = None,
+    ) -> None:
         unknown = set(settings.arms) - set(ARMS)
         if unknown:
             raise ValueError(f"unknown arm(s) {sorted(unknown)}; known: {', '.join(ARMS)}")
@@ -131,6 +136,7 @@ class Experiment:
             build_model(self.scenario.model, seed=settings.seed, **self.scenario.model_kwargs)
         )
         self.progress = progress
+        self.on_rows = on_rows  # sees every meta-test as it lands, so long runs can save partial results
         self.rows: list[Row] = []
         self.results: dict[str, ArmResult] = {}
 
@@ -171,11 +177,13 @@ class Experiment:
                     acc_before=m.get("acc_before"),
                     acc_after=m.get("acc_after"),
                     acc_after_ci95=m.get("acc_after_ci95"),
-                    train_seconds=round(result.train_seconds, 3),
+                    train_cpu_seconds=round(result.train_seconds, 3),
                     bytes_down_per_round=down / recent if result.round_bytes else 0.0,
                     bytes_up_per_round=up / recent if result.round_bytes else 0.0,
                 )
             )
+        if self.on_rows is not None:
+            self.on_rows(self.rows)
 
     # -- arms -------------------------------------------------------------------
     def _run_fedreptile(self) -> None:
@@ -353,7 +361,9 @@ class Experiment:
 
 
 class _Clock:
-    """Training wall time of an arm, excluding the meta-test pauses."""
+    """CPU time this process spent training an arm, excluding the meta-test pauses.
+
+    CPU time, not wall time: budgets stay comparable on a shared machine."""
 
     def __init__(self) -> None:
         self._spent = 0.0
@@ -361,11 +371,11 @@ class _Clock:
 
     @property
     def train(self) -> float:
-        return self._spent + (time.perf_counter() - self._since if self._since is not None else 0.0)
+        return self._spent + (time.process_time() - self._since if self._since is not None else 0.0)
 
     @contextmanager
     def running(self) -> Iterator[None]:
-        self._since = time.perf_counter()
+        self._since = time.process_time()
         try:
             yield
         finally:
@@ -377,7 +387,7 @@ class _Clock:
         try:
             yield
         finally:
-            self._since = time.perf_counter()
+            self._since = time.process_time()
 
 
 def _new_task_first(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:

@@ -49,7 +49,7 @@ def summarize(experiment: Experiment, wall_seconds: float) -> dict[str, Any]:
         result = experiment.results.get(arm)
         entry: dict[str, Any] = {
             "rounds_done": result.rounds_done if result else 0,
-            "train_seconds": round(result.train_seconds, 2) if result else 0.0,
+            "train_cpu_seconds": round(result.train_seconds, 2) if result else 0.0,
             "meta_test": {
                 name: {k: v for k, v in asdict(row).items() if k not in ("arm", "test") and v is not None}
                 for name, row in tests.items()
