@@ -176,3 +176,24 @@ def test_directory_writes_on_the_daemon_go_through_sql(
     assert httpx.delete(f"{base}/things/{thing}", headers=admin).status_code == 204
     assert registry.repo.get_device(thing) is None
     assert httpx.get(f"{base}/things/{thing}").status_code == 404
+
+
+def test_query_command_against_the_running_daemon(
+    running: tuple[CoordinatorThread, CoordinatorRegistry],
+    make_td: Callable[..., bytes],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tinyfleet.cli import main
+
+    thread, registry = running
+    base = f"http://{thread.coordinator.http_address}"
+    _wait_for(lambda: registry.repo is not None and registry.projector is not None)
+    admin = {"authorization": f"Bearer {TOKEN}", "content-type": TD_JSON}
+    httpx.put(
+        f"{base}/things/urn:tinyfleet:device:pi-01", content=make_td(sensors=("Camera",)), headers=admin
+    )
+    args = ["query", "--server", base, "--format", "csv", "--named", "eligible-devices"]
+    assert main([*args, "--param", "sensors=sosa_extend:Camera"]) == 0
+    assert capsys.readouterr().out.split() == ["device", "urn:tinyfleet:device:pi-01"]
+    assert main(["query", "--server", base, "SELECT ?x WHERE {"]) == 2
+    assert "SPARQL syntax error" in capsys.readouterr().err
