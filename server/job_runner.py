@@ -195,7 +195,6 @@ class JobRunner:
         parent_sha: str,
     ) -> tuple[ArrayRecord, str]:
         settings = spec.round
-        started = time.time()
         online = self.grid.wait_for_nodes(settings.min_nodes, settings.wait_for_nodes_s)
         self._check_stopping()
         if online < settings.min_nodes:
@@ -203,6 +202,7 @@ class JobRunner:
                 f"quorum not reached: {online} of {settings.min_nodes} nodes online "
                 f"(waited {settings.wait_for_nodes_s:g} s before round {server_round})"
             )
+        started = time.time()  # the round's clock starts once its quorum is online
         self.grid.reference_arrays = arrays
         # Flower's strategies sample nodes with the global `random`: seed it per round so a
         # job samples the same way on the same fleet (and again after a resume).
