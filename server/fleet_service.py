@@ -65,6 +65,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         self.admin_token = admin_token
         self.heartbeat_interval_s = heartbeat_interval_s
         self.max_message_bytes = max_message_bytes
+        self._liveness_locks: dict[str, asyncio.Lock] = {}
 
     # -- Register ----------------------------------------------------------------
     async def Register(
@@ -142,7 +143,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         replaced = self.hub.attach(session)
         if replaced is not None:
             replaced.close("replaced by a newer connection of the same device")
-        await asyncio.to_thread(self.repo.set_online, device.device_id, True)
+        await self._write_liveness(device.device_id, device.node_id)
         log.info("node %d (%s) connected", device.node_id, device.device_id)
         await context.write(fleet_pb2.CoordinatorFrame(welcome=fleet_pb2.Welcome(
             node_id=device.node_id,
@@ -161,9 +162,17 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             reader.cancel()
             if self.hub.detach(session):
                 log.info("node %d (%s) disconnected", device.node_id, device.device_id)
-                await asyncio.to_thread(self.repo.set_online, device.device_id, False)
+                await self._write_liveness(device.device_id, device.node_id)
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+
+    async def _write_liveness(self, device_id: str, node_id: int) -> None:
+        """Write the hub's current view of a device to SQL, one write per device at a time,
+        so a reconnect racing its old stream's end cannot leave the row saying offline."""
+        lock = self._liveness_locks.setdefault(device_id, asyncio.Lock())
+        async with lock:
+            online = node_id in self.hub.online_nodes()
+            await asyncio.to_thread(self.repo.set_online, device_id, online)
 
     async def _read_frames(self, session: Session, context: grpc.aio.ServicerContext) -> None:
         """Dispatch agent frames until the stream ends or goes silent; then end the session."""
