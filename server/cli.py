@@ -62,7 +62,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument("--admin-token", default=os.environ.get("TINYFLEET_ADMIN_TOKEN"),
                        help="require this token for admin calls (default: $TINYFLEET_ADMIN_TOKEN)")
     start.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024,
-                       help="largest task or reply accepted (default: 64 MiB)")
+                       help="largest task or reply accepted (default: 64 MiB); gRPC admits 4 MiB "
+                            "more so an oversized reply is recorded as an error naming its size "
+                            "while the stream stays up")
     start.add_argument("--heartbeat-interval", type=float, default=5.0,
                        help="seconds between agent heartbeats (3 missed close the stream)")
     start.add_argument("--registry", default=None,
