@@ -13,6 +13,7 @@ import json
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from tinyfleet.simulations.local_fleet import LocalFleet
@@ -128,3 +129,23 @@ def test_sigterm_stops_the_coordinator_cleanly(fleet: LocalFleet) -> None:
     assert time.monotonic() - started < 10
     assert not ready.exists()
     assert all(agent.process.poll() is None for agent in fleet.agents[:2])  # agents keep running
+
+
+def test_a_real_agent_over_tls_with_a_throwaway_ca(tmp_path: Path) -> None:
+    from tinyfleet.server.admin_client import AdminClient
+
+    from .harness import throwaway_ca
+
+    ca, cert, key = throwaway_ca(tmp_path)
+    server_args = ["--tls-cert", str(cert), "--tls-key", str(key)]
+    with LocalFleet(tmp_path / "fleet", server_args=server_args, agent_args=["--ca", str(ca)]) as tls:
+        assert tls.start_server()["tls"] is True
+        tls.start_agent("sine:seed=7")
+        with AdminClient(tls.address, ca=ca) as client:
+            deadline = time.monotonic() + 60
+            while not any(d.online for d in client.devices()):
+                assert time.monotonic() < deadline, "the agent did not connect over TLS"
+                time.sleep(0.2)
+            job_id = client.submit(job(1, min_nodes=1, local_steps=5)).job_id
+            states = [info.state for info in client.watch(job_id, timeout=120)]
+        assert states[-1] == "finished"

@@ -3,8 +3,6 @@ admin token, HTTP JSON API, and the whole path over TLS with a throwaway CA."""
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import json
 import ssl
 from collections.abc import Iterator
@@ -17,7 +15,7 @@ from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
 from tinyfleet.server.admin_client import AdminClient
 from tinyfleet.server.daemon import READY_FILE
 
-from .harness import TD, CoordinatorThread, FakeAgent, settings_for, thing
+from .harness import TD, CoordinatorThread, FakeAgent, settings_for, thing, throwaway_ca
 
 TOKEN = "s3cret-admin"
 
@@ -215,44 +213,8 @@ def test_http_api_serves_health_jobs_and_devices(coordinator: CoordinatorThread)
     agent.close()
 
 
-def _throwaway_ca(directory: Path) -> tuple[Path, Path, Path]:
-    """A CA and a server certificate for 127.0.0.1 signed by it (PEM files)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tinyfleet test CA")])
-    ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = directory / "ca.pem", directory / "server.pem", directory / "server.key"
-    paths[0].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    paths[1].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths[2].write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ))
-    return paths
-
-
 def test_fleet_path_over_tls_with_a_throwaway_ca(tmp_path: Path) -> None:
-    ca, cert, key = _throwaway_ca(tmp_path)
+    ca, cert, key = throwaway_ca(tmp_path)
     running = CoordinatorThread(settings_for(tmp_path / "c", tls_cert=cert, tls_key=key,
                                              http="127.0.0.1:0"))
     try:
