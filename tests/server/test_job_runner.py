@@ -268,3 +268,15 @@ def test_a_job_runs_with_postgresql_as_the_store(tmp_path: Path, pg_url: str) ->
     finally:
         running.stop()
         agent.close()
+
+
+def test_queued_jobs_run_one_at_a_time_in_submission_order(fleet: Fleet) -> None:
+    fleet.agent("fifo")
+    with fleet.admin() as client:
+        ids = [client.submit(job_toml(rounds=2)).job_id for _ in range(3)]
+        for job_id in ids:
+            list(client.watch(job_id))
+    jobs = [fleet.running.coordinator.repo.get_job(int(i)) for i in ids]
+    assert all(j is not None and j.state == "finished" for j in jobs)
+    for earlier, later in zip(jobs, jobs[1:], strict=False):
+        assert earlier.finished_at <= later.started_at  # type: ignore[union-attr, operator]
