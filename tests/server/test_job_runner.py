@@ -6,6 +6,7 @@ graceful stop that leaves the job running so a restart resumes it.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -278,5 +279,5 @@ def test_queued_jobs_run_one_at_a_time_in_submission_order(fleet: Fleet) -> None
             list(client.watch(job_id))
     jobs = [fleet.running.coordinator.repo.get_job(int(i)) for i in ids]
     assert all(j is not None and j.state == "finished" for j in jobs)
-    for earlier, later in zip(jobs, jobs[1:], strict=False):
+    for earlier, later in itertools.pairwise(jobs):
         assert earlier.finished_at <= later.started_at  # type: ignore[union-attr, operator]
