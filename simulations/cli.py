@@ -10,8 +10,7 @@ RUN_EXAMPLES = """examples:
   tinyfleet sim run sine-reptile --out runs/sine              # 20 devices, serial FedReptile + baselines
   tinyfleet sim run sine-reptile --out runs/sine-tmf --top-p 0.1 --quantize int8 --compress-downlink
   tinyfleet sim run sine-reptile --out runs/quick --rounds 500 --eval-every 100 --arms fedreptile,random
-  tinyfleet sim run omniglot-reptile --out runs/omni --rounds 6000 --budget-minutes 10 \
-      --data-dir ../shared/data
+  tinyfleet sim run omniglot-reptile --out runs/omni --budget-minutes 10 --data-dir ../shared/data
 
 Scenario defaults (rounds, ε schedule, inner loop, evaluation) apply to every option left out;
 summary.json records the full configuration used. Omniglot reads omniglot/images_*.npz from

@@ -105,7 +105,9 @@ class FedReptile(Strategy):
         if epsilon_schedule == "linear" and (num_rounds is None or num_rounds < 1):
             raise ValueError("epsilon_schedule 'linear' needs num_rounds (the job's total rounds)")
         if not 0.0 < epsilon <= 1.0 or not 0.0 <= epsilon_final <= 1.0:
-            raise ValueError(f"epsilon and epsilon_final must lie in (0, 1], got {epsilon}, {epsilon_final}")
+            raise ValueError(
+                f"epsilon must lie in (0, 1] and epsilon_final in [0, 1], got {epsilon}, {epsilon_final}"
+            )
         if visit_order not in VISIT_ORDERS:
             raise ValueError(f"visit_order must be one of {VISIT_ORDERS}, got {visit_order!r}")
         for name, value in (("fraction_train", fraction_train), ("fraction_evaluate", fraction_evaluate)):
