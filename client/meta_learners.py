@@ -167,9 +167,7 @@ def train(message: Message, context: Context) -> Message:
         residual = _stored(context, RESIDUAL_STATE, codec.Layout.of(update))
         record, _, residual = codec.compress(update, residual, top_p=top_p, quantize=quantize)
         context.state[RESIDUAL_STATE] = _to_record(residual)
-    metrics = MetricRecord(
-        {"train_loss": float(np.mean(losses)), "last_loss": losses[-1], "num-examples": steps * batch}
-    )
+    metrics = MetricRecord({"train_loss": float(np.mean(losses)), "num-examples": steps * batch})
     return reply_with_content(message, RecordDict({UPDATE_KEY: record, METRICS_KEY: metrics}))
 
 
