@@ -6,6 +6,10 @@ transport shows). Per round: the train phase's wall time on the coordinator
 (send, wait, receive, aggregate, checkpoint) and the coordinator+transport
 overhead = that time minus the slowest participant's own compute time.
 
+The coordinator's own CPU time per round and the agents' summed CPU time per
+round (from /proc) separate what the coordinator costs from what 32 agent
+processes queueing for 2 cores cost.
+
 Reference, measured in the same run: the same strategy on SimGrid, where
 messages are serialized exactly as on the wire but no process or socket is
 involved. Its per-round overhead (round time minus the slowest client's compute)
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -57,25 +62,46 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def process_cpu_s(pid: int) -> float:
+    """User+system CPU seconds a process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure_fleet(agents: int, rounds: int, warmup: int) -> dict[str, Any]:
-    """Run a real fleet of `agents` processes; per-round times from the coordinator's records."""
+    """Run a real fleet of `agents` processes; per-round times from the coordinator's records.
+
+    A warm-up job runs first (imports, first connections); around the measured job
+    the coordinator's and the agents' CPU time is read, so the table can say how
+    much of a round the coordinator itself costs and how much CPU the agents need
+    (on 2 cores, 32 agents queue for the CPU: that shows up as overhead too).
+    """
     from tinyfleet.server.job_views import job_info_dict
     from tinyfleet.simulations.local_fleet import LocalFleet
 
     with tempfile.TemporaryDirectory(prefix="tinyfleet-bench-") as tmp, LocalFleet(Path(tmp)) as fleet:
         fleet.start_server()
         fleet.start_agents([f"sine:seed={i}" for i in range(agents)])
-        job_id = fleet.submit(job_toml(agents, rounds + warmup))
-        info = job_info_dict(fleet.wait(job_id))
+        warm = job_info_dict(fleet.wait(fleet.submit(job_toml(agents, warmup))))
+        if warm["state"] != "finished":
+            raise RuntimeError(f"{agents}-agent warm-up job ended {warm['state']}: {warm['reason']}")
+        assert fleet.server is not None
+        pids = [a.process.pid for a in fleet.agents]
+        server_cpu, agents_cpu = process_cpu_s(fleet.server.pid), sum(map(process_cpu_s, pids))
+        info = job_info_dict(fleet.wait(fleet.submit(job_toml(agents, rounds))))
+        server_cpu = process_cpu_s(fleet.server.pid) - server_cpu
+        agents_cpu = sum(map(process_cpu_s, pids)) - agents_cpu
     if info["state"] != "finished":
         raise RuntimeError(f"{agents}-agent job ended {info['state']}: {info['reason']}")
-    rows = info["rounds"][warmup:]
     round_ms, overhead_ms = [], []
-    for row in rows:
+    for row in info["rounds"]:
         compute = [n["compute_s"] for n in row["nodes"] if n["phase"] == "train" and n["status"] == "replied"]
         round_ms.append(row["train_duration_s"] * 1000)
         overhead_ms.append((row["train_duration_s"] - max(compute)) * 1000)
-    return _summary(agents, round_ms, overhead_ms)
+    summary = _summary(agents, round_ms, overhead_ms)
+    summary["coordinator_cpu_ms_per_round"] = server_cpu * 1000 / rounds
+    summary["agents_cpu_ms_per_round_total"] = agents_cpu * 1000 / rounds
+    return summary
 
 
 def measure_simgrid(agents: int, rounds: int, warmup: int) -> dict[str, Any]:
@@ -86,6 +112,7 @@ def measure_simgrid(agents: int, rounds: int, warmup: int) -> dict[str, Any]:
     from tinyfleet.common.models import build_model
     from tinyfleet.simulations.sim_grid import SimGrid
 
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # FedAvg logs every round at INFO
     grid = SimGrid.from_data_specs([f"sine:seed={i}" for i in range(agents)], keep_sent=False)
     strategy = FedAvg(fraction_evaluate=0.0, min_train_nodes=agents, min_available_nodes=agents)
     config = ConfigRecord({"model": "sine-mlp", "local_steps": 1, "batch_size": 8, "lr": 0.01})
@@ -129,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.agents.split(",") if s.strip()]
-    logging.getLogger("flwr").setLevel(logging.WARNING)  # Flower logs every round at INFO
     console = Console(width=max(Console().width, 140))
     results = []
     for agents in sizes:
@@ -140,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
 
     table = Table(title="round latency: FedAvg, sine-mlp, 1 local step, real agent processes on 127.0.0.1")
     for column in ("agents", "round median", "round p90", "overhead median", "overhead p90",
-                   "SimGrid overhead median", "ratio to SimGrid", f"target <= {TARGET_OVERHEAD_MS:g} ms"):
+                   "coordinator CPU / round", "agents' CPU / round", "SimGrid overhead median",
+                   "ratio to SimGrid", f"target <= {TARGET_OVERHEAD_MS:g} ms"):
         table.add_column(column, justify="right")
     for row in results:
         fleet, ref = row["fleet_grid"], row["sim_grid_reference"]
@@ -151,16 +178,21 @@ def main(argv: list[str] | None = None) -> int:
             str(fleet["agents"]),
             f"{fleet['round_ms_median']:.1f} ms", f"{fleet['round_ms_p90']:.1f} ms",
             f"{fleet['overhead_ms_median']:.1f} ms", f"{fleet['overhead_ms_p90']:.1f} ms",
+            f"{fleet['coordinator_cpu_ms_per_round']:.1f} ms",
+            f"{fleet['agents_cpu_ms_per_round_total']:.1f} ms",
             f"{ref['overhead_ms_median']:.1f} ms", f"{ratio:.1f}x",
             "yes" if row["meets_target"] else "NO",
         )
     console.print(table)
+    console.print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
     if args.json:
         payload = {
             "benchmark": "round_latency",
             "target_overhead_ms_median": TARGET_OVERHEAD_MS,
             "rounds_measured": args.rounds,
             "warmup_rounds": args.warmup,
+            "cpu_count": os.cpu_count(),
+            "load_average_1min_at_end": os.getloadavg()[0],
             "sizes": results,
         }
         args.json.write_text(json.dumps(payload, indent=2))
