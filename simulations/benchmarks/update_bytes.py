@@ -1,0 +1,139 @@
+"""Benchmark: bytes of one device update per encoding, against dense fp32 measured in the same run.
+
+For each zoo model a real update is made (a few inner steps of adaptation on a
+task) and encoded dense, int8, top-P sparse and top-P sparse + int8. The table
+shows the ArrayRecord bytes, the whole reply message on the wire (Flower serde,
+with its metadata and metrics) and the ratio to dense, plus encode/decode time.
+
+    python -m tinyfleet.simulations.benchmarks.update_bytes --top-p 0.1 --json update_bytes.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from rich.console import Console
+from rich.table import Table
+from tinyfleet.client.data_sources import SineStream
+from tinyfleet.client.learners import loss_fn
+from tinyfleet.client.meta_learners import adapt
+from tinyfleet.common import codec
+from tinyfleet.common.flower_adapter import message_to_bytes, new_instruction, reply_with_content, stamp
+from tinyfleet.common.models import build_model
+
+ENCODINGS = (
+    ("dense fp32", 1.0, "none"),
+    ("int8", 1.0, "int8"),
+    ("top-P", None, "none"),
+    ("top-P + int8", None, "int8"),
+)
+
+
+def real_update(model_name: str, seed: int) -> dict[str, np.ndarray]:
+    """θ' - θ after 5 inner steps on one task (sine stream, or random 5-way images)."""
+    torch.manual_seed(seed)
+    model = build_model(model_name, seed=seed)
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if model_name == "sine-mlp":
+        sample = SineStream(seed=seed).next
+        optimizer, lr = "sgd", 0.02
+    else:
+        x, y = torch.rand(50, 1, 28, 28), torch.arange(50) % 5
+
+        def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            index = torch.randint(0, 50, (n,))
+            return x[index], y[index]
+
+        optimizer, lr = "adam", 0.001
+    adapt(model, sample, steps=5, lr=lr, batch=10, criterion=loss_fn(model_name), optimizer=optimizer)
+    return {k: (v.detach() - before[k]).numpy() for k, v in model.state_dict().items()}
+
+
+def wire_bytes(record: ArrayRecord) -> int:
+    """The reply message a device sends with this update, as serialized by Flower."""
+    instruction = new_instruction(RecordDict(), "train.fedreptile", 1, run_id=1)
+    stamp(instruction, run_id=1)
+    reply = reply_with_content(
+        instruction,
+        RecordDict({"update": record, "metrics": MetricRecord({"train_loss": 0.1, "num-examples": 50})}),
+    )
+    return len(message_to_bytes(reply))
+
+
+def measure(model_name: str, top_p: float, seed: int) -> list[dict[str, object]]:
+    update = real_update(model_name, seed)
+    layout = codec.Layout.of(update)
+    rows: list[dict[str, object]] = []
+    for label, p, quantize in ENCODINGS:
+        fraction = top_p if p is None else p
+        started = time.perf_counter()
+        record = codec.encode(update, top_p=fraction, quantize=quantize)
+        encoded = time.perf_counter()
+        codec.decode(record, layout)
+        decoded = time.perf_counter()
+        rows.append(
+            {
+                "model": model_name,
+                "encoding": label,
+                "top_p": fraction,
+                "quantize": quantize,
+                "parameters": layout.numel,
+                "record_bytes": sum(len(a.data) for a in record.values()),
+                "message_bytes": wire_bytes(record),
+                "encode_ms": 1e3 * (encoded - started),
+                "decode_ms": 1e3 * (decoded - encoded),
+            }
+        )
+    reference = rows[0]
+    for row in rows:
+        row["record_ratio_to_dense"] = reference["record_bytes"] / row["record_bytes"]  # type: ignore[operator]
+        row["message_ratio_to_dense"] = reference["message_bytes"] / row["message_bytes"]  # type: ignore[operator]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--top-p", type=float, default=0.1, help="fraction sent by the sparse encodings")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="write the rows to this file")
+    args = parser.parse_args(argv)
+    rows = [r for name in ("sine-mlp", "omniglot-conv4") for r in measure(name, args.top_p, args.seed)]
+    table = Table(title=f"one device update, top-P = {args.top_p:g} (ratios: dense fp32 / this)")
+    for column in (
+        "model",
+        "encoding",
+        "record B",
+        "message B",
+        "record ratio",
+        "message ratio",
+        "enc ms",
+        "dec ms",
+    ):
+        table.add_column(column, justify="left" if column in ("model", "encoding") else "right")
+    for r in rows:
+        table.add_row(
+            str(r["model"]),
+            str(r["encoding"]),
+            f"{r['record_bytes']:,}",
+            f"{r['message_bytes']:,}",
+            f"{r['record_ratio_to_dense']:.1f}",
+            f"{r['message_ratio_to_dense']:.1f}",
+            f"{r['encode_ms']:.2f}",
+            f"{r['decode_ms']:.2f}",
+        )
+    Console(width=120).print(table)
+    if args.json:
+        args.json.write_text(json.dumps({"top_p": args.top_p, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
