@@ -89,6 +89,13 @@ def test_round_artifacts_are_described_with_provenance(
         r["device"].value for r in registry.named("devices-for-model", {"model": artifact_iri(shas[2])})
     }
     assert runnable_on == {"urn:tinyfleet:device:big"}
+    fits_big = {
+        r["model"].value for r in registry.named("compatible-models", {"device": "urn:tinyfleet:device:big"})
+    }
+    fits_tiny = {
+        r["model"].value for r in registry.named("compatible-models", {"device": "urn:tinyfleet:device:tiny"})
+    }
+    assert artifact_iri(shas[2]) in fits_big and not fits_tiny
     contributors = registry.select(
         "PREFIX tf: <https://w3id.org/tinyfleet#> SELECT ?d WHERE { ?round tf:contributor ?d }"
     )
