@@ -72,7 +72,10 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         self, request: fleet_pb2.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.RegisterResponse:
         try:
-            device_id, normalized = self.describe(bytes(request.description), request.media_type)
+            # Off the event loop: SHACL validation takes milliseconds per description.
+            device_id, normalized = await asyncio.to_thread(
+                self.describe, bytes(request.description), request.media_type
+            )
         except DescriptionError as exc:
             # The registry's validator lists every problem as {path, message}: sent as JSON
             # in the trailing metadata entry "validation-errors".
