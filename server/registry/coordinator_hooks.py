@@ -7,8 +7,9 @@
 - eligibility: a job's `eligible` query (SPARQL or named query) becomes the node
   filter FleetGrid applies each time it selects nodes, i.e. every round, so a
   description that changes mid-job changes who takes part from the next round.
-- background: the outbox projector (SQL -> store, catching up after a crash)
-  and the purge of expired directory registrations.
+- background: the outbox projector (SQL -> store, catching up after a crash),
+  round-artifact descriptions, last-seen mirroring (batched every 30 s) and the
+  purge of expired directory registrations.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from tinyfleet.server.registry.directory_http import purge_loop
 from tinyfleet.server.registry.events import EventHub
 from tinyfleet.server.registry.http_app import registry_routes
 from tinyfleet.server.registry.http_common import Access
-from tinyfleet.server.registry.projector import ArtifactProjector, Projector
+from tinyfleet.server.registry.projector import ArtifactProjector, LivenessMirror, Projector
 from tinyfleet.server.registry.registry import Prepared, Registry
 from tinyfleet.server.registry.store import open_store
 from tinyfleet.server.registry.validation import DescriptionInvalid
@@ -130,6 +131,7 @@ class CoordinatorRegistry:
             asyncio.create_task(projector.run()),
             asyncio.create_task(purge_loop(self.registry, SqlWriter(self))),
         ]
+        tasks.append(asyncio.create_task(_every(LivenessMirror(self.registry, repo).sync, interval_s=30.0)))
         if self.blobs is not None:
             tasks.append(
                 asyncio.create_task(_every(ArtifactProjector(self.registry, repo, self.blobs).catch_up))

@@ -236,3 +236,33 @@ class ArtifactProjector:
                     artifact_iri(row.artifact_sha), triples, also=updates.set_meta(WATERMARK, stamp)
                 )
                 described += 1
+
+
+class LivenessMirror:
+    """Copies last-seen times from SQL into the liveness graph, batched.
+
+    Online/offline transitions arrive through the outbox at once; last-seen moves
+    with every heartbeat and is written to SQL in batches by the daemon, so it is
+    mirrored here every few tens of seconds: one update for every device whose
+    state changed since the previous pass.
+    """
+
+    def __init__(self, registry: Registry, source: OutboxSource) -> None:
+        self.registry = registry
+        self.source = source
+        self._mirrored: dict[str, tuple[bool, float | None]] = {}
+
+    def sync(self) -> int:
+        current = {d.device_id: (d.online, d.last_seen) for d in self.source.list_devices()}
+        changes = {
+            device: (online, _when(seen))
+            for device, (online, seen) in current.items()
+            if self._mirrored.get(device) != (online, seen) and self.registry.exists(device)
+        }
+        if changes:
+            self.registry.set_liveness(changes)
+        for device in changes:
+            self._mirrored[device] = current[device]
+        for gone in set(self._mirrored) - set(current):
+            del self._mirrored[gone]
+        return len(changes)

@@ -62,3 +62,22 @@ def test_rebuild_regenerates_the_store_from_sql(tmp_path: Path, make_td: Callabl
         r["device"].value for r in fresh.named("devices") if r["online"] and r["online"].value == "true"
     }
     assert online == {"urn:tinyfleet:device:d1"}
+
+
+def test_last_seen_is_mirrored_in_batches(tmp_path: Path, make_td: Callable[..., bytes]) -> None:
+    from tinyfleet.server.registry.projector import LivenessMirror
+
+    repo = _repository(tmp_path)
+    registry = Registry(EmbeddedStore(None))
+    for name in ("a", "b"):
+        repo.create_device(
+            f"urn:tinyfleet:device:{name}", hash(name) % 1000, "sha256$x", make_td(name), TD_JSON
+        )
+    Projector(registry, repo).catch_up()
+    mirror = LivenessMirror(registry, repo)
+    assert mirror.sync() == 2  # first pass: every projected device
+    assert mirror.sync() == 0  # nothing changed
+    repo.touch_last_seen({"urn:tinyfleet:device:a": 1_800_000_000.0})
+    assert mirror.sync() == 1
+    [row] = [r for r in registry.named("devices") if r["device"].value == "urn:tinyfleet:device:a"]
+    assert row["lastSeen"].value.startswith("2027-01-15T08:00:00")
