@@ -20,6 +20,8 @@ from tinyfleet.server.database import default_url, open_database
 from tinyfleet.server.registry.coordinator_hooks import CoordinatorRegistry
 from tinyfleet.server.repository import Repository
 
+from .test_importer import QUIRKY_BOARD
+
 TOKEN = "admin-token"
 TD_JSON = "application/td+json"
 
@@ -178,7 +180,8 @@ def test_directory_writes_on_the_daemon_go_through_sql(
     assert httpx.get(f"{base}/things/{thing}").status_code == 404
 
 
-def test_query_command_against_the_running_daemon(
+def test_query_and_import_commands_against_the_running_daemon(
+    tmp_path: Path,
     running: tuple[CoordinatorThread, CoordinatorRegistry],
     make_td: Callable[..., bytes],
     capsys: pytest.CaptureFixture[str],
@@ -197,3 +200,9 @@ def test_query_command_against_the_running_daemon(
     assert capsys.readouterr().out.split() == ["device", "urn:tinyfleet:device:pi-01"]
     assert main(["query", "--server", base, "SELECT ?x WHERE {"]) == 2
     assert "SPARQL syntax error" in capsys.readouterr().err
+    board = tmp_path / "board.ttl"
+    board.write_text(QUIRKY_BOARD)
+    assert main(["registry", "import", str(board), "--server", base, "--admin-token", "wrong"]) == 2
+    assert "403" in capsys.readouterr().err
+    assert main(["registry", "import", str(board), "--server", base, "--admin-token", TOKEN]) == 0
+    assert registry.registry.exists("https://example.org/boards/quirky-1")
