@@ -13,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from tinyfleet.common.atomic_files import write_atomically
 
 IDENTITY_FILE = "identity.json"
 STATUS_FILE = "agent.json"
@@ -41,28 +42,6 @@ class Identity:
         data = asdict(self)
         del data["credential"]
         return data
-
-
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Replace `path` with `data` so readers see the old or the new content, never a mix."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    # The rename itself must survive a crash too: flush the directory entry.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class StateDir:
@@ -107,7 +86,7 @@ class StateDir:
     def save_identity(self, identity: Identity) -> None:
         self.ensure()
         payload = json.dumps(asdict(identity), indent=2).encode() + b"\n"
-        write_atomic(self.identity_path, payload, SECRET_MODE)
+        write_atomically(self.identity_path, payload, mode=SECRET_MODE)
 
     def write_status(self, *, device_id: str, node_id: int, server: str, connected: bool) -> None:
         status = {
@@ -119,7 +98,7 @@ class StateDir:
             "updated_at": time.time(),
         }
         self.ensure()
-        write_atomic(self.status_path, json.dumps(status, indent=2).encode() + b"\n", 0o644)
+        write_atomically(self.status_path, json.dumps(status, indent=2).encode() + b"\n", mode=0o644)
 
     def read_status(self) -> dict[str, Any] | None:
         try:

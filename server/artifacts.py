@@ -9,9 +9,9 @@ fsynced too so the rename itself survives power loss. Reads verify the hash.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
+
+from tinyfleet.common.atomic_files import write_atomically
 
 
 class ArtifactNotFoundError(KeyError):
@@ -48,21 +48,7 @@ class ArtifactStore:
         if target.exists() and target.stat().st_size == len(data):
             return sha
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(target, data)
         return sha
 
     def exists(self, sha: str) -> bool:

@@ -18,12 +18,10 @@ headroom is refused by gRPC (RESOURCE_EXHAUSTED) and the agent reconnects.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
 import socket
-import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from pathlib import Path
 import grpc
 import uvicorn
 from starlette.routing import BaseRoute
+from tinyfleet.common.atomic_files import write_json_atomically
 from tinyfleet.common.flower_adapter import ensure_task_identity
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2_grpc
 from tinyfleet.server.admin_service import AdminService
@@ -84,13 +83,6 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def write_json_atomically(path: Path, data: dict[str, object]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 class _EmbeddedUvicorn(uvicorn.Server):

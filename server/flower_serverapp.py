@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from logging import INFO
 from pathlib import Path
@@ -31,6 +29,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
+from tinyfleet.common.atomic_files import write_atomically
 from tinyfleet.common.flower_adapter import array_record_to_bytes
 from tinyfleet.common.jobspec import JobSpec, JobSpecError, load_job_spec
 from tinyfleet.server.job_strategy import build_strategy, evaluate_config, initial_arrays, train_config
@@ -115,7 +114,7 @@ def save_result(
     """Write model then summary, each atomically; returns the summary's path."""
     result_dir.mkdir(parents=True, exist_ok=True)
     blob = array_record_to_bytes(result.arrays)
-    _atomic_write(result_dir / MODEL_FILE, blob)
+    write_atomically(result_dir / MODEL_FILE, blob)
     summary = {
         "job": spec.to_dict(),
         "run_id": run_id,
@@ -132,7 +131,7 @@ def save_result(
         },
     }
     path = result_dir / RESULT_FILE
-    _atomic_write(path, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
+    write_atomically(path, (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode())
     return path
 
 
@@ -144,14 +143,3 @@ def _shapes(arrays: ArrayRecord) -> dict[str, list[int]]:
     return {name: list(array.shape) for name, array in arrays.items()}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
