@@ -43,11 +43,6 @@ class EventHub:
         with self._lock:
             self._subscribers.discard(entry)
 
-    @property
-    def subscriber_count(self) -> int:
-        with self._lock:
-            return len(self._subscribers)
-
     async def stream(self, request: Request, wanted: frozenset[str]) -> AsyncIterator[bytes]:
         entry = self.subscribe()
         queue = entry[1]

@@ -27,7 +27,7 @@ from tinyfleet.ontology import NNET, RDF, S3N, S3N_HTTP, SSN_EXTEND, TD, TF
 from tinyfleet.server.registry import updates
 from tinyfleet.server.registry.normalize import normalize_device, normalize_models
 from tinyfleet.server.registry.registry import Prepared, Registry
-from tinyfleet.server.registry.validation import DescriptionInvalid, Problem
+from tinyfleet.server.registry.validation import Problem
 
 _SENTINEL: Final = "https://relative.invalid/tinyfleet-import/"
 _BASE_COMMENT: Final = re.compile(rb"^#\s*baseURI:\s*(\S+)", re.MULTILINE)
@@ -199,7 +199,3 @@ def import_file(
 def import_files(registry: Registry, paths: list[str | Path], *, base: str | None = None) -> list[FileReport]:
     """Each file on its own (a bad file fails alone, after the good ones before it were written)."""
     return [import_file(registry, path, base=base) for path in paths]
-
-
-def problems_of(exc: DescriptionInvalid | ImportFailed) -> list[Problem]:
-    return exc.errors if isinstance(exc, DescriptionInvalid) else exc.problems

@@ -95,10 +95,6 @@ class Registry:
         """`listener(event, thing_id)` after each committed change: thing_created/updated/deleted."""
         self._listeners.append(listener)
 
-    def unsubscribe(self, listener: Listener) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
-
     def _emit(self, event: str, thing_id: str) -> None:
         for listener in list(self._listeners):
             listener(event, thing_id)

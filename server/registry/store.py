@@ -80,18 +80,12 @@ class EmbeddedStore:
         else:
             self._store.load(data, format=rdf_format)
 
-    def dump(self, rdf_format: ox.RdfFormat = ox.RdfFormat.N_QUADS) -> bytes:
-        return self._store.dump(format=rdf_format)
-
     def rdflib_dataset(self) -> rdflib.Dataset:
         """An rdflib Dataset over this very store (oxrdflib), union of graphs as default."""
         import rdflib
         from oxrdflib import OxigraphStore
 
         return rdflib.Dataset(store=OxigraphStore(store=self._store), default_union=True)
-
-    def flush(self) -> None:
-        self._store.flush()
 
     def close(self) -> None:
         self._store.flush()

@@ -105,11 +105,6 @@ def _position(exc: SyntaxError) -> str:
     return ""
 
 
-def triples_to_jsonld(triples: list[ox.Triple]) -> bytes:
-    """Expanded JSON-LD of a description registered as Turtle (the directory's JSON view)."""
-    return ox.serialize(triples, format=ox.RdfFormat.JSON_LD)
-
-
 def device_thing_description(
     device_id: str,
     *,

@@ -138,3 +138,14 @@ def test_on_disk_store_survives_reopen_and_refuses_a_second_writer(
     store.close()
     reopened = Registry(EmbeddedStore(tmp_path / "registry"))
     assert reopened.thing_ids() == ([DEVICE], 1)
+
+
+def test_rdflib_view_of_the_same_store(make_td: Callable[..., bytes]) -> None:
+    import rdflib
+
+    store = EmbeddedStore(None)
+    registry = Registry(store)
+    registry.put(registry.prepare(make_td(), TD_JSON))
+    dataset = store.rdflib_dataset()
+    ram = rdflib.URIRef("https://w3id.org/tinyfleet#ramKB")
+    assert [int(o) for o in dataset.objects(rdflib.URIRef(DEVICE), ram)] == [512]
