@@ -21,9 +21,9 @@ META_TEST_SEED_BASE = 10_000_000
 CENTRAL_SEED_BASE = 20_000_000
 
 DEFAULTS: dict[str, Any] = {
-    "rounds": 20000,
+    "rounds": 30000,
     "devices": 20,
-    "epsilon": 0.1,
+    "epsilon": 0.5,
     "epsilon_final": 0.0,
     "epsilon_schedule": "linear",
     "inner_steps": 5,
@@ -31,7 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "inner_batch": 10,
     "inner_optimizer": "sgd",
     "inner_samples": 0,
-    "eval_every": 2000,
+    "eval_every": 5000,
     "eval_tasks": 50,
     "final_eval_tasks": 200,
     "local_layers": "",
