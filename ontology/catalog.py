@@ -220,11 +220,12 @@ def parse_assignments(items: list[str] | tuple[str, ...]) -> dict[str, str]:
 def resolve_query(spec: str) -> str:
     """A job's `eligible` setting -> SPARQL text.
 
-    Either SPARQL itself (starts with PREFIX/SELECT/...) or a named query with
+    Either SPARQL itself (starts with PREFIX/SELECT/...; the fleet prefixes are
+    predeclared, a query's own PREFIX lines override them) or a named query with
     parameters in shell syntax: `eligible-devices min_ram_kb=64 sensors="sosa_extend:Camera"`.
     """
     if _QUERY_START.match(spec):
-        return spec
+        return sparql_prologue() + spec
     try:
         words = shlex.split(spec)
     except ValueError as exc:

@@ -53,8 +53,10 @@ def test_prefixed_names_lists_and_required_parameters() -> None:
 
 
 def test_resolve_query_accepts_sparql_or_a_named_query_with_arguments() -> None:
-    sparql = "SELECT ?device WHERE { ?device a <urn:x> }"
-    assert resolve_query(sparql) == sparql
+    sparql = "SELECT ?device WHERE { ?device a tf:Device }"
+    assert resolve_query(sparql).endswith(
+        sparql
+    ) and "PREFIX tf: <https://w3id.org/tinyfleet#>" in resolve_query(sparql)
     text = resolve_query(
         'eligible-devices min_ram_kb=100 sensors="sosa_extend:Microphone sosa_extend:Camera"'
     )
