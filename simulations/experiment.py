@@ -37,7 +37,7 @@ from tinyfleet.common.reptile_protocol import parse_layers
 from tinyfleet.server.strategies import FedReptile
 from tinyfleet.server.strategies.fedreptile import epsilon_at
 from tinyfleet.simulations.central_reptile import central_reptile
-from tinyfleet.simulations.meta_eval import MetaTestProtocol, meta_test
+from tinyfleet.simulations.meta_eval import MetaTestProtocol, adapt_on_tasks, summarize
 from tinyfleet.simulations.rounds import RoundReport, run_rounds
 from tinyfleet.simulations.scenarios import Scenario, scenario_module
 from tinyfleet.simulations.sim_grid import SimGrid
@@ -152,36 +152,42 @@ class Experiment:
     def evaluate(
         self, arm: str, server_round: int, arrays: ArrayRecord, result: ArmResult, final: bool
     ) -> None:
-        limit = None if final else self.settings.eval_tasks
+        """Meta-test `eval_tasks` tasks; at the end all of them, also reporting the first
+        `eval_tasks` so the curve compares like with like."""
+        subset = self.settings.eval_tasks
         recent = max(1, len(result.round_bytes[-self.settings.eval_every :]))
         down = sum(result.round_bytes[-recent:]) - sum(result.up_bytes[-recent:])
         up = sum(result.up_bytes[-recent:])
         for name, tasks in self.scenario.meta_tests.items():
-            m = meta_test(
+            results = adapt_on_tasks(
                 self.scenario.model,
                 arrays,
                 tasks,
                 self.protocol,
                 model_kwargs=self.scenario.model_kwargs,
-                limit=limit,
+                limit=None if final else subset,
             )
-            self.rows.append(
-                Row(
-                    arm=arm,
-                    round=server_round,
-                    test=name,
-                    tasks=int(m["tasks"]),
-                    loss_before=m["loss_before"],
-                    loss_after=m["loss_after"],
-                    loss_after_ci95=m["loss_after_ci95"],
-                    acc_before=m.get("acc_before"),
-                    acc_after=m.get("acc_after"),
-                    acc_after_ci95=m.get("acc_after_ci95"),
-                    train_cpu_seconds=round(result.train_seconds, 3),
-                    bytes_down_per_round=down / recent if result.round_bytes else 0.0,
-                    bytes_up_per_round=up / recent if result.round_bytes else 0.0,
+            summaries = [summarize(results[:subset])]
+            if final and len(results) > subset:
+                summaries.append(summarize(results))
+            for m in summaries:
+                self.rows.append(
+                    Row(
+                        arm=arm,
+                        round=server_round,
+                        test=name,
+                        tasks=int(m["tasks"]),
+                        loss_before=m["loss_before"],
+                        loss_after=m["loss_after"],
+                        loss_after_ci95=m["loss_after_ci95"],
+                        acc_before=m.get("acc_before"),
+                        acc_after=m.get("acc_after"),
+                        acc_after_ci95=m.get("acc_after_ci95"),
+                        train_cpu_seconds=round(result.train_seconds, 3),
+                        bytes_down_per_round=down / recent if result.round_bytes else 0.0,
+                        bytes_up_per_round=up / recent if result.round_bytes else 0.0,
+                    )
                 )
-            )
         if self.on_rows is not None:
             self.on_rows(self.rows)
 

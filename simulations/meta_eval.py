@@ -52,6 +52,21 @@ def meta_test(
     limit: int | None = None,
 ) -> dict[str, float]:
     """Mean query loss (and accuracy) before/after adaptation, with a 95 % interval half-width."""
+    return summarize(
+        adapt_on_tasks(model_name, arrays, tasks, protocol, model_kwargs=model_kwargs, limit=limit)
+    )
+
+
+def adapt_on_tasks(
+    model_name: str,
+    arrays: ArrayRecord,
+    tasks: TaskSet,
+    protocol: MetaTestProtocol,
+    *,
+    model_kwargs: dict[str, object] | None = None,
+    limit: int | None = None,
+) -> list[dict[str, float]]:
+    """Per-task query metrics before/after adaptation, for the first `limit` tasks (all by default)."""
     model = build_model(model_name, **(model_kwargs or {}))
     state = {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
     results: list[dict[str, float]] = []
@@ -72,7 +87,7 @@ def meta_test(
                 reconstruct_steps=protocol.reconstruct_steps,
             )
         )
-    return summarize(results)
+    return results
 
 
 def summarize(results: Sequence[dict[str, float]]) -> dict[str, float]:

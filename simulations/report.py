@@ -120,24 +120,48 @@ def plot(experiment: Experiment, out: Path) -> None:
     fig, axes = plt.subplots(
         len(metrics), len(tests), figsize=(6 * len(tests), 4 * len(metrics)), squeeze=False
     )
+    subset = experiment.settings.eval_tasks
     for i, (key, label) in enumerate(metrics):
         for j, test in enumerate(tests):
             ax = axes[i][j]
             for arm in dict.fromkeys(r.arm for r in experiment.rows):
-                points = [
-                    (r.round, getattr(r, key)) for r in experiment.rows if r.arm == arm and r.test == test
-                ]
+                rows = [r for r in experiment.rows if r.arm == arm and r.test == test]
+                final = rows[-1]
                 if arm == "random":
-                    ax.axhline(points[0][1], linestyle="--", color="grey", label="random init")
-                else:
-                    ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=arm)
+                    ax.axhline(
+                        getattr(final, key),
+                        linestyle="--",
+                        color="grey",
+                        label=f"random init ({final.tasks} tasks)",
+                    )
+                    continue
+                curve = [(r.round, getattr(r, key)) for r in rows if r.tasks == min(subset, final.tasks)]
+                (line,) = ax.plot(
+                    *zip(*curve, strict=True),
+                    marker="o",
+                    markersize=3,
+                    label=f"{arm} ({min(subset, final.tasks)} tasks)",
+                )
+                if final.tasks > subset:
+                    ci = getattr(final, key + "_ci95")
+                    ax.errorbar(
+                        [final.round],
+                        [getattr(final, key)],
+                        yerr=[ci],
+                        marker="*",
+                        markersize=10,
+                        color=line.get_color(),
+                        capsize=3,
+                        linestyle="none",
+                        label=f"{arm} final ({final.tasks} tasks, 95 % CI)",
+                    )
             ax.set_xlabel("round")
             ax.set_ylabel(label)
             ax.set_title(f"{experiment.scenario.name}: {test}")
             if key == "loss_after" and not classification:
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
-            ax.legend()
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "meta_test.png", dpi=120)
     plt.close(fig)
