@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import grpc
 from flwr.app import Context
+
+import tinyfleet
 from tinyfleet.client.backoff import BASE_S, CAP_S, Backoff
 from tinyfleet.client.connection import (
     FATAL_REGISTER_CODES,
@@ -37,8 +39,6 @@ from tinyfleet.client.state_dir import Identity, StateDir, StateDirError
 from tinyfleet.client.tasks import answer_task
 from tinyfleet.common.flower_adapter import make_context
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
-
-import tinyfleet
 
 log = logging.getLogger(__name__)
 

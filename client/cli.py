@@ -8,9 +8,8 @@ import os
 import sys
 from typing import Any
 
-from tinyfleet.client.descriptions import DEVICE_CLASSES
-
 from tinyfleet.cli import HelpFormatter
+from tinyfleet.client.descriptions import DEVICE_CLASSES
 
 RUN_EXAMPLES = """examples:
   tinyfleet agent run --server 127.0.0.1:7000 --state-dir ./agent1 --device pi.td.json --data sine:seed=1

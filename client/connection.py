@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Final
 
 import grpc
+
 from tinyfleet.client.descriptions import Description
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+
 from tinyfleet.client.handlers import HandlerRegistry, default_handlers
 
 #: The action Flower gives a bare category ("train" is routed as "train.default").

@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Callable
 
 from flwr.app import Context, Message
+
 from tinyfleet.common.flower_adapter import (
     ERR_HANDLER_FAILED,
     ERR_UNKNOWN_MESSAGE_TYPE,

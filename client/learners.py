@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from torch import nn
+
 from tinyfleet.client.data_sources import DataSource, shared_source
 from tinyfleet.client.handlers import HandlerRegistry
 from tinyfleet.common.arrays import load_array_record, to_array_record
 from tinyfleet.common.flower_adapter import reply_with_content
 from tinyfleet.common.models import build_model, get_model_spec
-from torch import nn
 
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"

@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from torch import nn
+
 from tinyfleet.client.data_sources import DataSource
 from tinyfleet.client.handlers import HandlerRegistry
 from tinyfleet.client.learners import loss_fn, node_source
@@ -39,7 +41,6 @@ from tinyfleet.common.reptile_protocol import (
     is_local,
     parse_layers,
 )
-from torch import nn
 
 RESIDUAL_STATE = "fedreptile.residual"
 REPLICA_STATE = "fedreptile.replica"

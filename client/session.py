@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 
 import grpc
+
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
 
 log = logging.getLogger(__name__)

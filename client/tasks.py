@@ -13,6 +13,7 @@ import logging
 import time
 
 from flwr.app import Context, Message, RecordDict
+
 from tinyfleet.client.handlers import HandlerRegistry
 from tinyfleet.common.flower_adapter import (
     COORDINATOR_NODE_ID,

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
+
 from tinyfleet.common.flower_adapter import empty_run, ensure_task_identity, new_instruction
 
 REPLIED = "replied"

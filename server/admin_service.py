@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+
 from tinyfleet.common.jobspec import JobSpecError, parse_job_spec
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
 from tinyfleet.server.auth import bearer_token, token_matches

@@ -151,6 +151,7 @@ def _server_start(args: argparse.Namespace) -> int:
         print("error: --max-message-bytes must be positive", file=sys.stderr)
         return 2
     from sqlalchemy.exc import SQLAlchemyError
+
     from tinyfleet.server.registry.coordinator_hooks import CoordinatorRegistry
     from tinyfleet.server.registry.store import StoreError
 
@@ -329,6 +330,7 @@ def _when(ts: float | None) -> str:
 def _with_client(args: argparse.Namespace, action: Any) -> int:
     """Run `action(client)`; gRPC errors become a message and an exit code."""
     import grpc
+
     from tinyfleet.server.admin_client import AdminClient
 
     if not args.server:

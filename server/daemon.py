@@ -30,6 +30,7 @@ from pathlib import Path
 import grpc
 import uvicorn
 from starlette.routing import BaseRoute
+
 from tinyfleet.common.atomic_files import write_json_atomically
 from tinyfleet.common.flower_adapter import ensure_task_identity
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2_grpc
@@ -72,6 +73,9 @@ class Hooks:
     describe_device: DescribeDevice = describe_device
     http_routes: Sequence[BaseRoute] = field(default_factory=list)
     eligibility: Eligibility | None = None
+    #: Runs once SQL is open and before the coordinator says it is ready (in a worker thread):
+    #: the registry catches up with what SQL committed before a crash.
+    recover: Callable[[Repository], None] | None = None
     #: Runs for the daemon's lifetime once SQL is open (the registry's projector); cancelled at stop.
     background: Callable[[Repository], Awaitable[None]] | None = None
 
@@ -121,6 +125,8 @@ class Coordinator:
         self.engine = engine
         self.repo = Repository(engine)
         await asyncio.to_thread(self.repo.mark_all_offline)
+        if self.hooks.recover is not None:
+            await asyncio.to_thread(self.hooks.recover, self.repo)
         self.store = ArtifactStore(self.data_dir / "artifacts")
         self.events = JobEvents(loop)
         self.grid = FleetGrid(self.hub, max_message_bytes=settings.max_message_bytes)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from flwr.app import ArrayRecord, Message
+
 from tinyfleet.common.arrays import InvalidUpdateError, check_compatible, check_finite
 from tinyfleet.common.flower_adapter import (
     ERR_INVALID_UPDATE,

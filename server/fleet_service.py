@@ -17,6 +17,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+
+from tinyfleet.common.failpoints import failpoint
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
 from tinyfleet.server.artifacts import ArtifactNotFoundError, ArtifactStore
 from tinyfleet.server.auth import (
@@ -108,6 +110,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                         "its credential",
                     )
                 self.repo.replace_description(device_id, description, media_type)
+                failpoint("register.after-sql-commit")
                 return fleet_pb2.RegisterResponse(
                     device_id=device_id, node_id=device.node_id, created=False
                 )
@@ -118,6 +121,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                 )
             except DeviceExistsError:
                 continue
+            failpoint("register.after-sql-commit")
             log.info("registered device %s as node %d", device_id, created.node_id)
             return fleet_pb2.RegisterResponse(
                 device_id=device_id, node_id=created.node_id, credential=fresh, created=True

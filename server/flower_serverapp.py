@@ -29,6 +29,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Result
+
 from tinyfleet.common.atomic_files import write_atomically
 from tinyfleet.common.flower_adapter import array_record_to_bytes
 from tinyfleet.common.jobspec import JobSpec, JobSpecError, load_job_spec

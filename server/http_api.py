@@ -13,6 +13,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Route
+
 from tinyfleet.server.connections import ConnectionHub
 from tinyfleet.server.job_views import device_dict, job_dict
 from tinyfleet.server.repository import Repository

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord
+
 from tinyfleet.common.flower_adapter import (
     array_record_from_bytes,
     array_record_to_bytes,

@@ -14,6 +14,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import Strategy
+
 from tinyfleet.common.jobspec import JobSpec, JobSpecError, resolve_strategy_class
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
+
 from tinyfleet.server.schema import artifacts, devices, jobs, node_results, outbox, rounds
 
 QUEUED = "queued"

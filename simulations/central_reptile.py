@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+
 from tinyfleet.client.learners import loss_fn
 from tinyfleet.client.meta_learners import Sampler, adapt, reset_local
 from tinyfleet.common.models import build_model

@@ -84,6 +84,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 def run_command(args: argparse.Namespace) -> int:
     import torch
     from rich.console import Console
+
     from tinyfleet.simulations.experiment import ARMS, Experiment, RunSettings, progress_bar
     from tinyfleet.simulations.report import write_csv, write_outputs
     from tinyfleet.simulations.scenarios import scenario_module

@@ -27,6 +27,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp.strategy import FedAvg, Strategy
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from tinyfleet.client import learners
 from tinyfleet.client.data_sources import close_shared_sources
 from tinyfleet.client.handlers import HandlerRegistry, default_handlers

@@ -103,8 +103,8 @@ class LocalFleet:
     def _cli(self) -> list[str]:
         return [sys.executable, "-m", "tinyfleet"] + (["-v"] if self.verbose else [])
 
-    def start_server(self, timeout: float = 60.0) -> dict[str, object]:
-        """Start the coordinator (again, after a kill: same data dir, same ports)."""
+    def start_server(self, timeout: float = 60.0, env: dict[str, str] | None = None) -> dict[str, object]:
+        """Start the coordinator (again, after a kill: same data dir, same ports); `env` adds variables."""
         ready = self.data_dir / "server.json"
         ready.unlink(missing_ok=True)
         cmd = [
@@ -125,7 +125,9 @@ class LocalFleet:
         cmd += self.server_args
         log_path = self.logs / "server.log"
         with log_path.open("ab") as log:
-            self.server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env())
+            self.server = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env={**self._env(), **(env or {})}
+            )
         deadline = time.monotonic() + timeout
         while not ready.exists():
             if self.server.poll() is not None:

@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
+
 from tinyfleet.client.meta_learners import episode_metrics, reset_local
 from tinyfleet.common.models import build_model
 

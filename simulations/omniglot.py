@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from tinyfleet.client.data_sources import DataSpecError
 
 #: Characters per alphabet in the original numbering (ids run contiguously by alphabet).

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import Strategy
+
 from tinyfleet.common.flower_adapter import ensure_task_identity
 from tinyfleet.common.grids import REPLIED, Delivery, TrackingGrid
 

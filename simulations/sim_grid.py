@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from flwr.app import Context, Message
+
 from tinyfleet.client.handlers import HandlerRegistry, default_handlers
 from tinyfleet.common.flower_adapter import (
     make_context,

@@ -5,6 +5,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from tinyfleet.common.atomic_files import write_atomically, write_json_atomically
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 from flwr.app import RecordDict
+
 from tinyfleet.client.data_sources import DataSpecError, open_source, parse_spec
 from tinyfleet.client.handlers import HandlerRegistry
 from tinyfleet.common.flower_adapter import (

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+
 from tinyfleet.common import flower_adapter as fa
 from tinyfleet.common.arrays import from_numpy_dict, to_array_record
 from tinyfleet.common.models import build_model

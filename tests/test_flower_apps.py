@@ -20,6 +20,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
+
 from tinyfleet.client.flower_clientapp import make_client_app
 from tinyfleet.client.handlers import HandlerRegistry
 from tinyfleet.client.learners import query

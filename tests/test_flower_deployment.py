@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from tinyfleet.common.arrays import load_array_record
 from tinyfleet.common.flower_adapter import array_record_from_bytes
 from tinyfleet.common.jobspec import JobSpec, load_job_spec

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tinyfleet.common.jobspec import JobSpecError, parse_job_spec
 
 GOOD = """

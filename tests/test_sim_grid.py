@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedMedian
+
 from tinyfleet.common.arrays import to_array_record
 from tinyfleet.common.flower_adapter import message_from_bytes
 from tinyfleet.common.grids import REPLIED, TIMEOUT

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 from alembic import context
+
 from tinyfleet.server.schema import metadata
 
 connection = context.config.attributes.get("connection")

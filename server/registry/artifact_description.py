@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyoxigraph as ox
+
 from tinyfleet.ontology import NNET, OM, PROV, RDF, SCHEMA, TF, XSD
 from tinyfleet.server.registry.updates import datetime_literal
 
@@ -50,6 +51,7 @@ class MemoryNeeds:
 def memory_needs(model_name: str, parameters: int) -> MemoryNeeds:
     """Measured on the zoo model with forward hooks on one sample (see module docstring)."""
     import torch
+
     from tinyfleet.common.models import build_model, get_model_spec
 
     spec = get_model_spec(model_name)

@@ -162,6 +162,7 @@ def _open_registry(args: argparse.Namespace, *, create: bool = False) -> Any:
 
 def _query(args: argparse.Namespace) -> int:
     import pyoxigraph as ox
+
     from tinyfleet.ontology import sparql_prologue
     from tinyfleet.ontology.catalog import QueryError, parse_assignments, render
     from tinyfleet.server.registry.store import StoreError
@@ -241,6 +242,7 @@ def _import(args: argparse.Namespace) -> int:
 
 def _export(args: argparse.Namespace) -> int:
     import pyoxigraph as ox
+
     from tinyfleet.server.registry.store import EmbeddedStore, StoreError
 
     fmt = ox.RdfFormat.TRIG if args.format == "trig" else ox.RdfFormat.N_QUADS
@@ -262,6 +264,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _rebuild(args: argparse.Namespace) -> int:
     from rich.progress import Progress
+
     from tinyfleet.server.database import default_url, open_database
     from tinyfleet.server.registry.projector import rebuild
     from tinyfleet.server.registry.registry import Registry

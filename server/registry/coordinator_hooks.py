@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyoxigraph as ox
 from starlette.routing import BaseRoute
+
 from tinyfleet.common.jobspec import JobSpecError
 from tinyfleet.ontology.catalog import QueryError, resolve_query
 from tinyfleet.server.descriptions import DescriptionError
@@ -120,13 +121,20 @@ class CoordinatorRegistry:
 
         return eligible_nodes
 
-    async def background(self, repo: Repository) -> None:
-        """Projector and expiry purge, until cancelled (the daemon's lifetime)."""
+    def recover(self, repo: Repository) -> None:
+        """Apply what SQL committed but the store never saw (a crash between the two)."""
         self.repo = repo
-        projector = self.projector = Projector(self.registry, repo)
-        applied = await asyncio.to_thread(projector.catch_up)
+        self.projector = Projector(self.registry, repo)
+        applied = self.projector.catch_up()
         if applied.rows:
             log.info("registry caught up with %d outbox row(s)", applied.rows)
+
+    async def background(self, repo: Repository) -> None:
+        """Projector and expiry purge, until cancelled (the daemon's lifetime)."""
+        if self.projector is None:
+            await asyncio.to_thread(self.recover, repo)
+        assert self.projector is not None
+        projector = self.projector
         tasks = [
             asyncio.create_task(projector.run()),
             asyncio.create_task(purge_loop(self.registry, SqlWriter(self))),
@@ -151,6 +159,7 @@ class CoordinatorRegistry:
             describe_device=self.describe_device,
             http_routes=self.routes(),
             eligibility=self.eligibility,
+            recover=self.recover,
             background=self.background,
         )
 

@@ -21,6 +21,7 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+
 from tinyfleet.server.registry.events import EVENT_TYPES, EventHub, sse_response
 from tinyfleet.server.registry.http_common import Access, problem
 from tinyfleet.server.registry.registry import Prepared, Registry

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.routing import Route
+
 from tinyfleet.server.registry.directory_http import ThingWriter, directory_routes, purge_loop
 from tinyfleet.server.registry.events import EventHub
 from tinyfleet.server.registry.http_common import Access

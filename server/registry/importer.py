@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Final
 
 import pyoxigraph as ox
+
 from tinyfleet.ontology import NNET, RDF, S3N, S3N_HTTP, SSN_EXTEND, TD, TF
 from tinyfleet.server.registry import updates
 from tinyfleet.server.registry.normalize import normalize_device, normalize_models

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from typing import Final
 
 import pyoxigraph as ox
+
 from tinyfleet.ontology import (
     NNET,
     RDF,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import sqlalchemy as sa
+
 from tinyfleet.server.registry.registry import Prepared, Registry
 from tinyfleet.server.registry.validation import DescriptionInvalid
 
@@ -184,6 +185,7 @@ class ArtifactProjector:
 
     def catch_up(self) -> int:
         import pyoxigraph as ox
+
         from tinyfleet.common.flower_adapter import array_record_from_bytes
         from tinyfleet.common.jobspec import parse_job_spec
         from tinyfleet.server.registry import updates

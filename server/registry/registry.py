@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import pyoxigraph as ox
+
 from tinyfleet.ontology import DISCOVERY, ONTOLOGY_PATH, RDF, TF, XSD
 from tinyfleet.ontology.catalog import render, resolve_query
 from tinyfleet.server.registry import updates

@@ -24,6 +24,7 @@ import pyoxigraph as ox
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
 from tinyfleet.ontology import XSD
 from tinyfleet.server.registry.http_common import Access, negotiate, problem
 from tinyfleet.server.registry.store import RegistryStore

@@ -15,6 +15,7 @@ import re
 from typing import Any, Final
 
 import pyoxigraph as ox
+
 from tinyfleet.ontology import TD_CONTEXT_URLS, TINYFLEET_CONTEXT_URL, known_contexts, local_context
 
 JSON_MEDIA_TYPES: Final = frozenset({"application/td+json", "application/ld+json", "application/json"})

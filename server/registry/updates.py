@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Final
 
 import pyoxigraph as ox
+
 from tinyfleet.ontology import TF, XSD
 
 META_GRAPH: Final = "urn:tinyfleet:graph:meta"

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import pyoxigraph as ox
+
 from tinyfleet.ontology import PREFIXES, SHAPES_PATH, TD_CONTEXT_URLS, XSD
 
 _XSD_STRING: Final = XSD + "string"

@@ -32,6 +32,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
+
 from tinyfleet.common import codec
 from tinyfleet.common.reptile_protocol import (
     ARRAYS_KEY,

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pyoxigraph as ox
+
 from tinyfleet.ontology import sparql_prologue
 from tinyfleet.ontology.catalog import render
 from tinyfleet.server.registry import updates

@@ -108,6 +108,7 @@ def measure_simgrid(agents: int, rounds: int, warmup: int) -> dict[str, Any]:
     """The same strategy and messages on SimGrid (serialized, in-process): the reference floor."""
     from flwr.app import ConfigRecord
     from flwr.serverapp.strategy import FedAvg
+
     from tinyfleet.common.arrays import to_array_record
     from tinyfleet.common.models import build_model
     from tinyfleet.simulations.sim_grid import SimGrid

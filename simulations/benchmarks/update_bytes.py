@@ -20,6 +20,7 @@ import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from rich.console import Console
 from rich.table import Table
+
 from tinyfleet.client.data_sources import SineStream
 from tinyfleet.client.learners import loss_fn
 from tinyfleet.client.meta_learners import adapt

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
 from tinyfleet.client.data_sources import SineStream, SineTask
 from tinyfleet.simulations.meta_eval import Episode
 from tinyfleet.simulations.scenarios import Scenario

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fake_fleet import WAIT_S, FakeFleet
+
 from tinyfleet.client.agent import Agent, AgentConfig
 from tinyfleet.client.descriptions import minimal_description
 from tinyfleet.client.handlers import HandlerRegistry

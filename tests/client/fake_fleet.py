@@ -16,6 +16,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 
 import grpc
+
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
 
 WAIT_S = 10.0

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from fake_fleet import FakeFleet
 from flwr.app import ConfigRecord, RecordDict
+
 from tinyfleet.client.cli import add_commands
 from tinyfleet.client.descriptions import minimal_thing_description
 from tinyfleet.client.state_dir import Identity, StateDir

@@ -11,6 +11,7 @@ import grpc
 import torch
 from fake_fleet import FakeFleet
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+
 from tinyfleet.client.handlers import HandlerRegistry, default_handlers
 from tinyfleet.client.state_dir import Identity, StateDir
 from tinyfleet.common.arrays import to_array_record

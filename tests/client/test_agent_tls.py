@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from fake_fleet import FakeFleet
+
 from tinyfleet.client.agent import Agent, AgentConfig
 from tinyfleet.client.connection import read_ca
 from tinyfleet.client.descriptions import minimal_description

@@ -3,6 +3,7 @@ from __future__ import annotations
 import random
 
 import pytest
+
 from tinyfleet.client.backoff import Backoff
 
 

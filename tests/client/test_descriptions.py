@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from rdflib import Graph
+
 from tinyfleet.client.descriptions import (
     MEDIA_TD_JSON,
     MEDIA_TURTLE,

@@ -5,6 +5,7 @@ import stat
 from pathlib import Path
 
 import pytest
+
 from tinyfleet.client import state_dir as state_dir_module
 from tinyfleet.client.state_dir import Identity, StateDir, StateDirError
 

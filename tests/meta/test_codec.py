@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, RecordDict
+
 from tinyfleet.common import codec
 from tinyfleet.common.flower_adapter import message_from_bytes, message_to_bytes, new_instruction
 

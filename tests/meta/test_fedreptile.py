@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
 from tinyfleet.client import learners, meta_learners
 from tinyfleet.client.data_sources import close_shared_sources
 from tinyfleet.client.handlers import HandlerRegistry, default_handlers

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from tinyfleet.simulations.local_fleet import LocalFleet
 
 pytestmark = pytest.mark.slow

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from tinyfleet.client.data_sources import open_source
 from tinyfleet.simulations import omniglot
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tinyfleet.simulations.experiment import Experiment, RunSettings
-
 from tinyfleet.cli import main
+from tinyfleet.simulations.experiment import Experiment, RunSettings
 
 
 def _small(seed: int = 0) -> Experiment:

@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 
 import pytest
+
 from tinyfleet.server.registry.registry import Registry
 from tinyfleet.server.registry.store import EmbeddedStore
 from tinyfleet.server.registry.thing_description import device_thing_description

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pyoxigraph as ox
 import pytest
+
 from tinyfleet.ontology import catalog
 from tinyfleet.ontology.catalog import QueryError, named_query, render, resolve_query
 

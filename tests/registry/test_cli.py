@@ -7,10 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tinyfleet.server.database import default_url, open_database
-from tinyfleet.server.repository import Repository
 
 from tinyfleet.cli import main
+from tinyfleet.server.database import default_url, open_database
+from tinyfleet.server.repository import Repository
 
 from .test_importer import QUIRKY_BOARD, QUIRKY_MODELS
 

@@ -12,6 +12,7 @@ import httpx
 import pytest
 import uvicorn
 from starlette.testclient import TestClient
+
 from tinyfleet.server.registry.http_app import registry_app
 from tinyfleet.server.registry.http_common import Access
 from tinyfleet.server.registry.registry import Registry

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from starlette.testclient import TestClient
+
 from tinyfleet.server.registry.http_app import registry_app
 from tinyfleet.server.registry.importer import ImportFailed, import_file, import_files
 from tinyfleet.server.registry.registry import Registry

@@ -5,6 +5,7 @@ import json
 from collections.abc import Callable
 
 import pytest
+
 from tinyfleet.server.registry.registry import Registry
 from tinyfleet.server.registry.store import EmbeddedStore, StoreBusyError
 from tinyfleet.server.registry.validation import DescriptionInvalid

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from tinyfleet.server.registry.registry import Registry
 from tinyfleet.server.registry.store import RemoteStore
 

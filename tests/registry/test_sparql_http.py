@@ -11,6 +11,7 @@ import pyoxigraph as ox
 import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
+
 from tinyfleet.server.registry.http_app import registry_app
 from tinyfleet.server.registry.http_common import Access, negotiate
 from tinyfleet.server.registry.registry import Registry

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+
 from tinyfleet.server.database import default_url, make_engine, upgrade
 
 PG_URL = os.environ.get("TINYFLEET_TEST_PG", "")

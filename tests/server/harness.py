@@ -20,6 +20,7 @@ from pathlib import Path
 
 import grpc
 from flwr.app import Message
+
 from tinyfleet.client.handlers import default_handlers
 from tinyfleet.common.flower_adapter import (
     make_context,

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from tinyfleet.simulations.local_fleet import LocalFleet
 
 pytestmark = pytest.mark.slow

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
+
 from tinyfleet.common.arrays import from_numpy_dict, to_array_record
 from tinyfleet.common.flower_adapter import message_to_bytes, reply_with_content
 from tinyfleet.common.grids import ERROR, REPLIED, TIMEOUT, UNDELIVERABLE

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flwr.app import Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
+
 from tinyfleet.common.arrays import from_numpy_dict
 from tinyfleet.common.flower_adapter import array_record_from_bytes, message_to_bytes, reply_with_content
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2

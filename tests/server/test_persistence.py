@@ -9,6 +9,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+
 from tinyfleet.server import database
 from tinyfleet.server.artifacts import (
     ArtifactCorruptError,

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+
 from tinyfleet.server.flower_serverapp import job_from_run_config, make_server_app
 
 APP_DIR = Path(__file__).resolve().parent.parent
