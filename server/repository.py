@@ -4,11 +4,14 @@ Callers (gRPC handlers, the job runner) never build SQL; each method here is one
 unit of work that is committed (durable) before it returns, or rolled back with
 nothing half-written. Device changes append an `outbox` row in the same
 transaction so the registry can project them into RDF later; so does every new
-artifact (kind "artifact.created": job, round, parent, size, encoding, metrics).
+artifact (kind "artifact.created": job, round, parent, size, encoding, metrics) and every
+imported document (kind "document.imported": published descriptions the registry re-derives
+its graphs from, so a rebuild from SQL keeps them).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -16,7 +19,15 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tinyfleet.server.schema import artifacts, devices, jobs, node_results, outbox, rounds
+from tinyfleet.server.schema import (
+    artifacts,
+    devices,
+    imported_documents,
+    jobs,
+    node_results,
+    outbox,
+    rounds,
+)
 
 QUEUED = "queued"
 RUNNING = "running"
@@ -97,6 +108,17 @@ class ArtifactRecord:
     round: int | None
     parent_sha: str | None
     created_at: float
+
+
+@dataclass(frozen=True)
+class ImportedDocument:
+    id: int
+    name: str
+    base_iri: str
+    media_type: str
+    content: bytes
+    sha256: str
+    imported_at: float
 
 
 def _device(row: Mapping[str, Any]) -> Device:
@@ -219,6 +241,47 @@ class Repository:
         conn.execute(outbox.insert().values(
             kind=kind, subject=subject, payload=payload, created_at=time.time()
         ))
+
+    # -- imported documents ----------------------------------------------------
+    def import_document(
+        self, name: str, base_iri: str, media_type: str, content: bytes
+    ) -> ImportedDocument:
+        """Keep (or replace, by `name`) an imported document, with its outbox row."""
+        values = {
+            "name": name,
+            "base_iri": base_iri,
+            "media_type": media_type,
+            "content": content,
+            "sha256": hashlib.sha256(content).hexdigest(),
+            "imported_at": time.time(),
+        }
+        with self.engine.begin() as conn:
+            found = conn.execute(
+                sa.select(imported_documents.c.id).where(imported_documents.c.name == name)
+            ).scalar()
+            if found is None:
+                found = conn.execute(imported_documents.insert().values(**values)).inserted_primary_key[0]
+            else:
+                conn.execute(
+                    imported_documents.update().where(imported_documents.c.id == found).values(**values)
+                )
+            self._outbox(conn, "document.imported", name, {
+                "id": int(found), "sha256": values["sha256"], "base_iri": base_iri,
+            })
+        return ImportedDocument(id=int(found), **values)
+
+    def imported_document(self, name: str) -> ImportedDocument | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                sa.select(imported_documents).where(imported_documents.c.name == name)
+            ).first()
+        return ImportedDocument(**row._mapping) if row else None
+
+    def list_imported_documents(self) -> list[ImportedDocument]:
+        """In the order they were first imported (a later file may refine an earlier one)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(imported_documents).order_by(imported_documents.c.id)).all()
+        return [ImportedDocument(**r._mapping) for r in rows]
 
     # -- jobs ------------------------------------------------------------------
     def create_job(self, name: str, strategy: str, spec_toml: str, rounds_total: int) -> Job:

@@ -80,12 +80,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "import",
         help="import published TinyML/S3N Turtle (repairs known quirks, prints a report)",
         formatter_class=HelpFormatter,
-        epilog="example:\n  tinyfleet registry import ../shared/data/seloc_ml/*.ttl --data-dir ./fleet\n",
+        epilog="examples:\n  tinyfleet registry import ../shared/data/seloc_ml/*.ttl --data-dir ./fleet\n"
+        "  tinyfleet registry import boards.ttl --server http://127.0.0.1:7080 --admin-token TOKEN\n\n"
+        "With --data-dir or --server the file is kept in the coordinator's SQL database\n"
+        "and projected, so `registry rebuild` keeps it; importing the same file name\n"
+        "again replaces it.\n",
     )
     imp.add_argument("files", nargs="+", type=Path)
     imp.add_argument(
         "--base", help="base IRI for relative IRIs (default: the file's '# baseURI:' or its path)"
     )
+    imp.add_argument("--db", help="with --data-dir: SQLAlchemy URL (default: SQLite in the data dir)")
     _where(imp)
     imp.set_defaults(func=_import)
 
@@ -210,18 +215,44 @@ def _query(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_report(path: Path, report: Any) -> None:
+    print(
+        f"imported {path}: {len(report.devices)} device(s), {len(report.models)} model(s), "
+        f"{report.triples} triples (base {report.base})",
+        file=sys.stderr,
+    )
+    for repair in report.repairs:
+        print(f"  repaired {repair.kind} x{repair.count}: {repair.detail}", file=sys.stderr)
+
+
 def _import(args: argparse.Namespace) -> int:
-    from tinyfleet.server.registry.importer import ImportFailed, import_file
+    """Into SQL and then the store (--data-dir, --server), so a rebuild keeps what was imported;
+    straight into a bare SPARQL server (--registry), which has no SQL behind it."""
+    from tinyfleet.server.registry.importer import ImportFailed, import_document, import_file, read_document
     from tinyfleet.server.registry.store import StoreError
 
+    if args.server:
+        return _import_through_server(args)
     try:
         registry = _open_registry(args, create=True)
     except (StoreError, FileNotFoundError, ValueError) as exc:
         return _fail(str(exc))
+    if args.data_dir:
+        from tinyfleet.server.database import default_url, open_database
+        from tinyfleet.server.registry.projector import Projector
+        from tinyfleet.server.repository import Repository
+
+        repo = Repository(open_database(args.db or default_url(args.data_dir)))
+        projector = Projector(registry, repo)
+    else:
+        print("note: --registry has no SQL behind it; a rebuild will not keep this import", file=sys.stderr)
     failed = 0
     for path in args.files:
         try:
-            report = import_file(registry, path, base=args.base)
+            if args.data_dir:
+                report = import_document(registry, repo, projector, read_document(path, args.base))
+            else:
+                report = import_file(registry, path, base=args.base)
         except ImportFailed as exc:
             failed += 1
             print(f"not imported {path}:", file=sys.stderr)
@@ -230,14 +261,54 @@ def _import(args: argparse.Namespace) -> int:
             continue
         except StoreError as exc:
             return _fail(str(exc))
-        print(
-            f"imported {path}: {len(report.devices)} device(s), {len(report.models)} model(s), "
-            f"{report.triples} triples (base {report.base})",
-            file=sys.stderr,
-        )
-        for repair in report.repairs:
-            print(f"  repaired {repair.kind} x{repair.count}: {repair.detail}", file=sys.stderr)
+        _print_report(path, report)
     return 1 if failed else 0
+
+
+def _import_through_server(args: argparse.Namespace) -> int:
+    import httpx
+
+    from tinyfleet.server.registry.importer import ImportFailed, read_document
+    from tinyfleet.server.registry.imports_http import report_from_json
+
+    headers = {"content-type": "text/turtle"}
+    if args.admin_token:
+        headers["authorization"] = f"Bearer {args.admin_token}"
+    url = args.server.rstrip("/") + "/registry/imports"
+    failed = 0
+    with httpx.Client(timeout=120.0, headers=headers) as client:
+        for path in args.files:
+            try:
+                document = read_document(path, args.base)
+                response = client.post(
+                    url, params={"name": document.name, "base": document.base}, content=document.content
+                )
+            except ImportFailed as exc:
+                failed += 1
+                print(f"not imported {path}: {exc}", file=sys.stderr)
+                continue
+            except httpx.HTTPError as exc:
+                return _fail(f"cannot reach the server at {args.server}: {exc}")
+            if response.status_code != 200:
+                failed += 1
+                body = _json_or_empty(response)
+                detail = body.get("detail") or response.text[:500]
+                print(f"not imported {path}: {response.status_code} {detail}", file=sys.stderr)
+                for problem in body.get("validationErrors", []):
+                    print(f"  {problem['path']}: {problem['message']}", file=sys.stderr)
+                if response.status_code in {401, 403, 404}:
+                    return 2
+                continue
+            _print_report(path, report_from_json(response.json()))
+    return 1 if failed else 0
+
+
+def _json_or_empty(response: Any) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -274,6 +345,7 @@ def _rebuild(args: argparse.Namespace) -> int:
     if not args.db and not (Path(args.data_dir) / "coordinator.db").exists():
         return _fail(f"no coordinator database in {args.data_dir} (give --db URL for PostgreSQL)")
     repo = Repository(open_database(args.db or default_url(args.data_dir)))
+    reports: list[Any] = []
     with Progress(transient=True) as progress:
         task = progress.add_task("rebuilding registry", total=None)
 
@@ -284,7 +356,7 @@ def _rebuild(args: argparse.Namespace) -> int:
             store = RemoteStore(args.registry)
             try:
                 store.update("DROP ALL")
-                applied = rebuild(Registry(store), repo, progress=step)
+                applied = rebuild(Registry(store), repo, progress=step, reports=reports)
             except StoreError as exc:
                 return _fail(str(exc))
         else:
@@ -293,7 +365,7 @@ def _rebuild(args: argparse.Namespace) -> int:
             shutil.rmtree(fresh, ignore_errors=True)
             try:
                 store = EmbeddedStore(fresh)
-                applied = rebuild(Registry(store), repo, progress=step)
+                applied = rebuild(Registry(store), repo, progress=step, reports=reports)
                 store.close()
                 if target.exists():
                     # Refuses (busy) while a server holds the old store, before anything is replaced.
@@ -307,9 +379,12 @@ def _rebuild(args: argparse.Namespace) -> int:
             except StoreError as exc:
                 shutil.rmtree(fresh, ignore_errors=True)
                 return _fail(str(exc))
+    for report in reports:
+        _print_report(Path(report.path), report)
     print(
-        f"rebuilt: {applied.descriptions} device description(s), {applied.liveness} liveness record(s), "
-        f"{applied.skipped} skipped; outbox sequence {applied.rows}"
+        f"rebuilt: {applied.documents} imported document(s), {applied.descriptions} device "
+        f"description(s), {applied.liveness} liveness record(s), {applied.skipped} skipped; "
+        f"outbox sequence {applied.rows}"
     )
     return 0
 

@@ -3,7 +3,8 @@
 - describe_device: registrations are validated by the registry (TD checks + SHACL);
   a refusal carries the {path, message} list (`errors`), which the Fleet service
   returns with INVALID_ARGUMENT.
-- http_routes: /sparql, /things..., /search/sparql, /.well-known/wot, /events.
+- http_routes: /sparql, /things..., /search/sparql, /.well-known/wot, /events, and
+  /registry/imports (published Turtle kept in SQL, then projected).
 - eligibility: a job's `eligible` query (SPARQL or named query) becomes the node
   filter FleetGrid applies each time it selects nodes, i.e. every round, so a
   description that changes mid-job changes who takes part from the next round.
@@ -32,6 +33,8 @@ from tinyfleet.server.registry.directory_http import purge_loop
 from tinyfleet.server.registry.events import EventHub
 from tinyfleet.server.registry.http_app import registry_routes
 from tinyfleet.server.registry.http_common import Access
+from tinyfleet.server.registry.importer import Document, FileReport, import_document
+from tinyfleet.server.registry.imports_http import import_routes
 from tinyfleet.server.registry.projector import ArtifactProjector, LivenessMirror, Projector
 from tinyfleet.server.registry.registry import Prepared, Registry
 from tinyfleet.server.registry.store import open_store
@@ -96,7 +99,11 @@ class CoordinatorRegistry:
 
     def routes(self) -> list[BaseRoute]:
         access = Access(admin_token=self.admin_token, verify_device=self.verify_device)
-        return list(registry_routes(self.registry, self.hub, writer=SqlWriter(self), access=access))
+        writer = SqlWriter(self)
+        return [
+            *registry_routes(self.registry, self.hub, writer=writer, access=access),
+            *import_routes(writer.import_document, access=access),
+        ]
 
     def eligibility(self, spec: JobSpec) -> Callable[[], set[int]] | None:
         if not spec.round.eligible:
@@ -195,6 +202,10 @@ class SqlWriter:
             repo.replace_description(prepared.thing_id, data, media_type)
         projector.catch_up()
         return created
+
+    def import_document(self, document: Document) -> FileReport:
+        repo, projector = self._started()
+        return import_document(self.owner.registry, repo, projector, document)
 
     def delete(self, thing_id: str) -> bool:
         repo, projector = self._started()

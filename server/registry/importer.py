@@ -11,6 +11,10 @@ Each board becomes its own named graph (a registered device), each model its
 own graph (everything reachable from it, plus the sensors that feed its
 input); whatever belongs to neither lands in one graph per file. Every graph is
 SHACL-validated; the whole file is written in one update or not at all.
+
+SQL is the system of record: `import_document` keeps the file itself in SQL
+(with an outbox row, one transaction) and lets the projector write its graphs,
+so `tinyfleet registry rebuild` re-applies it like any registered device.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import urllib.parse
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 import pyoxigraph as ox
 
@@ -29,6 +33,9 @@ from tinyfleet.server.registry import updates
 from tinyfleet.server.registry.normalize import normalize_device, normalize_models
 from tinyfleet.server.registry.registry import Prepared, Registry
 from tinyfleet.server.registry.validation import Problem
+
+if TYPE_CHECKING:
+    from tinyfleet.server.repository import ImportedDocument
 
 _SENTINEL: Final = "https://relative.invalid/tinyfleet-import/"
 _BASE_COMMENT: Final = re.compile(rb"^#\s*baseURI:\s*(\S+)", re.MULTILINE)
@@ -101,18 +108,51 @@ def _repair_iri(value: str, base: str, counts: Counter[tuple[str, str]]) -> str:
     return value
 
 
-def read_published(path: Path, base: str | None = None) -> tuple[list[ox.Triple], FileReport]:
-    """The file's triples with every quirk repaired, and a report saying what was repaired."""
+@dataclass(frozen=True)
+class Document:
+    """A published file as imported: what SQL keeps so the registry can re-derive its graphs.
+
+    `name` (the file name) names the graph of triples that belong to no device or
+    model, and identifies the document: importing the same name again replaces it.
+    `base` is fixed at import time, so a rebuild resolves relative IRIs the same way
+    wherever it runs.
+    """
+
+    name: str
+    base: str
+    content: bytes
+
+
+def read_document(path: str | Path, base: str | None = None) -> Document:
+    """A file as a Document; its base is --base, else its '# baseURI:' comment, else its own URI."""
+    path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise ImportFailed(str(path), [Problem("", f"cannot read: {exc.strerror}")]) from exc
-    report = FileReport(path=str(path), base=_base_for(path, data, base))
+    return Document(name=path.name, base=_base_for(path, data, base), content=data)
+
+
+def received_document(name: str, content: bytes, base: str | None = None) -> Document:
+    """A document sent over HTTP: there is no file URI to fall back on, so the base is
+    `base`, else the '# baseURI:' comment, else the request is refused."""
+    if not name or "/" in name:
+        raise ImportFailed(name, [Problem("name", "required: the file name, without directories")])
+    if base is None and not _BASE_COMMENT.search(content[:2000]):
+        raise ImportFailed(
+            name, [Problem("base", "required: the file has no '# baseURI:' comment to resolve relative IRIs")]
+        )
+    return Document(name=name, base=_base_for(Path(name), content, base), content=content)
+
+
+def repaired_triples(document: Document) -> tuple[list[ox.Triple], FileReport]:
+    """The document's triples with every quirk repaired, and a report saying what was repaired."""
+    report = FileReport(path=document.name, base=document.base)
     try:
-        quads = list(ox.parse(data, format=ox.RdfFormat.TURTLE, base_iri=_SENTINEL))
+        quads = list(ox.parse(document.content, format=ox.RdfFormat.TURTLE, base_iri=_SENTINEL))
     except SyntaxError as exc:
         where = f"line {exc.lineno}" if exc.lineno else ""
-        raise ImportFailed(str(path), [Problem(where, f"not valid Turtle: {exc.msg or exc}")]) from exc
+        raise ImportFailed(document.name, [Problem(where, f"not valid Turtle: {exc.msg or exc}")]) from exc
     counts: Counter[tuple[str, str]] = Counter()
     memo: dict[str, tuple[ox.NamedNode, list[tuple[str, str]]]] = {}
 
@@ -172,12 +212,18 @@ def split_graphs(
     return device_graphs, model_graphs, leftover
 
 
-def import_file(
-    registry: Registry, path: str | Path, *, base: str | None = None, seq: int | None = None
-) -> FileReport:
-    """Repair, split, normalize, validate and write one file (one update; all or nothing)."""
-    path = Path(path)
-    triples, report = read_published(path, base)
+@dataclass(frozen=True)
+class Imported:
+    """A document's validated graphs, ready for `Registry.put_many` (devices, other graphs)."""
+
+    devices: list[Prepared]
+    graphs: dict[str, list[ox.Triple]]
+    report: FileReport
+
+
+def prepare_document(registry: Registry, document: Document) -> Imported:
+    """Repair, split, normalize and SHACL-validate a document; ImportFailed lists every problem."""
+    triples, report = repaired_triples(document)
     device_graphs, model_graphs, leftover = split_graphs(triples)
     prepared = [
         Prepared(thing_id=d, triples=updates.skolemize(normalize_device(ts, d), d), document=None)
@@ -187,14 +233,45 @@ def import_file(
     graphs = [p.triples for p in prepared] + list(models.values())
     problems = [p for found in registry.validate_many(graphs) for p in found]
     if problems:
-        raise ImportFailed(str(path), problems)
+        raise ImportFailed(document.name, problems)
     if leftover:
-        report.other_graph = f"urn:tinyfleet:graph:import:{urllib.parse.quote(path.name)}"
+        report.other_graph = f"urn:tinyfleet:graph:import:{urllib.parse.quote(document.name)}"
         models[report.other_graph] = updates.skolemize(leftover, report.other_graph)
-    registry.put_many(prepared, extra_graphs=models, seq=seq)
     report.devices = sorted(device_graphs)
     report.models = sorted(model_graphs)
-    return report
+    return Imported(devices=prepared, graphs=models, report=report)
+
+
+def import_file(
+    registry: Registry, path: str | Path, *, base: str | None = None, seq: int | None = None
+) -> FileReport:
+    """Write one file straight into the registry (one update; all or nothing). This bypasses
+    SQL, so a rebuild does not keep it: the coordinator imports through
+    `Repository.import_document` and the projector instead."""
+    imported = prepare_document(registry, read_document(path, base))
+    registry.put_many(imported.devices, extra_graphs=imported.graphs, seq=seq)
+    return imported.report
+
+
+class DocumentKeeper(Protocol):
+    def import_document(
+        self, name: str, base_iri: str, media_type: str, content: bytes
+    ) -> ImportedDocument: ...
+
+
+class CatchingUp(Protocol):
+    def catch_up(self) -> object: ...
+
+
+def import_document(
+    registry: Registry, keeper: DocumentKeeper, projector: CatchingUp, document: Document
+) -> FileReport:
+    """Validate, keep in SQL with its outbox row (`keeper` is the Repository), then project.
+    A document that fails validation writes nothing; the same name again replaces it."""
+    imported = prepare_document(registry, document)
+    keeper.import_document(document.name, document.base, "text/turtle", document.content)
+    projector.catch_up()
+    return imported.report
 
 
 def import_files(registry: Registry, paths: list[str | Path], *, base: str | None = None) -> list[FileReport]:

@@ -6,7 +6,9 @@ recorded, and applies each batch with ONE SPARQL Update that also records the
 batch's last sequence; so after a crash between the SQL commit and the
 projection, the next `catch_up` applies exactly what is missing, and applying a
 row twice is harmless (a description replaces its graph, liveness overwrites).
-`rebuild` regenerates a whole store from the SQL tables.
+Imported documents (published Turtle) are kept in SQL too and projected the same
+way, from the document row the outbox row names. `rebuild` regenerates a whole
+store from the SQL tables.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import pyoxigraph as ox
 import sqlalchemy as sa
 
+from tinyfleet.server.registry.importer import Document, FileReport, Imported, ImportFailed, prepare_document
 from tinyfleet.server.registry.registry import Prepared, Registry
 from tinyfleet.server.registry.validation import DescriptionInvalid
 
@@ -36,6 +40,16 @@ class DeviceRow(Protocol):
     online: bool
 
 
+class DocumentRow(Protocol):
+    name: str
+    base_iri: str
+    content: bytes
+
+
+def _document(row: DocumentRow) -> Document:
+    return Document(name=row.name, base=row.base_iri, content=row.content)
+
+
 class OutboxSource(Protocol):
     """What the projector needs from the coordinator's repository."""
 
@@ -45,12 +59,17 @@ class OutboxSource(Protocol):
 
     def list_devices(self) -> Sequence[DeviceRow]: ...
 
+    def imported_document(self, name: str) -> DocumentRow | None: ...
+
+    def list_imported_documents(self) -> Sequence[DocumentRow]: ...
+
 
 @dataclass
 class Applied:
     rows: int = 0
     descriptions: int = 0
     liveness: int = 0
+    documents: int = 0
     skipped: int = 0
 
 
@@ -70,7 +89,22 @@ class Projector:
         applied = Applied(rows=len(rows))
         if not rows:
             return applied
+        # Every description in the batch is validated in ONE SHACL run (what makes a burst of
+        # registrations cheap); the rows are then replayed in order so the last change wins.
+        described = [r for r in rows if r["kind"] in {"device.registered", "device.updated"}]
+        items = [
+            (
+                str((r["payload"] or {}).get("description", "")).encode("utf-8"),
+                str((r["payload"] or {}).get("media_type", "")),
+                r["subject"],
+                None,
+            )
+            for r in described
+        ]
+        results = self.registry.prepare_many(items, raise_first=False) if items else []
+        verdicts = dict(zip((r["seq"] for r in described), results, strict=True))
         puts: dict[str, Prepared] = {}
+        graphs: dict[str, list[ox.Triple]] = {}
         liveness: dict[str, tuple[bool, dt.datetime | None]] = {}
         deletes: dict[str, None] = {}
         for row in rows:
@@ -81,26 +115,49 @@ class Projector:
                 deletes[subject] = None
             elif kind in {"device.registered", "device.updated"}:
                 deletes.pop(subject, None)
-                data = str(payload.get("description", "")).encode("utf-8")
-                try:
-                    puts[subject] = self.registry.prepare(
-                        data, str(payload.get("media_type", "")), thing_id=subject
-                    )
-                except DescriptionInvalid as exc:
+                verdict = verdicts[row["seq"]]
+                if isinstance(verdict, DescriptionInvalid):
                     # SQL accepted it (an older or laxer validator); the registry cannot describe it.
-                    log.warning("outbox %s: description of %s not projected: %s", row["seq"], subject, exc)
+                    log.warning("outbox %s: %s not projected: %s", row["seq"], subject, verdict)
                     applied.skipped += 1
+                else:
+                    puts[subject] = verdict
+            elif kind == "document.imported":
+                imported = self._imported(row)
+                if imported is None:
+                    applied.skipped += 1
+                    continue
+                for device in imported.devices:
+                    deletes.pop(device.thing_id, None)
+                    puts[device.thing_id] = device
+                graphs.update(imported.graphs)
+                applied.documents += 1
             elif kind in {"device.online", "device.offline"}:
                 liveness[subject] = (kind == "device.online", _when(payload.get("at")))
-            else:
+            elif kind != "artifact.created":  # artifacts are described by ArtifactProjector
                 log.warning("outbox %s: unknown change kind %r skipped", row["seq"], kind)
                 applied.skipped += 1
         present = [d for d in deletes if self.registry.exists(d)]
         self.registry.put_many(
-            list(puts.values()), liveness=liveness, deletes=present, seq=int(rows[-1]["seq"])
+            list(puts.values()),
+            extra_graphs=graphs,
+            liveness=liveness,
+            deletes=present,
+            seq=int(rows[-1]["seq"]),
         )
         applied.descriptions, applied.liveness = len(puts), len(liveness)
         return applied
+
+    def _imported(self, row: dict[str, Any]) -> Imported | None:
+        found = self.source.imported_document(row["subject"])
+        if found is None:
+            log.warning("outbox %s: imported document %r is not in SQL; skipped", row["seq"], row["subject"])
+            return None
+        try:
+            return prepare_document(self.registry, _document(found))
+        except ImportFailed as exc:
+            log.warning("outbox %s: imported document not projected: %s", row["seq"], exc)
+            return None
 
     def catch_up(self) -> Applied:
         """Apply everything after the store's last recorded sequence; returns the totals."""
@@ -117,6 +174,7 @@ class Projector:
             total.rows += done.rows
             total.descriptions += done.descriptions
             total.liveness += done.liveness
+            total.documents += done.documents
             total.skipped += done.skipped
 
     async def run(self, interval_s: float = 0.5) -> None:
@@ -137,13 +195,30 @@ def last_outbox_seq(source: OutboxSource) -> int:
 
 
 def rebuild(
-    registry: Registry, source: OutboxSource, *, progress: Callable[[int, int], None] | None = None
+    registry: Registry,
+    source: OutboxSource,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    reports: list[FileReport] | None = None,
 ) -> Applied:
-    """Fill an EMPTY registry from SQL: every device's description and liveness, then the
-    outbox sequence they reflect (rows after it are applied by the projector as usual)."""
+    """Fill an EMPTY registry from SQL: every imported document (in import order), every
+    device's description and liveness, then the outbox sequence they reflect (rows after
+    it are applied by the projector as usual). Each document's repair report is appended
+    to `reports`. A device registered in SQL wins over a document describing the same IRI."""
     seq = last_outbox_seq(source)
-    devices = list(source.list_devices())
     applied = Applied()
+    for found in source.list_imported_documents():
+        try:
+            imported = prepare_document(registry, _document(found))
+        except ImportFailed as exc:
+            log.warning("imported document %s not rebuilt: %s", found.name, exc)
+            applied.skipped += 1
+            continue
+        registry.put_many(imported.devices, extra_graphs=imported.graphs)
+        applied.documents += 1
+        if reports is not None:
+            reports.append(imported.report)
+    devices = list(source.list_devices())
     for start in range(0, len(devices), 500):
         chunk = devices[start : start + 500]
         items = [(d.description, d.media_type, d.device_id, None) for d in chunk]
@@ -184,8 +259,6 @@ class ArtifactProjector:
         return float(value.value) if value is not None else 0.0
 
     def catch_up(self) -> int:
-        import pyoxigraph as ox
-
         from tinyfleet.common.flower_adapter import array_record_from_bytes
         from tinyfleet.common.jobspec import parse_job_spec
         from tinyfleet.server.registry import updates

@@ -207,3 +207,8 @@ def test_query_and_import_commands_against_the_running_daemon(
     assert "403" in capsys.readouterr().err
     assert main(["registry", "import", str(board), "--server", base, "--admin-token", TOKEN]) == 0
     assert registry.registry.exists("https://example.org/boards/quirky-1")
+    assert "malformed class name" in capsys.readouterr().err  # the daemon's repair report
+    assert registry.repo is not None
+    kept = registry.repo.imported_document("board.ttl")  # SQL keeps it: a rebuild re-applies it
+    assert kept is not None and kept.base_iri == "https://example.org/boards/quirky-1/"
+    assert kept.content == QUIRKY_BOARD.encode()

@@ -1,0 +1,33 @@
+"""Migration 0002 (imported documents) upgrades a database that is already at 0001 with data in it."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from tinyfleet.server import database
+from tinyfleet.server.repository import Repository
+from tinyfleet.server.schema import metadata
+
+
+def test_upgrade_from_0001_keeps_devices_and_adds_imported_documents(empty_engine: sa.Engine) -> None:
+    database.upgrade(empty_engine, "0001")
+    assert database.current_revision(empty_engine) == "0001"
+    repo = Repository(empty_engine)
+    repo.create_device("urn:tinyfleet:device:a", 7, "sha256$x", b"{}", "application/td+json")
+    with empty_engine.connect() as conn:
+        assert not sa.inspect(conn).has_table("imported_documents")
+
+    database.upgrade(empty_engine)
+    assert database.current_revision(empty_engine) == database.head_revision() == "0002"
+    with empty_engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+    assert [d.device_id for d in repo.list_devices()] == ["urn:tinyfleet:device:a"]
+    first = repo.import_document("boards.ttl", "https://example.org/", "text/turtle", b"<a> <b> <c> .")
+    again = repo.import_document("boards.ttl", "https://example.org/", "text/turtle", b"<a> <b> <d> .")
+    assert again.id == first.id and again.sha256 != first.sha256
+    assert [d.content for d in repo.list_imported_documents()] == [b"<a> <b> <d> ."]
+    assert [r["kind"] for r in repo.outbox_since(0)] == [
+        "device.registered", "document.imported", "document.imported"
+    ]
