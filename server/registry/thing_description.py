@@ -4,12 +4,15 @@ JSON-LD goes through pyoxigraph's JSON-LD parser. Its remote contexts (the TD
 1.1 context, tinyfleet's) are replaced by the copies shipped in
 tinyfleet.ontology before parsing, so registration works offline and never
 fetches a URL a device chose. A context URL tinyfleet does not ship is an
-error naming it.
+error naming it. Term definitions that carry a scoped context of their own
+(the TD context's `properties`, `actions`, `forms`, ...) are left out when the
+description never uses the term: JSON-LD expansion only reads a definition for
+a key or value that names it, so the triples are the same, and processing those
+scoped contexts was most of the cost of parsing a small device TD.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import re
 from typing import Any, Final
@@ -59,8 +62,9 @@ def load_json(data: bytes) -> dict[str, Any]:
 
 def with_local_contexts(document: dict[str, Any]) -> dict[str, Any]:
     """A copy of the TD whose `@context` URLs are replaced by the shipped context objects."""
-    result = copy.deepcopy(document)
+    result = dict(document)  # only "@context" is replaced; nothing else is touched
     contexts = result.get("@context")
+    used = _names(document, set())
     items = contexts if isinstance(contexts, list) else [contexts]
     resolved: list[Any] = []
     for index, item in enumerate(items):
@@ -73,11 +77,32 @@ def with_local_contexts(document: dict[str, Any]) -> dict[str, Any]:
                     f"unknown JSON-LD context {item!r}: the registry resolves contexts offline and knows "
                     + ", ".join(known_contexts()),
                 )
-            resolved.append(inline)
+            resolved.append(
+                {
+                    term: definition
+                    for term, definition in inline.items()
+                    if term in used or not (isinstance(definition, dict) and "@context" in definition)
+                }
+            )
         else:
             resolved.append(item)
     result["@context"] = resolved
     return result
+
+
+def _names(value: Any, found: set[str]) -> set[str]:
+    """Every key and string value in a JSON document, and the prefix of each compact IRI."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found.add(key)
+            _names(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            _names(item, found)
+    elif isinstance(value, str):
+        found.add(value)
+        found.add(value.split(":", 1)[0])
+    return found
 
 
 def td_triples(document: dict[str, Any]) -> list[ox.Triple]:

@@ -1,0 +1,52 @@
+"""The validator runs only the shapes with targets: its verdicts must be pyshacl's full run's."""
+
+from __future__ import annotations
+
+import pyoxigraph as ox
+import pyshacl
+import rdflib
+
+from tinyfleet.ontology import SHAPES_PATH
+from tinyfleet.server.registry.validation import ShaclValidator, _compact, _to_rdflib
+
+PREFIXES = """@prefix tf: <https://w3id.org/tinyfleet#> . @prefix td: <https://www.w3.org/2019/wot/td#> .
+@prefix nnet: <https://w3id.org/tinyml-schema/neural-network-schema#> .
+@prefix schema: <https://schema.org/> .
+@prefix xsd: <http://www.w3.org/2001/XMLSchema#> .
+@prefix s3n_extend: <https://w3id.org/tinyml-schema/neural-network-schema/s3n_extend/> .
+"""
+
+CASES = {
+    "good device": '<urn:d> a tf:Device ; td:title "d" ; tf:ramKB 256 ; tf:flashKB 1 ; tf:deviceClass "mcu".',
+    "bad device": '<urn:d> a tf:Device ; tf:ramKB -1, 5 ; tf:deviceClass "phone" ; tf:cpu 3 .',
+    "bad memory node": '<urn:m> a s3n_extend:RAM ; schema:value "lots" .',
+    "model without needs": '<urn:n> a nnet:NeuralNetwork ; tf:requiresRamKB -3 .',
+    "artifact": '<urn:a> a tf:ModelArtifact ; tf:hasEncodedSize [ tf:encoding "fp32" ] .',
+}
+
+
+def _pyshacl_full(triples: list[ox.Triple]) -> set[tuple[str, str]]:
+    data = rdflib.Graph()
+    for t in triples:
+        data.add((_to_rdflib(t.subject), _to_rdflib(t.predicate), _to_rdflib(t.object)))
+    shapes = rdflib.Graph().parse(SHAPES_PATH, format="turtle")
+    _, report, _ = pyshacl.validate(data, shacl_graph=shapes, inference="none")
+    found = set()
+    for result in report.objects(None, rdflib.SH.result):
+        path = report.value(result, rdflib.SH.resultPath)
+        found.add((_compact(report.value(result, rdflib.SH.focusNode)), _compact(path) if path else ""))
+    return found
+
+
+def test_verdicts_match_a_full_pyshacl_run() -> None:
+    validator = ShaclValidator.shared()
+    failing = 0
+    for name, body in CASES.items():
+        triples = [q.triple for q in ox.parse((PREFIXES + body).encode(), format=ox.RdfFormat.TURTLE)]
+        ours = {
+            tuple(p.path.split(" ", 1)) if " " in p.path else (p.path, "")
+            for p in validator.validate(triples)
+        }
+        assert ours == _pyshacl_full(triples), name
+        failing += bool(ours)
+    assert failing == len(CASES) - 1  # every case but the good device finds problems
