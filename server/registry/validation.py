@@ -8,12 +8,18 @@ just the description(s) being registered. Only the shapes that declare targets
 are run at the top level: every other shape (property shapes, shapes reached
 through sh:node) selects no focus node of its own and is evaluated from those,
 so the verdict is pyshacl's full run's, at half the cost per description.
+Verdicts of descriptions validated on their own are remembered (a bounded LRU
+keyed by a digest of the exact triples): the coordinator validates a
+registration before its SQL commit and the projector prepares the same bytes
+again right after, and SHACL is a pure function of the triples.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -23,6 +29,7 @@ import pyoxigraph as ox
 from tinyfleet.ontology import PREFIXES, SHAPES_PATH, TD_CONTEXT_URLS, XSD
 
 _XSD_STRING: Final = XSD + "string"
+VERDICT_CACHE_SIZE: Final = 4096
 _ABSOLUTE_IRI: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:\S+$")
 _OPERATIONS: Final = frozenset(
     {
@@ -169,6 +176,8 @@ class ShaclValidator:
         self._shapes = ShapesGraph(graph)
         self._targeted = [s for s in self._shapes.shapes if any(any(True for _ in t) for t in s.target())]
         self._lock = threading.Lock()
+        self._verdicts: OrderedDict[bytes, tuple[Problem, ...]] = OrderedDict()
+        self._verdicts_lock = threading.Lock()
 
     @classmethod
     def shared(cls) -> ShaclValidator:
@@ -181,7 +190,27 @@ class ShaclValidator:
         return self.validate_many([triples])[0]
 
     def validate_many(self, descriptions: Sequence[Sequence[ox.Triple]]) -> list[list[Problem]]:
-        """Problems per description; one pyshacl run over all of them (registrations in bulk)."""
+        """Problems per description; one pyshacl run over all those not validated before."""
+        keys = [_digest(triples) for triples in descriptions]
+        found: dict[int, tuple[Problem, ...]] = {}
+        with self._verdicts_lock:
+            for number, key in enumerate(keys):
+                if key in self._verdicts:
+                    self._verdicts.move_to_end(key)
+                    found[number] = self._verdicts[key]
+        missing = [number for number in range(len(descriptions)) if number not in found]
+        if missing:
+            fresh = self._run([descriptions[number] for number in missing])
+            found.update((number, tuple(problems)) for number, problems in zip(missing, fresh, strict=True))
+            if len(missing) == 1:  # a verdict on its own, not one shared with a batch's other graphs
+                with self._verdicts_lock:
+                    self._verdicts[keys[missing[0]]] = found[missing[0]]
+                    if len(self._verdicts) > VERDICT_CACHE_SIZE:
+                        self._verdicts.popitem(last=False)
+        return [list(found[number]) for number in range(len(descriptions))]
+
+    def _run(self, descriptions: Sequence[Sequence[ox.Triple]]) -> list[list[Problem]]:
+        """One pyshacl run over all the descriptions, problems attributed by focus node."""
         import rdflib
         from pyshacl import Validator
         from pyshacl.graph_abstraction import DataGraph
@@ -216,6 +245,10 @@ class ShaclValidator:
             for number in owner.get(focus, range(len(descriptions))):
                 problems[number].append(problem)
         return problems
+
+
+def _digest(triples: Sequence[ox.Triple]) -> bytes:
+    return hashlib.blake2b("\n".join(map(str, triples)).encode(), digest_size=16).digest()
 
 
 def _to_rdflib(term: ox.NamedNode | ox.BlankNode | ox.Literal) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyoxigraph as ox
 import pyshacl
+import pytest
 import rdflib
 
 from tinyfleet.ontology import SHAPES_PATH
@@ -25,6 +26,10 @@ CASES = {
 }
 
 
+def _triples(body: str) -> list[ox.Triple]:
+    return [q.triple for q in ox.parse((PREFIXES + body).encode(), format=ox.RdfFormat.TURTLE)]
+
+
 def _pyshacl_full(triples: list[ox.Triple]) -> set[tuple[str, str]]:
     data = rdflib.Graph()
     for t in triples:
@@ -42,7 +47,7 @@ def test_verdicts_match_a_full_pyshacl_run() -> None:
     validator = ShaclValidator.shared()
     failing = 0
     for name, body in CASES.items():
-        triples = [q.triple for q in ox.parse((PREFIXES + body).encode(), format=ox.RdfFormat.TURTLE)]
+        triples = _triples(body)
         ours = {
             tuple(p.path.split(" ", 1)) if " " in p.path else (p.path, "")
             for p in validator.validate(triples)
@@ -50,3 +55,16 @@ def test_verdicts_match_a_full_pyshacl_run() -> None:
         assert ours == _pyshacl_full(triples), name
         failing += bool(ours)
     assert failing == len(CASES) - 1  # every case but the good device finds problems
+
+
+def test_verdicts_on_their_own_are_remembered_batch_verdicts_are_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    validator = ShaclValidator()
+    bad, good = _triples(CASES["bad device"]), _triples(CASES["good device"])
+    first = validator.validate(bad)
+    assert first
+    validator.validate_many([good, good[:-1]])  # a batch: its verdicts are not kept
+    runs: list[int] = []
+    real_run = validator._run
+    monkeypatch.setattr(validator, "_run", lambda graphs: runs.append(len(graphs)) or real_run(graphs))
+    assert validator.validate(bad) == first and runs == []
+    assert validator.validate_many([good, bad]) == [[], first] and runs == [1]
