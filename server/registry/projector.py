@@ -89,9 +89,11 @@ class Projector:
         applied = Applied(rows=len(rows))
         if not rows:
             return applied
-        # Every description in the batch is validated in ONE SHACL run (what makes a burst of
-        # registrations cheap); the rows are then replayed in order so the last change wins.
-        described = [r for r in rows if r["kind"] in {"device.registered", "device.updated"}]
+        # The descriptions in the batch (the last one per device: earlier ones are replaced within
+        # the batch anyway, and two of one device would clash in one data graph) are prepared with
+        # ONE SHACL run for those not validated before; the rows are then replayed in order.
+        last = {r["subject"]: r for r in rows if r["kind"] in {"device.registered", "device.updated"}}
+        described = list(last.values())
         items = [
             (
                 str((r["payload"] or {}).get("description", "")).encode("utf-8"),
@@ -115,7 +117,9 @@ class Projector:
                 deletes[subject] = None
             elif kind in {"device.registered", "device.updated"}:
                 deletes.pop(subject, None)
-                verdict = verdicts[row["seq"]]
+                verdict = verdicts.get(row["seq"])
+                if verdict is None:  # described again later in this batch
+                    continue
                 if isinstance(verdict, DescriptionInvalid):
                     # SQL accepted it (an older or laxer validator); the registry cannot describe it.
                     log.warning("outbox %s: %s not projected: %s", row["seq"], subject, verdict)

@@ -9,6 +9,7 @@ from tinyfleet.server.database import default_url, open_database
 from tinyfleet.server.registry.projector import Projector, rebuild
 from tinyfleet.server.registry.registry import Registry
 from tinyfleet.server.registry.store import EmbeddedStore
+from tinyfleet.server.registry.validation import ShaclValidator
 from tinyfleet.server.repository import Repository
 
 TD_JSON = "application/td+json"
@@ -81,3 +82,17 @@ def test_last_seen_is_mirrored_in_batches(tmp_path: Path, make_td: Callable[...,
     assert mirror.sync() == 1
     [row] = [r for r in registry.named("devices") if r["device"].value == "urn:tinyfleet:device:a"]
     assert row["lastSeen"].value.startswith("2027-01-15T08:00:00")
+
+
+def test_a_device_described_twice_in_one_batch_gets_its_last_description(
+    tmp_path: Path, make_td: Callable[..., bytes]
+) -> None:
+    repo = _repository(tmp_path)
+    registry = Registry(EmbeddedStore(None), validator=ShaclValidator())  # nothing validated before
+    repo.create_device("urn:tinyfleet:device:a", 11, "sha256$x", make_td("a", ram_kb=128), TD_JSON)
+    repo.replace_description("urn:tinyfleet:device:a", make_td("a", ram_kb=64), TD_JSON)
+    repo.create_device("urn:tinyfleet:device:b", 12, "sha256$y", make_td("b"), TD_JSON)
+    done = Projector(registry, repo).catch_up()  # one batch
+    assert (done.rows, done.descriptions, done.skipped) == (3, 2, 0)
+    rows = {r["device"].value: r["ramKB"].value for r in registry.named("devices")}
+    assert rows == {"urn:tinyfleet:device:a": "64", "urn:tinyfleet:device:b": "512"}
