@@ -21,7 +21,7 @@ from tinyfleet.server.connections import ConnectionHub
 from tinyfleet.server.job_events import JobEvents
 from tinyfleet.server.job_runner import Eligibility
 from tinyfleet.server.job_strategy import build_strategy
-from tinyfleet.server.job_views import device_info, job_info
+from tinyfleet.server.job_views import RoundsFollower, device_info, job_info
 from tinyfleet.server.repository import TERMINAL_STATES, Repository
 
 log = logging.getLogger(__name__)
@@ -52,19 +52,20 @@ class AdminService(fleet_pb2_grpc.AdminServicer):
                 "admin token required (metadata `authorization: Bearer <token>`)",
             )
 
-    async def _job_info(self, context: grpc.aio.ServicerContext, job_id: str) -> fleet_pb2.JobInfo:
+    async def _follower(self, context: grpc.aio.ServicerContext, job_id: str) -> RoundsFollower:
         try:
-            number = int(job_id)
+            return RoundsFollower(int(job_id))
         except ValueError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"job id must be a number: {job_id!r}")
-        info = await asyncio.to_thread(self._load, number)
-        if info is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {job_id}")
-        return info
+            raise  # abort raises; this keeps type checkers informed
 
-    def _load(self, job_id: int) -> fleet_pb2.JobInfo | None:
-        job = self.repo.get_job(job_id)
-        return None if job is None else job_info(job, self.repo.get_rounds(job_id))
+    async def _job_info(
+        self, context: grpc.aio.ServicerContext, follower: RoundsFollower
+    ) -> fleet_pb2.JobInfo:
+        info = await asyncio.to_thread(follower.job_info, self.repo)
+        if info is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {follower.job_id}")
+        return info
 
     async def SubmitJob(
         self, request: fleet_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
@@ -94,7 +95,7 @@ class AdminService(fleet_pb2_grpc.AdminServicer):
         self, request: fleet_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.JobInfo:
         await self._authorize(context)
-        return await self._job_info(context, request.job_id)
+        return await self._job_info(context, await self._follower(context, request.job_id))
 
     async def ListJobs(
         self, request: fleet_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
@@ -109,7 +110,8 @@ class AdminService(fleet_pb2_grpc.AdminServicer):
         await self._authorize(context)
         queue = self.events.subscribe()
         try:
-            info = await self._job_info(context, request.job_id)
+            follower = await self._follower(context, request.job_id)
+            info = await self._job_info(context, follower)
             yield info
             while info.state not in TERMINAL_STATES:
                 while True:  # skip events of other jobs
@@ -118,7 +120,7 @@ class AdminService(fleet_pb2_grpc.AdminServicer):
                         break
                 if changed is None:  # coordinator stopping
                     await context.abort(grpc.StatusCode.UNAVAILABLE, "coordinator is stopping")
-                latest = await self._job_info(context, request.job_id)
+                latest = await self._job_info(context, follower)
                 if latest != info:
                     info = latest
                     yield info

@@ -12,7 +12,7 @@ from dataclasses import asdict
 from typing import Any
 
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
-from tinyfleet.server.repository import Device, Job, RoundRecord
+from tinyfleet.server.repository import Device, Job, Repository, RoundRecord
 
 
 def round_dict(record: RoundRecord) -> dict[str, Any]:
@@ -37,7 +37,34 @@ def job_dict(job: Job, rounds: list[RoundRecord]) -> dict[str, Any]:
     }
 
 
-def job_info(job: Job, rounds: list[RoundRecord]) -> fleet_pb2.JobInfo:
+class RoundsFollower:
+    """A watcher's view of one job's rounds: each finished round is read and encoded once.
+
+    Rounds never change once recorded, so following a long job costs only the new
+    rounds at each change instead of re-reading and re-encoding its whole history.
+    """
+
+    def __init__(self, job_id: int) -> None:
+        self.job_id = job_id
+        self._encoded: list[str] = []
+        self._last_round = 0
+
+    def job_info(self, repo: Repository) -> fleet_pb2.JobInfo | None:
+        job = repo.get_job(self.job_id)
+        if job is None:
+            return None
+        for record in repo.get_rounds(self.job_id, after_round=self._last_round):
+            self._encoded.append(json.dumps(round_dict(record)))
+            self._last_round = record.round
+        return job_info(job, rounds_json="[" + ", ".join(self._encoded) + "]")
+
+
+def job_info(
+    job: Job, rounds: list[RoundRecord] | None = None, *, rounds_json: str | None = None
+) -> fleet_pb2.JobInfo:
+    """The Admin API's JobInfo; `rounds_json` (already encoded rounds) wins over `rounds`."""
+    if rounds_json is None:
+        rounds_json = json.dumps([round_dict(r) for r in rounds or []])
     return fleet_pb2.JobInfo(
         job_id=str(job.id),
         name=job.name,
@@ -47,7 +74,7 @@ def job_info(job: Job, rounds: list[RoundRecord]) -> fleet_pb2.JobInfo:
         rounds_done=job.rounds_done,
         created_at=job.created_at,
         finished_at=job.finished_at or 0.0,
-        rounds_json=json.dumps([round_dict(r) for r in rounds]),
+        rounds_json=rounds_json,
         strategy=job.strategy,
     )
 

@@ -360,13 +360,16 @@ class Repository:
                 .values(state=state, reason=reason, finished_at=time.time())
             )
 
-    def get_rounds(self, job_id: int) -> list[RoundRecord]:
+    def get_rounds(self, job_id: int, after_round: int = 0) -> list[RoundRecord]:
+        """Finished rounds of a job, oldest first; only those after `after_round` (rounds never change)."""
         with self.engine.connect() as conn:
             round_rows = conn.execute(
-                sa.select(rounds).where(rounds.c.job_id == job_id).order_by(rounds.c.round)
+                sa.select(rounds).where(rounds.c.job_id == job_id, rounds.c.round > after_round)
+                .order_by(rounds.c.round)
             ).all()
             node_rows = conn.execute(
-                sa.select(node_results).where(node_results.c.job_id == job_id)
+                sa.select(node_results)
+                .where(node_results.c.job_id == job_id, node_results.c.round > after_round)
                 .order_by(node_results.c.round, node_results.c.id)
             ).all()
         by_round: dict[int, list[NodeResult]] = {}

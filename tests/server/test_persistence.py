@@ -165,3 +165,32 @@ def test_artifact_store_leaves_no_partial_blob_when_a_write_fails(
     sha = sha256_hex(b"abc" * 1000)
     assert not store.exists(sha)
     assert list(store.path(sha).parent.iterdir()) == []
+
+
+def test_a_rounds_follower_reads_each_round_once_and_matches_a_full_read(
+    engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tinyfleet.server.job_views import RoundsFollower, job_info
+
+    repo = Repository(engine)
+    job = repo.create_job("long", "fedreptile", "x = 1", rounds_total=3)
+    repo.start_job(job.id, ArtifactRecord("0" * 64, 10, "flwr-arrayrecord", job.id, 0, None, 1.0))
+    follower = RoundsFollower(job.id)
+    reads: list[int] = []
+    real_get_rounds = repo.get_rounds
+
+    def counting(job_id: int, after_round: int = 0) -> list[RoundRecord]:
+        rows = real_get_rounds(job_id, after_round)
+        reads.extend(r.round for r in rows)
+        return rows
+
+    monkeypatch.setattr(repo, "get_rounds", counting)
+    for n in (1, 2, 3):
+        node = NodeResult("train", 7, "replied", "", 100, 90, 0.5, {"train_loss": 1.0 / n})
+        record = RoundRecord(n, 1.0, 2.0, 1, 0, {"train_loss": 1.0 / n}, None, 100, 90, 1.0, 0.8, 0.2,
+                             None, [node])
+        repo.commit_round(job.id, record, None, None)
+        followed = follower.job_info(repo)
+        assert followed == job_info(repo.get_job(job.id), real_get_rounds(job.id))  # type: ignore[arg-type]
+    assert reads == [1, 2, 3], "every round is read once, however often the job changes"
+    assert RoundsFollower(job.id + 99).job_info(repo) is None
