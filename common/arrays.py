@@ -9,6 +9,8 @@ import torch
 from flwr.app import ArrayRecord
 from torch import nn
 
+from tinyfleet.common.flower_adapter import array_values
+
 
 class InvalidUpdateError(ValueError):
     """An update that must not be aggregated (NaN/Inf, wrong keys or shapes)."""
@@ -36,7 +38,7 @@ def from_numpy_dict(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 def check_finite(record: ArrayRecord) -> None:
     """Raise InvalidUpdateError naming the first array that holds NaN or Inf."""
     for key, array in record.items():
-        values = array.numpy()
+        values = array_values(array)
         if values.dtype.kind in "fc" and not np.isfinite(values).all():
             bad = int(values.size - np.isfinite(values).sum())
             raise InvalidUpdateError(f"array {key!r} holds {bad} NaN/Inf value(s)")

@@ -9,12 +9,14 @@ fail loudly when a Flower upgrade moves any of it.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Final
 
-from flwr.app import ArrayRecord, Context, Error, Message, Metadata, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Error, Message, Metadata, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, SType
 from flwr.common.serde import (
     array_record_from_proto,
     array_record_to_proto,
@@ -27,6 +29,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 FLOWER_VERSION: Final = "1.42.0"
+_NPY_MAGIC: Final = b"\x93NUMPY"
 COORDINATOR_NODE_ID: Final = SUPERLINK_NODE_ID
 #: Error codes used in error replies (Flower reserves small numbers; ours start at 100).
 ERR_UNKNOWN_MESSAGE_TYPE: Final = 100
@@ -135,6 +138,31 @@ def array_record_from_bytes(data: bytes) -> ArrayRecord:
         return array_record_from_proto(proto)
     except Exception as exc:  # protobuf and Flower raise several unrelated types
         raise MessageDecodeError(f"not a Flower ArrayRecord ({len(data)} bytes): {exc}") from exc
+
+
+def array_values(array: Array) -> np.ndarray:
+    """An Array's values as a read-only view of its bytes, without `np.load`.
+
+    Flower 1.42 keeps each Array as .npy bytes; `Array.numpy()` re-parses the
+    header with `ast` on every call, which dominated the coordinator's reply checks
+    at 32 nodes. The dtype and shape are already on the Array, so the values are a
+    `frombuffer` at the header's end; anything unexpected falls back to `numpy()`.
+    """
+    data = array.data
+    if array.stype == SType.NUMPY and data[:6] == _NPY_MAGIC and data[6] in (1, 2, 3):
+        size_bytes = 2 if data[6] == 1 else 4
+        start = 8 + size_bytes
+        end = start + int.from_bytes(data[8:start], "little")
+        dtype = np.dtype(array.dtype)
+        header = data[start:end]
+        count = math.prod(array.shape)
+        if (
+            f"'descr': '{dtype.str}'".encode() in header
+            and b"'fortran_order': False" in header
+            and len(data) - end == count * dtype.itemsize
+        ):
+            return np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(array.shape)
+    return array.numpy()
 
 
 def make_context(node_id: int, node_config: dict[str, str | int | float | bool]) -> Context:

@@ -107,3 +107,26 @@ def test_make_context_and_empty_run() -> None:
     assert context.node_id == 17 and context.node_config["data"] == "sine:seed=1"
     assert len(context.state) == 0
     assert fa.empty_run(23).run_id == 23
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.arange(6, dtype=np.float32).reshape(2, 3),
+        np.random.default_rng(0).random((64, 64)).astype(np.float16),
+        np.asfortranarray(np.ones((3, 4))),  # not C order: falls back to np.load
+        np.array([1, 2], dtype=">i4"),  # not native byte order: falls back to np.load
+        np.zeros((0, 3), dtype=np.int8),
+        np.array(3.0),
+    ],
+    ids=["f32", "f16", "fortran", "big-endian", "empty", "scalar"],
+)
+def test_array_values_equal_what_flower_decodes(values: np.ndarray) -> None:
+    from flwr.app import Array
+
+    from tinyfleet.common.flower_adapter import array_values
+
+    array = Array(values)
+    decoded = array_values(array)
+    assert decoded.dtype == array.numpy().dtype and decoded.shape == values.shape
+    assert np.array_equal(decoded, values)
