@@ -19,8 +19,10 @@ from tinyfleet.common.jobspec import JobSpec, JobSpecError, resolve_strategy_cla
 
 
 def round_defaults(spec: JobSpec) -> dict[str, Any]:
-    """Sampling arguments implied by the job's [round] table."""
+    """Arguments implied by the job itself: sampling from [round], and the job's length for
+    strategies with schedules over it (e.g. FedReptile's linear ε decay)."""
     return {
+        "num_rounds": spec.rounds,
         "fraction_train": spec.round.fraction,
         "fraction_evaluate": spec.round.fraction,
         "min_train_nodes": spec.round.min_nodes,

@@ -282,3 +282,17 @@ def test_queued_jobs_run_one_at_a_time_in_submission_order(fleet: Fleet) -> None
     assert all(j is not None and j.state == "finished" for j in jobs)
     for earlier, later in itertools.pairwise(jobs):
         assert earlier.finished_at <= later.started_at  # type: ignore[union-attr, operator]
+
+
+def test_strategies_with_a_schedule_get_the_job_length() -> None:
+    from tinyfleet.common.jobspec import parse_job_spec
+    from tinyfleet.server.job_strategy import build_strategy
+
+    spec = parse_job_spec(
+        'strategy = "fedreptile"\nmodel = "sine-mlp"\nrounds = 40\n'
+        '[options]\nepsilon_schedule = "linear"\nepsilon = 0.5\n'
+    )
+    strategy = build_strategy(spec)
+    assert strategy.num_rounds == 40
+    stock = build_strategy(parse_job_spec('strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 40'))
+    assert not hasattr(stock, "num_rounds")  # only strategies that take the argument get it
