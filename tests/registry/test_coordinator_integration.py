@@ -3,20 +3,18 @@ crash, /sparql and /things on the daemon's HTTP address, eligibility re-evaluate
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
+from server.harness import CoordinatorThread, settings_for
 
 from tinyfleet.common.jobspec import JobSpecError, parse_job_spec
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
-from tinyfleet.server.daemon import Coordinator, Hooks, ServerSettings
 from tinyfleet.server.database import default_url, open_database
 from tinyfleet.server.registry.coordinator_hooks import CoordinatorRegistry
 from tinyfleet.server.repository import Repository
@@ -27,50 +25,11 @@ TOKEN = "admin-token"
 TD_JSON = "application/td+json"
 
 
-class CoordinatorThread:
-    """A real coordinator on 127.0.0.1, on its own event loop thread (as the daemon runs it)."""
-
-    def __init__(self, data_dir: Path, hooks: Hooks) -> None:
-        settings = ServerSettings(
-            data_dir=data_dir,
-            listen="127.0.0.1:0",
-            http="127.0.0.1:0",
-            admin_token=TOKEN,
-            heartbeat_interval_s=2.0,
-        )
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.coordinator = Coordinator(settings, hooks)
-        self._call(self.coordinator.start())
-
-    def _call(self, coro: Coroutine[object, object, object]) -> object:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(30)
-
-    @property
-    def address(self) -> str:
-        return self.coordinator.listen_address
-
-    def stop(self) -> None:
-        try:
-            self._call(self.coordinator.stop())
-            self._call(_cancel_leftovers())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
-
-
-async def _cancel_leftovers() -> None:
-    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
 def _start(data_dir: Path) -> tuple[CoordinatorThread, CoordinatorRegistry]:
     registry = CoordinatorRegistry.open(data_dir, admin_token=TOKEN)
-    thread = CoordinatorThread(data_dir, registry.hooks())
+    thread = CoordinatorThread(
+        settings_for(data_dir, http="127.0.0.1:0", admin_token=TOKEN), registry.hooks()
+    )
     return thread, registry
 
 
