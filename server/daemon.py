@@ -110,6 +110,7 @@ class Coordinator:
         self._flusher: asyncio.Task[None] | None = None
         self._background: asyncio.Task[None] | None = None
         self.runner: JobRunner | None = None
+        self.fleet: FleetService | None = None
         self.hub = ConnectionHub()
         self.listen_address = ""
         self.http_address = ""
@@ -143,12 +144,13 @@ class Coordinator:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ])
-        fleet_pb2_grpc.add_FleetServicer_to_server(FleetService(
+        self.fleet = FleetService(
             self.repo, self.hub, self.store, self.hooks.describe_device,
             admin_token=settings.admin_token,
             heartbeat_interval_s=settings.heartbeat_interval_s,
             max_message_bytes=settings.max_message_bytes,
-        ), self._grpc)
+        )
+        fleet_pb2_grpc.add_FleetServicer_to_server(self.fleet, self._grpc)
         fleet_pb2_grpc.add_AdminServicer_to_server(AdminService(
             self.repo, self.hub, self.events, admin_token=settings.admin_token,
             on_submit=self.runner.wake, eligibility=self.hooks.eligibility,
@@ -232,6 +234,8 @@ class Coordinator:
         self.hub.close_all("coordinator shutting down")
         if self._grpc is not None:
             await self._grpc.stop(grace=2.0)
+        if self.fleet is not None:
+            await asyncio.to_thread(self.fleet.close)
         if self._http is not None and self._http_task is not None:
             self._http.should_exit = True
             await self._http_task

@@ -1,8 +1,11 @@
 """The Fleet gRPC service agents talk to: Register, Connect (long-lived stream), GetArtifact.
 
 Runs on the coordinator's asyncio loop (grpc.aio); blocking SQL goes through
-`asyncio.to_thread`. Bad input is answered with a status naming the problem
-and never takes the stream or the coordinator down: malformed descriptions
+`asyncio.to_thread`. Registrations are validated each in a worker thread and then
+group-committed (server/group_commit.py): concurrent Register calls share one SQL
+transaction, each with its device row and outbox row and its own answer.
+Bad input is answered with a status naming the problem and never takes the
+stream or the coordinator down: malformed descriptions
 (INVALID_ARGUMENT, nothing stored), wrong credentials (PERMISSION_DENIED on
 Register, UNAUTHENTICATED on Connect), unknown frame kinds (logged, ignored).
 """
@@ -17,6 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import sqlalchemy as sa
 
 from tinyfleet.common.failpoints import failpoint
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
@@ -32,7 +36,14 @@ from tinyfleet.server.auth import (
 )
 from tinyfleet.server.connections import ConnectionHub, Session
 from tinyfleet.server.descriptions import DescribeDevice, DescriptionError
-from tinyfleet.server.repository import DeviceExistsError, Repository
+from tinyfleet.server.group_commit import GroupCommitter
+from tinyfleet.server.repository import (
+    DeviceRegistration,
+    Registered,
+    RegistrationConflict,
+    RegistrationRefused,
+    Repository,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +51,6 @@ HELLO_TIMEOUT_S = 30.0
 DEFAULT_CHUNK = 256 * 1024
 #: A stream that sends nothing (no heartbeat) for this many heartbeat intervals is closed.
 MISSED_HEARTBEATS = 3
-
-
-class _Refused(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class FleetService(fleet_pb2_grpc.FleetServicer):
@@ -68,6 +73,10 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         self.heartbeat_interval_s = heartbeat_interval_s
         self.max_message_bytes = max_message_bytes
         self._liveness_locks: dict[str, asyncio.Lock] = {}
+        # Concurrent Register calls, validated each on its own, are committed together.
+        self._registrations: GroupCommitter[DeviceRegistration, Registered] = GroupCommitter(
+            repo.register_devices, name="register-commit"
+        )
 
     # -- Register ----------------------------------------------------------------
     async def Register(
@@ -89,44 +98,35 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         is_admin = bool(self.admin_token) and token_matches(
             bearer_token(context.invocation_metadata()), self.admin_token
         )
+        credential, fresh = request.credential, new_credential()
         try:
-            return await asyncio.to_thread(
-                self._register, device_id, normalized, request.media_type, request.credential,
-                is_admin,
+            outcome = await self._registrations.submit(DeviceRegistration(
+                device_id=device_id, description=normalized, media_type=request.media_type,
+                node_id=new_node_id(), credential_hash=hash_credential(fresh),
+                may_replace=lambda device: is_admin or verify_credential(credential, device.credential_hash),
+            ))
+        except RegistrationRefused as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+        except RegistrationConflict as exc:
+            await context.abort(grpc.StatusCode.ABORTED, str(exc))
+        except sa.exc.SQLAlchemyError as exc:
+            log.error("registration of %s not stored: %s", device_id, exc)
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"could not store the registration of {device_id!r}; try again"
             )
-        except _Refused as exc:
-            await context.abort(exc.code, str(exc))
-
-    def _register(
-        self, device_id: str, description: bytes, media_type: str, credential: str, is_admin: bool
-    ) -> fleet_pb2.RegisterResponse:
-        for _ in range(5):  # retries cover a lost race with a concurrent registration
-            device = self.repo.get_device(device_id)
-            if device is not None:
-                if not (is_admin or verify_credential(credential, device.credential_hash)):
-                    raise _Refused(
-                        grpc.StatusCode.PERMISSION_DENIED,
-                        f"device {device_id!r} is already registered; re-registering needs "
-                        "its credential",
-                    )
-                self.repo.replace_description(device_id, description, media_type)
-                failpoint("register.after-sql-commit")
-                return fleet_pb2.RegisterResponse(
-                    device_id=device_id, node_id=device.node_id, created=False
-                )
-            fresh = new_credential()
-            try:
-                created = self.repo.create_device(
-                    device_id, new_node_id(), hash_credential(fresh), description, media_type
-                )
-            except DeviceExistsError:
-                continue
-            failpoint("register.after-sql-commit")
-            log.info("registered device %s as node %d", device_id, created.node_id)
+        failpoint("register.after-sql-commit")
+        if not outcome.created:
             return fleet_pb2.RegisterResponse(
-                device_id=device_id, node_id=created.node_id, credential=fresh, created=True
+                device_id=device_id, node_id=outcome.device.node_id, created=False
             )
-        raise _Refused(grpc.StatusCode.ABORTED, f"could not register {device_id!r}; try again")
+        log.info("registered device %s as node %d", device_id, outcome.device.node_id)
+        return fleet_pb2.RegisterResponse(
+            device_id=device_id, node_id=outcome.device.node_id, credential=fresh, created=True
+        )
+
+    def close(self) -> None:
+        """Let the registration group in flight finish committing."""
+        self._registrations.close()
 
     # -- Connect -----------------------------------------------------------------
     async def Connect(

@@ -11,9 +11,10 @@ its graphs from, so a rebuild from SQL keeps them).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +39,20 @@ TERMINAL_STATES = frozenset({FINISHED, FAILED})
 
 class DeviceExistsError(Exception):
     """A device id (or, rarely, a random node id) that is already taken."""
+
+
+class RegistrationRefused(Exception):
+    """A re-registration its caller may not make (the device exists; wrong or no credential)."""
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(
+            f"device {device_id!r} is already registered; re-registering needs its credential"
+        )
+        self.device_id = device_id
+
+
+class RegistrationConflict(Exception):
+    """A registration that kept losing races with concurrent writers of the same device."""
 
 
 @dataclass(frozen=True)
@@ -121,8 +136,36 @@ class ImportedDocument:
     imported_at: float
 
 
+@dataclass(frozen=True)
+class DeviceRegistration:
+    """One Register call for `Repository.register_devices`: the (validated) description, the
+    node id and credential hash a new device gets, and whether the caller may replace the
+    description of a device that exists (its credential or the admin token)."""
+
+    device_id: str
+    description: bytes
+    media_type: str
+    node_id: int
+    credential_hash: str
+    may_replace: Callable[[Device], bool]
+
+
+@dataclass(frozen=True)
+class Registered:
+    device: Device
+    created: bool
+
+
 def _device(row: Mapping[str, Any]) -> Device:
     return Device(**{k: row[k] for k in Device.__dataclass_fields__})
+
+
+def _described(values: Mapping[str, Any], node_id: int | None = None) -> dict[str, Any]:
+    """The outbox payload of a device description (what the projector re-derives its graph from)."""
+    payload: dict[str, Any] = {} if node_id is None else {"node_id": node_id}
+    payload["media_type"] = values["media_type"]
+    payload["description"] = values["description"].decode("utf-8", "replace")
+    return payload
 
 
 def _job(row: Mapping[str, Any]) -> Job:
@@ -167,10 +210,7 @@ class Repository:
         try:
             with self.engine.begin() as conn:
                 conn.execute(devices.insert().values(**values))
-                self._outbox(conn, "device.registered", device_id, {
-                    "node_id": node_id, "media_type": media_type,
-                    "description": description.decode("utf-8", "replace"),
-                })
+                self._outbox(conn, "device.registered", device_id, _described(values, node_id))
         except sa.exc.IntegrityError as exc:
             raise DeviceExistsError(device_id) from exc
         return Device(**values)
@@ -190,9 +230,97 @@ class Repository:
                 .where(devices.c.device_id == device_id)
                 .values(description=description, media_type=media_type, updated_at=time.time())
             )
-            self._outbox(conn, "device.updated", device_id, {
-                "media_type": media_type, "description": description.decode("utf-8", "replace"),
-            })
+            self._outbox(conn, "device.updated", device_id,
+                         _described({"description": description, "media_type": media_type}))
+
+    def register_devices(
+        self, batch: Sequence[DeviceRegistration], *, attempts: int = 5
+    ) -> list[Registered | Exception]:
+        """Create or re-describe many devices in ONE transaction (one commit, so concurrent
+        registrations share one fsync), each with its outbox row, in the order given.
+
+        One result per item: Registered, or RegistrationRefused (its caller may not replace
+        the description; nothing written for it). If the group's transaction fails (a
+        concurrent writer took a device or node id, a value the database refuses), none of it
+        is kept and each item is retried in a transaction of its own, so only the item at
+        fault gets an error.
+        """
+        try:
+            return self._register_group(batch)
+        except sa.exc.SQLAlchemyError:
+            return [self._register_alone(item, attempts) for item in batch]
+
+    def _register_alone(self, item: DeviceRegistration, attempts: int) -> Registered | Exception:
+        from tinyfleet.server.auth import new_node_id
+
+        for _ in range(attempts):
+            try:
+                return self._register_group([item])[0]
+            except sa.exc.IntegrityError:
+                # Lost a race for the device id (read it again) or, rarely, for the node id.
+                item = dataclasses.replace(item, node_id=new_node_id())
+            except sa.exc.SQLAlchemyError as exc:
+                return exc
+        return RegistrationConflict(f"could not register {item.device_id!r}; try again")
+
+    def _register_group(self, batch: Sequence[DeviceRegistration]) -> list[Registered | Exception]:
+        now = time.time()
+        results: list[Registered | Exception] = []
+        with self.engine.begin() as conn:
+            wanted = sorted({item.device_id for item in batch})
+            current = {
+                row.device_id: _device(row._mapping)
+                for row in conn.execute(sa.select(devices).where(devices.c.device_id.in_(wanted)))
+            }
+            new: dict[str, Device] = {}
+            changed: dict[str, Device] = {}
+            events: list[dict[str, Any]] = []
+            for item in batch:
+                existing = current.get(item.device_id)
+                if existing is not None and not item.may_replace(existing):
+                    results.append(RegistrationRefused(item.device_id))
+                    continue
+                if existing is None:
+                    device = Device(
+                        device_id=item.device_id, node_id=item.node_id,
+                        credential_hash=item.credential_hash, description=item.description,
+                        media_type=item.media_type, registered_at=now, updated_at=now,
+                        last_seen=None, online=False,
+                    )
+                    new[item.device_id] = device
+                    kind, payload = "device.registered", _described(device.__dict__, item.node_id)
+                else:
+                    device = dataclasses.replace(
+                        existing, description=item.description, media_type=item.media_type,
+                        updated_at=now,
+                    )
+                    (new if item.device_id in new else changed)[item.device_id] = device
+                    kind, payload = "device.updated", _described(device.__dict__)
+                current[item.device_id] = device
+                events.append(
+                    {"kind": kind, "subject": item.device_id, "payload": payload, "created_at": now}
+                )
+                results.append(Registered(device, created=existing is None))
+            if new:
+                conn.execute(devices.insert(), [d.__dict__ for d in new.values()])
+            if changed:
+                conn.execute(
+                    devices.update()
+                    .where(devices.c.device_id == sa.bindparam("did"))
+                    .values(
+                        description=sa.bindparam("description"),
+                        media_type=sa.bindparam("media_type"),
+                        updated_at=sa.bindparam("updated_at"),
+                    ),
+                    [
+                        {"did": d.device_id, "description": d.description,
+                         "media_type": d.media_type, "updated_at": d.updated_at}
+                        for d in changed.values()
+                    ],
+                )
+            if events:  # executemany inserts in list order: sequence numbers follow the calls
+                conn.execute(outbox.insert(), events)
+        return results
 
     def set_online(self, device_id: str, online: bool) -> None:
         now = time.time()

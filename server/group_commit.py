@@ -1,0 +1,82 @@
+"""Group commit: concurrent callers' writes share one SQL transaction, so one fsync.
+
+A durable commit (SQLite synchronous=FULL, PostgreSQL's WAL flush) costs about
+the same whatever it writes, so one registration per transaction caps the
+coordinator at one fsync per registration. The gRPC service serves many agents
+at once: each call submits its item and waits. While one group is committed in
+the committer's own thread (not the shared default executor, where it would queue
+behind SHACL validations), new items queue up and go together in the next group.
+There is no timer: a lone caller is committed at once and waits no longer than
+before; N concurrent callers share one commit. `commit(items)` returns one result
+or exception per item, so one refused item never fails the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class GroupCommitter(Generic[Item, Result]):
+    """Batches `submit` calls made on one event loop into `commit` calls in one worker thread."""
+
+    def __init__(
+        self,
+        commit: Callable[[Sequence[Item]], Sequence[Result | Exception]],
+        *,
+        max_group: int = 256,
+        name: str = "group-commit",
+    ) -> None:
+        self._commit = commit
+        self._max_group = max_group
+        self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
+        self._drainer: asyncio.Task[None] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        #: Groups committed and the items in them, so far (for tests and benchmarks).
+        self.groups = 0
+        self.items = 0
+
+    async def submit(self, item: Item) -> Result:
+        """Commit `item` with whatever else is waiting; its own result, or its own exception."""
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        if self._drainer is None or self._drainer.done():
+            self._drainer = asyncio.create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            group = self._queue[: self._max_group]
+            del self._queue[: self._max_group]
+            self.groups += 1
+            self.items += len(group)
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, self._commit, [item for item, _ in group]
+                )
+                if len(results) != len(group):
+                    raise RuntimeError(f"commit returned {len(results)} results for {len(group)} items")
+            except asyncio.CancelledError:  # the loop is shutting down: nobody waits for an answer
+                for _, future in group + self._queue:
+                    future.cancel()
+                self._queue.clear()
+                raise
+            except Exception as exc:  # the whole group failed (e.g. the database is unreachable)
+                results = [exc] * len(group)
+            for (_, future), result in zip(group, results, strict=True):
+                if future.done():  # its caller went away (cancelled); what was committed stays
+                    continue
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+    def close(self) -> None:
+        """Wait for the group in flight, then stop the worker thread."""
+        self._executor.shutdown(wait=True)
