@@ -38,7 +38,12 @@ from tinyfleet.server.admin_service import AdminService
 from tinyfleet.server.artifacts import ArtifactStore
 from tinyfleet.server.connections import ConnectionHub
 from tinyfleet.server.database import default_url, open_database
-from tinyfleet.server.descriptions import DescribeDevice, describe_device
+from tinyfleet.server.descriptions import (
+    DescribeDevice,
+    DescribeDevices,
+    describe_device,
+    describe_each,
+)
 from tinyfleet.server.fleet_grid import FleetGrid
 from tinyfleet.server.fleet_service import FleetService
 from tinyfleet.server.http_api import build_app
@@ -71,6 +76,8 @@ class Hooks:
     """Where other parts of tinyfleet (the registry) plug into the coordinator."""
 
     describe_device: DescribeDevice = describe_device
+    #: Validates concurrent registrations together (None: `describe_device` on each).
+    describe_devices: DescribeDevices | None = None
     http_routes: Sequence[BaseRoute] = field(default_factory=list)
     eligibility: Eligibility | None = None
     #: Runs once SQL is open and before the coordinator says it is ready (in a worker thread):
@@ -145,7 +152,8 @@ class Coordinator:
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ])
         self.fleet = FleetService(
-            self.repo, self.hub, self.store, self.hooks.describe_device,
+            self.repo, self.hub, self.store, self.hooks.describe_devices
+            or describe_each(self.hooks.describe_device),
             admin_token=settings.admin_token,
             heartbeat_interval_s=settings.heartbeat_interval_s,
             max_message_bytes=settings.max_message_bytes,

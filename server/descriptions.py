@@ -11,7 +11,7 @@ Every rejection raises DescriptionError naming what is wrong.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 JSON_MEDIA_TYPES = {"application/td+json", "application/ld+json", "application/json"}
 TURTLE_MEDIA_TYPES = {"text/turtle", "application/x-turtle"}
@@ -19,6 +19,9 @@ TD_NS = "https://www.w3.org/2019/wot/td#"
 _DEVICE_CLASS_NAMES = {"thing", "device"}
 
 DescribeDevice = Callable[[bytes, str], tuple[str, bytes]]
+#: Many descriptions at once (concurrent registrations): per item (device id, description to
+#: store) or the DescriptionError refusing it, each judged as `DescribeDevice` would alone.
+DescribeDevices = Callable[[Sequence[tuple[bytes, str]]], list["tuple[str, bytes] | DescriptionError"]]
 
 
 class DescriptionError(ValueError):
@@ -36,6 +39,21 @@ def describe_device(description: bytes, media_type: str) -> tuple[str, bytes]:
         return _describe_turtle(description), description
     known = ", ".join(sorted(JSON_MEDIA_TYPES | TURTLE_MEDIA_TYPES))
     raise DescriptionError(f"unsupported media type {media_type!r}; use one of: {known}")
+
+
+def describe_each(describe: DescribeDevice) -> DescribeDevices:
+    """A DescribeDevices that calls `describe` on each description."""
+
+    def describe_all(items: Sequence[tuple[bytes, str]]) -> list[tuple[str, bytes] | DescriptionError]:
+        results: list[tuple[str, bytes] | DescriptionError] = []
+        for description, media_type in items:
+            try:
+                results.append(describe(description, media_type))
+            except DescriptionError as exc:
+                results.append(exc)
+        return results
+
+    return describe_all
 
 
 def _describe_json(description: bytes) -> str:

@@ -1,9 +1,9 @@
 """The Fleet gRPC service agents talk to: Register, Connect (long-lived stream), GetArtifact.
 
 Runs on the coordinator's asyncio loop (grpc.aio); blocking SQL goes through
-`asyncio.to_thread`. Registrations are validated each in a worker thread and then
-group-committed (server/group_commit.py): concurrent Register calls share one SQL
-transaction, each with its device row and outbox row and its own answer.
+`asyncio.to_thread`. Concurrent Register calls are validated as a group (each
+description judged on its own) and then group-committed (server/grouping.py): they
+share one SQL transaction, each with its device row and outbox row and its own answer.
 Bad input is answered with a status naming the problem and never takes the
 stream or the coordinator down: malformed descriptions
 (INVALID_ARGUMENT, nothing stored), wrong credentials (PERMISSION_DENIED on
@@ -35,8 +35,8 @@ from tinyfleet.server.auth import (
     verify_credential,
 )
 from tinyfleet.server.connections import ConnectionHub, Session
-from tinyfleet.server.descriptions import DescribeDevice, DescriptionError
-from tinyfleet.server.group_commit import GroupCommitter
+from tinyfleet.server.descriptions import DescribeDevices, DescriptionError
+from tinyfleet.server.grouping import GroupRunner
 from tinyfleet.server.repository import (
     DeviceRegistration,
     Registered,
@@ -59,7 +59,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         repo: Repository,
         hub: ConnectionHub,
         store: ArtifactStore,
-        describe: DescribeDevice,
+        describe: DescribeDevices,
         *,
         admin_token: str | None,
         heartbeat_interval_s: float,
@@ -68,13 +68,16 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         self.repo = repo
         self.hub = hub
         self.store = store
-        self.describe = describe
         self.admin_token = admin_token
         self.heartbeat_interval_s = heartbeat_interval_s
         self.max_message_bytes = max_message_bytes
         self._liveness_locks: dict[str, asyncio.Lock] = {}
-        # Concurrent Register calls, validated each on its own, are committed together.
-        self._registrations: GroupCommitter[DeviceRegistration, Registered] = GroupCommitter(
+        # Concurrent Register calls are validated together (each judged on its own), then
+        # committed together: one SHACL run and one SQL transaction for a group.
+        self._validations: GroupRunner[tuple[bytes, str], tuple[str, bytes]] = GroupRunner(
+            describe, max_group=64, name="register-validate"
+        )
+        self._registrations: GroupRunner[DeviceRegistration, Registered] = GroupRunner(
             repo.register_devices, name="register-commit"
         )
 
@@ -84,8 +87,8 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
     ) -> fleet_pb2.RegisterResponse:
         try:
             # Off the event loop: SHACL validation takes milliseconds per description.
-            device_id, normalized = await asyncio.to_thread(
-                self.describe, bytes(request.description), request.media_type
+            device_id, normalized = await self._validations.submit(
+                (bytes(request.description), request.media_type)
             )
         except DescriptionError as exc:
             # The registry's validator lists every problem as {path, message}: sent as JSON
@@ -125,7 +128,8 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         )
 
     def close(self) -> None:
-        """Let the registration group in flight finish committing."""
+        """Let the registration groups in flight finish."""
+        self._validations.close()
         self._registrations.close()
 
     # -- Connect -----------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The registry plugged into the coordinator daemon (`tinyfleet.server.daemon.Hooks`).
 
-- describe_device: registrations are validated by the registry (TD checks + SHACL);
-  a refusal carries the {path, message} list (`errors`), which the Fleet service
-  returns with INVALID_ARGUMENT.
+- describe_device(s): registrations are validated by the registry (TD checks + SHACL),
+  concurrent ones as a group; a refusal carries the {path, message} list (`errors`),
+  which the Fleet service returns with INVALID_ARGUMENT.
 - http_routes: /sparql, /things..., /search/sparql, /.well-known/wot, /events, and
   /registry/imports (published Turtle kept in SQL, then projected).
 - eligibility: a job's `eligible` query (SPARQL or named query) becomes the node
@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -90,6 +90,16 @@ class CoordinatorRegistry:
         except DescriptionInvalid as exc:
             raise RegistryDescriptionError(exc) from exc
         return prepared.thing_id, description
+
+    def describe_devices(
+        self, items: Sequence[tuple[bytes, str]]
+    ) -> list[tuple[str, bytes] | DescriptionError]:
+        """`describe_device` for concurrent registrations: each judged on its own, few SHACL runs."""
+        results = self.registry.prepare_many([(d, m, None, None) for d, m in items], raise_first=False)
+        return [
+            RegistryDescriptionError(r) if isinstance(r, DescriptionInvalid) else (r.thing_id, d)
+            for r, (d, _) in zip(results, items, strict=True)
+        ]
 
     def verify_device(self, device_id: str, token: str) -> bool:
         from tinyfleet.server.auth import verify_credential
@@ -164,6 +174,7 @@ class CoordinatorRegistry:
 
         return Hooks(
             describe_device=self.describe_device,
+            describe_devices=self.describe_devices,
             http_routes=self.routes(),
             eligibility=self.eligibility,
             recover=self.recover,

@@ -11,9 +11,11 @@ the same update). Each thing's graph also holds its registration information
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -44,6 +46,9 @@ _TD_DOCUMENT: Final = ox.NamedNode(TF + "tdDocument")
 _RDF_JSON: Final = ox.NamedNode(RDF + "JSON")
 _REG_NS: Final = uuid.UUID("0b7d1f43-54a6-4d3c-8c3e-4fb0b1f5a2d9")
 _THING_TYPES: Final = (TF + "Device", "https://www.w3.org/2019/wot/td#Thing")
+#: Accepted descriptions remembered by their input: enough for those between a registration's
+#: SQL commit and its projection, which follows within a second.
+PREPARED_CACHE_SIZE: Final = 1024
 
 Listener = Callable[[str, str], None]
 
@@ -87,6 +92,8 @@ class Registry:
         self.store = store
         self._validator = validator or ShaclValidator.shared()
         self._write_lock = threading.Lock()
+        self._prepared: OrderedDict[bytes, Prepared] = OrderedDict()
+        self._prepared_lock = threading.Lock()
         self._listeners: list[Listener] = []
         self._ensure_ontology()
 
@@ -116,24 +123,40 @@ class Registry:
     def prepare_many(
         self, items: Sequence[tuple[bytes, str, str | None, int | None]], *, raise_first: bool = True
     ) -> list[Prepared | DescriptionInvalid]:
-        """Like `prepare` for many descriptions with one SHACL run; failures are returned
-        in place (or the first raised, when `raise_first`)."""
+        """Like `prepare` for many descriptions, each judged on its own, with few SHACL runs;
+        failures are returned in place (or the first raised, when `raise_first`).
+
+        Accepted descriptions are remembered by their exact input (bounded LRU): the
+        coordinator prepares a registration before its SQL commit and the projector the
+        same bytes right after, and preparing is a pure function of the input."""
+        keys = [_input_key(item) for item in items]
         parsed: list[Prepared | DescriptionInvalid] = []
-        for data, media_type, thing_id, ttl_s in items:
+        known: set[int] = set()
+        with self._prepared_lock:
+            remembered = {n: self._prepared.get(key) for n, key in enumerate(keys)}
+        for number, (data, media_type, thing_id, ttl_s) in enumerate(items):
+            hit = remembered[number]
+            if hit is not None:
+                parsed.append(hit)
+                known.add(number)
+                continue
             try:
                 parsed.append(self.prepare_unvalidated(data, media_type, thing_id, ttl_s))
             except DescriptionInvalid as exc:
                 parsed.append(exc)
-        candidates = [p for p in parsed if isinstance(p, Prepared)]
-        problems = self._validator.validate_many([p.triples for p in candidates]) if candidates else []
-        verdicts = iter(problems)
-        result: list[Prepared | DescriptionInvalid] = []
-        for item in parsed:
-            if isinstance(item, Prepared):
-                found = next(verdicts)
-                result.append(DescriptionInvalid(found) if found else item)
-            else:
-                result.append(item)
+        candidates = [n for n, p in enumerate(parsed) if isinstance(p, Prepared) and n not in known]
+        problems = self._validator.validate_each([parsed[n].triples for n in candidates])  # type: ignore[union-attr]
+        result: list[Prepared | DescriptionInvalid] = list(parsed)
+        with self._prepared_lock:
+            for number, found in zip(candidates, problems, strict=True):
+                if found:
+                    result[number] = DescriptionInvalid(found)
+                else:
+                    self._prepared[keys[number]] = parsed[number]  # type: ignore[assignment]
+            for number in known:
+                self._prepared.move_to_end(keys[number])
+            while len(self._prepared) > PREPARED_CACHE_SIZE:
+                self._prepared.popitem(last=False)
         if raise_first:
             for item in result:
                 if isinstance(item, DescriptionInvalid):
@@ -429,6 +452,13 @@ class Registry:
             self.store.update(
                 updates.replace_graph(updates.ONTOLOGY_GRAPH, updates.skolemize(triples, "ontology"))
             )
+
+
+def _input_key(item: tuple[bytes, str, str | None, int | None]) -> bytes:
+    data, media_type, thing_id, ttl_s = item
+    digest = hashlib.blake2b(data, digest_size=16)
+    digest.update(repr((media_type, thing_id, ttl_s)).encode())
+    return digest.digest()
 
 
 def _registration_ttl(document: dict[str, Any], ttl_s: int | None) -> int | None:

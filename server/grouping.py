@@ -1,14 +1,15 @@
-"""Group commit: concurrent callers' writes share one SQL transaction, so one fsync.
+"""Concurrent callers' items handled in groups: group commit, group validation.
 
 A durable commit (SQLite synchronous=FULL, PostgreSQL's WAL flush) costs about
 the same whatever it writes, so one registration per transaction caps the
-coordinator at one fsync per registration. The gRPC service serves many agents
-at once: each call submits its item and waits. While one group is committed in
-the committer's own thread (not the shared default executor, where it would queue
-behind SHACL validations), new items queue up and go together in the next group.
-There is no timer: a lone caller is committed at once and waits no longer than
-before; N concurrent callers share one commit. `commit(items)` returns one result
-or exception per item, so one refused item never fails the others.
+coordinator at one fsync per registration; a pyshacl run, likewise, costs mostly
+the same for one description or a few dozen. The gRPC service serves many agents
+at once: each call submits its item and waits. While one group is being handled
+in the runner's own thread (not the shared default executor, where a commit would
+queue behind validations), new items queue up and go together in the next group.
+There is no timer: a lone caller is served at once and waits no longer than
+before; N concurrent callers share one run. `run(items)` returns one result or
+exception per item, so one refused item never fails the others.
 """
 
 from __future__ import annotations
@@ -22,27 +23,27 @@ Item = TypeVar("Item")
 Result = TypeVar("Result")
 
 
-class GroupCommitter(Generic[Item, Result]):
-    """Batches `submit` calls made on one event loop into `commit` calls in one worker thread."""
+class GroupRunner(Generic[Item, Result]):
+    """Batches `submit` calls made on one event loop into `run` calls in one worker thread."""
 
     def __init__(
         self,
-        commit: Callable[[Sequence[Item]], Sequence[Result | Exception]],
+        run: Callable[[Sequence[Item]], Sequence[Result | Exception]],
         *,
         max_group: int = 256,
-        name: str = "group-commit",
+        name: str = "group",
     ) -> None:
-        self._commit = commit
+        self._run = run
         self._max_group = max_group
         self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
         self._drainer: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        #: Groups committed and the items in them, so far (for tests and benchmarks).
+        #: Groups run and the items in them, so far (for tests and benchmarks).
         self.groups = 0
         self.items = 0
 
     async def submit(self, item: Item) -> Result:
-        """Commit `item` with whatever else is waiting; its own result, or its own exception."""
+        """Handle `item` with whatever else is waiting; its own result, or its own exception."""
         future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
         if self._drainer is None or self._drainer.done():
@@ -58,10 +59,10 @@ class GroupCommitter(Generic[Item, Result]):
             self.items += len(group)
             try:
                 results = await loop.run_in_executor(
-                    self._executor, self._commit, [item for item, _ in group]
+                    self._executor, self._run, [item for item, _ in group]
                 )
                 if len(results) != len(group):
-                    raise RuntimeError(f"commit returned {len(results)} results for {len(group)} items")
+                    raise RuntimeError(f"run returned {len(results)} results for {len(group)} items")
             except asyncio.CancelledError:  # the loop is shutting down: nobody waits for an answer
                 for _, future in group + self._queue:
                     future.cancel()
@@ -70,7 +71,7 @@ class GroupCommitter(Generic[Item, Result]):
             except Exception as exc:  # the whole group failed (e.g. the database is unreachable)
                 results = [exc] * len(group)
             for (_, future), result in zip(group, results, strict=True):
-                if future.done():  # its caller went away (cancelled); what was committed stays
+                if future.done():  # its caller went away (cancelled); what was done stays done
                     continue
                 if isinstance(result, Exception):
                     future.set_exception(result)
