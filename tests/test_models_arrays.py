@@ -21,8 +21,9 @@ def test_zoo_models_build_reproducibly() -> None:
     pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     assert all(torch.equal(x, y) for x, y in pairs)
     assert parameter_count(a) == 1 * 64 + 64 + 64 * 64 + 64 + 64 + 1
-    out = build_model("omniglot-conv4", seed=0, ways=5)(torch.zeros(2, 1, 28, 28))
-    assert out.shape == (2, 5)
+    conv4 = build_model("omniglot-conv4", seed=0, ways=5)
+    assert conv4(torch.zeros(2, 1, 28, 28)).shape == (2, 5)
+    assert conv4.features(torch.zeros(2, 1, 28, 28)).shape == (2, 256)  # Reptile's 2x2x64 embedding
     with pytest.raises(KeyError, match="unknown model 'x'"):
         get_model_spec("x")
 
