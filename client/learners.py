@@ -7,6 +7,8 @@ config from "config" and reply with "arrays" and "metrics" carrying
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
@@ -46,15 +48,24 @@ def loss_fn(model_name: str) -> nn.Module:
     return nn.MSELoss() if get_model_spec(model_name).task == "regression" else nn.CrossEntropyLoss()
 
 
+def make_optimizer(kind: str, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """"sgd", or "adam" as Reptile uses it: no momentum (beta1 = 0), so steps stay task-local."""
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999))
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {kind!r}")
+
+
 def train(message: Message, context: Context) -> Message:
-    """FedAvg-style local training: `local_steps` SGD steps on fresh stream batches."""
+    """FedAvg-style local training: `local_steps` steps ("optimizer": sgd or adam) on fresh stream batches."""
     model, config = received_model(message)
     source = node_source(context)
     steps = int(config.get("local_steps", 10))
     batch = int(config.get("batch_size", 16))
     lr = float(config.get("lr", 0.01))
     criterion = loss_fn(str(config.get("model", "sine-mlp")))
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    optimizer = make_optimizer(str(config.get("optimizer", "sgd")), model.parameters(), lr)
     model.train()
     total = 0.0
     for _ in range(steps):

@@ -5,7 +5,8 @@ Arms (all start from the same seeded initial weights and run the same rounds):
 * ``fedreptile``        FedReptile as configured (serial or parallel, compression, local layers)
 * ``fedreptile-dense``  the same with dense fp32 both ways (only when ``fedreptile`` compresses):
                         the reference for the communication trade-off
-* ``fedavg``            Flower's stock FedAvg on the same devices, same nodes and steps per round
+* ``fedavg``            Flower's stock FedAvg on the same devices, same nodes, steps, optimizer
+                        and learning rate per round
 * ``central``           centralised Reptile on fresh tasks (upper bound)
 * ``random``            the initial weights, never trained
 
@@ -229,6 +230,7 @@ class Experiment:
                 **self._model_config(),
                 "local_steps": s.inner_steps,
                 "lr": s.inner_lr,
+                "optimizer": s.inner_optimizer,
                 "batch_size": s.inner_batch,
             }
         )

@@ -83,6 +83,23 @@ def test_train_messages_reach_the_fedavg_trainer(message_type: str) -> None:
     assert not np.allclose(trained, build_model("sine-mlp", seed=0).state_dict()["0.weight"].numpy())
 
 
+def test_fedavg_trainer_takes_reptiles_adam_or_names_a_bad_optimizer() -> None:
+    app = make_client_app()
+    start = build_model("sine-mlp", seed=0).state_dict()["0.weight"].numpy()
+
+    def first_step(optimizer: str) -> np.ndarray:
+        reply = app(_message("train", {"local_steps": 1, "lr": 0.01, "optimizer": optimizer}), _context())
+        assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+        return reply.content.array_records["arrays"]["0.weight"].numpy() - start
+
+    # Adam's first step (bias-corrected, beta1 = 0) moves every weight with a gradient by lr.
+    moved = np.abs(first_step("adam"))
+    assert np.allclose(moved[moved > 1e-6], 0.01, rtol=1e-3)
+    assert not np.allclose(np.abs(first_step("sgd")), moved)
+    reply = app(_message("train", {"local_steps": 1, "optimizer": "lion"}), _context())
+    assert reply.has_error() and "optimizer must be 'sgd' or 'adam', got 'lion'" in reply.error.reason
+
+
 def test_evaluate_and_query_use_the_supernode_node_config() -> None:
     app = make_client_app()
     evaluated = app(_message("evaluate", {"eval_samples": 10}), _context())
