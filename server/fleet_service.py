@@ -112,6 +112,11 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except RegistrationConflict as exc:
             await context.abort(grpc.StatusCode.ABORTED, str(exc))
+        except sa.exc.DataError as exc:  # e.g. a value longer than its column (PostgreSQL)
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the database refused the registration of {device_id!r}: {exc.orig}",
+            )
         except sa.exc.SQLAlchemyError as exc:
             log.error("registration of %s not stored: %s", device_id, exc)
             await context.abort(

@@ -152,7 +152,14 @@ class Registry:
                 if found:
                     result[number] = DescriptionInvalid(found)
                 else:
-                    self._prepared[keys[number]] = parsed[number]  # type: ignore[assignment]
+                    prepared = parsed[number]
+                    assert isinstance(prepared, Prepared)
+                    self._prepared[keys[number]] = prepared
+                    data, media_type, thing_id, ttl_s = items[number]
+                    if thing_id is None and prepared.document is not None:
+                        # A JSON TD naming its own id prepares the same when the caller names the
+                        # thing too, as the projector does with the device id SQL has.
+                        self._prepared[_input_key((data, media_type, prepared.thing_id, ttl_s))] = prepared
             for number in known:
                 self._prepared.move_to_end(keys[number])
             while len(self._prepared) > PREPARED_CACHE_SIZE:

@@ -23,19 +23,22 @@ engines; each engine's fastest form counts and is named (the JSON has all).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import random
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pyoxigraph as ox
+import sqlalchemy as sa
 
 from tinyfleet.ontology import sparql_prologue
 from tinyfleet.ontology.catalog import render
+from tinyfleet.server.database import default_url
 from tinyfleet.server.registry import updates
 from tinyfleet.server.registry.normalize import normalize_models
 from tinyfleet.server.registry.registry import Registry
@@ -210,7 +213,17 @@ def same_rows(count: Callable[[str], int], forms: Forms, engine: str) -> int:
     return next(iter(rows.values()))
 
 
-def run_size(devices: int, *, register: int, rdflib_max: int, repeats: int, seed: int) -> dict[str, Any]:
+def run_size(
+    devices: int,
+    *,
+    register: int,
+    rdflib_max: int,
+    repeats: int,
+    seed: int,
+    clients: Sequence[int] = (),
+    grpc_registrations: int = 0,
+    db_url: str | None = None,
+) -> dict[str, Any]:
     from rich.progress import Progress
 
     rng = random.Random(seed)
@@ -220,7 +233,10 @@ def run_size(devices: int, *, register: int, rdflib_max: int, repeats: int, seed
     register = min(register, devices)
     result: dict[str, Any] = {"devices": devices, "registered_through_real_path": register}
     with tempfile.TemporaryDirectory(prefix="tinyfleet-bench-") as tmp:
-        registry = Registry(EmbeddedStore(Path(tmp) / "registry"))
+        # Where `tinyfleet server start --data-dir ROOT/coordinator` keeps its registry: the
+        # coordinator started for the gRPC registrations below opens this very store.
+        (Path(tmp) / "coordinator").mkdir()
+        registry = Registry(EmbeddedStore(Path(tmp) / "coordinator" / "registry"))
         bulk = devices - register
         with Progress(transient=True) as progress:
             task = progress.add_task(f"{devices} devices: bulk load", total=bulk)
@@ -248,9 +264,6 @@ def run_size(devices: int, *, register: int, rdflib_max: int, repeats: int, seed
                 registry.put_many(registry.prepare_many(batch))  # type: ignore[arg-type]
                 progress.update(task, advance=len(batch))
             result["register_batched_per_s"] = len(rest) / (time.perf_counter() - start) if rest else 0.0
-            result["register_via_sql_and_projector_per_s"] = _through_sql(
-                registry, bodies[bulk : bulk + half], Path(tmp), progress
-            )
         registry.store.oxigraph.optimize()  # type: ignore[attr-defined]
         online = {
             f"urn:tinyfleet:device:n{i}": (True, None) for i in rng.sample(range(devices), devices // 2)
@@ -285,27 +298,78 @@ def run_size(devices: int, *, register: int, rdflib_max: int, repeats: int, seed
                         f"rdflib and Oxigraph disagree on {name!r}: {rows} vs {result['rows'][name]}"
                     )
         registry.store.close()
+        if clients and grpc_registrations:
+            fresh = [json.dumps(device_td(devices + i, rng, gateways)).encode() for i in range(
+                grpc_registrations * len(clients))]
+            result["register_grpc"] = grpc_side(Path(tmp), fresh, clients, db_url)
     return result
 
 
-def _through_sql(registry: Registry, bodies: list[bytes], data_dir: Path, progress: Any) -> float:
-    """Registrations per second through the coordinator's path (see the module docstring)."""
-    from tinyfleet.server.database import default_url, open_database
-    from tinyfleet.server.registry.projector import Projector
-    from tinyfleet.server.repository import Repository
+def grpc_side(root: Path, bodies: list[bytes], levels: Sequence[int], db_url: str | None) -> dict[str, Any]:
+    """Registrations per second through a real coordinator process (`tinyfleet server start` on
+    127.0.0.1, embedded store holding the fleet just measured) from C concurrent gRPC clients,
+    each with its own channel registering new devices one after another: SHACL validation, the
+    group commit in SQL (device + outbox rows, durable), and the projector writing the graphs.
+    "acked" stops the clock at the last response; "projected" when the store has applied the
+    last outbox row (read through /sparql), which is what the figure for the whole path uses."""
+    from tinyfleet.simulations.local_fleet import LocalFleet
 
-    repo = Repository(open_database(default_url(data_dir)))
-    projector = Projector(registry, repo)
-    task = progress.add_task("registrations through SQL and the projector", total=len(bodies))
+    share = len(bodies) // len(levels)
+    out: dict[str, Any] = {"registrations_per_level": share, "db": db_url or "sqlite (WAL, synchronous=FULL)"}
+    with LocalFleet(root, db_url=db_url) as fleet:
+        fleet.start_server(timeout=300)
+        sql = sa.create_engine(db_url or default_url(fleet.data_dir))
+        try:
+            for number, clients in enumerate(levels):
+                batch = bodies[number * share : (number + 1) * share]
+                acked_s, projected_s = asyncio.run(
+                    _register_concurrently(fleet.address, fleet.http_address, sql, batch, clients)
+                )
+                out[f"clients_{clients}"] = {
+                    "acked_per_s": len(batch) / acked_s,
+                    "projected_per_s": len(batch) / projected_s,
+                }
+        finally:
+            sql.dispose()
+    return out
+
+
+async def _register_concurrently(
+    address: str, http: str, sql: sa.Engine, bodies: list[bytes], clients: int
+) -> tuple[float, float]:
+    import grpc
+    import httpx
+
+    from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
+
+    async def client(mine: list[bytes]) -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = fleet_pb2_grpc.FleetStub(channel)
+            for body in mine:
+                response = await stub.Register(
+                    fleet_pb2.RegisterRequest(description=body, media_type=TD_JSON), timeout=120
+                )
+                if not response.created:
+                    raise AssertionError(f"{response.device_id} was not created")
+
     start = time.perf_counter()
-    for node_id, body in enumerate(bodies, start=1):
-        prepared = registry.prepare(body, TD_JSON)  # the daemon validates before the SQL commit
-        repo.create_device(prepared.thing_id, node_id, "unused", body, TD_JSON)
-        projector.catch_up()
-        progress.update(task, advance=1)
-    elapsed = time.perf_counter() - start
-    repo.engine.dispose()
-    return len(bodies) / elapsed if bodies else 0.0
+    await asyncio.gather(*(client(bodies[k::clients]) for k in range(clients)))
+    acked = time.perf_counter() - start
+    with sql.connect() as conn:
+        target = int(conn.execute(sa.text("SELECT max(seq) FROM outbox")).scalar() or 0)
+    seq_query = (
+        f"SELECT ?seq WHERE {{ GRAPH <{updates.META_GRAPH}> {{ <{updates.REGISTRY_IRI}> "
+        f"<https://w3id.org/tinyfleet#lastAppliedSeq> ?seq }} }}"
+    )
+    async with httpx.AsyncClient(base_url=f"http://{http}", timeout=30) as web:
+        while True:
+            answer = await web.get("/sparql", params={"query": seq_query},
+                                   headers={"accept": "application/sparql-results+json"})
+            answer.raise_for_status()
+            rows = answer.json()["results"]["bindings"]
+            if rows and int(rows[0]["seq"]["value"]) >= target:
+                return acked, time.perf_counter() - start
+            await asyncio.sleep(0.01)
 
 
 def rdflib_side(nquads: bytes, texts: dict[str, Forms], repeats: int) -> dict[str, Any]:
@@ -351,13 +415,18 @@ def print_table(results: list[dict[str, Any]], rdflib_max: int) -> None:
             "",
         )
         table.add_row(n, "register in batches of 200, per s", f"{r['register_batched_per_s']:.0f}", "", "")
-        table.add_row(
-            n,
-            "register one by one through SQL + outbox + projector, per s",
-            f"{r['register_via_sql_and_projector_per_s']:.0f}",
-            "",
-            "",
-        )
+        grpc_runs = r.get("register_grpc", {})
+        for key, run in grpc_runs.items():
+            if key.startswith("clients_"):
+                clients = int(key.removeprefix("clients_"))
+                who = "1 gRPC client, one by one" if clients == 1 else f"{clients} concurrent gRPC clients"
+                table.add_row(
+                    n,
+                    f"register through coordinator (SHACL + SQL group commit + projector), {who}, per s",
+                    f"{run['projected_per_s']:.0f}",
+                    "",
+                    f"acked {run['acked_per_s']:.0f}/s",
+                )
         for name, ms in r["queries_ms"].items():
             other = r.get("rdflib", {}).get("queries_ms", {}).get(name)
             rd = f"{other:.1f}" if other is not None else f"not run (> {rdflib_max:,} devices)"
@@ -383,11 +452,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rdflib-max", type=int, default=10_000, help="largest fleet rdflib is run on")
     parser.add_argument("--repeats", type=int, default=20, help="runs per query (median)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--clients", default="1,8,32,64", help="concurrent gRPC clients registering via a real coordinator"
+    )
+    parser.add_argument(
+        "--grpc-registrations", type=int, default=800, help="new devices registered over gRPC per level"
+    )
+    parser.add_argument("--db", default=None, help="the coordinator's SQL URL (default: SQLite in its dir)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.devices.split(",") if s.strip()]
+    levels = [int(c) for c in args.clients.split(",") if c.strip()]
     results = [
-        run_size(n, register=args.register, rdflib_max=args.rdflib_max, repeats=args.repeats, seed=args.seed)
+        run_size(
+            n,
+            register=args.register,
+            rdflib_max=args.rdflib_max,
+            repeats=args.repeats,
+            seed=args.seed,
+            clients=levels,
+            grpc_registrations=args.grpc_registrations,
+            db_url=args.db,
+        )
         for n in sizes
     ]
     print_table(results, args.rdflib_max)

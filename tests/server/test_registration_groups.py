@@ -1,0 +1,148 @@
+"""Group commit of registrations: GroupRunner's grouping, and Repository.register_devices on
+SQLite and PostgreSQL (one transaction per group; per-item results; a failing item retried
+alone so it does not fail the others; outbox rows in call order)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Sequence
+
+import pytest
+import sqlalchemy as sa
+
+from tinyfleet.server.auth import hash_credential, verify_credential
+from tinyfleet.server.grouping import GroupRunner
+from tinyfleet.server.repository import (
+    Device,
+    DeviceRegistration,
+    Registered,
+    RegistrationRefused,
+    Repository,
+)
+
+TD = "application/td+json"
+
+
+def test_items_waiting_while_a_group_runs_go_together_in_the_next_and_each_gets_its_own_answer() -> None:
+    release = threading.Event()
+    seen: list[list[int]] = []
+
+    def run(items: Sequence[int]) -> list[int | Exception]:
+        if not seen:
+            release.wait(10)  # hold the first group until everything else has queued
+        seen.append(list(items))
+        return [ValueError(f"odd {i}") if i % 2 else i * 10 for i in items]
+
+    async def main() -> list[int | BaseException]:
+        runner: GroupRunner[int, int] = GroupRunner(run)
+        first = asyncio.ensure_future(runner.submit(0))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(runner.submit(i)) for i in range(1, 6)]
+        await asyncio.sleep(0.05)
+        release.set()
+        answers = await asyncio.gather(first, *rest, return_exceptions=True)
+        runner.close()
+        assert (runner.groups, runner.items) == (2, 6)
+        return answers
+
+    answers = asyncio.run(main())
+    assert seen == [[0], [1, 2, 3, 4, 5]]
+    assert [a if isinstance(a, int) else str(a) for a in answers] == [0, "odd 1", 20, "odd 3", 40, "odd 5"]
+
+
+def test_a_group_that_fails_as_a_whole_fails_each_caller_with_the_error() -> None:
+    def run(items: Sequence[int]) -> list[int | Exception]:
+        raise sa.exc.OperationalError("COMMIT", {}, Exception("disk I/O error"))
+
+    async def main() -> list[BaseException | int]:
+        runner: GroupRunner[int, int] = GroupRunner(run)
+        answers = await asyncio.gather(*(runner.submit(i) for i in range(3)), return_exceptions=True)
+        runner.close()
+        return answers
+
+    assert all(isinstance(a, sa.exc.OperationalError) for a in asyncio.run(main()))
+
+
+def _item(device_id: str, node_id: int, *, credential: str = "", may_replace: bool | None = None,
+          media_type: str = TD) -> DeviceRegistration:
+    def allowed(existing: Device) -> bool:
+        if may_replace is not None:
+            return may_replace
+        return verify_credential(credential, existing.credential_hash)
+
+    return DeviceRegistration(
+        device_id=device_id, description=f'{{"id": "{device_id}", "v": {node_id}}}'.encode(),
+        media_type=media_type, node_id=node_id, credential_hash=hash_credential(f"secret-{device_id}"),
+        may_replace=allowed,
+    )
+
+
+def _commits(engine: sa.Engine) -> list[int]:
+    count = [0]
+    sa.event.listen(engine, "commit", lambda _conn: count.__setitem__(0, count[0] + 1))
+    return count
+
+
+def test_a_group_is_one_transaction_with_outbox_rows_in_call_order(engine: sa.Engine) -> None:
+    repo = Repository(engine)
+    repo.create_device("urn:dev:old", 500, hash_credential("right"), b'{"id": "urn:dev:old"}', TD)
+    start = repo.outbox_since()[-1]["seq"]
+    commits = _commits(engine)
+    results = repo.register_devices([
+        _item("urn:dev:a", 601),
+        _item("urn:dev:old", 602, credential="right"),
+        _item("urn:dev:old", 603, credential="wrong"),
+        _item("urn:dev:b", 604),
+        _item("urn:dev:a", 605, may_replace=True),  # the admin re-describes a device made just before
+    ])
+    assert commits[0] == 1
+    assert [type(r).__name__ for r in results] == [
+        "Registered", "Registered", "RegistrationRefused", "Registered", "Registered"
+    ]
+    created = [r.created for r in results if isinstance(r, Registered)]
+    assert created == [True, False, True, False]
+    assert isinstance(results[2], RegistrationRefused) and "credential" in str(results[2])
+    a = repo.get_device("urn:dev:a")
+    assert a is not None and a.node_id == 601 and b'"v": 605' in a.description
+    old = repo.get_device("urn:dev:old")
+    assert old is not None and old.node_id == 500 and b'"v": 602' in old.description
+    rows = [(r["kind"], r["subject"]) for r in repo.outbox_since(start)]
+    assert rows == [
+        ("device.registered", "urn:dev:a"),
+        ("device.updated", "urn:dev:old"),
+        ("device.registered", "urn:dev:b"),
+        ("device.updated", "urn:dev:a"),
+    ]
+    assert repo.outbox_since(start)[0]["payload"]["node_id"] == 601
+
+
+def test_an_item_the_database_refuses_fails_alone_and_the_rest_of_its_group_is_stored(
+    engine: sa.Engine,
+) -> None:
+    repo = Repository(engine)
+    repo.create_device("urn:dev:taken", 700, hash_credential("x"), b"{}", TD)
+    start = repo.outbox_since()[-1]["seq"]
+    # A node id someone else has: the group's transaction fails, nothing of it is kept, and
+    # each item is retried on its own (the colliding one with a fresh node id).
+    group = [_item("urn:dev:c", 701), _item("urn:dev:d", 700), _item("urn:dev:e", 702)]
+    if engine.dialect.name == "postgresql":  # PostgreSQL enforces the column's length
+        group.append(_item("urn:dev:f", 703, media_type="application/td+json;" + "x" * 80))
+    results = repo.register_devices(group)
+    assert all(isinstance(r, Registered) and r.created for r in results[:3])
+    d = repo.get_device("urn:dev:d")
+    assert d is not None and d.node_id not in (700, 0) and results[1].device.node_id == d.node_id  # type: ignore[union-attr]
+    stored = [r["subject"] for r in repo.outbox_since(start)]
+    assert stored == ["urn:dev:c", "urn:dev:d", "urn:dev:e"]
+    if engine.dialect.name == "postgresql":
+        assert isinstance(results[3], sa.exc.DataError)
+        assert repo.get_device("urn:dev:f") is None
+
+
+@pytest.mark.parametrize("size", [1, 40])
+def test_groups_of_any_size_store_every_device(engine: sa.Engine, size: int) -> None:
+    repo = Repository(engine)
+    results = repo.register_devices([_item(f"urn:dev:n{i}", 1000 + i) for i in range(size)])
+    assert [r.device.node_id for r in results] == [1000 + i for i in range(size)]  # type: ignore[union-attr]
+    assert len(repo.list_devices()) == size
+    assert [r["subject"] for r in repo.outbox_since()] == [f"urn:dev:n{i}" for i in range(size)]
