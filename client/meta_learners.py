@@ -1,10 +1,11 @@
 """Device side of FedReptile / TinyMetaFed: the `train.fedreptile` and `evaluate.fedreptile` handlers.
 
 Training starts from the weights the coordinator sent (or its compressed delta
-applied to the device's copy), rebuilds the local layers from local data
-(partial local reconstruction: they start at zero and train alone for
-`reconstruct_steps`, global layers frozen), then takes `inner_steps` steps on
-stream batches (fresh each step, or cycling over its `inner_samples` most recent samples).
+applied to the device's copy, with the config kept from the last sync), rebuilds
+the local layers from local data (partial local reconstruction: they start at
+zero and train alone for `reconstruct_steps`, global layers frozen), then takes
+`inner_steps` steps on stream batches (fresh each step, or cycling over its
+`inner_samples` most recent samples).
 What goes back is the update of the global layers only,
 compressed with top-P and int8 when asked; the part not sent stays in
 `context.state` and is added to the next update (error feedback). A device
@@ -35,8 +36,10 @@ from tinyfleet.common.reptile_protocol import (
     CONFIG_KEY,
     DELTA_KEY,
     METRICS_KEY,
+    PER_MESSAGE_KEYS,
     REPLICA_BASE,
-    REPLICA_VERSION,
+    SERVER_ROUND,
+    SYNC_KEY,
     UPDATE_KEY,
     is_local,
     parse_layers,
@@ -44,7 +47,9 @@ from tinyfleet.common.reptile_protocol import (
 
 RESIDUAL_STATE = "fedreptile.residual"
 REPLICA_STATE = "fedreptile.replica"
-REPLICA_META_STATE = "fedreptile.replica-meta"
+REPLICA_META_STATE = "fedreptile.replica-meta"  # the sync id and round of the replica
+REPLICA_ROUND = "round"
+CONFIG_STATE = "fedreptile.config"  # the static config of the sync the device holds
 MODEL_KWARG_PREFIX = "model."
 
 Sampler = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
@@ -135,11 +140,9 @@ def task_loss(model_name: str, out: torch.Tensor, y: torch.Tensor) -> dict[str, 
 
 def train(message: Message, context: Context) -> Message:
     """One FedReptile round on this device: adapt from the received weights, return the update."""
-    content = message.content
-    config = content.config_records.get(CONFIG_KEY, ConfigRecord())
+    config, start = _round_inputs(message.content, context)
     model_name, model = model_from_config(config)
     local_layers = parse_layers(config.get("local_layers"))  # type: ignore[arg-type]
-    start = _starting_weights(content, config, context)
     _check_layout(model, start, local_layers)
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in start.items()}, strict=False)
     reset_local(model, local_layers)
@@ -247,27 +250,46 @@ def _optimizer(kind: str, params: list[nn.Parameter], lr: float) -> torch.optim.
     raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {kind!r}")
 
 
-def _starting_weights(content: RecordDict, config: ConfigRecord, context: Context) -> dict[str, np.ndarray]:
-    """θ from "arrays", or the device's replica plus the decoded "delta"; keeps the replica."""
-    version = config.get(REPLICA_VERSION)
-    if ARRAYS_KEY in content.array_records:
-        start = {k: v.numpy() for k, v in content.array_records[ARRAYS_KEY].items()}
-    elif DELTA_KEY in content.array_records:
-        meta = context.state.config_records.get(REPLICA_META_STATE, ConfigRecord())
-        held, base = meta.get("version"), config.get(REPLICA_BASE)
-        if REPLICA_STATE not in context.state.array_records or held != base:
+def _round_inputs(content: RecordDict, context: Context) -> tuple[ConfigRecord, dict[str, np.ndarray]]:
+    """The round's whole config and starting θ, from the message and, for a delta, the sync's state.
+
+    A dense message with a sync id (re)syncs: its static config, and the replica
+    θ, are kept in `context.state`. A delta applies to that replica and extends
+    that config; if the device does not hold the sync and replica round the
+    delta names (restart, missed reply, other coordinator), it is refused, and
+    the coordinator resyncs the device next time.
+    """
+    received = content.config_records.get(CONFIG_KEY, ConfigRecord())
+    sync, server_round = received.get(SYNC_KEY), received.get(SERVER_ROUND)
+    if sync is not None and not isinstance(server_round, int):
+        raise ValueError(f"message of sync {sync!r} needs an integer {SERVER_ROUND!r}, got {server_round!r}")
+    arrays, state = content.array_records, context.state
+    if ARRAYS_KEY in arrays:
+        config = received
+        start = {k: v.numpy() for k, v in arrays[ARRAYS_KEY].items()}
+        if sync is not None:
+            static = {k: v for k, v in received.items() if k not in PER_MESSAGE_KEYS}
+            state[CONFIG_STATE] = ConfigRecord(static)
+    elif DELTA_KEY in arrays:
+        meta = state.config_records.get(REPLICA_META_STATE, ConfigRecord())
+        held = (meta.get(SYNC_KEY), meta.get(REPLICA_ROUND))
+        wanted = (sync, received.get(REPLICA_BASE))
+        kept = REPLICA_STATE in state.array_records and CONFIG_STATE in state.config_records
+        if held != wanted or not kept:
             raise ValueError(
-                f"replica out of sync: this device holds {held!r}, the delta is against {base!r}"
+                f"out of sync: this device holds sync {held[0]!r} with the replica of round {held[1]!r}, "
+                f"the delta is against sync {wanted[0]!r}, round {wanted[1]!r}"
             )
-        replica = {k: v.numpy() for k, v in context.state.array_records[REPLICA_STATE].items()}
-        decoded = codec.decode(content.array_records[DELTA_KEY], codec.Layout.of(replica))
+        config = ConfigRecord({**state.config_records[CONFIG_STATE], **received})
+        replica = {k: v.numpy() for k, v in state.array_records[REPLICA_STATE].items()}
+        decoded = codec.decode(arrays[DELTA_KEY], codec.Layout.of(replica))
         start = {k: replica[k] + decoded[k] for k in replica}
     else:
         raise ValueError(f"train message carries neither {ARRAYS_KEY!r} nor {DELTA_KEY!r}")
-    if version is not None:
-        context.state[REPLICA_STATE] = _to_record(start)
-        context.state[REPLICA_META_STATE] = ConfigRecord({"version": str(version)})
-    return start
+    if sync is not None:
+        state[REPLICA_STATE] = _to_record(start)
+        state[REPLICA_META_STATE] = ConfigRecord({SYNC_KEY: str(sync), REPLICA_ROUND: server_round})
+    return config, start
 
 
 def _check_layout(model: nn.Module, received: dict[str, np.ndarray], local_layers: Sequence[str]) -> None:

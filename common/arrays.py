@@ -36,9 +36,12 @@ def from_numpy_dict(arrays: dict[str, np.ndarray]) -> ArrayRecord:
 
 
 def check_finite(record: ArrayRecord) -> None:
-    """Raise InvalidUpdateError naming the first array that holds NaN or Inf."""
+    """Raise InvalidUpdateError naming the first array that holds NaN or Inf or does not load."""
     for key, array in record.items():
-        values = array_values(array)
+        try:
+            values = array_values(array)
+        except (TypeError, ValueError) as exc:
+            raise InvalidUpdateError(f"array {key!r} does not load: {exc}") from exc
         if values.dtype.kind in "fc" and not np.isfinite(values).all():
             bad = int(values.size - np.isfinite(values).sum())
             raise InvalidUpdateError(f"array {key!r} holds {bad} NaN/Inf value(s)")

@@ -2,6 +2,16 @@
 
 Both sides import this module, so neither the device code depends on the
 server package nor the server on device code.
+
+With a compressed downlink the train messages are *stateful*. A **sync** is one
+dense copy of θ (the device's replica) plus the static config (everything in the
+ConfigRecord but `PER_MESSAGE_KEYS`: model, inner loop, compression), sent together
+under a sync id. Until the next sync, a message carries only `PER_MESSAGE_KEYS`
+and a delta against the replica the device made in round `REPLICA_BASE`; the
+device keeps replica and config in its Context state. The sync id changes with
+the static config and with every coordinator session, so a changed config or a
+resumed coordinator resyncs, and a device whose state does not match (restart,
+missed reply) refuses the message, after which the server resyncs it.
 """
 
 from __future__ import annotations
@@ -16,8 +26,10 @@ UPDATE_KEY: Final = "update"  # codec payload of θᵢ - θ_start (up)
 DELTA_KEY: Final = "delta"  # codec payload of θ - replica (down, compressed downlink)
 CONFIG_KEY: Final = "config"
 METRICS_KEY: Final = "metrics"
-REPLICA_BASE: Final = "replica-base"  # config: replica version a delta applies to
-REPLICA_VERSION: Final = "replica-version"  # config: replica version after this message
+SERVER_ROUND: Final = "server-round"  # config: the round; also names the replica it leaves behind
+SYNC_KEY: Final = "sync"  # config: the sync (static config + replica lineage) a stateful message belongs to
+REPLICA_BASE: Final = "replica-base"  # config: the round whose replica a delta applies to
+PER_MESSAGE_KEYS: Final = (SERVER_ROUND, SYNC_KEY, REPLICA_BASE)
 
 
 def is_local(name: str, local_layers: Sequence[str]) -> bool:

@@ -130,3 +130,56 @@ def test_array_values_equal_what_flower_decodes(values: np.ndarray) -> None:
     decoded = array_values(array)
     assert decoded.dtype == array.numpy().dtype and decoded.shape == values.shape
     assert np.array_equal(decoded, values)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.frombuffer(b"TFC2 packed bytes", dtype=np.uint8),
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.array([1, -2, 3], dtype=">i4"),  # stored little-endian, same values
+        np.zeros(0, dtype=np.uint8),
+    ],
+    ids=["bytes", "f32-2d", "big-endian", "empty"],
+)
+def test_raw_arrays_cross_flower_serde_and_object_store_unchanged(values: np.ndarray) -> None:
+    from flwr.app import Array, ArrayRecord
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+    from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+
+    array = fa.raw_array(values)
+    assert array.stype == fa.RAW_STYPE and array.shape == values.shape
+    assert len(array.data) == values.nbytes  # the values alone: no .npy header
+    with pytest.raises(TypeError):
+        array.numpy()  # Flower's own accessor only reads .npy; array_values reads both
+    content = RecordDict({"update": ArrayRecord({"payload": array})})
+    message = fa.new_instruction(content, "train.fedreptile", 3, run_id=1)
+    fa.stamp(message, run_id=1)
+    via_serde = fa.message_from_bytes(fa.message_to_bytes(message))
+    # what a SuperLink/SuperNode does: the message as content-addressed objects, inflated again
+    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
+    via_store = inflate_object_from_contents(message.object_id, contents)
+    for back in (via_serde, via_store):
+        received = back.content.array_records["update"]["payload"]
+        assert isinstance(received, Array)
+        assert (received.dtype, received.shape, received.stype) == (array.dtype, array.shape, fa.RAW_STYPE)
+        decoded = fa.array_values(received)
+        assert decoded.dtype == values.dtype.newbyteorder("<") and np.array_equal(decoded, values)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "shape", "data", "problem"),
+    [
+        ("uint8", (5,), b"\x00" * 4, "needs 5 bytes, holds 4"),
+        ("float32", (2,), b"\x00" * 9, "needs 8 bytes, holds 9"),
+        ("no-such-type", (1,), b"\x00", "unknown dtype"),
+        ("object", (1,), b"\x00" * 8, "Python objects"),
+    ],
+)
+def test_raw_arrays_that_do_not_fit_their_dtype_and_shape_are_refused(
+    dtype: str, shape: tuple[int, ...], data: bytes, problem: str
+) -> None:
+    from flwr.app import Array
+
+    with pytest.raises(ValueError, match=problem):
+        fa.array_values(Array(dtype=dtype, shape=shape, stype=fa.RAW_STYPE, data=data))

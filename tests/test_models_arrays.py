@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from flwr.app import Array, ArrayRecord
 
 from tinyfleet.common.arrays import (
     InvalidUpdateError,
@@ -13,6 +14,7 @@ from tinyfleet.common.arrays import (
     to_array_record,
     to_numpy_dict,
 )
+from tinyfleet.common.flower_adapter import RAW_STYPE, raw_array
 from tinyfleet.common.models import build_model, get_model_spec, parameter_count
 
 
@@ -47,3 +49,12 @@ def test_array_record_round_trip_and_checks() -> None:
     del arrays["0.bias"]
     with pytest.raises(InvalidUpdateError, match="missing"):
         check_compatible(from_numpy_dict(arrays), record)
+
+
+def test_reply_checks_read_raw_arrays_and_refuse_those_that_do_not_load() -> None:
+    check_finite(ArrayRecord({"payload": raw_array(np.frombuffer(b"packed update", dtype=np.uint8))}))
+    with pytest.raises(InvalidUpdateError, match=r"'w' holds 1 NaN/Inf"):
+        check_finite(ArrayRecord({"w": raw_array(np.array([1.0, np.inf], dtype=np.float32))}))
+    short = Array(dtype="uint8", shape=(10,), stype=RAW_STYPE, data=b"\x00" * 3)
+    with pytest.raises(InvalidUpdateError, match=r"'payload' does not load: .*needs 10 bytes, holds 3"):
+        check_finite(ArrayRecord({"payload": short}))

@@ -8,19 +8,27 @@ otherwise a seeded fraction of the nodes is sampled.
 TinyMetaFed options travel to the devices in the ConfigRecord and shape what
 crosses the wire: `local_layers` never leave the device (they are cut from every
 outgoing ArrayRecord and left untouched by aggregation); `top_p` and `quantize`
-compress the update the device sends (with error feedback on the device); with
-`compress_downlink` the server also sends only a compressed delta against the
-copy of θ it knows each device holds (its replica), falling back to the dense
-model whenever that copy is unknown (first contact, resume, failed round).
+compress the update the device sends (with error feedback on the device).
+
+`compress_downlink` makes the train messages stateful (see
+`tinyfleet.common.reptile_protocol`): the server sends only a compressed delta
+against the copy of θ it knows each device holds (its replica), and sends the
+static config (model, inner loop, compression) only with the dense model when it
+(re)syncs a device: first contact, coordinator resume, failed round, changed
+config. On sine that config is ~200 bytes, a tenth of a compressed round.
+Without the option every message is self-contained, so stock handlers that keep
+no state can answer.
 
 Replies carry either "update" (a `tinyfleet.common.codec` payload holding
 θᵢ - θ_start) or "arrays" (plain adapted weights, as any Flower "train" handler
 returns), so the strategy also runs on nodes without a `train.fedreptile`
-handler. Bad replies are skipped with a warning naming node and problem.
+handler. Bad replies are skipped, not aggregated, with a warning naming node and
+problem; the round's metrics count them as "skipped".
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import uuid
@@ -40,8 +48,10 @@ from tinyfleet.common.reptile_protocol import (
     DELTA_KEY,
     EVALUATE_TYPE,
     METRICS_KEY,
+    PER_MESSAGE_KEYS,
     REPLICA_BASE,
-    REPLICA_VERSION,
+    SERVER_ROUND,
+    SYNC_KEY,
     TRAIN_TYPE,
     UPDATE_KEY,
     is_local,
@@ -161,11 +171,12 @@ class FedReptile(Strategy):
         self.rounds_done = 0
         self.last_node: int | None = None
         self.visits = 0
-        self._session = uuid.uuid4().hex[:8]
+        self._session = uuid.uuid4().hex
         self._theta: ArrayRecord | None = None
         self._starts: dict[int, dict[str, np.ndarray]] = {}
-        self._pending: dict[int, tuple[str, dict[str, np.ndarray]]] = {}
-        self._replicas: dict[int, tuple[str, dict[str, np.ndarray]]] = {}
+        # node -> (sync id, round of the replica, the replica) the node holds or will hold
+        self._pending: dict[int, tuple[str, int, dict[str, np.ndarray]]] = {}
+        self._replicas: dict[int, tuple[str, int, dict[str, np.ndarray]]] = {}
 
     # -- Flower Strategy API ------------------------------------------------
     def summary(self) -> None:
@@ -196,29 +207,33 @@ class FedReptile(Strategy):
         self._starts, self._pending = {}, {}
         if not nodes:
             return []
-        base_config = {**dict(config), **self.client_options, "server-round": server_round}
+        static = {
+            k: v for k, v in {**dict(config), **self.client_options}.items() if k not in PER_MESSAGE_KEYS
+        }
+        sync = self._sync_id(static) if self.compress_downlink else None
+        theta = {k: v.numpy() for k, v in global_part.items()}
         messages = []
         for node in nodes:
-            cfg = ConfigRecord(dict(base_config))
-            content = RecordDict({CONFIG_KEY: cfg})
-            start = {k: v.numpy() for k, v in global_part.items()}
-            if self.compress_downlink:
-                version = f"{self._session}:{server_round}"
-                replica = self._replicas.get(node)
-                cfg[REPLICA_VERSION] = version
-                if replica is None:
-                    content[ARRAYS_KEY] = global_part
-                else:
-                    base_version, base = replica
-                    delta = {k: start[k] - base[k] for k in start}
-                    record = codec.encode(delta, top_p=self.top_p, quantize=self.quantize)
-                    decoded = codec.decode(record, codec.Layout.of(start))
-                    start = {k: base[k] + decoded[k] for k in start}
-                    content[DELTA_KEY] = record
-                    cfg[REPLICA_BASE] = base_version
-                self._pending[node] = (version, start)
-            else:
+            cfg: dict[str, Any] = {SERVER_ROUND: server_round}
+            content = RecordDict()
+            start = theta
+            held = self._replicas.get(node) if sync is not None else None
+            if held is not None and held[0] == sync:
+                _, base_round, base = held
+                delta = {k: theta[k] - base[k] for k in theta}
+                record = codec.encode(delta, top_p=self.top_p, quantize=self.quantize)
+                decoded = codec.decode(record, codec.Layout.of(theta))
+                start = {k: base[k] + decoded[k] for k in theta}
+                cfg.update({SYNC_KEY: sync, REPLICA_BASE: base_round})
+                content[DELTA_KEY] = record
+            else:  # self-contained message, or a (re)sync: the dense model and the whole config
+                cfg.update(static)
+                if sync is not None:
+                    cfg[SYNC_KEY] = sync
                 content[ARRAYS_KEY] = global_part
+            content[CONFIG_KEY] = ConfigRecord(cfg)
+            if sync is not None:
+                self._pending[node] = (sync, server_round, start)
             self._starts[node] = start
             messages.append(Message(content=content, message_type=TRAIN_TYPE, dst_node_id=node))
         return messages
@@ -232,6 +247,7 @@ class FedReptile(Strategy):
         layout = codec.Layout.of({k: tuple(v.shape) for k, v in self._global_part(theta).items()})
         deltas, weights, contents = [], [], []
         answered: set[int] = set()
+        skipped = 0
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
@@ -243,6 +259,7 @@ class FedReptile(Strategy):
                 delta, weight = self._read_reply(reply, node, layout)
             except (codec.CodecError, ValueError, KeyError) as exc:
                 log.warning("round %d: update from node %d skipped: %s", server_round, node, exc)
+                skipped += 1
                 continue
             answered.add(node)
             deltas.append(delta)
@@ -252,7 +269,7 @@ class FedReptile(Strategy):
             for node, replica in self._pending.items():
                 if node in answered:
                     self._replicas[node] = replica
-                else:  # its copy is unknown now: send it the dense model next time
+                else:  # its copy is unknown now: resync it (model and config) next time
                     self._replicas.pop(node, None)
         self._pending = {}
         self.rounds_done = server_round
@@ -271,6 +288,7 @@ class FedReptile(Strategy):
         metrics = aggregate_metricrecords(contents, self.weighted_by_key)
         metrics["epsilon"] = eps
         metrics["nodes"] = len(deltas)
+        metrics["skipped"] = skipped
         return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()}), metrics
 
     def configure_evaluate(
@@ -308,7 +326,7 @@ class FedReptile(Strategy):
 
     # -- checkpointing --------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """JSON-able round bookkeeping; device replicas are not kept (dense resync after resume)."""
+        """JSON-able round bookkeeping; what devices hold is not kept (every device resyncs after resume)."""
         return {
             "version": STATE_VERSION,
             "rounds_done": self.rounds_done,
@@ -333,6 +351,11 @@ class FedReptile(Strategy):
                     f"local layer {layer!r} matches no array of the model; arrays: {', '.join(arrays.keys())}"
                 )
         return ArrayRecord({k: v for k, v in arrays.items() if not is_local(k, self.local_layers)})
+
+    def _sync_id(self, static: dict[str, Any]) -> str:
+        """Names this session's static config: a new session or a changed config is a new sync."""
+        text = repr((self._session, sorted(static.items())))
+        return hashlib.sha256(text.encode()).hexdigest()[:8]
 
     def _rng(self, server_round: int, purpose: str) -> random.Random:
         return random.Random(f"{self.seed}:{purpose}:{server_round}")
