@@ -66,6 +66,7 @@ _HEADER: Final = struct.Struct("<4sBI")  # magic, kind, layout fingerprint; LEB1
 _KIND_CODES: Final = {INT8: 1, SPARSE: 2, SPARSE_INT8: 3}
 _CODE_KINDS: Final = {code: kind for kind, code in _KIND_CODES.items()}
 _MAX_VARINT_BYTES: Final = 5  # a u32 gap or count needs at most 5 LEB128 bytes
+_SHIFT_TRIAL_LEVELS: Final = 4096  # int8 levels the low-bit width is chosen on
 
 
 class CodecError(ValueError):
@@ -305,12 +306,12 @@ def _pack_levels(levels: np.ndarray, tensor_ids: np.ndarray, tensors: int) -> by
     above = magnitudes - floors[tensor_ids]
     signs = (levels < 0).astype(np.int16)
 
-    def high_part(shift: int) -> bytes:
-        return ((above >> shift) << 1 | signs).astype(np.uint8).tobytes()
+    def high_part(shift: int, step: int = 1) -> bytes:
+        return ((above[::step] >> shift) << 1 | signs[::step]).astype(np.uint8).tobytes()
 
-    def size(shift: int) -> int:  # Huffman-only is the fast trial; the block may still do better
-        high = high_part(shift)
-        return min(len(high), len(_deflate(high, zlib.Z_HUFFMAN_ONLY))) + (levels.size * shift + 7) // 8
+    def size(shift: int) -> int:  # a fast trial: Huffman only, on at most ~4k evenly spread levels
+        high = high_part(shift, max(1, levels.size // _SHIFT_TRIAL_LEVELS))
+        return min(len(high), len(_deflate(high, zlib.Z_HUFFMAN_ONLY))) + (len(high) * shift + 7) // 8
 
     shift = min(range(8), key=size)
     low = np.packbits(np.unpackbits(above.astype(np.uint8)[:, None], axis=1)[:, 8 - shift :])
