@@ -66,7 +66,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--compress-downlink",
         action="store_true",
-        help="also send devices compressed deltas against their copy of the model",
+        help="also send devices compressed deltas against their copy of the model, and the static "
+        "config only when (re)syncing that copy",
     )
     run.add_argument("--eval-every", type=int, help="rounds between meta-tests")
     run.add_argument("--eval-tasks", type=int, help="tasks per intermediate meta-test")

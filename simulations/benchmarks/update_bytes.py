@@ -2,8 +2,11 @@
 
 For each zoo model a real update is made (a few inner steps of adaptation on a
 task) and encoded dense, int8, top-P sparse and top-P sparse + int8. The table
-shows the ArrayRecord bytes, the whole reply message on the wire (Flower serde,
-with its metadata and metrics) and the ratio to dense, plus encode/decode time.
+shows the record bytes (the Arrays' data: .npy files for dense, one raw packed
+buffer otherwise), the whole reply message on the wire (Flower serde, with its
+metadata and metrics) and the ratio to dense, plus encode/decode time. It is the
+uplink alone; the bytes of whole rounds, both ways, are what `tinyfleet sim run`
+measures on SimGrid.
 
     python -m tinyfleet.simulations.benchmarks.update_bytes --top-p 0.1 --json update_bytes.json
 """
