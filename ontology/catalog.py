@@ -9,6 +9,9 @@ A query file declares its parameters in a header and uses them as `$name`:
 Values arrive as text (command line, job files, HTTP) and are parsed by their
 declared type and written back as SPARQL terms (an IRI through pyoxigraph's IRI
 check, strings escaped), so a value can never change the query's structure.
+A clause between `{{#name}}` and `{{/name}}` is kept only when parameter `name`
+has a value (not an empty string or list): an optional criterion then costs
+nothing when unused, where a `FILTER(... || EXISTS {...})` is tested per row.
 Textual substitution rather than engine-side pre-binding, because the same
 query must also run on a remote SPARQL 1.1 server.
 """
@@ -33,6 +36,8 @@ _PARAM = re.compile(
     r"(?:\s*=\s*(?P<default>[^-]*?))?\s*(?:--\s*(?P<doc>.*))?$"
 )
 _PLACEHOLDER = re.compile(r"\$([A-Za-z_][A-Za-z0-9_]*)")
+_SECTION = re.compile(r"\{\{#([A-Za-z_][A-Za-z0-9_]*)\}\}(.*?)\{\{/\1\}\}", re.DOTALL)
+_EMPTY_TERMS: Final = frozenset({"", '""'})
 _DURATION = re.compile(r"^-?P(?=\d|T\d)(\d+D)?(T(?=\d)(\d+H)?(\d+M)?(\d+(\.\d+)?S)?)?$")
 _QUERY_START = re.compile(r"^\s*(PREFIX|BASE|SELECT|ASK|CONSTRUCT|DESCRIBE)\b", re.IGNORECASE)
 
@@ -85,7 +90,8 @@ class NamedQuery:
                     param.name,
                 )
             terms[param.name] = sparql_term(param, raw)
-        body = _PLACEHOLDER.sub(lambda m: terms.get(m.group(1), m.group(0)), self.body)
+        body = _SECTION.sub(lambda m: "" if terms[m.group(1)] in _EMPTY_TERMS else m.group(2), self.body)
+        body = _PLACEHOLDER.sub(lambda m: terms.get(m.group(1), m.group(0)), body)
         return sparql_prologue() + body
 
 
@@ -183,6 +189,12 @@ def parse_query_file(name: str, text: str) -> NamedQuery:
             )
         )
     body = "\n".join(body_lines).strip() + "\n"
+    declared = {p.name for p in params}
+    for section in _SECTION.finditer(body):
+        if section.group(1) not in declared:
+            raise QueryError(f"{name}.rq: clause {{{{#{section.group(1)}}}}} names no declared parameter")
+    if "{{" in _SECTION.sub("", body):
+        raise QueryError(f"{name}.rq: a clause {{{{#name}}}} ... {{{{/name}}}} is not closed")
     return NamedQuery(name=name, summary=summary, params=tuple(params), body=body)
 
 

@@ -64,3 +64,22 @@ def test_resolve_query_accepts_sparql_or_a_named_query_with_arguments() -> None:
     assert "?ramKB >= 100" in text and "sosa_extend/Microphone>" in text
     with pytest.raises(QueryError, match="NAME=VALUE"):
         resolve_query("eligible-devices min_ram_kb")
+
+
+def test_a_clause_is_kept_only_when_its_parameter_has_a_value() -> None:
+    query = catalog.parse_query_file("q", """\
+#@ summary test
+#@ param who iris = -- anyone
+#@ param kind string = -- any kind
+SELECT ?d WHERE { ?d a tf:Device .
+  {{#who}}VALUES ?d { $who }{{/who}}
+  {{#kind}}?d tf:deviceClass $kind .{{/kind}} }
+""")
+    assert "VALUES" not in query.render() and "deviceClass" not in query.render({"kind": "  "})
+    text = query.render({"who": "urn:a urn:b", "kind": "mcu"})
+    assert "VALUES ?d { <urn:a> <urn:b> }" in text and '?d tf:deviceClass "mcu" .' in text
+    ox.Store().query(text)
+    with pytest.raises(QueryError, match="names no declared parameter"):
+        catalog.parse_query_file("bad", "#@ summary x\nSELECT * WHERE { {{#nope}}?s ?p ?o{{/nope}} }")
+    with pytest.raises(QueryError, match="not closed"):
+        catalog.parse_query_file("bad", "#@ param a iris = -- a\nSELECT * WHERE { {{#a}}?s ?p ?o }")
