@@ -158,6 +158,19 @@ class LocalFleet:
         device_file = state_dir / "device.td.json"
         device_file.write_text(json.dumps(minimal_thing_description(device_id), indent=2))
         log_path = self.logs / f"agent-{index}.log"
+        process = self._spawn_agent(state_dir, data, log_path)
+        agent = AgentProcess(index, device_id, data, state_dir, log_path, process)
+        self.agents.append(agent)
+        return agent
+
+    def restart_agent(self, agent: AgentProcess, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Kill an agent and start it again on its state dir: same identity and credential, but
+        everything it held in memory (its Flower Context, its stream's position) is gone."""
+        agent.process.send_signal(sig)
+        agent.process.wait(30)
+        agent.process = self._spawn_agent(agent.state_dir, agent.data, agent.log_path)
+
+    def _spawn_agent(self, state_dir: Path, data: str, log_path: Path) -> subprocess.Popen[bytes]:
         cmd = [
             *self._cli(),
             "agent",
@@ -167,16 +180,13 @@ class LocalFleet:
             "--state-dir",
             str(state_dir),
             "--device",
-            str(device_file),
+            str(state_dir / "device.td.json"),
             "--data",
             data,
             *self.agent_args,
         ]
         with log_path.open("ab") as log:
-            process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env())
-        agent = AgentProcess(index, device_id, data, state_dir, log_path, process)
-        self.agents.append(agent)
-        return agent
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env())
 
     def start_agents(self, data_specs: Sequence[str]) -> list[AgentProcess]:
         return [self.start_agent(spec) for spec in data_specs]

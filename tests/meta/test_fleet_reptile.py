@@ -1,4 +1,5 @@
-"""FedReptile over real agents: `tinyfleet server start` + three `tinyfleet agent run --data sine:seed=N`."""
+"""FedReptile over real agents: `tinyfleet server start` + `tinyfleet agent run --data sine:seed=N` processes;
+the stateful downlink survives an agent restart and a coordinator resume."""
 
 from __future__ import annotations
 
@@ -75,3 +76,91 @@ def test_fedreptile_job_runs_end_to_end_over_real_agents(tmp_path: Path) -> None
     evaluated = [r for r in rounds if r["eval_metrics"]]
     assert [r["round"] for r in evaluated] == [3, 6]
     assert all(r["eval_metrics"]["loss_after"] < r["eval_metrics"]["loss_before"] for r in evaluated)
+
+
+RESYNC_JOB = """
+name = "tinymetafed-resync"
+strategy = "fedreptile"
+model = "sine-mlp"
+rounds = 60
+
+[options]
+serial = false
+fraction_train = 1.0
+epsilon = 0.5
+inner_steps = 600
+top_p = 0.1
+quantize = "int8"
+compress_downlink = true
+evaluate_every = 1000
+
+[round]
+deadline_s = 60.0
+min_nodes = 1
+wait_for_nodes_s = 60.0
+"""
+
+
+def _train_results(info: object, node_id: int, after: float) -> list[dict]:
+    """The node's train results in the rounds that finished after `after`, in round order."""
+    rounds = json.loads(info.rounds_json)  # type: ignore[attr-defined]
+    return [
+        {**n, "started_at": r["started_at"]}
+        for r in rounds
+        if r["finished_at"] > after
+        for n in r["nodes"]
+        if n["phase"] == "train" and n["node_id"] == node_id
+    ]
+
+
+def _resynced(results: list[dict]) -> bool:
+    """Whether the node missed a round and then replied twice (resync, then delta)."""
+    missed = [i for i, r in enumerate(results) if r["status"] != "replied"]
+    return bool(missed) and sum(r["status"] == "replied" for r in results[missed[0] :]) >= 2
+
+
+def test_a_restarted_agent_and_a_resumed_coordinator_are_resynced(tmp_path: Path) -> None:
+    """Parallel TinyMetaFed on two real agents. Agent 0 is killed and started again (its Context,
+    with replica and config, is gone): it misses one round (the delta it cannot apply, or the round
+    it was killed in) and then gets the dense model and config again. Then the coordinator is killed
+    and resumed from its checkpoint: a new session resyncs both agents, and no round drops a node."""
+    with LocalFleet(tmp_path) as fleet:
+        fleet.start_server()
+        fleet.start_agents([f"sine:seed={i}" for i in range(2)])
+        deadline = time.monotonic() + 90
+        while sum(d.online for d in fleet.admin().devices()) < 2:
+            assert time.monotonic() < deadline, "agents did not come online"
+            time.sleep(0.2)
+        node = {d.device_id: d.node_id for d in fleet.admin().devices()}[fleet.agents[0].device_id]
+        job_id = fleet.submit(RESYNC_JOB)
+        for info in fleet.admin().watch(job_id, timeout=240):
+            if info.rounds_done >= 2:
+                break
+        restarted_at = time.time()
+        fleet.restart_agent(fleet.agents[0])
+        for info in fleet.admin().watch(job_id, timeout=240):
+            results = _train_results(info, node, after=restarted_at)
+            if _resynced(results) or info.state != "running":
+                break
+        assert info.state == "running", f"job ended before the restarted agent was resynced: {info.reason}"
+        first_miss = next(i for i, r in enumerate(results) if r["status"] != "replied")
+        assert all(r["started_at"] < restarted_at for r in results[:first_miss])  # replied before the kill
+        missed, resync, delta = results[first_miss : first_miss + 3]
+        if missed["status"] == "error":  # else undeliverable or timed out: it died in that round
+            assert "out of sync" in missed["error"]
+        assert resync["status"] == delta["status"] == "replied"
+        assert resync["bytes_down"] > 5 * delta["bytes_down"]  # dense model + config, then a delta
+
+        fleet.kill_server()
+        killed_at = time.time()
+        fleet.start_server()
+        last = fleet.admin().job(job_id)
+        for info in fleet.admin().watch(job_id, timeout=300):
+            last = info
+        assert last.state == "finished", last.reason
+        resumed = [r for r in json.loads(last.rounds_json) if r["started_at"] > killed_at]
+        assert len(resumed) >= 2 and all(r["dropped"] == 0 for r in resumed)
+        for agent in fleet.agents:
+            agent_node = {d.device_id: d.node_id for d in fleet.admin().devices()}[agent.device_id]
+            after_resume = _train_results(last, agent_node, after=killed_at)
+            assert after_resume[0]["bytes_down"] > 5 * after_resume[-1]["bytes_down"]  # resynced first
