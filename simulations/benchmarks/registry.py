@@ -4,20 +4,22 @@
 
 Per fleet size N, on an on-disk Oxigraph store in a temporary directory:
 N - K synthetic device TDs (plus 50 models and deployments on 30% of devices)
-go in through the bulk loader; then K more are registered through the real
-path (JSON-LD parse, TD checks, normalization, SHACL, one SPARQL Update per
-registration; and again in batches of 200 with one SHACL run and one update
-per batch). The first half is then registered again the way the coordinator
-does it, one at a time: validation, the SQL commit with its outbox row
-(SQLite, synchronous=FULL), and the projector's catch-up (which prepares it
-again, finding its SHACL verdict remembered, and writes the graph) before the
-next one. Then the median latency of: the compatible-models point query, a
-selective fleet filter, a GROUP BY per gateway, a NOT EXISTS count, and a
-single-device re-registration. rdflib's in-memory Dataset runs the same
-queries on the same quads up to --rdflib-max devices; beyond that it is not
-run (loading alone takes minutes) and the table says so. A query given in
-several equivalent forms (same rows, checked) is timed in each on both
-engines; each engine's fastest form counts and is named (the JSON has all).
+go in through the bulk loader; then K more are registered through the registry
+in-process (JSON-LD parse, TD checks, normalization, SHACL, one SPARQL Update per
+registration; and again in batches of 200). Then the median latency of: the
+compatible-models point query, a selective fleet filter, the eligible-devices
+named query with a job's criteria, a GROUP BY per gateway, devices without a
+deployment (NOT EXISTS, MINUS, OPTIONAL/!BOUND), and a single-device
+re-registration. rdflib's in-memory Dataset runs the same queries on the same
+quads up to --rdflib-max devices; beyond that it is not run (loading alone takes
+minutes) and the table says so. A query given in several equivalent forms is
+timed in each on both engines; each engine's fastest form counts and is named,
+and every form's figure is in the table and the JSON. Every form must give the
+same answers (rows compared value by value) on each engine, and both engines the
+same answers, or the benchmark stops. Finally a real coordinator
+(`tinyfleet server start` on 127.0.0.1, SQLite or --db, on this very store) takes
+--grpc-registrations new devices from each number of concurrent gRPC clients in
+--clients: SHACL, the group commit in SQL, and the projector into the store.
 """
 
 from __future__ import annotations
@@ -31,13 +33,13 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pyoxigraph as ox
 import sqlalchemy as sa
 
 from tinyfleet.ontology import sparql_prologue
-from tinyfleet.ontology.catalog import render
+from tinyfleet.ontology.catalog import parse_query_file, render
 from tinyfleet.server.database import default_url
 from tinyfleet.server.registry import updates
 from tinyfleet.server.registry.normalize import normalize_models
@@ -48,10 +50,9 @@ from tinyfleet.server.registry.thing_description import device_thing_description
 SENSORS = ("Accelerometer", "Gyroscope", "Magnetometer", "Microphone", "Camera", "Thermometer", "Hygrometer")
 MODELS = 50
 TD_JSON = "application/td+json"
+T = TypeVar("T")
 
-# What eligible-devices selects with these parameters, written most selective pattern
-# first (Oxigraph joins in the order written) and without its empty gateway clause
-# (rdflib cannot evaluate an empty VALUES block).
+# The question a job's eligibility asks, written by hand most selective pattern first.
 SELECTIVE = (
     sparql_prologue()
     + """
@@ -82,23 +83,44 @@ SELECT ?device WHERE {
 ORDER BY ?device"""
 )
 
-NOT_EXISTS = (
-    sparql_prologue()
-    + """
-SELECT (COUNT(?device) AS ?undeployed) WHERE {
-  ?device a tf:Device .
-  FILTER NOT EXISTS { ?deployment tf:deployedOn ?device }
-}"""
-)
+# Devices without a deployment, in the three ways SPARQL can say it. ?device is bound on both
+# sides, so they mean the same; the benchmark checks they give the same answer on each engine.
+# Oxigraph evaluates FILTER NOT EXISTS and OPTIONAL/!BOUND with one index probe per device, and
+# MINUS as one hash anti-join; rdflib evaluates MINUS with a nested loop over both sides.
+ANTI_JOIN_BODIES = {
+    "NOT EXISTS": "FILTER NOT EXISTS { ?deployment tf:deployedOn ?device }",
+    "MINUS": "MINUS { ?deployment tf:deployedOn ?device }",
+    "OPTIONAL + !BOUND": "OPTIONAL { ?deployment tf:deployedOn ?device } FILTER(!BOUND(?deployment))",
+}
+ANTI_JOINS = {
+    form: sparql_prologue()
+    + f"SELECT (COUNT(?device) AS ?undeployed) WHERE {{\n  ?device a tf:Device .\n  {body}\n}}"
+    for form, body in ANTI_JOIN_BODIES.items()
+}
 
-
-MINUS = (
-    sparql_prologue()
-    + """
-SELECT (COUNT(?device) AS ?undeployed) WHERE {
-  ?device a tf:Device .
-  MINUS { ?deployment tf:deployedOn ?device }
-}"""
+# eligible-devices as it was first written: one EXISTS filter per criterion, tested per device.
+# The shipped named query must give the same rows (tests/registry/test_eligible_devices.py).
+ELIGIBLE_PLAIN = parse_query_file(
+    "eligible-devices (plain)",
+    """\
+#@ summary eligible-devices with EXISTS filters
+#@ param min_ram_kb decimal = 0 -- ram
+#@ param min_flash_kb decimal = 0 -- flash
+#@ param sensors iris = -- sensors
+#@ param device_class string = -- class
+#@ param gateway iris = -- gateways
+SELECT ?device WHERE {
+  ?device a tf:Device ; tf:ramKB ?ramKB ; tf:flashKB ?flashKB .
+  FILTER(?ramKB >= $min_ram_kb && ?flashKB >= $min_flash_kb)
+  FILTER NOT EXISTS {
+    VALUES ?sensor { $sensors }
+    FILTER NOT EXISTS { ?device tf:sensorType ?sensor }
+  }
+  FILTER($device_class = "" || EXISTS { ?device tf:deviceClass $device_class })
+  FILTER(NOT EXISTS { VALUES ?g { $gateway } }
+         || EXISTS { VALUES ?g { $gateway } ?device tf:behindGateway ?g })
+}
+""",
 )
 
 
@@ -158,28 +180,49 @@ def deployments(devices: int, rng: random.Random) -> dict[str, list[ox.Triple]]:
     return {"urn:tinyfleet:graph:deployments": triples}
 
 
-def median_ms(run: Callable[[int], object], repeats: int, budget_s: float = 10.0) -> float:
-    """Median of `repeats` runs, fewer (at least one) once they have taken `budget_s`."""
+def median_ms(run: Callable[[int], T], repeats: int, budget_s: float = 10.0) -> tuple[float, T]:
+    """Median ms of `repeats` runs (fewer, at least one, once they have taken `budget_s`), and
+    what the first run returned."""
     times: list[float] = []
+    first: list[T] = []
     for attempt in range(repeats):
         start = time.perf_counter()
-        run(attempt)
+        value = run(attempt)
         times.append((time.perf_counter() - start) * 1000)
+        if not first:
+            first.append(value)
         if sum(times) > budget_s * 1000:
             break
-    return statistics.median(times)
+    return statistics.median(times), first[0]
 
 
-def drain(result: Any) -> int:
-    return sum(1 for _ in result) if not isinstance(result, ox.QueryBoolean) else 1
-
-
-#: A query's equivalent forms (same rows); each engine is timed on each and its fastest counts.
+#: A query's equivalent forms; each engine is timed on each and its fastest counts.
 Forms = dict[str, Callable[[int], str]]
+#: A query result read to the end inside the timed run: (variables, rows as each engine gives them).
+Read = tuple[list[str], list[Any]]
+#: A result made comparable across forms and engines: sorted rows of {variable: lexical value}.
+Answers = list[tuple[tuple[str, str], ...]]
+
+
+#: Forms rdflib evaluates with nested loops over both sides (quadratic: minutes at 10k devices).
+#: rdflib is timed on them at RDFLIB_QUADRATIC_MAX devices and below, where the JSON shows they are
+#: its slowest forms, and not above: its faster forms of the same queries still run there.
+RDFLIB_QUADRATIC = {
+    ("anti-join: devices without a deployment", "MINUS"),
+    ("eligible-devices (named query, every round): job criteria", "named query"),
+}
+RDFLIB_QUADRATIC_MAX = 1000
 
 
 def queries(devices: int, rng: random.Random) -> dict[str, Forms]:
     picks = [rng.randrange(devices) for _ in range(64)]
+    gateways = " ".join(f"urn:tinyfleet:device:gw-{g}" for g in range(0, max(1, devices // 200), 2))
+    job = {
+        "min_ram_kb": "256",
+        "sensors": "sosa_extend:Gyroscope sosa_extend:Accelerometer",
+        "device_class": "mcu",
+        "gateway": gateways,  # half the gateways; every criterion set (rdflib fails on empty VALUES)
+    }
     return {
         "point: compatible-models of one device": {
             "named query": lambda i: render(
@@ -190,27 +233,88 @@ def queries(devices: int, rng: random.Random) -> dict[str, Forms]:
             "patterns in order": lambda i: SELECTIVE,
             "subquery hash join": lambda i: SELECTIVE_HASH_JOIN,
         },
+        "eligible-devices (named query, every round): job criteria": {
+            "named query": lambda i: render("eligible-devices", job),
+            "plain EXISTS form": lambda i: ELIGIBLE_PLAIN.render(job),
+        },
         "GROUP BY: devices and online per gateway": {"named query": lambda i: render("per-gateway-counts")},
-        "NOT EXISTS: devices without a deployment": {"NOT EXISTS": lambda i: NOT_EXISTS},
-        "same with MINUS (hash anti-join)": {"MINUS": lambda i: MINUS},
+        "anti-join: devices without a deployment": {
+            form: (lambda i, t=text: t) for form, text in ANTI_JOINS.items()
+        },
     }
 
 
-def timed_forms(run: Callable[[Callable[[int], str]], float], forms: Forms) -> dict[str, float]:
-    """Median ms of each form."""
-    return {form: run(text) for form, text in forms.items()}
+def oxigraph_read(store: Any, text: str) -> Read:
+    result = store.query(text)
+    if isinstance(result, ox.QueryBoolean):
+        return ["boolean"], [bool(result)]
+    return [v.value for v in result.variables], list(result)
 
 
-def fastest(times: dict[str, float]) -> tuple[float, str]:
-    """(median ms, form name) of the fastest form."""
-    return min((ms, form) for form, ms in times.items())
+def oxigraph_answers(read: Read) -> Answers:
+    names, rows = read
+    if names == ["boolean"]:
+        return [(("boolean", str(rows[0]).lower()),)]
+    return sorted(tuple(sorted((n, "" if row[n] is None else row[n].value) for n in names)) for row in rows)
 
 
-def same_rows(count: Callable[[str], int], forms: Forms, engine: str) -> int:
-    rows = {form: count(text(0)) for form, text in forms.items()}
-    if len(set(rows.values())) != 1:
-        raise AssertionError(f"{engine}: equivalent forms disagree: {rows}")
-    return next(iter(rows.values()))
+def rdflib_read(dataset: Any, text: str) -> Read:
+    result = dataset.query(text)
+    return [str(v) for v in result.vars], [row for row in result]  # list() trips on rdflib's __len__
+
+
+def rdflib_answers(read: Read) -> Answers:
+    names, rows = read
+    return sorted(
+        tuple(sorted((n, "" if term is None else str(term)) for n, term in zip(names, row, strict=True)))
+        for row in rows
+    )
+
+
+def time_engine(
+    texts: dict[str, Forms],
+    read: Callable[[str], Read],
+    answers: Callable[[Read], Answers],
+    repeats: int,
+    engine: str,
+    skip: set[tuple[str, str]] | frozenset[tuple[str, str]] = frozenset(),
+) -> dict[str, Any]:
+    """Median ms per query and form on one engine, its fastest form per query, and the answers
+    (each result is read to the end inside the timed run; made comparable after the clock stops).
+    Equivalent forms must give the same answers. A form the engine cannot evaluate is recorded
+    with the engine's error; (query, form) pairs in `skip` are not run."""
+    by_form: dict[str, dict[str, float]] = {}
+    failed: dict[str, dict[str, str]] = {}
+    found: dict[str, Answers] = {}
+    for name, forms in texts.items():
+        by_form[name] = {}
+        for form, text in forms.items():
+            if (name, form) in skip:
+                failed.setdefault(name, {})[form] = "not run: quadratic in this engine at this size"
+                continue
+            try:
+                ms, first = median_ms(lambda i, t=text: read(t(i)), repeats)
+            except Exception as exc:  # the engine's own failure, kept in the results
+                failed.setdefault(name, {})[form] = f"{type(exc).__name__}: {exc}"
+                continue
+            by_form[name][form] = ms
+            got = answers(first)
+            if name in found and got != found[name]:
+                raise AssertionError(
+                    f"{engine}: {form!r} does not give the answers of the other forms of {name!r}"
+                )
+            found[name] = got
+        if not by_form[name]:
+            raise RuntimeError(f"{engine} evaluates no form of {name!r}: {failed[name]}")
+    fastest = {name: min((ms, form) for form, ms in times.items()) for name, times in by_form.items()}
+    return {
+        "queries_ms": {name: ms for name, (ms, _) in fastest.items()},
+        "query_form": {name: form for name, (_, form) in fastest.items()},
+        "queries_ms_by_form": by_form,
+        "forms_failed": failed,
+        "rows": {name: len(rows) for name, rows in found.items()},
+        "answers": found,
+    }
 
 
 def run_size(
@@ -271,36 +375,30 @@ def run_size(
         registry.set_liveness(online)
         texts = queries(devices, rng)
         store = registry.store
-        by_form = {
-            name: timed_forms(lambda q: median_ms(lambda i: drain(store.query(q(i))), repeats), forms)
-            for name, forms in texts.items()
-        }
-        timed = {name: fastest(times) for name, times in by_form.items()}
-        result["queries_ms"] = {name: ms for name, (ms, _) in timed.items()}
-        result["queries_ms_by_form"] = by_form
-        result["query_form"] = {name: form for name, (_, form) in timed.items()}
+        timed = time_engine(texts, lambda q: oxigraph_read(store, q), oxigraph_answers, repeats, "oxigraph")
+        answers = timed.pop("answers")
+        result.update(timed)
         result["query_forms_tried"] = {name: list(forms) for name, forms in texts.items()}
-        result["rows"] = {
-            name: same_rows(lambda q: drain(store.query(q)), forms, "oxigraph")
-            for name, forms in texts.items()
-        }
         target = bodies[rng.randrange(devices)]
         result["single_update_ms"] = median_ms(
             lambda i: registry.put(registry.prepare(target, TD_JSON)), repeats
-        )
+        )[0]
         if devices <= rdflib_max:
             result["rdflib"] = rdflib_side(
-                store.oxigraph.dump(format=ox.RdfFormat.N_QUADS), texts, max(3, repeats // 5)
-            )  # type: ignore[attr-defined]
-            for name, rows in result["rdflib"]["rows"].items():
-                if rows != result["rows"][name]:
-                    raise AssertionError(
-                        f"rdflib and Oxigraph disagree on {name!r}: {rows} vs {result['rows'][name]}"
-                    )
+                store.oxigraph.dump(format=ox.RdfFormat.N_QUADS),  # type: ignore[attr-defined]
+                texts,
+                max(3, repeats // 5),
+                devices,
+            )
+            for name, theirs in result["rdflib"].pop("answers").items():
+                if theirs != answers[name]:
+                    raise AssertionError(f"rdflib and Oxigraph give different answers to {name!r}")
         registry.store.close()
         if clients and grpc_registrations:
-            fresh = [json.dumps(device_td(devices + i, rng, gateways)).encode() for i in range(
-                grpc_registrations * len(clients))]
+            fresh = [
+                json.dumps(device_td(devices + i, rng, gateways)).encode()
+                for i in range(grpc_registrations * len(clients))
+            ]
             result["register_grpc"] = grpc_side(Path(tmp), fresh, clients, db_url)
     return result
 
@@ -363,8 +461,9 @@ async def _register_concurrently(
     )
     async with httpx.AsyncClient(base_url=f"http://{http}", timeout=30) as web:
         while True:
-            answer = await web.get("/sparql", params={"query": seq_query},
-                                   headers={"accept": "application/sparql-results+json"})
+            answer = await web.get(
+                "/sparql", params={"query": seq_query}, headers={"accept": "application/sparql-results+json"}
+            )
             answer.raise_for_status()
             rows = answer.json()["results"]["bindings"]
             if rows and int(rows[0]["seq"]["value"]) >= target:
@@ -372,28 +471,23 @@ async def _register_concurrently(
             await asyncio.sleep(0.01)
 
 
-def rdflib_side(nquads: bytes, texts: dict[str, Forms], repeats: int) -> dict[str, Any]:
+def rdflib_side(nquads: bytes, texts: dict[str, Forms], repeats: int, devices: int) -> dict[str, Any]:
     import rdflib
 
     start = time.perf_counter()
     dataset = rdflib.Dataset(default_union=True)
     dataset.parse(data=nquads, format="nquads")
     load_s = time.perf_counter() - start
-    by_form = {
-        name: timed_forms(lambda q: median_ms(lambda i: sum(1 for _ in dataset.query(q(i))), repeats), forms)
-        for name, forms in texts.items()
-    }
-    timed = {name: fastest(times) for name, times in by_form.items()}
-    rows = {
-        name: same_rows(lambda q: sum(1 for _ in dataset.query(q)), forms, "rdflib")
-        for name, forms in texts.items()
-    }
     return {
         "load_s": load_s,
-        "queries_ms": {name: ms for name, (ms, _) in timed.items()},
-        "query_form": {name: form for name, (_, form) in timed.items()},
-        "queries_ms_by_form": by_form,
-        "rows": rows,
+        **time_engine(
+            texts,
+            lambda q: rdflib_read(dataset, q),
+            rdflib_answers,
+            repeats,
+            "rdflib",
+            RDFLIB_QUADRATIC if devices > RDFLIB_QUADRATIC_MAX else frozenset(),
+        ),
     }
 
 
@@ -432,11 +526,25 @@ def print_table(results: list[dict[str, Any]], rdflib_max: int) -> None:
             rd = f"{other:.1f}" if other is not None else f"not run (> {rdflib_max:,} devices)"
             ratio = f"{other / ms:.0f}x" if other is not None and ms > 0 else ""
             label = f"{name} ({r['rows'][name]} rows)"
-            if len(r["query_forms_tried"][name]) > 1:
+            forms = r["query_forms_tried"][name]
+            if len(forms) > 1:
                 label += f"; fastest form, oxigraph: {r['query_form'][name]}"
                 if "rdflib" in r:
                     label += f", rdflib: {r['rdflib']['query_form'][name]}"
             table.add_row(n, label, f"{ms:.2f}", rd, ratio)
+            for form in forms if len(forms) > 1 else ():
+                mine = r["queries_ms_by_form"][name][form]
+                theirs = r.get("rdflib", {}).get("queries_ms_by_form", {}).get(name, {}).get(form)
+                why = r.get("rdflib", {}).get("forms_failed", {}).get(name, {}).get(form, "")
+                table.add_row(
+                    n,
+                    f"    form: {form}",
+                    f"{mine:.2f}",
+                    f"{theirs:.1f}"
+                    if theirs is not None
+                    else ("not run" if why.startswith("not run") else why[:12]),
+                    f"{theirs / mine:.0f}x" if theirs is not None and mine > 0 else "",
+                )
         table.add_row(n, "single-device update (re-registration)", f"{r['single_update_ms']:.2f}", "", "")
     Console().print(table)
 

@@ -13,31 +13,12 @@ import random
 import pyoxigraph as ox
 import pytest
 
-from tinyfleet.ontology.catalog import parse_query_file, render
+from tinyfleet.ontology.catalog import render
 from tinyfleet.server.registry.registry import Registry
 from tinyfleet.server.registry.store import EmbeddedStore
 from tinyfleet.server.registry.thing_description import device_thing_description
+from tinyfleet.simulations.benchmarks.registry import ELIGIBLE_PLAIN as PLAIN
 
-# The query as it was first written: the reference the faster form must agree with.
-PLAIN = parse_query_file("eligible-devices-plain", """\
-#@ summary reference
-#@ param min_ram_kb decimal = 0 -- ram
-#@ param min_flash_kb decimal = 0 -- flash
-#@ param sensors iris = -- sensors
-#@ param device_class string = -- class
-#@ param gateway iris = -- gateways
-SELECT ?device WHERE {
-  ?device a tf:Device ; tf:ramKB ?ramKB ; tf:flashKB ?flashKB .
-  FILTER(?ramKB >= $min_ram_kb && ?flashKB >= $min_flash_kb)
-  FILTER NOT EXISTS {
-    VALUES ?sensor { $sensors }
-    FILTER NOT EXISTS { ?device tf:sensorType ?sensor }
-  }
-  FILTER($device_class = "" || EXISTS { ?device tf:deviceClass $device_class })
-  FILTER(NOT EXISTS { VALUES ?g { $gateway } }
-         || EXISTS { VALUES ?g { $gateway } ?device tf:behindGateway ?g })
-}
-""")
 SENSORS = ("Accelerometer", "Gyroscope", "Microphone", "Camera")
 TD_JSON = "application/td+json"
 ODD = """
