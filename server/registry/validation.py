@@ -20,8 +20,11 @@ describes. With the fleet shapes (targets by class, forward paths only, no SPARQ
 a focus node and everything reachable from it then come from one description, so
 the run cannot change any description's verdict; shapes that could look across
 (sh:targetObjectsOf, sh:inversePath, SPARQL) make it validate one at a time.
-pyshacl's cost per run is mostly fixed (it rebuilds every constraint component),
-so a group of registrations validates in about 60% of the time one by one takes.
+A node shape made only of sh:property constraints (the device and model shapes)
+runs each of its property shapes once over all its focus nodes; pyshacl runs each
+once per focus node, rebuilding its constraint components every time. Together
+that validates a group of 32 registrations in about a third of the CPU time per
+description that one at a time takes (tested against pyshacl's own full run).
 """
 
 from __future__ import annotations
@@ -185,6 +188,20 @@ class ShaclValidator:
         graph.parse(SHAPES_PATH, format="turtle")
         self._shapes = ShapesGraph(graph)
         self._targeted = [s for s in self._shapes.shapes if any(any(True for _ in t) for t in s.target())]
+        # A targeted node shape whose only constraints are sh:property is evaluated by running each
+        # property shape once over all its focus nodes: pyshacl itself runs every property shape
+        # once per focus node, rebuilding its constraint components each time, which was most of
+        # the cost of a group of registrations. Same results (the property shapes' own reports).
+        from pyshacl.constraints import ALL_CONSTRAINT_PARAMETERS
+
+        self._property_shapes: dict[Any, list[Any]] = {}
+        for shape in self._targeted:
+            declared = {p for p, _ in graph.predicate_objects(shape.node)}
+            constraints = declared.intersection(ALL_CONSTRAINT_PARAMETERS)
+            if constraints == {rdflib.SH.property} and not shape.deactivated:
+                self._property_shapes[shape] = [
+                    shape.get_other_shape(node) for node in graph.objects(shape.node, rdflib.SH.property)
+                ]
         looks_across = {rdflib.SH.targetObjectsOf, rdflib.SH.inversePath, rdflib.SH.sparql, rdflib.SH.target}
         self._groups_are_exact = not any(p in looks_across for p in set(graph.predicates()))
         self._lock = threading.Lock()
@@ -269,9 +286,17 @@ class ShaclValidator:
             executor = validator.make_executor()
             conforms, results = True, []
             for shape in self._targeted:
-                shape_conforms, shape_results = shape.validate(executor, validator.data_graph)
-                conforms = conforms and shape_conforms
-                results += shape_results
+                properties = self._property_shapes.get(shape)
+                if properties is None:
+                    shape_conforms, shape_results = shape.validate(executor, validator.data_graph)
+                    conforms = conforms and shape_conforms
+                    results += shape_results
+                    continue
+                focus = list(shape.focus_nodes(validator.data_graph))
+                for prop in properties if focus else ():
+                    shape_conforms, shape_results = prop.validate(executor, validator.data_graph, focus=focus)
+                    conforms = conforms and shape_conforms
+                    results += shape_results
             if not conforms:
                 report, _ = validator.create_validation_report(self._shapes, False, results)
         problems: list[list[Problem]] = [[] for _ in descriptions]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pyoxigraph as ox
 import pyshacl
 import pytest
@@ -68,3 +70,32 @@ def test_verdicts_on_their_own_are_remembered_batch_verdicts_are_not(monkeypatch
     monkeypatch.setattr(validator, "_run", lambda graphs: runs.append(len(graphs)) or real_run(graphs))
     assert validator.validate(bad) == first and runs == []
     assert validator.validate_many([good, bad]) == [[], first] and runs == [1]
+
+
+def test_a_group_gets_each_description_the_problems_a_full_pyshacl_run_finds_in_it_alone() -> None:
+    """validate_each (shared runs, property shapes run over all focus nodes at once) against
+    pyshacl's own full run of each description on its own: same paths, same messages."""
+    from tinyfleet.server.registry.validation import _problems
+
+    rng = random.Random(3)
+    bodies = []
+    for i in range(60):
+        ram = rng.choice(["256", "-1", '"lots"', "64, 128"])
+        klass = rng.choice(['"mcu"', '"phone"', '"sbc"'])
+        title = rng.choice(['td:title "d" ;', ""])
+        extra = rng.choice(["", "tf:cpu 3 ;", 'tf:site "a", "b" ;', "tf:sensorType \"Camera\" ;"])
+        bodies.append(f"<urn:d{i}> a tf:Device ; {title} {extra} tf:ramKB {ram} ; tf:flashKB 1 ; "
+                      f"tf:deviceClass {klass} .")
+    bodies += [CASES["bad memory node"], CASES["model without needs"], CASES["artifact"]]
+    bodies += ['<urn:shared> a tf:Device ; td:title "x" .', "<urn:shared> tf:ramKB 5 ; tf:flashKB 5 ."]
+    descriptions = [_triples(body) for body in bodies]
+    shapes = rdflib.Graph().parse(SHAPES_PATH, format="turtle")
+    expected = []
+    for triples in descriptions:
+        data = rdflib.Graph()
+        for t in triples:
+            data.add((_to_rdflib(t.subject), _to_rdflib(t.predicate), _to_rdflib(t.object)))
+        conforms, report, _ = pyshacl.validate(data, shacl_graph=shapes, inference="none")
+        expected.append([] if conforms else [problem for problem, _ in _problems(report)])
+    assert sum(1 for found in expected if found) > 30
+    assert ShaclValidator().validate_each(descriptions) == expected
