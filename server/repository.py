@@ -175,6 +175,7 @@ def _job(row: Mapping[str, Any]) -> Job:
 class Repository:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
+        self._outbox_listeners: list[Callable[[], None]] = []
 
     # -- devices -------------------------------------------------------------
     def get_device(self, device_id: str) -> Device | None:
@@ -246,9 +247,16 @@ class Repository:
         fault gets an error.
         """
         try:
-            return self._register_group(batch)
+            results = self._register_group(batch)
         except sa.exc.SQLAlchemyError:
-            return [self._register_alone(item, attempts) for item in batch]
+            results = [self._register_alone(item, attempts) for item in batch]
+        for listener in list(self._outbox_listeners):
+            listener()
+        return results
+
+    def on_outbox(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after registrations commit outbox rows (the projector wakes up)."""
+        self._outbox_listeners.append(listener)
 
     def _register_alone(self, item: DeviceRegistration, attempts: int) -> Registered | Exception:
         from tinyfleet.server.auth import new_node_id

@@ -8,7 +8,7 @@
 - eligibility: a job's `eligible` query (SPARQL or named query) becomes the node
   filter FleetGrid applies each time it selects nodes, i.e. every round, so a
   description that changes mid-job changes who takes part from the next round.
-- background: the outbox projector (SQL -> store, catching up after a crash),
+- background: the outbox projector (SQL -> store, woken by registrations, catching up after a crash),
   round-artifact descriptions, last-seen mirroring (batched every 30 s) and the
   purge of expired directory registrations.
 """
@@ -142,6 +142,7 @@ class CoordinatorRegistry:
         """Apply what SQL committed but the store never saw (a crash between the two)."""
         self.repo = repo
         self.projector = Projector(self.registry, repo)
+        repo.on_outbox(self.projector.wake)
         applied = self.projector.catch_up()
         if applied.rows:
             log.info("registry caught up with %d outbox row(s)", applied.rows)

@@ -14,6 +14,7 @@ store from the SQL tables.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import threading
@@ -83,6 +84,7 @@ class Projector:
         self.source = source
         self.batch = batch
         self._lock = threading.Lock()  # the daemon's loop and directory writes both catch up
+        self._wake: Callable[[], object] | None = None
 
     def apply(self, rows: Sequence[dict[str, Any]]) -> Applied:
         """Apply outbox rows (in sequence order) as one update recording the last sequence."""
@@ -182,13 +184,29 @@ class Projector:
             total.skipped += done.skipped
 
     async def run(self, interval_s: float = 0.5) -> None:
-        """Catch up every `interval_s` until cancelled."""
-        while True:
-            try:
-                await asyncio.to_thread(self.catch_up)
-            except Exception:  # the store may be briefly unreachable (remote); retry next tick
-                log.exception("registry projection failed; retrying")
-            await asyncio.sleep(interval_s)
+        """Catch up whenever `wake` is called (SQL committed outbox rows) and at least every
+        `interval_s`, until cancelled. Rows committed while a catch-up runs wake the next one."""
+        loop = asyncio.get_running_loop()
+        woken = asyncio.Event()
+        self._wake = lambda: loop.call_soon_threadsafe(woken.set)
+        try:
+            while True:
+                woken.clear()
+                try:
+                    await asyncio.to_thread(self.catch_up)
+                except Exception:  # the store may be briefly unreachable (remote); retry next tick
+                    log.exception("registry projection failed; retrying")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), interval_s)
+        finally:
+            self._wake = None
+
+    def wake(self) -> None:
+        """Catch up now rather than at the next tick (from any thread; no-op unless running)."""
+        wake = self._wake
+        if wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has just closed
+                wake()
 
 
 def last_outbox_seq(source: OutboxSource) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import cache
 from typing import Any, Final
 
 import pyoxigraph as ox
@@ -69,7 +70,7 @@ def with_local_contexts(document: dict[str, Any]) -> dict[str, Any]:
     resolved: list[Any] = []
     for index, item in enumerate(items):
         if isinstance(item, str):
-            inline = local_context(item)
+            inline = _shipped_context(item)
             if inline is None:
                 where = "/@context" + (f"/{index}" if isinstance(contexts, list) else "")
                 raise DescriptionSyntaxError(
@@ -88,6 +89,13 @@ def with_local_contexts(document: dict[str, Any]) -> dict[str, Any]:
             resolved.append(item)
     result["@context"] = resolved
     return result
+
+
+@cache
+def _shipped_context(url: str) -> dict[str, Any] | None:
+    """A shipped context parsed once: with_local_contexts copies the top level it keeps, and the
+    copy is only serialized, so the definitions it shares are never changed."""
+    return local_context(url)
 
 
 def _names(value: Any, found: set[str]) -> set[str]:
