@@ -8,8 +8,10 @@ zero and train alone for `reconstruct_steps`, global layers frozen), then takes
 `inner_samples` most recent samples).
 What goes back is the update of the global layers only,
 compressed with top-P and int8 when asked; the part not sent stays in
-`context.state` and is added to the next update (error feedback). A device
-keeps one Context for its life, so this state spans rounds.
+`context.state` and is added to the next update (error feedback). With
+`keep_optimizer_state` the inner optimizer's state (Adam's moments) is kept there
+too, as Reptile keeps it across tasks. A device keeps one Context for its life,
+so this state spans rounds.
 
 `adapt` is the one K-shot adaptation routine: the handlers use it, and so does
 the meta-test harness (tinyfleet.simulations.meta_eval), so training and
@@ -27,7 +29,8 @@ from torch import nn
 
 from tinyfleet.client.data_sources import DataSource
 from tinyfleet.client.handlers import HandlerRegistry
-from tinyfleet.client.learners import loss_fn, node_source
+from tinyfleet.client.learners import loss_fn, make_optimizer, node_source
+from tinyfleet.client.optimizer_memory import OptimizerMemory
 from tinyfleet.common import codec
 from tinyfleet.common.flower_adapter import reply_with_content
 from tinyfleet.common.models import build_model, get_model_spec
@@ -50,6 +53,7 @@ REPLICA_STATE = "fedreptile.replica"
 REPLICA_META_STATE = "fedreptile.replica-meta"  # the sync id and round of the replica
 REPLICA_ROUND = "round"
 CONFIG_STATE = "fedreptile.config"  # the static config of the sync the device holds
+OPTIMIZER_STATE = "fedreptile.optimizer"  # the inner optimizer's state, kept across rounds
 MODEL_KWARG_PREFIX = "model."
 
 Sampler = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
@@ -81,17 +85,24 @@ def adapt(
     optimizer: str = "sgd",
     local_layers: Sequence[str] = (),
     reconstruct_steps: int = 0,
+    memory: OptimizerMemory | None = None,
 ) -> list[float]:
-    """Reconstruct local layers (global frozen), then `steps` steps on all parameters; returns losses."""
+    """Reconstruct local layers (global frozen), then `steps` steps on all parameters; returns losses.
+
+    With `memory`, the optimizer of the main phase starts from the state the last
+    adaptation left there and leaves its own (Reptile keeps Adam's moments across tasks).
+    """
     model.train()
     losses: list[float] = []
-    phases: list[tuple[list[nn.Parameter], int]] = []
+    phases: list[tuple[list[nn.Parameter], int, OptimizerMemory | None]] = []
     if local_layers and reconstruct_steps > 0:
         local = [p for n, p in model.named_parameters() if is_local(n, local_layers)]
-        phases.append((local, reconstruct_steps))
-    phases.append((list(model.parameters()), steps))
-    for params, count in phases:
-        opt = _optimizer(optimizer, params, lr)
+        phases.append((local, reconstruct_steps, None))
+    phases.append((list(model.parameters()), steps, memory))
+    for params, count, kept in phases:
+        opt = make_optimizer(optimizer, params, lr)
+        if kept is not None:
+            kept.restore(opt, model.named_parameters())
         for _ in range(count):
             x, y = sample(batch)
             opt.zero_grad()
@@ -99,6 +110,8 @@ def adapt(
             loss.backward()
             opt.step()
             losses.append(loss.item())
+        if kept is not None:
+            kept.capture(opt, model.named_parameters())
     return losses
 
 
@@ -151,6 +164,11 @@ def train(message: Message, context: Context) -> Message:
     if callable(new_task):  # episodic sources (e.g. omniglot) start a fresh task each round
         new_task()
     steps, batch = int(config.get("inner_steps", 5)), int(config.get("inner_batch", 10))
+    memory = (
+        OptimizerMemory.from_record(context.state.array_records.get(OPTIMIZER_STATE))
+        if config.get("keep_optimizer_state", False)
+        else None
+    )
     losses = adapt(
         model,
         recent_samples(source, int(config.get("inner_samples", 0))),
@@ -161,7 +179,10 @@ def train(message: Message, context: Context) -> Message:
         optimizer=str(config.get("inner_optimizer", "sgd")),
         local_layers=local_layers,
         reconstruct_steps=int(config.get("reconstruct_steps", 0)),
+        memory=memory,
     )
+    if memory is not None and memory.values:
+        context.state[OPTIMIZER_STATE] = memory.to_record()
     adapted = {k: v.detach().numpy() for k, v in model.state_dict().items() if k in start}
     update = {k: adapted[k] - start[k] for k in start}
     top_p, quantize = float(config.get("top_p", 1.0)), str(config.get("quantize", "none"))
@@ -240,14 +261,6 @@ def register_all(registry: HandlerRegistry) -> None:
 
 
 # -- helpers -------------------------------------------------------------------
-
-
-def _optimizer(kind: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    if kind == "adam":  # Reptile's inner Adam: no momentum, so steps stay task-local
-        return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999))
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {kind!r}")
 
 
 def _round_inputs(content: RecordDict, context: Context) -> tuple[ConfigRecord, dict[str, np.ndarray]]:

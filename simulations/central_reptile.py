@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord
 
 from tinyfleet.client.learners import loss_fn
 from tinyfleet.client.meta_learners import Sampler, adapt, reset_local
+from tinyfleet.client.optimizer_memory import OptimizerMemory
 from tinyfleet.common.models import build_model
 from tinyfleet.common.reptile_protocol import is_local
 
@@ -32,6 +33,7 @@ def central_reptile(
     inner_lr: float,
     inner_batch: int,
     inner_optimizer: str = "sgd",
+    keep_optimizer_state: bool = True,
     local_layers: Sequence[str] = (),
     reconstruct_steps: int = 0,
     model_kwargs: dict[str, object] | None = None,
@@ -46,6 +48,7 @@ def central_reptile(
     theta = {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
     keys = [k for k in theta if not is_local(k, local_layers)]
     criterion = loss_fn(model_name)
+    memory = OptimizerMemory() if keep_optimizer_state else None  # one learner: its Adam spans tasks
     counter = 0
     for server_round in range(1, rounds + 1):
         step = {k: torch.zeros_like(theta[k]) for k in keys}
@@ -62,6 +65,7 @@ def central_reptile(
                 optimizer=inner_optimizer,
                 local_layers=local_layers,
                 reconstruct_steps=reconstruct_steps,
+                memory=memory,
             )
             counter += 1
             adapted = model.state_dict()

@@ -59,6 +59,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         help="steps cycle over this many recent samples (0: a fresh batch every step)",
     )
+    run.add_argument(
+        "--fresh-optimizer",
+        action="store_true",
+        help="start the inner optimizer afresh every round (default: keep Adam's moments, as Reptile does)",
+    )
     run.add_argument("--local-layers", help="comma-separated layer names kept on the devices (e.g. head)")
     run.add_argument("--reconstruct-steps", type=int, help="steps rebuilding local layers before adapting")
     run.add_argument("--top-p", type=float, default=1.0, help="fraction of the update sent (0.1 = top 10 %%)")
@@ -118,6 +123,7 @@ def run_command(args: argparse.Namespace) -> int:
             inner_batch=int(pick("inner_batch")),
             inner_optimizer=str(pick("inner_optimizer")),
             inner_samples=int(pick("inner_samples")),
+            keep_optimizer_state=not args.fresh_optimizer,
             local_layers=str(pick("local_layers")),
             reconstruct_steps=int(pick("reconstruct_steps")),
             top_p=args.top_p,

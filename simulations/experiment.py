@@ -66,6 +66,7 @@ class RunSettings:
     inner_batch: int = 10
     inner_optimizer: str = "sgd"
     inner_samples: int = 0
+    keep_optimizer_state: bool = True
     local_layers: str = ""
     reconstruct_steps: int = 0
     top_p: float = 1.0
@@ -264,6 +265,7 @@ class Experiment:
                 inner_lr=s.inner_lr,
                 inner_batch=s.inner_batch,
                 inner_optimizer=s.inner_optimizer,
+                keep_optimizer_state=s.keep_optimizer_state,
                 local_layers=self.local_layers,
                 reconstruct_steps=s.reconstruct_steps,
                 model_kwargs=self.scenario.model_kwargs,
@@ -295,6 +297,7 @@ class Experiment:
             inner_batch=s.inner_batch,
             inner_optimizer=s.inner_optimizer,
             inner_samples=s.inner_samples,
+            keep_optimizer_state=s.keep_optimizer_state,
             local_layers=self.local_layers,
             reconstruct_steps=s.reconstruct_steps,
             top_p=top_p,

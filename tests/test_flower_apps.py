@@ -92,10 +92,11 @@ def test_fedavg_trainer_takes_reptiles_adam_or_names_a_bad_optimizer() -> None:
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
         return reply.content.array_records["arrays"]["0.weight"].numpy() - start
 
-    # Adam's first step (bias-corrected, beta1 = 0) moves every weight with a gradient by lr.
+    # Adam's first step (bias-corrected, beta1 = 0) is lr * g / (|g| + eps): never more than lr,
+    # and lr itself wherever the gradient is not vanishingly small; SGD's steps follow |g|.
     moved = np.abs(first_step("adam"))
-    assert np.allclose(moved[moved > 1e-6], 0.01, rtol=1e-3)
-    assert not np.allclose(np.abs(first_step("sgd")), moved)
+    assert moved.max() <= 0.01 * (1 + 1e-5) and np.median(moved) == pytest.approx(0.01, rel=1e-3)
+    assert np.median(np.abs(first_step("sgd"))) != pytest.approx(0.01, rel=1e-1)
     reply = app(_message("train", {"local_steps": 1, "optimizer": "lion"}), _context())
     assert reply.has_error() and "optimizer must be 'sgd' or 'adam', got 'lion'" in reply.error.reason
 

@@ -188,6 +188,7 @@ STATIC = {
     "inner_batch",
     "inner_optimizer",
     "inner_samples",
+    "keep_optimizer_state",
     "reconstruct_steps",
     "top_p",
     "quantize",
