@@ -22,7 +22,6 @@ from typing import Any
 import grpc
 import sqlalchemy as sa
 
-from tinyfleet.common.failpoints import failpoint
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
 from tinyfleet.server.artifacts import ArtifactNotFoundError, ArtifactStore
 from tinyfleet.server.auth import (
@@ -122,7 +121,6 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, f"could not store the registration of {device_id!r}; try again"
             )
-        failpoint("register.after-sql-commit")
         if not outcome.created:
             return fleet_pb2.RegisterResponse(
                 device_id=device_id, node_id=outcome.device.node_id, created=False

@@ -20,6 +20,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from tinyfleet.common.failpoints import failpoint
 from tinyfleet.server.schema import (
     artifacts,
     devices,
@@ -250,6 +251,7 @@ class Repository:
             results = self._register_group(batch)
         except sa.exc.SQLAlchemyError:
             results = [self._register_alone(item, attempts) for item in batch]
+        failpoint("register.after-sql-commit")  # crash tests: committed, not yet projected
         for listener in list(self._outbox_listeners):
             listener()
         return results
