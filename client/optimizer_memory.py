@@ -7,16 +7,19 @@ first gradients of each new task. A device is a long-lived online learner, so
 it keeps that state too: across rounds in its Context, and across tasks in
 centralised Reptile. The state is held by parameter name, so it survives a new
 optimizer object and is dropped, not misapplied, when the model's layout changes.
+It is stored as raw arrays: this runs every round, and `.npy` headers written and
+parsed per tensor cost more than the training step's optimizer update.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 from torch import nn
+
+from tinyfleet.common.flower_adapter import array_values, raw_array
 
 SEPARATOR = "::"
 
@@ -46,7 +49,7 @@ class OptimizerMemory:
     def to_record(self) -> ArrayRecord:
         return ArrayRecord(
             {
-                f"{name}{SEPARATOR}{field}": Array(np.array(t.numpy(), copy=True))  # keeps 0-d (step counts)
+                f"{name}{SEPARATOR}{field}": raw_array(t.numpy())
                 for name, fields in self.values.items()
                 for field, t in fields.items()
             }
@@ -59,5 +62,5 @@ class OptimizerMemory:
             name, _, field = key.rpartition(SEPARATOR)
             if not name:
                 raise ValueError(f"optimizer state key {key!r} is not 'parameter{SEPARATOR}field'")
-            values.setdefault(name, {})[field] = torch.from_numpy(array.numpy().copy())
+            values.setdefault(name, {})[field] = torch.from_numpy(array_values(array).copy())
         return cls(values)

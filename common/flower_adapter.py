@@ -152,7 +152,7 @@ def raw_array(values: np.ndarray) -> Array:
     `stype` and `data` as they are, so the header is redundant on the wire;
     `array_values` reads these arrays back (`Array.numpy()` accepts only .npy).
     """
-    values = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("<"))
+    values = np.asarray(values, dtype=values.dtype.newbyteorder("<"), order="C")  # keeps 0-d shapes
     shape = tuple(int(d) for d in values.shape)
     return Array(dtype=str(values.dtype), shape=shape, stype=RAW_STYPE, data=values.tobytes())
 

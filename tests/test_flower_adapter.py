@@ -139,8 +139,9 @@ def test_array_values_equal_what_flower_decodes(values: np.ndarray) -> None:
         np.arange(12, dtype=np.float32).reshape(3, 4),
         np.array([1, -2, 3], dtype=">i4"),  # stored little-endian, same values
         np.zeros(0, dtype=np.uint8),
+        np.array(7.0, dtype=np.float32),  # 0-d, e.g. an optimizer's step count
     ],
-    ids=["bytes", "f32-2d", "big-endian", "empty"],
+    ids=["bytes", "f32-2d", "big-endian", "empty", "scalar"],
 )
 def test_raw_arrays_cross_flower_serde_and_object_store_unchanged(values: np.ndarray) -> None:
     from flwr.app import Array, ArrayRecord

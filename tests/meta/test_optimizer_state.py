@@ -9,7 +9,7 @@ from flwr.app import ConfigRecord
 from tinyfleet.client.data_sources import close_shared_sources
 from tinyfleet.client.meta_learners import OPTIMIZER_STATE
 from tinyfleet.common.arrays import to_array_record
-from tinyfleet.common.flower_adapter import ensure_task_identity
+from tinyfleet.common.flower_adapter import array_values, ensure_task_identity
 from tinyfleet.common.models import build_model
 from tinyfleet.server.strategies import FedReptile
 from tinyfleet.simulations.rounds import run_rounds
@@ -36,7 +36,7 @@ def _device_state_after(rounds: int, **options: object) -> dict[str, np.ndarray]
     )
     first = grid.clients[min(grid.clients)]
     record = first.context.state.array_records.get(OPTIMIZER_STATE)
-    return {k: v.numpy() for k, v in (record or {}).items()}
+    return {k: array_values(v) for k, v in (record or {}).items()}
 
 
 @pytest.mark.parametrize("compress_downlink", [False, True])
