@@ -359,8 +359,20 @@ class Experiment:
         return self.progress.add_task(arm, total=self.settings.rounds)
 
     def _advance(self, task: int | None) -> None:
-        if self.progress is not None and task is not None:
-            self.progress.advance(task)
+        """Advance the bar; where stderr is no terminal (nohup, CI logs) the bar cannot redraw,
+        so every 5 % of an arm is also printed as a line."""
+        if self.progress is None or task is None:
+            return
+        self.progress.advance(task)
+        if not self.progress.console.is_terminal:
+            bar = self.progress.tasks[task]
+            total = int(bar.total or 0)
+            if total and int(bar.completed) % max(1, total // 20) == 0:
+                self.progress.console.print(
+                    f"{bar.description}: round {int(bar.completed)}/{total}, "
+                    f"{bar.elapsed or 0.0:.0f} s elapsed",
+                    highlight=False,
+                )
 
     def _out_of_budget(self, train_seconds: float) -> bool:
         budget = self.settings.budget_minutes

@@ -44,7 +44,7 @@ def test_small_sine_run_learns_and_same_seed_gives_same_numbers() -> None:
     assert again.results["fedreptile"].round_bytes == first.results["fedreptile"].round_bytes
 
 
-def test_sim_run_writes_metrics_summary_and_plots(tmp_path: Path) -> None:
+def test_sim_run_writes_metrics_summary_and_plots(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     code = main(
         [
@@ -73,6 +73,10 @@ def test_sim_run_writes_metrics_summary_and_plots(tmp_path: Path) -> None:
         ]
     )
     assert code == 0
+    printed = capsys.readouterr()
+    # no terminal under pytest: progress comes as lines, every 5 % of each arm
+    assert "fedreptile-dense: round 30/60" in printed.out + printed.err
+    assert "central: round 60/60" in printed.out + printed.err
     assert {p.name for p in out.iterdir()} >= {
         "metrics.csv",
         "summary.json",
