@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from flwr.app import ArrayRecord
@@ -61,6 +59,3 @@ def check_compatible(record: ArrayRecord, reference: ArrayRecord) -> None:
                 f"array {key!r} has shape {tuple(array.shape)}, model has {tuple(reference[key].shape)}"
             )
 
-
-def record_nbytes(record: ArrayRecord) -> int:
-    return sum(math.prod(a.shape) * np.dtype(a.numpy().dtype).itemsize for a in record.values())

@@ -83,13 +83,14 @@ def memory_needs(model_name: str, parameters: int) -> MemoryNeeds:
 def encoded_sizes(arrays: Mapping[str, Any]) -> dict[str, int]:
     """Bytes on the wire of the weights in each encoding, by encoding them."""
     from tinyfleet.common.codec import encode
+    from tinyfleet.common.flower_adapter import array_values  # packed payloads are raw bytes, not .npy
 
     tensors = {name: array.numpy() for name, array in arrays.items()}
     dense = sum(t.astype("float32").nbytes for t in tensors.values())
 
     def packed(**options: Any) -> int:
         record = encode(tensors, **options)
-        return int(sum(a.numpy().nbytes for a in record.values()))
+        return int(sum(array_values(a).nbytes for a in record.values()))
 
     return {"fp32": dense, "int8": packed(quantize="int8"), "sparse": packed(top_p=SPARSE_TOP_P)}
 
