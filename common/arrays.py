@@ -58,4 +58,3 @@ def check_compatible(record: ArrayRecord, reference: ArrayRecord) -> None:
             raise InvalidUpdateError(
                 f"array {key!r} has shape {tuple(array.shape)}, model has {tuple(reference[key].shape)}"
             )
-
