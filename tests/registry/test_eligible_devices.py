@@ -2,7 +2,8 @@
 same rows as its plain form (one EXISTS filter per criterion, tested per device) on generated
 fleets with the awkward cases: devices without sensors or class, a sensor listed twice or
 carried in two graphs, a device with two RAM figures, thresholds on the boundary, unknown
-sensors, classes and gateways, and every combination of criteria."""
+sensors, classes and gateways, and every combination of criteria. per-gateway-counts, rewritten
+the same way, gives the rows of its previous form."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import random
 import pyoxigraph as ox
 import pytest
 
-from tinyfleet.ontology.catalog import render
+from tinyfleet.ontology.catalog import parse_query_file, render
 from tinyfleet.server.registry.registry import Registry
 from tinyfleet.server.registry.store import EmbeddedStore
 from tinyfleet.server.registry.thing_description import device_thing_description
@@ -53,6 +54,7 @@ def fleet() -> Registry:
         prepared.append(registry.prepare(json.dumps(td).encode(), TD_JSON))
     odd = [q.triple for q in ox.parse(ODD.encode(), format=ox.RdfFormat.TURTLE)]
     registry.put_many(prepared, extra_graphs={"urn:tinyfleet:graph:odd": odd})
+    registry.set_liveness({p.thing_id: (rng.random() < 0.5, None) for p in prepared[::2]})
     return registry
 
 
@@ -98,3 +100,33 @@ def test_the_awkward_devices_are_in_the_answers(fleet: Registry) -> None:
     assert "urn:tinyfleet:device:classless" not in _rows(
         fleet, render("eligible-devices", {**picky, "device_class": "mcu"})
     )
+
+
+GATEWAY_COUNTS_BEFORE = parse_query_file("per-gateway-counts (before)", """\
+#@ summary the form before online and typed devices were subqueries of their own
+SELECT ?gateway (SUM(?n) AS ?devices) (SUM(?on) AS ?onlineDevices) WHERE {
+  { SELECT ?gateway (COUNT(?device) AS ?n) (0 AS ?on) WHERE {
+      ?device tf:behindGateway ?gateway } GROUP BY ?gateway }
+  UNION
+  { SELECT ?gateway (0 AS ?n) (COUNT(?device) AS ?on) WHERE {
+      ?device tf:behindGateway ?gateway ; tf:online true } GROUP BY ?gateway }
+  UNION
+  { SELECT (COUNT(?device) AS ?n) (0 AS ?on) WHERE {
+      ?device a tf:Device MINUS { ?device tf:behindGateway ?any } } }
+  UNION
+  { SELECT (0 AS ?n) (COUNT(?device) AS ?on) WHERE {
+      ?device a tf:Device ; tf:online true MINUS { ?device tf:behindGateway ?any } } }
+}
+GROUP BY ?gateway
+HAVING (SUM(?n) > 0)
+ORDER BY DESC(?devices) ?gateway
+""")
+
+
+def test_per_gateway_counts_give_the_rows_of_the_previous_form(fleet: Registry) -> None:
+    def rows(text: str) -> list[tuple[str, ...]]:
+        return [tuple("" if v is None else v.value for v in row.values()) for row in fleet.select(text)]
+
+    expected = rows(GATEWAY_COUNTS_BEFORE.render())
+    assert len(expected) == 4 and any(int(r[2]) > 0 for r in expected)  # 3 gateways and no gateway
+    assert rows(render("per-gateway-counts")) == expected
