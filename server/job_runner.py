@@ -224,10 +224,17 @@ class JobRunner:
                 f"required nodes replied ({_drop_summary(train)})"
             )
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        blob: bytes | None = None
         if new_arrays is None:
-            raise JobFailedError(f"round {server_round}: the strategy aggregated no model")
-        blob = array_record_to_bytes(new_arrays)
-        sha = self.store.put(blob)
+            # As Flower's own round loop does: a round with nothing to aggregate (every reply an
+            # error, e.g. a restarted device refusing a delta against a copy it lost) keeps the
+            # model; the job goes on and the round points at the unchanged artifact.
+            log.warning("job %d round %d: the strategy aggregated no model; the model is kept",
+                        job_id, server_round)
+            new_arrays, sha = arrays, parent_sha
+        else:
+            blob = array_record_to_bytes(new_arrays)
+            sha = self.store.put(blob)
         train_s = time.monotonic() - train_started
 
         eval_started = time.monotonic()
@@ -270,7 +277,7 @@ class JobRunner:
             nodes=nodes,
         )
         state = strategy.state_dict() if hasattr(strategy, "state_dict") else None
-        artifact = ArtifactRecord(
+        artifact = None if blob is None else ArtifactRecord(
             sha, len(blob), ARRAY_RECORD_ENCODING, job_id, server_round, parent_sha, finished
         )
         self.repo.commit_round(job_id, record, artifact, state)

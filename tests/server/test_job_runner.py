@@ -203,6 +203,30 @@ def test_nan_updates_are_recorded_and_not_aggregated(fleet: Fleet) -> None:
     assert np.isfinite(arrays["4.bias"].numpy()).all()
 
 
+class NothingInRoundOne(FedAvg):
+    """Aggregates nothing in round 1, as when every reply of a serial round is refused."""
+
+    def aggregate_train(self, server_round, replies):
+        if server_round == 1:
+            list(replies)
+            return None, None
+        return super().aggregate_train(server_round, replies)
+
+
+def test_a_round_that_aggregates_nothing_keeps_the_model_and_the_job_goes_on(fleet: Fleet) -> None:
+    fleet.agent("only")
+    job = fleet.run(job_toml(rounds=2, min_nodes=1, strategy=f"{__name__}:NothingInRoundOne"))
+    assert job["state"] == "finished", job["reason"]
+    first, second = job["rounds"]
+    repo = fleet.running.coordinator.repo
+    kept = repo.get_artifact(first["artifact_sha"])
+    assert kept is not None and kept.round == 0  # round 1 points at the initial model, unchanged
+    assert not first["train_metrics"]
+    made = repo.get_artifact(second["artifact_sha"])
+    assert made is not None and made.round == 2 and made.parent_sha == first["artifact_sha"]
+    assert second["artifact_sha"] != first["artifact_sha"]
+
+
 def test_graceful_stop_keeps_the_job_running_and_a_restart_resumes_it(tmp_path: Path) -> None:
     spec = job_toml(rounds=3, min_nodes=1, deadline_s=30.0,
                     strategy=f"{__name__}:CountingFedAvg")
