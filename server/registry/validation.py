@@ -218,15 +218,20 @@ class ShaclValidator:
     def validate(self, triples: Sequence[ox.Triple]) -> list[Problem]:
         return self.validate_many([triples])[0]
 
-    def validate_many(self, descriptions: Sequence[Sequence[ox.Triple]]) -> list[list[Problem]]:
-        """Problems per description; one pyshacl run over all those not validated before."""
-        keys = [_digest(triples) for triples in descriptions]
+    def _remembered(self, keys: Sequence[bytes]) -> dict[int, tuple[Problem, ...]]:
+        """Verdicts already known, by position in `keys` (the most recently used kept longest)."""
         found: dict[int, tuple[Problem, ...]] = {}
         with self._verdicts_lock:
             for number, key in enumerate(keys):
                 if key in self._verdicts:
                     self._verdicts.move_to_end(key)
                     found[number] = self._verdicts[key]
+        return found
+
+    def validate_many(self, descriptions: Sequence[Sequence[ox.Triple]]) -> list[list[Problem]]:
+        """Problems per description; one pyshacl run over all those not validated before."""
+        keys = [_digest(triples) for triples in descriptions]
+        found = self._remembered(keys)
         missing = [number for number in range(len(descriptions)) if number not in found]
         if missing:
             fresh = self._run([descriptions[number] for number in missing])
@@ -242,12 +247,7 @@ class ShaclValidator:
         """Problems per description, each as if validated alone (remembered); descriptions
         that share no described node are validated together (see the module docstring)."""
         keys = [_digest(triples) for triples in descriptions]
-        found: dict[int, tuple[Problem, ...]] = {}
-        with self._verdicts_lock:
-            for number, key in enumerate(keys):
-                if key in self._verdicts:
-                    self._verdicts.move_to_end(key)
-                    found[number] = self._verdicts[key]
+        found = self._remembered(keys)
         missing = [number for number in range(len(descriptions)) if number not in found]
         runs = (
             _independent_runs(missing, descriptions) if self._groups_are_exact else [[n] for n in missing]

@@ -152,13 +152,7 @@ LAYOUT = codec.Layout.of({"a": (2, 3), "b": (4,)})  # 10 values: a = 0..5, b = 6
 SPARSE, SPARSE_INT8 = 2, 3  # kind codes
 
 
-def _uvarint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+_uvarint = codec._uvarint
 
 
 def _block(data: bytes, deflate: bool = False) -> bytes:

@@ -12,7 +12,6 @@ from tinyfleet.client.handlers import HandlerRegistry, default_handlers
 from tinyfleet.common import codec
 from tinyfleet.common.arrays import to_array_record
 from tinyfleet.common.flower_adapter import (
-    ensure_task_identity,
     message_from_bytes,
     raw_array,
     reply_with_content,
@@ -24,14 +23,6 @@ from tinyfleet.simulations.rounds import RoundReport, run_rounds
 from tinyfleet.simulations.sim_grid import SimGrid
 
 SINE_CONFIG = ConfigRecord({"model": "sine-mlp"})
-
-
-@pytest.fixture(autouse=True)
-def _fresh_streams():
-    ensure_task_identity()
-    close_shared_sources()
-    yield
-    close_shared_sources()
 
 
 def _grid(devices: int, handlers: HandlerRegistry | None = None) -> SimGrid:
@@ -132,16 +123,7 @@ def test_state_dict_resumes_the_visit_order() -> None:
 
 @pytest.mark.parametrize("compress_downlink", [False, True])
 def test_local_layers_never_appear_in_any_message(compress_downlink: bool) -> None:
-    replies: list[RecordDict] = []
-    handlers = default_handlers()
-
-    def recording_train(message: Message, context: Context) -> Message:
-        reply = meta_learners.train(message, context)
-        replies.append(reply.content)
-        return reply
-
-    handlers.register("train.fedreptile")(recording_train)
-    grid = _grid(2, handlers)
+    grid, replies = _recording_grid(2)
     strategy = FedReptile(
         local_layers="4",
         reconstruct_steps=2,

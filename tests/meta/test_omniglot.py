@@ -84,8 +84,6 @@ def test_the_omniglot_example_job_trains_and_evaluates_on_omniglot_devices(data_
     """examples/omniglot-reptile.toml as the coordinator would build it, on two SimGrid devices."""
     from flwr.app import ConfigRecord
 
-    from tinyfleet.client.data_sources import close_shared_sources
-    from tinyfleet.common.flower_adapter import ensure_task_identity
     from tinyfleet.common.jobspec import load_job_spec
     from tinyfleet.server.job_strategy import build_strategy, evaluate_config, initial_arrays, train_config
     from tinyfleet.simulations.rounds import RoundReport, run_rounds
@@ -93,8 +91,6 @@ def test_the_omniglot_example_job_trains_and_evaluates_on_omniglot_devices(data_
 
     spec = load_job_spec(Path(__file__).resolve().parents[2] / "examples" / "omniglot-reptile.toml")
     strategy = build_strategy(spec)
-    ensure_task_identity()
-    close_shared_sources()
     grid = SimGrid.from_data_specs([f"omniglot:device={d},devices=2,dir={data_dir}" for d in range(2)])
     reports: list[RoundReport] = []
     start = initial_arrays(spec)
@@ -109,4 +105,3 @@ def test_the_omniglot_example_job_trains_and_evaluates_on_omniglot_devices(data_
     replies = list(grid.send_and_receive(messages))
     assert replies and not replies[0].has_error(), replies[0].error.reason if replies else "no reply"
     assert 0.0 <= replies[0].content.metric_records["metrics"]["acc_after"] <= 1.0
-    close_shared_sources()

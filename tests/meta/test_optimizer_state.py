@@ -6,22 +6,13 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
-from tinyfleet.client.data_sources import close_shared_sources
 from tinyfleet.client.meta_learners import OPTIMIZER_STATE
 from tinyfleet.common.arrays import to_array_record
-from tinyfleet.common.flower_adapter import array_values, ensure_task_identity
+from tinyfleet.common.flower_adapter import array_values
 from tinyfleet.common.models import build_model
 from tinyfleet.server.strategies import FedReptile
 from tinyfleet.simulations.rounds import run_rounds
 from tinyfleet.simulations.sim_grid import SimGrid
-
-
-@pytest.fixture(autouse=True)
-def _fresh_streams():
-    ensure_task_identity()
-    close_shared_sources()
-    yield
-    close_shared_sources()
 
 
 def _device_state_after(rounds: int, **options: object) -> dict[str, np.ndarray]:
