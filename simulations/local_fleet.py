@@ -191,6 +191,16 @@ class LocalFleet:
     def start_agents(self, data_specs: Sequence[str]) -> list[AgentProcess]:
         return [self.start_agent(spec) for spec in data_specs]
 
+    def wait_online(self, count: int, timeout: float = 90.0) -> None:
+        """Until the coordinator sees `count` devices online; TimeoutError names how many it saw."""
+        deadline = time.monotonic() + timeout
+        while (online := sum(d.online for d in self.admin().devices())) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{online} of {count} agents online after {timeout:g} s; logs in {self.logs}"
+                )
+            time.sleep(0.2)
+
     def kill_server(self, sig: signal.Signals = signal.SIGKILL) -> None:
         if self.server is not None and self.server.poll() is None:
             self.server.send_signal(sig)

@@ -46,10 +46,7 @@ def test_fedreptile_job_runs_end_to_end_over_real_agents(tmp_path: Path) -> None
     with LocalFleet(tmp_path) as fleet:
         fleet.start_server()
         fleet.start_agents([f"sine:seed={i}" for i in range(3)])
-        deadline = time.monotonic() + 90
-        while sum(d.online for d in fleet.admin().devices()) < 3:
-            assert time.monotonic() < deadline, "agents did not come online"
-            time.sleep(0.2)
+        fleet.wait_online(3, timeout=90)
         job_id = fleet.submit(JOB)
         last = fleet.admin().job(job_id)
         for info in fleet.admin().watch(job_id, timeout=240):
@@ -127,10 +124,7 @@ def test_a_restarted_agent_and_a_resumed_coordinator_are_resynced(tmp_path: Path
     with LocalFleet(tmp_path) as fleet:
         fleet.start_server()
         fleet.start_agents([f"sine:seed={i}" for i in range(2)])
-        deadline = time.monotonic() + 90
-        while sum(d.online for d in fleet.admin().devices()) < 2:
-            assert time.monotonic() < deadline, "agents did not come online"
-            time.sleep(0.2)
+        fleet.wait_online(2, timeout=90)
         node = {d.device_id: d.node_id for d in fleet.admin().devices()}[fleet.agents[0].device_id]
         job_id = fleet.submit(RESYNC_JOB)
         for info in fleet.admin().watch(job_id, timeout=240):

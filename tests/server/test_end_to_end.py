@@ -49,10 +49,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
     with LocalFleet(root) as local:
         local.start_server()
         local.start_agents([f"sine:seed={i}" for i in range(3)])
-        deadline = time.monotonic() + 60
-        while sum(d.online for d in local.admin().devices()) < 3:
-            assert time.monotonic() < deadline, "agents did not come online"
-            time.sleep(0.2)
+        local.wait_online(3, timeout=60)
         yield local
 
 
