@@ -14,9 +14,12 @@ from tinyfleet.simulations.omniglot import OmniglotTaskSet, central_task, data_r
 from tinyfleet.simulations.scenarios import Scenario
 
 DEFAULTS: dict[str, Any] = {
-    "rounds": 5000,
+    "rounds": 10000,  # ~9 CPU-minutes of dense serial rounds on one core
     "devices": 10,
-    "epsilon": 1.0,
+    # Reptile's 1.0 averages a meta-batch of 5 tasks; serial rounds carry one, and a full step
+    # jumps to that device's weights. Dense serial FedReptile, 3000 rounds, 1-shot over 100 tasks:
+    # 80.2 % from 1.0 -> 0, 84.5 % from 0.3 -> 0.
+    "epsilon": 0.3,
     "epsilon_final": 0.0,
     "epsilon_schedule": "linear",
     "inner_steps": 5,
@@ -24,7 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "inner_batch": 10,
     "inner_optimizer": "adam",
     "inner_samples": 50,
-    "eval_every": 1000,
+    "eval_every": 2500,
     "eval_tasks": 50,
     "final_eval_tasks": 400,
     "local_layers": "",
