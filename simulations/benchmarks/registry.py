@@ -52,66 +52,47 @@ MODELS = 50
 TD_JSON = "application/td+json"
 T = TypeVar("T")
 
+
+def _selective(body: str) -> str:
+    """One form of the selective fleet filter (mcu, >= 256 kB RAM, gyroscope and accelerometer)."""
+    return f"{sparql_prologue()}\nSELECT ?device WHERE {{\n{body}\n}}\nORDER BY ?device"
+
+
+# Each sensor pattern in its own subquery: Oxigraph hash-joins the two ~20 % scans instead of
+# probing the index once per gyroscope device for its accelerometer (one RocksDB seek each).
+_SENSORS_HASH_JOINED = """\
+  { SELECT ?device WHERE { ?device tf:sensorType sosa_extend:Gyroscope } }
+  { SELECT ?device WHERE { ?device tf:sensorType sosa_extend:Accelerometer } }"""
+
 # The question a job's eligibility asks, written by hand most selective pattern first.
-SELECTIVE = (
-    sparql_prologue()
-    + """
-SELECT ?device WHERE {
+SELECTIVE = _selective("""\
   ?device tf:sensorType sosa_extend:Gyroscope .
   ?device tf:sensorType sosa_extend:Accelerometer .
   ?device tf:deviceClass "mcu" .
   ?device tf:ramKB ?ramKB .
-  FILTER(?ramKB >= 256)
-}
-ORDER BY ?device"""
-)
+  FILTER(?ramKB >= 256)""")
 
-# The same question with each sensor pattern in its own subquery. Oxigraph then hash-joins the
-# two ~20% scans instead of probing the index once per gyroscope device for its accelerometer
-# (one RocksDB seek each); rdflib is several times slower on this form, so each engine is
-# timed on both forms and its faster one is reported (the table names it).
-SELECTIVE_HASH_JOIN = (
-    sparql_prologue()
-    + """
-SELECT ?device WHERE {
-  { SELECT ?device WHERE { ?device tf:sensorType sosa_extend:Gyroscope } }
-  { SELECT ?device WHERE { ?device tf:sensorType sosa_extend:Accelerometer } }
+# The sensors hash-joined, class and RAM probed per device. rdflib is several times slower on
+# this and the forms below, so each engine is timed on every form and its fastest one is
+# reported (the table names it).
+SELECTIVE_HASH_JOIN = _selective(_SENSORS_HASH_JOINED + """
   ?device tf:deviceClass "mcu" .
   ?device tf:ramKB ?ramKB .
-  FILTER(?ramKB >= 256)
-}
-ORDER BY ?device"""
-)
+  FILTER(?ramKB >= 256)""")
 
-# The sensors hash-joined as above, the class and RAM read into variables and tested in one
-# FILTER: with the literal in the pattern Oxigraph may start from the ~70 % "mcu" range and probe
-# from there; with a variable it probes only the ~4 % of devices carrying both sensors.
-SELECTIVE_FILTERED = (
-    sparql_prologue()
-    + """
-SELECT ?device WHERE {
-  { SELECT ?device WHERE { ?device tf:sensorType sosa_extend:Gyroscope } }
-  { SELECT ?device WHERE { ?device tf:sensorType sosa_extend:Accelerometer } }
+# The sensors hash-joined, the class and RAM read into variables and tested in one FILTER: with
+# the literal in the pattern Oxigraph may start from the ~70 % "mcu" range and probe from there;
+# with a variable it probes only the ~4 % of devices carrying both sensors.
+SELECTIVE_FILTERED = _selective(_SENSORS_HASH_JOINED + """
   ?device tf:deviceClass ?class ; tf:ramKB ?ramKB .
-  FILTER(?ramKB >= 256 && ?class = "mcu")
-}
-ORDER BY ?device"""
-)
+  FILTER(?ramKB >= 256 && ?class = "mcu")""")
 
 # Every criterion its own subquery: Oxigraph scans each one once (four ~20 % index ranges) and
 # hash-joins them on ?device, the way the eligible-devices named query is written; rdflib's
 # engine joins subqueries by nested loops and is far slower on this form.
-SELECTIVE_SUBQUERIES = (
-    sparql_prologue()
-    + """
-SELECT ?device WHERE {
-  { SELECT ?device WHERE { ?device tf:sensorType sosa_extend:Gyroscope } }
-  { SELECT ?device WHERE { ?device tf:sensorType sosa_extend:Accelerometer } }
+SELECTIVE_SUBQUERIES = _selective(_SENSORS_HASH_JOINED + """
   { SELECT ?device WHERE { ?device tf:deviceClass "mcu" } }
-  { SELECT ?device WHERE { ?device tf:ramKB ?ramKB . FILTER(?ramKB >= 256) } }
-}
-ORDER BY ?device"""
-)
+  { SELECT ?device WHERE { ?device tf:ramKB ?ramKB . FILTER(?ramKB >= 256) } }""")
 
 # Devices without a deployment, in the three ways SPARQL can say it. ?device is bound on both
 # sides, so they mean the same; the benchmark checks they give the same answer on each engine.
