@@ -103,6 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tinyfleet.client.data_sources import DataSpecError, shared_source
     from tinyfleet.client.descriptions import DescriptionError, load_description, minimal_description
     from tinyfleet.client.state_dir import StateDir, StateDirError
+    from tinyfleet.common.allocator import keep_freed_memory
 
     if args.verbose == 0:  # the agent's own progress is worth seeing by default
         logging.getLogger("tinyfleet.client").setLevel(logging.INFO)
@@ -123,6 +124,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (ConfigError, DescriptionError, DataSpecError, StateDirError, OSError) as exc:
         return _fail(str(exc))
 
+    keep_freed_memory()  # training rounds reuse their buffers instead of faulting them in
     agent = Agent(
         AgentConfig(
             server=args.server,

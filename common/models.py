@@ -27,6 +27,20 @@ def sine_mlp() -> nn.Module:
     )
 
 
+class _ChannelsLastConv2d(nn.Conv2d):
+    """A convolution whose output is channels-last (NHWC).
+
+    On CPU, mkldnn's pooling, batch norm and ReLU run several times faster on
+    NHWC activations, and every later layer keeps the layout. The first layer
+    has one input channel, for which NCHW and NHWC strides coincide, so the
+    layout has to be set on its output. Parameters keep their usual layout and
+    names, so state dicts are unchanged.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).contiguous(memory_format=torch.channels_last)
+
+
 class OmniglotConv4(nn.Module):
     """4 conv blocks of 64 channels (conv3x3, batch norm, ReLU, 2x2 max-pool) and a linear head.
 
@@ -42,9 +56,10 @@ class OmniglotConv4(nn.Module):
         super().__init__()
         blocks: list[nn.Module] = []
         in_ch = 1
-        for _ in range(4):
+        for block in range(4):
+            conv = _ChannelsLastConv2d if block == 0 else nn.Conv2d
             blocks += [
-                nn.Conv2d(in_ch, channels, 3, padding=1),
+                conv(in_ch, channels, 3, padding=1),
                 nn.BatchNorm2d(channels, track_running_stats=False),
                 nn.ReLU(),
                 nn.MaxPool2d(2, ceil_mode=True),
