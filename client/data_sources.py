@@ -76,6 +76,17 @@ def shared_source(spec: str) -> DataSource:
     return _OPEN[spec]
 
 
+def shared_sources() -> dict[str, DataSource]:
+    """The shared sources open now, by spec: a simulation checkpoint keeps their stream positions."""
+    return dict(_OPEN)
+
+
+def restore_shared_sources(sources: dict[str, DataSource]) -> None:
+    """Continue exactly the streams `shared_sources` returned (from a checkpoint)."""
+    _OPEN.clear()
+    _OPEN.update(sources)
+
+
 def close_shared_sources() -> None:
     """Forget every shared source, so a simulation that runs again starts every stream afresh."""
     _OPEN.clear()

@@ -33,14 +33,18 @@ def central_reptile(
     inner_lr: float,
     inner_batch: int,
     inner_optimizer: str = "sgd",
-    keep_optimizer_state: bool = True,
+    memory: OptimizerMemory | None = None,
+    first_round: int = 1,
     local_layers: Sequence[str] = (),
     reconstruct_steps: int = 0,
     model_kwargs: dict[str, object] | None = None,
     on_round: Callable[[int, Callable[[], ArrayRecord]], bool | None] | None = None,
 ) -> ArrayRecord:
-    """Run Reptile; `task(i)` returns the sampler of the i-th training task. Returns the model.
+    """Run rounds `first_round`..`rounds` of Reptile from `arrays`; `task(i)` returns the sampler
+    of the i-th training task. Returns the model.
 
+    With `memory` the one learner's inner optimizer state spans tasks (Reptile keeps
+    Adam's moments); the caller holds it, so it can checkpoint it between rounds.
     `on_round(round, current)` may return True to stop; `current()` builds the
     model's ArrayRecord only when the caller needs it (e.g. to evaluate).
     """
@@ -48,9 +52,8 @@ def central_reptile(
     theta = {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
     keys = [k for k in theta if not is_local(k, local_layers)]
     criterion = loss_fn(model_name)
-    memory = OptimizerMemory() if keep_optimizer_state else None  # one learner: its Adam spans tasks
-    counter = 0
-    for server_round in range(1, rounds + 1):
+    counter = (first_round - 1) * tasks_per_round  # task i is the same task whenever it is drawn
+    for server_round in range(first_round, rounds + 1):
         step = {k: torch.zeros_like(theta[k]) for k in keys}
         for _ in range(tasks_per_round):
             model.load_state_dict(theta, strict=False)

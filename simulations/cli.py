@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from tinyfleet.simulations.experiment import Experiment, Row
 
 RUN_EXAMPLES = """examples:
   tinyfleet sim run sine-reptile --out runs/sine              # 20 devices, serial FedReptile + baselines
@@ -12,6 +20,8 @@ RUN_EXAMPLES = """examples:
   tinyfleet sim run sine-reptile --out runs/quick --rounds 500 --eval-every 100 --arms fedreptile,random
   tinyfleet sim run omniglot-reptile --out runs/omni --budget-minutes 10 --data-dir ../shared/data
 
+A run checkpoints itself into --out every --checkpoint-every rounds (default: at every
+meta-test); a run that was stopped goes on with `tinyfleet sim resume runs/omni`.
 Scenario defaults (rounds, ε schedule, inner loop, evaluation) apply to every option left out;
 summary.json records the full configuration used. Omniglot reads omniglot/images_*.npz from
 --data-dir, else $TINYFLEET_DATA, else ../shared/data next to the project.
@@ -84,22 +94,50 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--data-dir", help="folder holding omniglot/ (omniglot-reptile)")
     run.add_argument("--ways", type=int, help="classes per task (omniglot-reptile)")
     run.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    run.add_argument(
+        "--checkpoint-every",
+        type=int,
+        help="rounds between checkpoints in --out (default: every meta-test; 0: only when an arm ends)",
+    )
     run.set_defaults(func=run_command)
+
+    resume = commands.add_parser(
+        "resume",
+        help="go on with a stopped `sim run` from its last checkpoint",
+        description="Continue a run from the checkpoint in its output directory: finished arms are "
+        "kept, the arm under way goes on from its last checkpointed round, and the outputs are the "
+        "same as if the run had never stopped.",
+        epilog="examples:\n  tinyfleet sim resume runs/omni\n"
+        "  tinyfleet sim resume runs/omni --threads 1 --budget-minutes 300\n",
+        formatter_class=HelpFormatter,
+    )
+    resume.add_argument("out", type=Path, help="the stopped run's --out directory")
+    resume.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    resume.add_argument(
+        "--budget-minutes", type=float, help="new CPU budget per arm for the arms not finished yet"
+    )
+    resume.set_defaults(func=resume_command)
+
+
+def _prepare(threads: int | None) -> None:
+    import torch
+
+    from tinyfleet.common.allocator import keep_freed_memory
+
+    keep_freed_memory()  # a quarter of a conv step's CPU was page faults
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def run_command(args: argparse.Namespace) -> int:
-    import torch
     from rich.console import Console
 
-    from tinyfleet.common.allocator import keep_freed_memory
-    from tinyfleet.simulations.experiment import ARMS, Experiment, RunSettings, progress_bar
-    from tinyfleet.simulations.report import write_csv, write_outputs
+    from tinyfleet.simulations.checkpoint import FILE_NAME
+    from tinyfleet.simulations.experiment import ARMS, Experiment, RunSettings
     from tinyfleet.simulations.scenarios import scenario_module
 
     console = Console(stderr=True)
-    keep_freed_memory()  # a quarter of a conv step's CPU was page faults
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _prepare(args.threads)
     defaults = scenario_module(args.scenario).DEFAULTS
 
     def pick(name: str) -> object:
@@ -136,20 +174,67 @@ def run_command(args: argparse.Namespace) -> int:
             final_eval_tasks=int(pick("final_eval_tasks")),
             arms=arms,
             budget_minutes=args.budget_minutes,
+            checkpoint_every=int(
+                pick("eval_every") if args.checkpoint_every is None else args.checkpoint_every
+            ),
             data_dir=args.data_dir,
             extra=extra,
         )
-        started = time.perf_counter()
-        with progress_bar() as progress:
-            args.out.mkdir(parents=True, exist_ok=True)
-            experiment = Experiment(
-                settings, progress, on_rows=lambda rows: write_csv(rows, args.out / "metrics.csv")
-            )
-            experiment.run()
-    except (ValueError, KeyError, FileNotFoundError) as exc:
+    except (ValueError, KeyError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
-    summary = write_outputs(experiment, args.out, time.perf_counter() - started)
+    if (args.out / FILE_NAME).is_file():
+        console.print(
+            f"[red]error:[/red] {args.out} holds a stopped run's checkpoint; go on with "
+            f"`tinyfleet sim resume {args.out}`, or choose another --out",
+            soft_wrap=True,
+        )
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    return _execute(
+        args.out,
+        lambda progress, on_rows: Experiment(settings, progress, on_rows, checkpoint=args.out / FILE_NAME),
+        console,
+    )
+
+
+def resume_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from tinyfleet.simulations.experiment import Experiment
+
+    _prepare(args.threads)
+    return _execute(
+        args.out,
+        lambda progress, on_rows: Experiment.resume(
+            args.out, progress, on_rows, budget_minutes=args.budget_minutes
+        ),
+        Console(stderr=True),
+    )
+
+
+def _execute(
+    out: Path, start: Callable[[Progress, Callable[[list[Row]], None]], Experiment], console: Console
+) -> int:
+    """Run (or go on with) an experiment with a progress bar, then write and print its outputs."""
+    from tinyfleet.simulations.checkpoint import FILE_NAME, CheckpointError
+    from tinyfleet.simulations.experiment import progress_bar
+    from tinyfleet.simulations.report import write_csv, write_outputs
+
+    started = time.perf_counter()
+    try:
+        with progress_bar() as progress:
+            experiment = start(progress, lambda rows: write_csv(rows, out / "metrics.csv"))
+            experiment.run()
+    except KeyboardInterrupt:
+        hint = f"; go on with: tinyfleet sim resume {out}" if (out / FILE_NAME).is_file() else ""
+        console.print(f"interrupted{hint}", soft_wrap=True)  # one line: the command can be copied
+        return 130
+    except (CheckpointError, ValueError, KeyError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 2
+    summary = write_outputs(experiment, out, time.perf_counter() - started)
+    (out / FILE_NAME).unlink(missing_ok=True)  # the run is complete: its outputs replace the checkpoint
     metric = summary["main_metric"]
     for arm, entry in summary["arms"].items():
         for test, row in entry["meta_test"].items():
@@ -162,5 +247,5 @@ def run_command(args: argparse.Namespace) -> int:
                 f"{extra_acc}{bytes_text}  ({entry['rounds_done']} rounds, "
                 f"{entry['train_cpu_seconds']:.0f} CPU s)"
             )
-    console.print(f"wrote {args.out}/metrics.csv, summary.json, meta_test.png, bytes_per_round.png")
+    console.print(f"wrote {out}/metrics.csv, summary.json, meta_test.png, bytes_per_round.png, models/")
     return 0

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
@@ -30,15 +31,26 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tinyfleet.client import learners
-from tinyfleet.client.data_sources import close_shared_sources
+from tinyfleet.client.data_sources import close_shared_sources, restore_shared_sources, shared_sources
 from tinyfleet.client.handlers import HandlerRegistry, default_handlers
 from tinyfleet.client.meta_learners import recent_samples
+from tinyfleet.client.optimizer_memory import OptimizerMemory
 from tinyfleet.common.arrays import to_array_record
+from tinyfleet.common.flower_adapter import array_record_from_bytes, array_record_to_bytes
 from tinyfleet.common.models import build_model
 from tinyfleet.common.reptile_protocol import parse_layers
 from tinyfleet.server.strategies import FedReptile
 from tinyfleet.server.strategies.fedreptile import epsilon_at
 from tinyfleet.simulations.central_reptile import central_reptile
+from tinyfleet.simulations.checkpoint import (
+    FILE_NAME,
+    ArmProgress,
+    Checkpoint,
+    capture_rng,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from tinyfleet.simulations.meta_eval import MetaTestProtocol, adapt_on_tasks, summarize
 from tinyfleet.simulations.rounds import RoundReport, run_rounds
 from tinyfleet.simulations.scenarios import Scenario, scenario_module
@@ -77,6 +89,7 @@ class RunSettings:
     final_eval_tasks: int = 200
     arms: tuple[str, ...] = ARMS
     budget_minutes: float | None = None
+    checkpoint_every: int = 0  # rounds between checkpoints (0: none); arms finishing always save one
     data_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # scenario-specific knobs (e.g. ways)
 
@@ -113,6 +126,7 @@ class ArmResult:
     bytes_up: int = 0
     round_bytes: list[int] = field(default_factory=list)  # train bytes (down + up) of every round
     up_bytes: list[int] = field(default_factory=list)
+    model: ArrayRecord | None = None  # the learned initialisation, once the arm is done
 
 
 class Experiment:
@@ -121,6 +135,7 @@ class Experiment:
         settings: RunSettings,
         progress: Progress | None = None,
         on_rows: Callable[[list[Row]], None] | None = None,
+        checkpoint: Path | None = None,
     ) -> None:
         unknown = set(settings.arms) - set(ARMS)
         if unknown:
@@ -142,6 +157,29 @@ class Experiment:
         self.on_rows = on_rows  # sees every meta-test as it lands, so long runs can save partial results
         self.rows: list[Row] = []
         self.results: dict[str, ArmResult] = {}
+        self.checkpoint = checkpoint  # where checkpoints go (None: nowhere)
+        self._resumed: ArmProgress | None = None  # the arm a resumed run continues
+
+    @classmethod
+    def resume(
+        cls,
+        path: Path,
+        progress: Progress | None = None,
+        on_rows: Callable[[list[Row]], None] | None = None,
+        budget_minutes: float | None = None,
+    ) -> Experiment:
+        """The run saved at `path` (a checkpoint or the run's --out), ready to `run()` on from there.
+
+        `budget_minutes` replaces the saved budget for arms not finished yet."""
+        saved = load_checkpoint(path)
+        settings: RunSettings = saved.settings
+        if budget_minutes is not None:
+            settings.budget_minutes = budget_minutes
+        experiment = cls(settings, progress, on_rows, checkpoint=path / FILE_NAME if path.is_dir() else path)
+        experiment.rows, experiment.results = saved.rows, saved.results
+        experiment._resumed = saved.progress
+        restore_rng(saved.rng)
+        return experiment
 
     # -- public -----------------------------------------------------------------
     def run(self) -> None:
@@ -150,7 +188,18 @@ class Experiment:
         if "fedreptile-dense" in arms and not self.settings.compressed:
             arms.remove("fedreptile-dense")  # fedreptile is already dense
         for arm in arms:
+            if arm in self.results:
+                continue  # finished before the run was resumed
             getattr(self, "_run_" + arm.replace("-", "_"))()
+            self.save(None)
+
+    def save(self, progress: ArmProgress | None) -> None:
+        """Checkpoint the run: finished arms, rows, and `progress` of the arm under way."""
+        if self.checkpoint is None:
+            return
+        save_checkpoint(
+            self.checkpoint, Checkpoint(self.settings, self.rows, self.results, progress, capture_rng())
+        )
 
     def evaluate(
         self, arm: str, server_round: int, arrays: ArrayRecord, result: ArmResult, final: bool
@@ -158,6 +207,8 @@ class Experiment:
         """Meta-test `eval_tasks` tasks; at the end all of them, also reporting the first
         `eval_tasks` so the curve compares like with like."""
         subset = self.settings.eval_tasks
+        if final:
+            result.model = arrays
         recent = max(1, len(result.round_bytes[-self.settings.eval_every :]))
         down = sum(result.round_bytes[-recent:]) - sum(result.up_bytes[-recent:])
         up = sum(result.up_bytes[-recent:])
@@ -215,7 +266,8 @@ class Experiment:
     def _run_fedavg(self) -> None:
         s = self.settings
         per_round = 1 if s.serial else self._parallel_count()
-        random.seed(s.seed)  # Flower's FedAvg samples with the global `random`
+        if not self._resuming("fedavg"):
+            random.seed(s.seed)  # Flower's FedAvg samples with the global `random` (checkpoints keep it)
         strategy = FedAvg(
             fraction_train=per_round / s.devices,
             fraction_evaluate=0.0,
@@ -239,24 +291,33 @@ class Experiment:
 
     def _run_central(self) -> None:
         s = self.settings
-        result = ArmResult("central", 0, 0.0)
-        self.evaluate("central", 0, self.initial, result, final=False)
-        task = self._bar("central")
-        clock = _Clock()
+        resumed = self._take_resumed("central")
+        if resumed is None:
+            result, arrays = ArmResult("central", 0, 0.0), self.initial
+            memory = OptimizerMemory() if s.keep_optimizer_state else None  # one learner: Adam spans tasks
+            self.evaluate("central", 0, self.initial, result, final=False)
+        else:
+            result, arrays, memory = resumed.result, array_record_from_bytes(resumed.arrays), resumed.memory
+        task = self._bar("central", result.rounds_done)
+        clock = _Clock(result.train_seconds)
 
         def on_round(server_round: int, current: Callable[[], ArrayRecord]) -> bool:
             result.rounds_done, result.train_seconds = server_round, clock.train
             self._advance(task)
             stop = self._out_of_budget(clock.train)
-            if server_round % s.eval_every == 0 and server_round < s.rounds and not stop:
+            if not stop and server_round < s.rounds:
                 with clock.paused():
-                    self.evaluate("central", server_round, current(), result, final=False)
+                    if server_round % s.eval_every == 0:
+                        self.evaluate("central", server_round, current(), result, final=False)
+                    if self._checkpoint_due(server_round):
+                        model = array_record_to_bytes(current())
+                        self.save(ArmProgress("central", result, model, memory=memory))
             return stop
 
         with clock.running():
             arrays = central_reptile(
                 self.scenario.model,
-                self.initial,
+                arrays,
                 lambda i: recent_samples(self.scenario.central_task(i), s.inner_samples),
                 s.rounds,
                 epsilon=lambda r: epsilon_at(r, s.epsilon, s.epsilon_final, s.epsilon_schedule, s.rounds),
@@ -265,7 +326,8 @@ class Experiment:
                 inner_lr=s.inner_lr,
                 inner_batch=s.inner_batch,
                 inner_optimizer=s.inner_optimizer,
-                keep_optimizer_state=s.keep_optimizer_state,
+                memory=memory,
+                first_round=result.rounds_done + 1,
                 local_layers=self.local_layers,
                 reconstruct_steps=s.reconstruct_steps,
                 model_kwargs=self.scenario.model_kwargs,
@@ -322,14 +384,22 @@ class Experiment:
         self, arm: str, strategy: Strategy, handlers: HandlerRegistry, config: ConfigRecord
     ) -> None:
         s = self.settings
-        close_shared_sources()  # every arm replays the devices' streams from their start
         grid = SimGrid.from_data_specs(
             self.scenario.device_specs, handlers=handlers, seed=s.seed, keep_sent=False
         )
-        result = ArmResult(arm, 0, 0.0)
-        self.evaluate(arm, 0, self.initial, result, final=False)
-        task = self._bar(arm)
-        clock = _Clock()
+        resumed = self._take_resumed(arm)
+        if resumed is None:
+            close_shared_sources()  # every arm replays the devices' streams from their start
+            result, arrays = ArmResult(arm, 0, 0.0), self.initial
+            self.evaluate(arm, 0, self.initial, result, final=False)
+        else:
+            assert resumed.strategy is not None and resumed.grid is not None
+            strategy, result = resumed.strategy, resumed.result
+            arrays = array_record_from_bytes(resumed.arrays)
+            grid.restore(resumed.grid)
+            restore_shared_sources(resumed.sources)
+        task = self._bar(arm, result.rounds_done)
+        clock = _Clock(result.train_seconds)
 
         def on_round(report: RoundReport, arrays: ArrayRecord) -> bool:
             up = report.bytes_up
@@ -340,23 +410,47 @@ class Experiment:
             result.rounds_done, result.train_seconds = report.round, clock.train
             self._advance(task)
             stop = self._out_of_budget(clock.train)
-            if report.round % s.eval_every == 0 and report.round < s.rounds and not stop:
+            if not stop and report.round < s.rounds:
                 with clock.paused():
-                    self.evaluate(arm, report.round, arrays, result, final=False)
+                    if report.round % s.eval_every == 0:
+                        self.evaluate(arm, report.round, arrays, result, final=False)
+                    if self._checkpoint_due(report.round):
+                        model = array_record_to_bytes(arrays)
+                        self.save(ArmProgress(arm, result, model, strategy, grid.state(), shared_sources()))
             return stop
 
         with clock.running():
             arrays = run_rounds(
-                strategy, grid, self.initial, s.rounds, train_config=config, on_round=on_round
+                strategy,
+                grid,
+                arrays,
+                s.rounds - result.rounds_done,
+                train_config=config,
+                first_round=result.rounds_done + 1,
+                on_round=on_round,
             )
         result.train_seconds = clock.train
         self.evaluate(arm, result.rounds_done, arrays, result, final=True)
         self.results[arm] = result
 
-    def _bar(self, arm: str) -> int | None:
+    def _resuming(self, arm: str) -> bool:
+        return self._resumed is not None and self._resumed.arm == arm
+
+    def _take_resumed(self, arm: str) -> ArmProgress | None:
+        """The saved progress of `arm`, once: the arm continues from it instead of round 0."""
+        if not self._resuming(arm):
+            return None
+        resumed, self._resumed = self._resumed, None
+        return resumed
+
+    def _checkpoint_due(self, server_round: int) -> bool:
+        every = self.settings.checkpoint_every
+        return self.checkpoint is not None and every > 0 and server_round % every == 0
+
+    def _bar(self, arm: str, done: int = 0) -> int | None:
         if self.progress is None:
             return None
-        return self.progress.add_task(arm, total=self.settings.rounds)
+        return self.progress.add_task(arm, total=self.settings.rounds, completed=done)
 
     def _advance(self, task: int | None) -> None:
         """Advance the bar; where stderr is no terminal (nohup, CI logs) the bar cannot redraw,
@@ -389,8 +483,8 @@ class _Clock:
 
     CPU time, not wall time: budgets stay comparable on a shared machine."""
 
-    def __init__(self) -> None:
-        self._spent = 0.0
+    def __init__(self, spent: float = 0.0) -> None:
+        self._spent = spent  # a resumed arm goes on counting from what it had spent
         self._since: float | None = None
 
     @property

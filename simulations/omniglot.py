@@ -155,6 +155,15 @@ class OmniglotDeviceStream(TaskStream):
         )
         held = np.random.default_rng([seed, device, 1])
         self._holdout_classes = held.choice(pool, ways, replace=False)
+        self._root = str(root)
+
+    def __getstate__(self) -> dict[str, object]:
+        """Checkpoints keep the stream's position, not the 60 MB of images every device shares."""
+        return {k: v for k, v in self.__dict__.items() if k != "images"}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self.images = load_split("background", self._root)
 
     @classmethod
     def from_spec(

@@ -1,4 +1,10 @@
-"""What a simulation run leaves behind: metrics.csv, summary.json and PNG plots."""
+"""What a simulation run leaves behind: metrics.csv, summary.json, PNG plots and the learned models.
+
+Each arm's final model is written as `models/<arm>.arrays`: a Flower ArrayRecord
+in Flower's serde, the same encoding the coordinator stores round artifacts in,
+so a model learned in simulation can be read back with
+`tinyfleet.common.flower_adapter.array_record_from_bytes`.
+"""
 
 from __future__ import annotations
 
@@ -13,13 +19,21 @@ from typing import Any
 
 import torch
 
+from tinyfleet.common.atomic_files import write_atomically
+from tinyfleet.common.flower_adapter import array_record_to_bytes
+from tinyfleet.server.artifacts import sha256_hex
 from tinyfleet.simulations.experiment import Experiment, Row
+
+MODELS_DIR = "models"
 
 
 def write_outputs(experiment: Experiment, out: Path, wall_seconds: float) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_csv(experiment.rows, out / "metrics.csv")
+    models = write_models(experiment, out / MODELS_DIR)
     summary = summarize(experiment, wall_seconds)
+    for arm, model in models.items():
+        summary["arms"][arm]["model"] = model
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     plot(experiment, out)
     return summary
@@ -31,6 +45,19 @@ def write_csv(rows: list[Row], path: Path) -> None:
         writer.writeheader()
         for row in rows:
             writer.writerow(asdict(row))
+
+
+def write_models(experiment: Experiment, folder: Path) -> dict[str, dict[str, Any]]:
+    """Each finished arm's model; returns {arm: {file, bytes, sha256}} for summary.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written: dict[str, dict[str, Any]] = {}
+    for arm, result in experiment.results.items():
+        if result.model is None:
+            continue
+        blob = array_record_to_bytes(result.model)
+        write_atomically(folder / f"{arm}.arrays", blob)
+        written[arm] = {"file": f"{MODELS_DIR}/{arm}.arrays", "bytes": len(blob), "sha256": sha256_hex(blob)}
+    return written
 
 
 def final_rows(experiment: Experiment) -> dict[str, dict[str, Row]]:

@@ -12,6 +12,7 @@ import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import Context, Message
 
@@ -40,6 +41,15 @@ class SimClient:
         self.context = make_context(self.node_id, self.node_config)
 
 
+@dataclass
+class GridState:
+    """What a SimGrid carries from one round to the next (for checkpoints)."""
+
+    contexts: dict[int, Context]
+    online: dict[int, bool]
+    rng: tuple[Any, ...]  # random.Random state: the dropout draws
+
+
 class SimGrid(TrackingGrid):
     def __init__(
         self,
@@ -62,6 +72,23 @@ class SimGrid(TrackingGrid):
     def from_data_specs(cls, specs: list[str], **kwargs: object) -> SimGrid:
         clients = [SimClient(node_id=i + 1000, node_config={"data": s}) for i, s in enumerate(specs)]
         return cls(clients, **kwargs)  # type: ignore[arg-type]
+
+    def state(self) -> GridState:
+        return GridState(
+            contexts={nid: c.context for nid, c in self.clients.items()},
+            online={nid: c.online for nid, c in self.clients.items()},
+            rng=self._rng.getstate(),
+        )
+
+    def restore(self, state: GridState) -> None:
+        """Continue from `state`; the fleet must be the same nodes it was taken from."""
+        if set(state.contexts) != set(self.clients):
+            raise ValueError(
+                f"grid state holds nodes {sorted(state.contexts)}, this grid has {sorted(self.clients)}"
+            )
+        for nid, client in self.clients.items():
+            client.context, client.online = state.contexts[nid], state.online[nid]
+        self._rng.setstate(state.rng)
 
     def get_node_ids(self) -> Iterable[int]:
         return [nid for nid, c in self.clients.items() if c.online]
