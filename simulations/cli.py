@@ -177,7 +177,7 @@ def run_command(args: argparse.Namespace) -> int:
             checkpoint_every=int(
                 pick("eval_every") if args.checkpoint_every is None else args.checkpoint_every
             ),
-            data_dir=args.data_dir,
+            data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,  # resumable elsewhere
             extra=extra,
         )
     except (ValueError, KeyError) as exc:
