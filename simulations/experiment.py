@@ -46,6 +46,7 @@ from tinyfleet.simulations.checkpoint import (
     FILE_NAME,
     ArmProgress,
     Checkpoint,
+    CheckpointError,
     capture_rng,
     load_checkpoint,
     restore_rng,
@@ -393,7 +394,8 @@ class Experiment:
             result, arrays = ArmResult(arm, 0, 0.0), self.initial
             self.evaluate(arm, 0, self.initial, result, final=False)
         else:
-            assert resumed.strategy is not None and resumed.grid is not None
+            if resumed.strategy is None or resumed.grid is None:
+                raise CheckpointError(f"the checkpoint of arm {arm!r} lacks its strategy or grid state")
             strategy, result = resumed.strategy, resumed.result
             arrays = array_record_from_bytes(resumed.arrays)
             grid.restore(resumed.grid)
