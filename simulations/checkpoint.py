@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import pickle
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from flwr.serverapp.strategy import Strategy
 
-from tinyfleet.client.data_sources import DataSource
 from tinyfleet.client.optimizer_memory import OptimizerMemory
 from tinyfleet.common.atomic_files import write_atomically
 from tinyfleet.simulations.sim_grid import GridState
@@ -46,8 +45,7 @@ class ArmProgress:
     result: Any  # experiment.ArmResult
     arrays: bytes  # the model after the last finished round (Flower ArrayRecord serde)
     strategy: Strategy | None = None  # federated arms
-    grid: GridState | None = None
-    sources: dict[str, DataSource] = field(default_factory=dict)  # shared streams by spec
+    grid: GridState | None = None  # the devices' Contexts and streams
     memory: OptimizerMemory | None = None  # centralised Reptile's inner optimizer
 
 

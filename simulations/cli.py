@@ -18,6 +18,7 @@ RUN_EXAMPLES = """examples:
   tinyfleet sim run sine-reptile --out runs/sine              # 20 devices, serial FedReptile + baselines
   tinyfleet sim run sine-reptile --out runs/sine-tmf --top-p 0.1 --quantize int8 --compress-downlink
   tinyfleet sim run sine-reptile --out runs/quick --rounds 500 --eval-every 100 --arms fedreptile,random
+  tinyfleet sim run omniglot-reptile --out runs/omni-mb5 --parallel --fraction 0.5 --epsilon 1 --workers 2
   tinyfleet sim run omniglot-reptile --out runs/omni --budget-minutes 10 --data-dir ../shared/data
 
 A run checkpoints itself into --out every --checkpoint-every rounds (default: at every
@@ -94,6 +95,13 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--data-dir", help="folder holding omniglot/ (omniglot-reptile)")
     run.add_argument("--ways", type=int, help="classes per task (omniglot-reptile)")
     run.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="processes running the simulated devices, one torch thread each, so the devices of a "
+        "--parallel round train on several cores (default 0: in this process; same numbers)",
+    )
     run.add_argument(
         "--checkpoint-every",
         type=int,
@@ -174,6 +182,7 @@ def run_command(args: argparse.Namespace) -> int:
             final_eval_tasks=int(pick("final_eval_tasks")),
             arms=arms,
             budget_minutes=args.budget_minutes,
+            workers=args.workers,
             checkpoint_every=int(
                 pick("eval_every") if args.checkpoint_every is None else args.checkpoint_every
             ),

@@ -17,6 +17,7 @@ measured for every train message, both directions.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -31,7 +32,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from tinyfleet.client import learners
-from tinyfleet.client.data_sources import close_shared_sources, restore_shared_sources, shared_sources
+from tinyfleet.client.data_sources import close_shared_sources
 from tinyfleet.client.handlers import HandlerRegistry, default_handlers
 from tinyfleet.client.meta_learners import recent_samples
 from tinyfleet.client.optimizer_memory import OptimizerMemory
@@ -91,6 +92,7 @@ class RunSettings:
     arms: tuple[str, ...] = ARMS
     budget_minutes: float | None = None
     checkpoint_every: int = 0  # rounds between checkpoints (0: none); arms finishing always save one
+    workers: int = 0  # processes running the simulated devices (0: this one); same numbers either way
     data_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # scenario-specific knobs (e.g. ways)
 
@@ -252,7 +254,7 @@ class Experiment:
         self._federated(
             "fedreptile",
             self._fedreptile(s.top_p, s.quantize, s.compress_downlink),
-            default_handlers(),
+            default_handlers,
             self._reptile_config(),
         )
 
@@ -260,7 +262,7 @@ class Experiment:
         self._federated(
             "fedreptile-dense",
             self._fedreptile(1.0, "none", False),
-            default_handlers(),
+            default_handlers,
             self._reptile_config(),
         )
 
@@ -275,10 +277,6 @@ class Experiment:
             min_train_nodes=per_round,
             min_available_nodes=per_round,
         )
-        handlers = HandlerRegistry()
-        learners.register_all(handlers)
-        if self.scenario.episodic:
-            handlers.register("train")(_new_task_first(learners.train))
         config = ConfigRecord(
             {
                 **self._model_config(),
@@ -288,6 +286,7 @@ class Experiment:
                 "batch_size": s.inner_batch,
             }
         )
+        handlers = functools.partial(fedavg_handlers, self.scenario.episodic)
         self._federated("fedavg", strategy, handlers, config)
 
     def _run_central(self) -> None:
@@ -382,15 +381,27 @@ class Experiment:
         return max(1, int(self.settings.devices * self.settings.fraction))
 
     def _federated(
-        self, arm: str, strategy: Strategy, handlers: HandlerRegistry, config: ConfigRecord
+        self,
+        arm: str,
+        strategy: Strategy,
+        handlers: Callable[[], HandlerRegistry],
+        config: ConfigRecord,
     ) -> None:
         s = self.settings
+        close_shared_sources()  # every arm replays the devices' streams from their start
         grid = SimGrid.from_data_specs(
-            self.scenario.device_specs, handlers=handlers, seed=s.seed, keep_sent=False
+            self.scenario.device_specs, handler_factory=handlers, workers=s.workers, seed=s.seed,
+            keep_sent=False,
         )
+        try:
+            self._federated_rounds(arm, strategy, grid, config)
+        finally:
+            grid.close()
+
+    def _federated_rounds(self, arm: str, strategy: Strategy, grid: SimGrid, config: ConfigRecord) -> None:
+        s = self.settings
         resumed = self._take_resumed(arm)
         if resumed is None:
-            close_shared_sources()  # every arm replays the devices' streams from their start
             result, arrays = ArmResult(arm, 0, 0.0), self.initial
             self.evaluate(arm, 0, self.initial, result, final=False)
         else:
@@ -399,7 +410,6 @@ class Experiment:
             strategy, result = resumed.strategy, resumed.result
             arrays = array_record_from_bytes(resumed.arrays)
             grid.restore(resumed.grid)
-            restore_shared_sources(resumed.sources)
         task = self._bar(arm, result.rounds_done)
         clock = _Clock(result.train_seconds)
 
@@ -418,7 +428,7 @@ class Experiment:
                         self.evaluate(arm, report.round, arrays, result, final=False)
                     if self._checkpoint_due(report.round):
                         model = array_record_to_bytes(arrays)
-                        self.save(ArmProgress(arm, result, model, strategy, grid.state(), shared_sources()))
+                        self.save(ArmProgress(arm, result, model, strategy, grid.state()))
             return stop
 
         with clock.running():
@@ -510,14 +520,19 @@ class _Clock:
             self._since = time.process_time()
 
 
-def _new_task_first(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
-    """A stock handler on an episodic device: start a fresh task, then train as usual."""
+def fedavg_handlers(episodic: bool) -> HandlerRegistry:
+    """The FedAvg arm's device handlers: the stock learners; on an episodic device (Omniglot)
+    each train message starts a fresh task first, as a FedReptile round does."""
+    handlers = HandlerRegistry()
+    learners.register_all(handlers)
+    if episodic:
+        handlers.register("train")(_train_on_a_new_task)
+    return handlers
 
-    def wrapped(message: Message, context: Context) -> Message:
-        learners.node_source(context).new_task()  # type: ignore[attr-defined]
-        return handler(message, context)
 
-    return wrapped
+def _train_on_a_new_task(message: Message, context: Context) -> Message:
+    learners.node_source(context).new_task()  # type: ignore[attr-defined]
+    return learners.train(message, context)
 
 
 def progress_bar() -> Progress:

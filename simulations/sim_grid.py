@@ -1,21 +1,24 @@
-"""SimGrid: an in-process simulated fleet behind Flower's Grid interface.
+"""SimGrid: a simulated fleet behind Flower's Grid interface.
 
 Every simulated client runs the same ClientApp-style handlers as a real agent,
 and every message is serialized with Flower's serde both ways, exactly as on the
 wire, so byte counts are real and a strategy that works here sends nothing a real
-agent could not receive. Dropouts are drawn from a seeded generator.
+agent could not receive. Dropouts are drawn from a seeded generator. The devices
+run in this process, or with `workers=N` in N processes (`sim_workers`), so the
+devices of a parallel round train on several cores; the numbers are the same.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import Context, Message
 
+from tinyfleet.client.data_sources import DataSource, restore_shared_sources, shared_sources
 from tinyfleet.client.handlers import HandlerRegistry, default_handlers
 from tinyfleet.common.flower_adapter import (
     make_context,
@@ -25,6 +28,7 @@ from tinyfleet.common.flower_adapter import (
     stamp,
 )
 from tinyfleet.common.grids import ERROR, REPLIED, Delivery, TrackingGrid
+from tinyfleet.simulations.sim_workers import Job, WorkerPool
 
 
 @dataclass
@@ -48,6 +52,7 @@ class GridState:
     contexts: dict[int, Context]
     online: dict[int, bool]
     rng: tuple[Any, ...]  # random.Random state: the dropout draws
+    sources: dict[str, DataSource]  # the devices' data streams by spec, where they stand
 
 
 class SimGrid(TrackingGrid):
@@ -59,11 +64,19 @@ class SimGrid(TrackingGrid):
         seed: int = 0,
         run_id: int = 0,
         keep_sent: bool = True,
+        workers: int = 0,
+        handler_factory: Callable[[], HandlerRegistry] | None = None,
     ) -> None:
+        """`workers` > 0 runs the devices in that many processes, each building its handlers
+        with `handler_factory` (a module-level function: it is sent to the workers by name)."""
         super().__init__(run_id)
         self.keep_sent = keep_sent  # long simulations turn this off: `sent` would grow without bound
         self.clients = {c.node_id: c for c in clients}
-        self.handlers = handlers or default_handlers()
+        if workers > 0 and handlers is not None:
+            raise ValueError("with workers, give handler_factory (each worker builds its own handlers)")
+        factory = handler_factory or default_handlers
+        self.handlers = handlers or factory()
+        self._pool = WorkerPool(list(self.clients.values()), factory, workers) if workers > 0 else None
         self._rng = random.Random(seed)
         self._replies: dict[str, Message] = {}
         self.sent: list[bytes] = []  # every instruction as it crossed the "wire" (tests inspect it)
@@ -74,10 +87,17 @@ class SimGrid(TrackingGrid):
         return cls(clients, **kwargs)  # type: ignore[arg-type]
 
     def state(self) -> GridState:
+        if self._pool is not None:
+            contexts, sources = self._pool.state()
+        else:
+            specs = {str(c.node_config.get("data")) for c in self.clients.values()}
+            contexts = {nid: c.context for nid, c in self.clients.items()}
+            sources = {spec: s for spec, s in shared_sources().items() if spec in specs}
         return GridState(
-            contexts={nid: c.context for nid, c in self.clients.items()},
+            contexts=contexts,
             online={nid: c.online for nid, c in self.clients.items()},
             rng=self._rng.getstate(),
+            sources=sources,
         )
 
     def restore(self, state: GridState) -> None:
@@ -87,14 +107,33 @@ class SimGrid(TrackingGrid):
                 f"grid state holds nodes {sorted(state.contexts)}, this grid has {sorted(self.clients)}"
             )
         for nid, client in self.clients.items():
-            client.context, client.online = state.contexts[nid], state.online[nid]
+            client.online = state.online[nid]
+        if self._pool is not None:
+            self._pool.restore(state.contexts, state.sources)
+        else:
+            for nid, client in self.clients.items():
+                client.context = state.contexts[nid]
+            restore_shared_sources(state.sources)
         self._rng.setstate(state.rng)
+
+    def close(self) -> None:
+        """Stop the worker processes (a no-op for an in-process grid)."""
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+    def __enter__(self) -> SimGrid:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def get_node_ids(self) -> Iterable[int]:
         return [nid for nid, c in self.clients.items() if c.online]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
+        jobs: list[Job] = []
         for message in messages:
             mid = stamp(message, run_id=self._run.run_id)
             wire = message_to_bytes(message)
@@ -112,22 +151,29 @@ class SimGrid(TrackingGrid):
             client = self.clients.get(delivery.node_id)
             if client is None or not client.online or self._rng.random() < client.dropout:
                 continue  # never answers: the exchange will time out for it
+            if self._pool is not None:
+                jobs.append((mid, client.node_id, wire))
+                continue
             received = message_from_bytes(wire)
             set_message_id(received, mid)
             started = time.perf_counter()
-            reply = self.handlers.handle(received, client.context)
-            compute = time.perf_counter() - started
-            reply_wire = message_to_bytes(reply)
-            self._replies[mid] = message_from_bytes(reply_wire)
-            self._update(
-                mid,
-                status=ERROR if reply.has_error() else REPLIED,
-                error=reply.error.reason or "" if reply.has_error() else "",
-                bytes_up=len(reply_wire),
-                compute_s=compute,
-                replied_at=time.time(),
-            )
+            reply_wire = message_to_bytes(self.handlers.handle(received, client.context))
+            self._record(mid, reply_wire, time.perf_counter() - started)
+        if self._pool is not None and jobs:
+            for mid, reply_wire, compute in self._pool.handle(jobs):
+                self._record(mid, reply_wire, compute)
         return ids
+
+    def _record(self, mid: str, reply_wire: bytes, compute: float) -> None:
+        reply = self._replies[mid] = message_from_bytes(reply_wire)
+        self._update(
+            mid,
+            status=ERROR if reply.has_error() else REPLIED,
+            error=reply.error.reason or "" if reply.has_error() else "",
+            bytes_up=len(reply_wire),
+            compute_s=compute,
+            replied_at=time.time(),
+        )
 
     def wait_for_replies(self, message_ids: list[str], timeout: float | None) -> None:
         return None  # handlers ran synchronously in push_messages

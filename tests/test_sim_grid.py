@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import random
+
 import numpy as np
-from flwr.app import ConfigRecord, RecordDict
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedMedian
 
+from tinyfleet.client.data_sources import close_shared_sources
+from tinyfleet.client.handlers import HandlerRegistry
 from tinyfleet.common.arrays import to_array_record
 from tinyfleet.common.flower_adapter import message_from_bytes
 from tinyfleet.common.grids import REPLIED, TIMEOUT
 from tinyfleet.common.models import build_model
 from tinyfleet.simulations.sim_grid import SimClient, SimGrid
+from tinyfleet.simulations.sim_workers import WorkerError
 
 TRAIN = ConfigRecord({"model": "sine-mlp", "local_steps": 30, "lr": 0.01, "batch_size": 16})
 EVAL = ConfigRecord({"model": "sine-mlp", "eval_samples": 50})
@@ -71,3 +79,64 @@ def test_unknown_message_type_is_an_error_reply_not_a_crash() -> None:
     )
     (reply,) = grid.send_and_receive([msg], timeout=1)
     assert reply.has_error() and "ArrayRecord" in reply.error.reason
+
+
+def _dies(message: Message, context: Context) -> Message:
+    os._exit(3)  # a device process killed mid-round (e.g. by the OOM killer)
+
+
+def dying_handlers() -> HandlerRegistry:
+    handlers = HandlerRegistry()
+    handlers.register("train")(_dies)
+    return handlers
+
+
+def test_devices_in_worker_processes_compute_what_in_process_devices_compute() -> None:
+    initial = to_array_record(build_model("sine-mlp", seed=0))
+    outcomes = []
+    for workers in (0, 2):
+        random.seed(5)  # stock FedAvg samples with the global generator
+        close_shared_sources()  # the in-process devices start their streams afresh, as workers do
+        with _grid(6, workers=workers, seed=1) as grid:
+            result = FedAvg(fraction_train=0.5, min_available_nodes=6, min_train_nodes=3).start(
+                grid, initial, num_rounds=3, train_config=TRAIN, evaluate_config=EVAL
+            )
+            deliveries = [(d.node_id, d.status, d.bytes_down, d.bytes_up) for d in grid.take_deliveries()]
+            state = grid.state()
+        weights = {k: v.numpy() for k, v in result.arrays.items()}
+        outcomes.append((weights, result.evaluate_metrics_clientapp, deliveries, state))
+    (plain, plain_eval, plain_sent, plain_state), (spread, spread_eval, spread_sent, spread_state) = outcomes
+    assert plain.keys() == spread.keys() and all(np.array_equal(plain[k], spread[k]) for k in plain)
+    assert plain_eval == spread_eval and plain_sent == spread_sent
+    assert set(spread_state.contexts) == set(plain_state.contexts)
+    assert set(spread_state.sources) == set(plain_state.sources) == {f"sine:seed={i}" for i in range(6)}
+
+
+def test_a_worker_grid_restores_contexts_and_streams_into_its_workers() -> None:
+    with _grid(4, workers=2) as grid:
+        saved = grid.state()
+        for source in saved.sources.values():
+            source.next(3)  # moved on in this process only: the workers still stand where they were
+        saved.contexts[1001].state["marker"] = ConfigRecord({"round": 7})
+        grid.restore(saved)
+        again = grid.state()
+    assert again.contexts[1001].state["marker"]["round"] == 7
+    for spec, source in again.sources.items():
+        expected = saved.sources[spec].next(2)[0]
+        assert torch.equal(source.next(2)[0], expected)
+
+
+def test_a_dead_worker_is_named_with_its_nodes() -> None:
+    grid = _grid(2, workers=2, handler_factory=dying_handlers)
+    record = RecordDict({"arrays": to_array_record(build_model("sine-mlp", seed=0)), "config": TRAIN})
+    try:
+        died = r"worker 0 \(pid \d+\) died with exit code 3; it ran nodes \[1000\]"
+        with pytest.raises(WorkerError, match=died):
+            list(grid.send_and_receive([grid.create_message(record, "train", 1000, "1")], timeout=5.0))
+    finally:
+        grid.close()
+
+
+def test_workers_need_a_handler_factory_not_a_registry() -> None:
+    with pytest.raises(ValueError, match="handler_factory"):
+        _grid(2, workers=2, handlers=dying_handlers())

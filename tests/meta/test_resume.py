@@ -166,3 +166,26 @@ def test_sim_run_stopped_by_ctrl_c_goes_on_with_sim_resume(
     assert set(arrays) == {"0.weight", "0.bias", "2.weight", "2.bias", "4.weight", "4.bias"}
     assert main(["sim", "resume", str(out)]) == 2
     assert "no checkpoint here" in capsys.readouterr().err
+
+
+def test_devices_in_worker_processes_give_the_same_run_and_resume_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def parallel(workers: int) -> RunSettings:
+        settings = _settings()
+        settings.serial, settings.fraction, settings.rounds, settings.eval_every = False, 0.25, 20, 10
+        settings.workers, settings.arms = workers, ("fedreptile", "fedavg")
+        return settings
+
+    straight = Experiment(parallel(0))
+    straight.run()
+    close_shared_sources()
+    path = tmp_path / "checkpoint.pkl"
+    _kill_during(monkeypatch, "run_rounds", 2, at_round=15)  # FedAvg, after its checkpoint of round 10
+    with pytest.raises(Interrupted):
+        Experiment(parallel(2), checkpoint=path).run()
+    monkeypatch.undo()
+    resumed = Experiment.resume(path)
+    assert resumed.settings.workers == 2
+    resumed.run()
+    assert _outcome(resumed) == _outcome(straight)
