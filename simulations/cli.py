@@ -100,7 +100,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         help="processes running the simulated devices, one torch thread each, so the devices of a "
-        "--parallel round train on several cores (default 0: in this process; same numbers)",
+        "--parallel round train on several cores (default 0: in this process; the numbers are those "
+        "of an in-process run with --threads 1)",
     )
     run.add_argument(
         "--checkpoint-every",

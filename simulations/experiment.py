@@ -92,7 +92,7 @@ class RunSettings:
     arms: tuple[str, ...] = ARMS
     budget_minutes: float | None = None
     checkpoint_every: int = 0  # rounds between checkpoints (0: none); arms finishing always save one
-    workers: int = 0  # processes running the simulated devices (0: this one); same numbers either way
+    workers: int = 0  # processes running the simulated devices (0: this one); numbers as on 1 thread
     data_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # scenario-specific knobs (e.g. ways)
 
@@ -411,7 +411,7 @@ class Experiment:
             arrays = array_record_from_bytes(resumed.arrays)
             grid.restore(resumed.grid)
         task = self._bar(arm, result.rounds_done)
-        clock = _Clock(result.train_seconds)
+        clock = _Clock(result.train_seconds, elsewhere=lambda: grid.worker_cpu_seconds)
 
         def on_round(report: RoundReport, arrays: ArrayRecord) -> bool:
             up = report.bytes_up
@@ -491,16 +491,22 @@ class Experiment:
 
 
 class _Clock:
-    """CPU time this process spent training an arm, excluding the meta-test pauses.
+    """CPU time spent training an arm, excluding the meta-test pauses: this process's, plus
+    `elsewhere()` (the grid's worker processes, which only work during rounds).
 
     CPU time, not wall time: budgets stay comparable on a shared machine."""
 
-    def __init__(self, spent: float = 0.0) -> None:
+    def __init__(self, spent: float = 0.0, elsewhere: Callable[[], float] = lambda: 0.0) -> None:
         self._spent = spent  # a resumed arm goes on counting from what it had spent
         self._since: float | None = None
+        self._elsewhere = elsewhere
 
     @property
     def train(self) -> float:
+        return self._here + self._elsewhere()
+
+    @property
+    def _here(self) -> float:
         return self._spent + (time.process_time() - self._since if self._since is not None else 0.0)
 
     @contextmanager
@@ -509,11 +515,11 @@ class _Clock:
         try:
             yield
         finally:
-            self._spent, self._since = self.train, None
+            self._spent, self._since = self._here, None
 
     @contextmanager
     def paused(self) -> Iterator[None]:
-        self._spent, self._since = self.train, None
+        self._spent, self._since = self._here, None
         try:
             yield
         finally:

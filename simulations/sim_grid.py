@@ -5,7 +5,8 @@ and every message is serialized with Flower's serde both ways, exactly as on the
 wire, so byte counts are real and a strategy that works here sends nothing a real
 agent could not receive. Dropouts are drawn from a seeded generator. The devices
 run in this process, or with `workers=N` in N processes (`sim_workers`), so the
-devices of a parallel round train on several cores; the numbers are the same.
+devices of a parallel round train on several cores; the numbers are those of an
+in-process run on one torch thread.
 """
 
 from __future__ import annotations
@@ -115,6 +116,11 @@ class SimGrid(TrackingGrid):
                 client.context = state.contexts[nid]
             restore_shared_sources(state.sources)
         self._rng.setstate(state.rng)
+
+    @property
+    def worker_cpu_seconds(self) -> float:
+        """CPU time the worker processes spent on messages (0 in-process: it is this process's)."""
+        return self._pool.cpu_seconds if self._pool is not None else 0.0
 
     def close(self) -> None:
         """Stop the worker processes (a no-op for an in-process grid)."""

@@ -6,7 +6,8 @@ stay there, as they would on a real device, and only serialized messages cross
 the pipe (the same bytes SimGrid counts). A round's messages are sent to all
 workers first and collected after, so a parallel round takes as long as its
 busiest worker. Workers are spawned (not forked): torch's thread pools do not
-survive a fork.
+survive a fork. Each worker uses one torch thread, so a run gives the numbers of an
+in-process run with one thread (more threads sum convolution gradients in another order).
 """
 
 from __future__ import annotations
@@ -59,13 +60,14 @@ def _serve(
         try:
             if command == "handle":
                 done: list[Done] = []
+                cpu = time.process_time()
                 for mid, node_id, wire in payload:
                     received = message_from_bytes(wire)
                     set_message_id(received, mid)
                     started = time.perf_counter()
                     reply = handlers.handle(received, nodes[node_id].context)
                     done.append((mid, message_to_bytes(reply), time.perf_counter() - started))
-                conn.send(("ok", done))
+                conn.send(("ok", (done, time.process_time() - cpu)))
             elif command == "state":
                 sources = {spec: s for spec, s in shared_sources().items() if spec in specs}
                 conn.send(("ok", ({nid: c.context for nid, c in nodes.items()}, sources)))
@@ -98,6 +100,7 @@ class WorkerPool:
             raise ValueError(f"workers must be at least 1, got {processes}")
         context = multiprocessing.get_context("spawn")
         self._owner: dict[int, int] = {}
+        self.cpu_seconds = 0.0  # CPU the workers spent on messages (budgets count it as training)
         self._workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
         for index in range(min(processes, len(clients))):
             group = clients[index::processes]
@@ -119,7 +122,12 @@ class WorkerPool:
             batches[self._owner[job[1]]].append(job)
         for index, batch in batches.items():
             self._send(index, ("handle", batch))
-        return [done for index in batches for done in self._receive(index)]
+        finished: list[Done] = []
+        for index in batches:
+            done, cpu = self._receive(index)
+            finished.extend(done)
+            self.cpu_seconds += cpu
+        return finished
 
     def state(self) -> tuple[dict[int, Any], dict[str, DataSource]]:
         contexts: dict[int, Any] = {}

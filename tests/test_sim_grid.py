@@ -103,6 +103,7 @@ def test_devices_in_worker_processes_compute_what_in_process_devices_compute() -
             )
             deliveries = [(d.node_id, d.status, d.bytes_down, d.bytes_up) for d in grid.take_deliveries()]
             state = grid.state()
+            assert (grid.worker_cpu_seconds > 0) == (workers > 0)  # budgets count the workers' CPU
         weights = {k: v.numpy() for k, v in result.arrays.items()}
         outcomes.append((weights, result.evaluate_metrics_clientapp, deliveries, state))
     (plain, plain_eval, plain_sent, plain_state), (spread, spread_eval, spread_sent, spread_state) = outcomes
