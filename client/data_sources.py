@@ -8,7 +8,7 @@ fixed held-back set (`holdout`) for evaluation, both as torch tensors.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -76,9 +76,10 @@ def shared_source(spec: str) -> DataSource:
     return _OPEN[spec]
 
 
-def shared_sources() -> dict[str, DataSource]:
-    """The shared sources open now, by spec: a simulation checkpoint keeps their stream positions."""
-    return dict(_OPEN)
+def shared_sources(specs: Collection[str] | None = None) -> dict[str, DataSource]:
+    """The shared sources open now (of `specs`, if given), by spec: a simulation checkpoint keeps
+    their stream positions."""
+    return {spec: s for spec, s in _OPEN.items() if specs is None or spec in specs}
 
 
 def restore_shared_sources(sources: dict[str, DataSource]) -> None:

@@ -133,7 +133,7 @@ def _prepare(threads: int | None) -> None:
 
     from tinyfleet.common.allocator import keep_freed_memory
 
-    keep_freed_memory()  # a quarter of a conv step's CPU was page faults
+    keep_freed_memory()  # a conv step page-faulted its activations in anew (~2,400 faults)
     if threads:
         torch.set_num_threads(threads)
 

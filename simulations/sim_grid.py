@@ -91,9 +91,8 @@ class SimGrid(TrackingGrid):
         if self._pool is not None:
             contexts, sources = self._pool.state()
         else:
-            specs = {str(c.node_config.get("data")) for c in self.clients.values()}
             contexts = {nid: c.context for nid, c in self.clients.items()}
-            sources = {spec: s for spec, s in shared_sources().items() if spec in specs}
+            sources = shared_sources({str(c.node_config.get("data")) for c in self.clients.values()})
         return GridState(
             contexts=contexts,
             online={nid: c.online for nid, c in self.clients.items()},

@@ -69,8 +69,8 @@ def _serve(
                     done.append((mid, message_to_bytes(reply), time.perf_counter() - started))
                 conn.send(("ok", (done, time.process_time() - cpu)))
             elif command == "state":
-                sources = {spec: s for spec, s in shared_sources().items() if spec in specs}
-                conn.send(("ok", ({nid: c.context for nid, c in nodes.items()}, sources)))
+                contexts = {nid: c.context for nid, c in nodes.items()}
+                conn.send(("ok", (contexts, shared_sources(specs))))
             elif command == "restore":
                 contexts, sources = payload
                 for nid, client in nodes.items():
