@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -18,6 +20,15 @@ def _flower_identity() -> None:
     from tinyfleet.common.flower_adapter import ensure_task_identity
 
     ensure_task_identity()
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored() -> Iterator[None]:
+    """A test that sets torch's thread count (e.g. `sim run --threads 1`) must not change the
+    numbers of the tests after it: more threads sum in another order."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

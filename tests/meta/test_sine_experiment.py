@@ -12,14 +12,14 @@ from tinyfleet.simulations.experiment import Experiment, RunSettings
 def _small(seed: int = 0) -> Experiment:
     settings = RunSettings(
         scenario="sine-reptile",
-        rounds=400,
+        rounds=800,
         seed=seed,
         devices=20,
         epsilon=0.5,
         epsilon_final=0.0,
         epsilon_schedule="linear",
         inner_steps=5,
-        eval_every=400,
+        eval_every=800,
         eval_tasks=20,
         final_eval_tasks=30,
         arms=("fedreptile", "random"),
@@ -36,6 +36,8 @@ def _final(experiment: Experiment, arm: str) -> float:
 def test_small_sine_run_learns_and_same_seed_gives_same_numbers() -> None:
     first = _small()
     learned, random_init = _final(first, "fedreptile"), _final(first, "random")
+    # 800 rounds: 0.24 of random initialisation's loss on one thread (after 400 it was 0.50,
+    # too close to the bound for the figure to survive another machine's float rounding)
     assert learned < 0.5 * random_init, (learned, random_init)
     again = _small()
     assert [(r.arm, r.round, r.loss_before, r.loss_after) for r in again.rows] == [
