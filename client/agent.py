@@ -1,14 +1,17 @@
 """The edge agent: register, hold the Connect stream open, answer tasks, come back after failures.
 
-Lifecycle: register the description once per start (idempotent with the stored
-credential, which also refreshes the description), then keep one Connect stream
-open: Hello -> Welcome, heartbeats, Ping -> Pong, Task -> Reply. When the stream
+Lifecycle: make the device key on the first start (STATE_DIR/device.key), register
+the description once per start, signed by that key (idempotent for the same key,
+which also refreshes the description; the enrollment token, if configured, lets a
+new device in), then keep one Connect stream open: Challenge -> Hello signed over
+its nonce -> Welcome, heartbeats, Ping -> Pong, Task -> Reply. When the stream
 breaks (coordinator restart, network loss, Shutdown) the agent reconnects with
-jittered exponential backoff; when the coordinator stops accepting the
-credential it registers again once; what retrying cannot fix ends the agent with
-exit code 2. Tasks run on one worker thread, in arrival order, off the stream
-reader, so pings and heartbeats keep flowing during long training, and with one
-Flower Context for the agent's whole life so handlers keep state across rounds.
+jittered exponential backoff; when the coordinator stops accepting the key it
+registers again once; what retrying cannot fix (a refused registration, a revoked
+device) ends the agent with exit code 2 and a message naming the cause. Tasks run on
+one worker thread, in arrival order, off the stream reader, so pings and heartbeats
+keep flowing during long training, and with one Flower Context for the agent's whole
+life so handlers keep state across rounds.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from tinyfleet.client.connection import (
     FATAL_REGISTER_CODES,
     open_channel,
     register,
+    register_request,
     rpc_code,
     rpc_detail,
 )
@@ -37,6 +41,7 @@ from tinyfleet.client.handlers import HandlerRegistry, default_handlers
 from tinyfleet.client.session import Session
 from tinyfleet.client.state_dir import Identity, StateDir, StateDirError
 from tinyfleet.client.tasks import answer_task
+from tinyfleet.common.device_keys import REQUEST_WINDOW_S, DeviceKey
 from tinyfleet.common.flower_adapter import make_context
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
 
@@ -61,6 +66,8 @@ class AgentConfig:
     description: Description
     data_spec: str | None = None
     root_certificates: bytes | None = None
+    #: Presented at registration; the coordinator takes a use only when the device is new to it.
+    enroll_token: str = ""
     backoff_base_s: float = BASE_S
     backoff_cap_s: float = CAP_S
     welcome_timeout_s: float = WELCOME_TIMEOUT_S
@@ -129,16 +136,17 @@ class Agent:
     def _loop(self) -> None:
         cfg = self.config
         identity = self._stored_identity()
+        key = cfg.state_dir.device_key()  # before the first registration: it proves every later one
         registered = False
         reregistered = False  # UNAUTHENTICATED gets one re-registration per Welcome
         while not self._stop.is_set():
             channel = open_channel(cfg.server, cfg.root_certificates)
             try:
                 if not registered:
-                    identity = self._register(channel, identity)
+                    identity = self._register(channel, identity, key)
                     registered = True
                 assert identity is not None
-                end = self._connect(channel, identity)
+                end = self._connect(channel, identity, key)
             except grpc.RpcError as exc:  # Register failed in a way worth retrying
                 end = SessionEnd(f"register: {rpc_code(exc).name}: {rpc_detail(exc)}")
             finally:
@@ -150,11 +158,11 @@ class Agent:
             if end.unauthenticated:
                 if reregistered:
                     raise FatalError(
-                        f"the coordinator at {cfg.server} refuses the credential even after "
+                        f"the coordinator at {cfg.server} refuses this device's key even after "
                         f"registering again ({end.reason})"
                     )
                 log.error(
-                    "the coordinator no longer accepts this device's credential (%s); registering again",
+                    "the coordinator no longer accepts this device's key (%s); registering again",
                     end.reason,
                 )
                 registered, reregistered = False, True
@@ -179,10 +187,12 @@ class Agent:
             )
         return identity
 
-    def _register(self, channel: grpc.Channel, identity: Identity | None) -> Identity:
+    def _register(self, channel: grpc.Channel, identity: Identity | None, key: DeviceKey) -> Identity:
         cfg = self.config
+        sequence = cfg.state_dir.next_register_sequence(time.time())
+        request = register_request(cfg.description, key, sequence, cfg.enroll_token)
         try:
-            response = register(channel, cfg.description, identity.credential if identity else "")
+            response = register(channel, request)
         except grpc.RpcError as exc:
             code = rpc_code(exc)
             if code in FATAL_REGISTER_CODES:
@@ -191,53 +201,53 @@ class Agent:
                     f"{cfg.description.source}: {code.name}: {rpc_detail(exc)}"
                 ) from exc
             raise
-        credential = response.credential or (identity.credential if identity else "")
-        if not credential:
-            raise FatalError(
-                f"the coordinator already knows device {response.device_id!r} but issued no "
-                f"credential, and {cfg.state_dir.path} holds none; restore the state dir or "
-                "have the operator remove the device"
-            )
         updated = Identity(
             device_id=response.device_id,
             node_id=response.node_id,
-            credential=credential,
             server=cfg.server,
             registered_at=identity.registered_at if identity and not response.created else time.time(),
         )
         if updated != identity:
             cfg.state_dir.save_identity(updated)
         log.info(
-            "%s device %s (node %d)",
+            "%s device %s (node %d, key %s)",
             "registered new" if response.created else "re-registered",
             updated.device_id,
             updated.node_id,
+            key.fingerprint,
         )
         return updated
 
-    def _connect(self, channel: grpc.Channel, identity: Identity) -> SessionEnd:
-        hello = fleet_pb2.Hello(
+    def _hello(self, identity: Identity, key: DeviceKey, nonce: bytes) -> fleet_pb2.AgentFrame:
+        return fleet_pb2.AgentFrame(hello=fleet_pb2.Hello(
             device_id=identity.device_id,
-            credential=identity.credential,
             agent_version=tinyfleet.__version__,
             handlers=self.handlers.message_types,
-        )
-        session = Session(channel, hello)
+            signature=key.sign_connect(nonce, identity.device_id),
+        ))
+
+    def _connect(self, channel: grpc.Channel, identity: Identity, key: DeviceKey) -> SessionEnd:
+        session = Session(channel)
         with self._session_lock:
             self._session = session
         if self._stop.is_set():  # stop() ran before the session was visible to it
             session.close()
-        welcomed = False
+        welcomed = challenged = False
         no_welcome = threading.Timer(self.config.welcome_timeout_s, session.close)
         no_welcome.daemon = True
         no_welcome.start()
         try:
             for frame in session:
                 kind = frame.WhichOneof("kind")
-                if not welcomed:
+                if not challenged:
+                    if kind != "challenge":
+                        return SessionEnd(f"protocol error: first frame was {kind!r}, not challenge")
+                    session.send(self._hello(identity, key, frame.challenge.nonce))
+                    challenged = True
+                elif not welcomed:
                     no_welcome.cancel()
                     if kind != "welcome":
-                        return SessionEnd(f"protocol error: first frame was {kind!r}, not welcome")
+                        return SessionEnd(f"protocol error: frame {kind!r} came before welcome")
                     self._welcomed(session, identity, frame.welcome)
                     welcomed = True
                 elif kind == "ping":
@@ -281,6 +291,10 @@ class Agent:
     def _welcomed(self, session: Session, identity: Identity, welcome: fleet_pb2.Welcome) -> None:
         self.backoff.reset()
         self.max_message_bytes = welcome.max_message_bytes
+        skew_s = welcome.server_time - time.time() if welcome.server_time else 0.0
+        if abs(skew_s) > REQUEST_WINDOW_S / 2:
+            log.warning("this device's clock is %.0f s off the coordinator's; signed requests "
+                        "must use the coordinator's time", skew_s)
         if self.context is None:
             node_config = {"data": self.config.data_spec} if self.config.data_spec else {}
             self.context = make_context(welcome.node_id, node_config)

@@ -12,16 +12,23 @@ from tinyfleet.cli import HelpFormatter
 from tinyfleet.client.descriptions import DEVICE_CLASSES
 
 RUN_EXAMPLES = """examples:
-  tinyfleet agent run --server 127.0.0.1:7000 --state-dir ./agent1 --device pi.td.json --data sine:seed=1
+  tinyfleet agent run --server 127.0.0.1:7000 --state-dir ./agent1 --device pi.td.json \\
+      --data sine:seed=1 --enroll-token-file token.txt
   tinyfleet agent run --server fleet.example:7000 --ca ca.pem --state-dir /var/lib/tinyfleet \\
       --device pi.ttl --data sine:seed=2
-  tinyfleet agent run --server 127.0.0.1:7000 --state-dir ./agent2 --device-id pi-02 --data sine:seed=2
+  TINYFLEET_ENROLL_TOKEN=tfe_... tinyfleet agent run --server 127.0.0.1:7000 --state-dir ./agent2 \\
+      --device-id pi-02 --data sine:seed=2
 
-The credential the coordinator issues is kept in STATE_DIR/identity.json (mode 0600);
-a restart with the same state dir re-registers idempotently and updates the description.
-While connected, STATE_DIR/agent.json holds {"device_id", "node_id", "pid", ...}.
-Exit codes: 0 stopped by SIGINT/SIGTERM, 2 bad input or registration refused.
+A new device needs an enrollment token from the operator (tinyfleet server enroll),
+given by --enroll-token-file, $TINYFLEET_ENROLL_TOKEN or --enroll-token (visible to
+other users in the process list). The agent makes its Ed25519 key in
+STATE_DIR/device.key (mode 0600) on the first start; a restart with the same state dir
+re-registers with that key, idempotently and without a token, and updates the
+description. While connected, STATE_DIR/agent.json holds {"device_id", "node_id", "pid", ...}.
+Exit codes: 0 stopped by SIGINT/SIGTERM, 2 bad input, registration refused or device revoked.
 """
+
+ENROLL_TOKEN_ENV = "TINYFLEET_ENROLL_TOKEN"
 
 STATUS_EXAMPLES = """examples:
   tinyfleet agent status --state-dir ./agent1
@@ -51,7 +58,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         formatter_class=HelpFormatter,
     )
     run.add_argument("--server", required=True, metavar="HOST:PORT", help="the coordinator's fleet address")
-    run.add_argument("--state-dir", required=True, metavar="DIR", help="where the credential and status live")
+    run.add_argument("--state-dir", required=True, metavar="DIR",
+                     help="where the device key, identity and status live")
     device = run.add_mutually_exclusive_group(required=True)
     device.add_argument(
         "--device", metavar="FILE",
@@ -74,6 +82,10 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
         help="this device's data source, e.g. sine:seed=3 (a synthetic sine-task stream)",
     )
     run.add_argument("--ca", metavar="FILE", help="PEM root certificate(s): connect with TLS and verify")
+    token = run.add_mutually_exclusive_group()
+    token.add_argument("--enroll-token", metavar="TOKEN",
+                       help="enrollment token for a new device (default: $TINYFLEET_ENROLL_TOKEN)")
+    token.add_argument("--enroll-token-file", metavar="FILE", help="read the enrollment token from FILE")
     run.set_defaults(func=cmd_run)
 
     status = sub.add_parser(
@@ -91,6 +103,24 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 def _fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
+
+
+def enroll_token(args: argparse.Namespace) -> str:
+    """--enroll-token, else --enroll-token-file, else $TINYFLEET_ENROLL_TOKEN, else ''."""
+    if args.enroll_token:
+        return str(args.enroll_token).strip()
+    if args.enroll_token_file:
+        from pathlib import Path
+
+        name = f"--enroll-token-file {args.enroll_token_file}"
+        try:
+            text = Path(args.enroll_token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise OSError(f"{name}: cannot read: {exc.strerror}") from exc
+        if not text:
+            raise OSError(f"{name}: the file is empty")
+        return text
+    return os.environ.get(ENROLL_TOKEN_ENV, "").strip()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -121,6 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             shared_source(args.data)  # a typo in --data fails now, not at the first task
         state_dir = StateDir(args.state_dir)
         state_dir.ensure()
+        token = enroll_token(args)
     except (ConfigError, DescriptionError, DataSpecError, StateDirError, OSError) as exc:
         return _fail(str(exc))
 
@@ -132,6 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             description=description,
             data_spec=args.data,
             root_certificates=root_certificates,
+            enroll_token=token,
         )
     )
 
@@ -159,6 +191,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from tinyfleet.client.state_dir import StateDir, StateDirError
 
     state_dir = StateDir(args.state_dir)
@@ -169,7 +203,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     if identity is None:
         return _fail(f"{state_dir.path}: no identity yet (the agent has not registered from here)")
-    report: dict[str, Any] = identity.public()
+    report: dict[str, Any] = asdict(identity)
+    if state_dir.key_path.exists():
+        try:
+            report["key"] = state_dir.device_key().fingerprint
+        except StateDirError as exc:
+            return _fail(str(exc))
     running = status is not None and _pid_alive(int(status.get("pid", 0)))
     report["running"] = running
     report["connected"] = bool(running and status and status.get("connected"))

@@ -15,6 +15,7 @@ from typing import Final
 import grpc
 
 from tinyfleet.client.descriptions import Description
+from tinyfleet.common.device_keys import DeviceKey
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
 
 TRANSPORT_LIMIT_BYTES: Final = 128 * 1024 * 1024
@@ -70,14 +71,23 @@ def open_channel(server: str, root_certificates: bytes | None = None) -> grpc.Ch
     return grpc.secure_channel(server, credentials, options=CHANNEL_OPTIONS)
 
 
-def register(
-    channel: grpc.Channel, description: Description, credential: str = ""
-) -> fleet_pb2.RegisterResponse:
-    """Register (or re-register, with the stored credential) this device; raises grpc.RpcError."""
-    stub = fleet_pb2_grpc.FleetStub(channel)
-    request = fleet_pb2.RegisterRequest(
-        description=description.data, media_type=description.media_type, credential=credential
+def register_request(
+    description: Description, key: DeviceKey, sequence: int, enrollment_token: str = ""
+) -> fleet_pb2.RegisterRequest:
+    """A Register signed by the device key (see tinyfleet.common.device_keys for the message)."""
+    return fleet_pb2.RegisterRequest(
+        description=description.data,
+        media_type=description.media_type,
+        public_key=key.public_key,
+        sequence=sequence,
+        signature=key.sign_register(description.data, description.media_type, sequence, enrollment_token),
+        enrollment_token=enrollment_token,
     )
+
+
+def register(channel: grpc.Channel, request: fleet_pb2.RegisterRequest) -> fleet_pb2.RegisterResponse:
+    """Register (or re-register: the same key needs no token) this device; raises grpc.RpcError."""
+    stub = fleet_pb2_grpc.FleetStub(channel)
     return stub.Register(request, timeout=REGISTER_TIMEOUT_S, wait_for_ready=False)
 
 
@@ -88,4 +98,4 @@ def rpc_code(exc: grpc.RpcError) -> grpc.StatusCode:
 
 def rpc_detail(exc: grpc.RpcError) -> str:
     details = exc.details() if isinstance(exc, grpc.Call) else None
-    return details or str(exc)
+    return details or "no details given"

@@ -1,10 +1,11 @@
 """One Connect stream between an agent and the coordinator.
 
-Sync gRPC drains the request iterator on its own thread, so outgoing frames go
-through a queue that any thread may feed (the stream reader answering pings,
-the heartbeat timer, the task worker). Closing the session half-closes the
-stream and cancels the call; frames sent after that are dropped, because a
-reply belongs to the stream its task came on.
+The coordinator speaks first (a Challenge); the agent's first frame is the Hello
+signed over it, sent through `send` like every other frame. Sync gRPC drains the
+request iterator on its own thread, so outgoing frames go through a queue that any
+thread may feed (the stream reader answering pings, the heartbeat timer, the task
+worker). Closing the session half-closes the stream and cancels the call; frames
+sent after that are dropped, because a reply belongs to the stream its task came on.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ log = logging.getLogger(__name__)
 
 
 class Session:
-    def __init__(self, channel: grpc.Channel, hello: fleet_pb2.Hello) -> None:
+    def __init__(self, channel: grpc.Channel) -> None:
         self._out: queue.SimpleQueue[fleet_pb2.AgentFrame | None] = queue.SimpleQueue()
         self._closed = threading.Event()
-        self._out.put(fleet_pb2.AgentFrame(hello=hello))
         self.call = fleet_pb2_grpc.FleetStub(channel).Connect(self._frames())
 
     def _frames(self) -> Iterator[fleet_pb2.AgentFrame]:

@@ -1,8 +1,8 @@
 """The operator's side of the Admin service: channel (TLS with --ca), token, typed errors.
 
-Used by `tinyfleet job ...` and `tinyfleet server devices`. The admin token comes
-from --admin-token or TINYFLEET_ADMIN_TOKEN and travels as
-`authorization: Bearer <token>`.
+Used by `tinyfleet job ...`, `tinyfleet server devices` and `tinyfleet server enroll`.
+The admin token comes from --admin-token, --admin-token-file or TINYFLEET_ADMIN_TOKEN
+(`admin_token_from`) and travels as `authorization: Bearer <token>`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,22 @@ from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
 
 TOKEN_ENV = "TINYFLEET_ADMIN_TOKEN"
 SERVER_ENV = "TINYFLEET_SERVER"
+
+
+def admin_token_from(token: str | None, token_file: Path | None) -> str:
+    """The admin token: given outright, else read from `token_file` (e.g. the coordinator's
+    DATA_DIR/admin-token), else $TINYFLEET_ADMIN_TOKEN, else ''. Raises OSError naming the file."""
+    if token:
+        return token
+    if token_file is not None:
+        try:
+            text = Path(token_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise OSError(f"--admin-token-file {token_file}: cannot read: {exc.strerror}") from exc
+        if not text:
+            raise OSError(f"--admin-token-file {token_file}: the file is empty")
+        return text
+    return os.environ.get(TOKEN_ENV, "")
 
 
 class AdminClient:
@@ -63,3 +79,28 @@ class AdminClient:
             fleet_pb2.ListDevicesRequest(), metadata=self.metadata, timeout=30
         )
         return list(response.devices)
+
+    def revoke_device(self, device_id: str, reason: str = "") -> fleet_pb2.DeviceInfo:
+        return self.stub.RevokeDevice(
+            fleet_pb2.RevokeDeviceRequest(device_id=device_id, reason=reason),
+            metadata=self.metadata, timeout=30,
+        )
+
+    def enroll(self, *, uses: int, ttl_s: float, label: str = "") -> fleet_pb2.CreateEnrollmentResponse:
+        """A new enrollment token (in the answer only: the coordinator keeps its hash)."""
+        return self.stub.CreateEnrollment(
+            fleet_pb2.CreateEnrollmentRequest(uses=uses, ttl_s=ttl_s, label=label),
+            metadata=self.metadata, timeout=30,
+        )
+
+    def enrollments(self) -> list[fleet_pb2.EnrollmentInfo]:
+        response = self.stub.ListEnrollments(
+            fleet_pb2.ListEnrollmentsRequest(), metadata=self.metadata, timeout=30
+        )
+        return list(response.enrollments)
+
+    def revoke_enrollment(self, enrollment_id: str) -> fleet_pb2.EnrollmentInfo:
+        return self.stub.RevokeEnrollment(
+            fleet_pb2.RevokeEnrollmentRequest(enrollment_id=enrollment_id),
+            metadata=self.metadata, timeout=30,
+        )

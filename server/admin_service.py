@@ -1,9 +1,12 @@
-"""The Admin gRPC service operators use: submit, inspect and watch jobs; list devices.
+"""The Admin gRPC service operators use: submit, inspect and watch jobs; list and revoke
+devices; issue, list and revoke enrollment tokens.
 
-Every call needs the admin token when one is configured (`authorization: Bearer T`).
-Job files are validated here too (not only by the CLI): a bad one is refused
-with INVALID_ARGUMENT and the JobSpecError text naming the field, and nothing
-is stored. WatchJob is a server stream driven by JobEvents, no polling.
+Every call needs the admin token (`authorization: Bearer T`) unless the coordinator
+runs without one (`--no-admin-token`). A wrong or missing token counts against the
+caller's failed-auth limit. Job files are validated here too (not only by the CLI):
+a bad one is refused with INVALID_ARGUMENT and the JobSpecError text naming the
+field, and nothing is stored. WatchJob is a server stream driven by JobEvents, no
+polling. Revocation lives here because only the daemon holds the device's stream.
 """
 
 from __future__ import annotations
@@ -16,15 +19,48 @@ import grpc
 
 from tinyfleet.common.jobspec import JobSpecError, parse_job_spec
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
-from tinyfleet.server.auth import bearer_token, token_matches
+from tinyfleet.server.auth import (
+    FailedAuthLimiter,
+    bearer_token,
+    hash_enrollment_token,
+    new_enrollment_id,
+    new_enrollment_token,
+    peer_host,
+    token_matches,
+)
 from tinyfleet.server.connections import ConnectionHub
+from tinyfleet.server.fleet_service import no_internal_errors, refuse_auth, refuse_if_blocked
 from tinyfleet.server.job_events import JobEvents
 from tinyfleet.server.job_runner import Eligibility
 from tinyfleet.server.job_strategy import build_strategy
 from tinyfleet.server.job_views import RoundsFollower, device_info, job_info
-from tinyfleet.server.repository import TERMINAL_STATES, Repository
+from tinyfleet.server.repository import TERMINAL_STATES, Device, Enrollment, Repository
 
 log = logging.getLogger(__name__)
+
+#: Bounds on what one enrollment token may do.
+MAX_ENROLLMENT_USES = 1_000_000
+MAX_ENROLLMENT_TTL_S = 366 * 24 * 3600.0
+MAX_LABEL_CHARS = 200
+
+
+def enrollment_info(enrollment: Enrollment) -> fleet_pb2.EnrollmentInfo:
+    return fleet_pb2.EnrollmentInfo(
+        enrollment_id=enrollment.id,
+        label=enrollment.label,
+        uses_total=enrollment.uses_total,
+        uses_left=enrollment.uses_left,
+        created_at=enrollment.created_at,
+        expires_at=enrollment.expires_at,
+        revoked=enrollment.revoked_at is not None,
+    )
+
+
+def admin_device_info(device: Device, connected: bool) -> fleet_pb2.DeviceInfo:
+    info = device_info(device, connected)
+    info.revoked = device.revoked_at is not None
+    info.revoked_reason = device.revoked_reason
+    return info
 
 
 class AdminService(fleet_pb2_grpc.AdminServicer):
@@ -37,6 +73,7 @@ class AdminService(fleet_pb2_grpc.AdminServicer):
         admin_token: str | None,
         on_submit: Callable[[], None],
         eligibility: Eligibility | None,
+        auth_failures: FailedAuthLimiter | None = None,
     ) -> None:
         self.repo = repo
         self.hub = hub
@@ -44,12 +81,16 @@ class AdminService(fleet_pb2_grpc.AdminServicer):
         self.admin_token = admin_token
         self.on_submit = on_submit
         self.eligibility = eligibility
+        self.auth_failures = auth_failures or FailedAuthLimiter()
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        peer = peer_host(context.peer())
+        await refuse_if_blocked(self.auth_failures, context, peer)
         if not token_matches(bearer_token(context.invocation_metadata()), self.admin_token):
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "admin token required (metadata `authorization: Bearer <token>`)",
+            await refuse_auth(
+                self.auth_failures, context, peer, grpc.StatusCode.UNAUTHENTICATED,
+                "admin token required (metadata `authorization: Bearer <token>`; the coordinator "
+                "wrote a generated one to DATA_DIR/admin-token)",
             )
 
     async def _follower(self, context: grpc.aio.ServicerContext, job_id: str) -> RoundsFollower:
@@ -67,6 +108,7 @@ class AdminService(fleet_pb2_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {follower.job_id}")
         return info
 
+    @no_internal_errors
     async def SubmitJob(
         self, request: fleet_pb2.SubmitJobRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.JobInfo:
@@ -91,12 +133,14 @@ class AdminService(fleet_pb2_grpc.AdminServicer):
         self.on_submit()
         return job_info(job, [])
 
+    @no_internal_errors
     async def GetJob(
         self, request: fleet_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.JobInfo:
         await self._authorize(context)
         return await self._job_info(context, await self._follower(context, request.job_id))
 
+    @no_internal_errors
     async def ListJobs(
         self, request: fleet_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.ListJobsResponse:
@@ -104,6 +148,7 @@ class AdminService(fleet_pb2_grpc.AdminServicer):
         jobs = await asyncio.to_thread(self.repo.list_jobs)
         return fleet_pb2.ListJobsResponse(jobs=[job_info(j, []) for j in jobs])
 
+    @no_internal_errors
     async def WatchJob(
         self, request: fleet_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[fleet_pb2.JobInfo]:
@@ -127,6 +172,7 @@ class AdminService(fleet_pb2_grpc.AdminServicer):
         finally:
             self.events.unsubscribe(queue)
 
+    @no_internal_errors
     async def ListDevices(
         self, request: fleet_pb2.ListDevicesRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.ListDevicesResponse:
@@ -134,5 +180,61 @@ class AdminService(fleet_pb2_grpc.AdminServicer):
         devices = await asyncio.to_thread(self.repo.list_devices)
         online = self.hub.online_nodes()
         return fleet_pb2.ListDevicesResponse(
-            devices=[device_info(d, d.node_id in online) for d in devices]
+            devices=[admin_device_info(d, d.node_id in online) for d in devices]
         )
+
+    @no_internal_errors
+    async def RevokeDevice(
+        self, request: fleet_pb2.RevokeDeviceRequest, context: grpc.aio.ServicerContext
+    ) -> fleet_pb2.DeviceInfo:
+        await self._authorize(context)
+        reason = request.reason.strip() or "revoked by the operator"
+        device = await asyncio.to_thread(self.repo.revoke_device, request.device_id, reason)
+        if device is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no device {request.device_id!r}")
+        closed = self.hub.revoke(device.device_id, f"device revoked: {reason}")
+        log.warning("device %s revoked (%s)%s", device.device_id, reason,
+                    "; its stream was closed" if closed else "")
+        return admin_device_info(device, connected=False)
+
+    @no_internal_errors
+    async def CreateEnrollment(
+        self, request: fleet_pb2.CreateEnrollmentRequest, context: grpc.aio.ServicerContext
+    ) -> fleet_pb2.CreateEnrollmentResponse:
+        await self._authorize(context)
+        if not 1 <= request.uses <= MAX_ENROLLMENT_USES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"uses must be between 1 and {MAX_ENROLLMENT_USES}, got {request.uses}")
+        if not 0 < request.ttl_s <= MAX_ENROLLMENT_TTL_S:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"ttl must be positive and at most 366 days, got {request.ttl_s:g} s")
+        if len(request.label) > MAX_LABEL_CHARS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"label is longer than {MAX_LABEL_CHARS} characters")
+        token = new_enrollment_token()
+        enrollment = await asyncio.to_thread(
+            self.repo.create_enrollment, new_enrollment_id(), hash_enrollment_token(token),
+            label=request.label, uses=request.uses, ttl_s=request.ttl_s,
+        )
+        log.info("enrollment %s (%r) issued: %d uses, %g s", enrollment.id, enrollment.label,
+                 enrollment.uses_total, request.ttl_s)
+        return fleet_pb2.CreateEnrollmentResponse(token=token, enrollment=enrollment_info(enrollment))
+
+    @no_internal_errors
+    async def ListEnrollments(
+        self, request: fleet_pb2.ListEnrollmentsRequest, context: grpc.aio.ServicerContext
+    ) -> fleet_pb2.ListEnrollmentsResponse:
+        await self._authorize(context)
+        enrollments = await asyncio.to_thread(self.repo.list_enrollments)
+        return fleet_pb2.ListEnrollmentsResponse(enrollments=[enrollment_info(e) for e in enrollments])
+
+    @no_internal_errors
+    async def RevokeEnrollment(
+        self, request: fleet_pb2.RevokeEnrollmentRequest, context: grpc.aio.ServicerContext
+    ) -> fleet_pb2.EnrollmentInfo:
+        await self._authorize(context)
+        enrollment = await asyncio.to_thread(self.repo.revoke_enrollment, request.enrollment_id)
+        if enrollment is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no enrollment {request.enrollment_id!r}")
+        log.info("enrollment %s revoked", enrollment.id)
+        return enrollment_info(enrollment)

@@ -1,9 +1,10 @@
-"""Device credentials and the admin token.
+"""Server-side authentication: the admin token, enrollment tokens, device-signed requests,
+and the per-peer limit on failed attempts.
 
-A device credential is 32 random bytes (urlsafe base64), shown to the agent once
-and stored only as its sha256: with that much entropy a slow password hash adds
-nothing, and a leaked database does not let anyone connect as a device.
-Comparisons are constant-time.
+Devices prove themselves with Ed25519 signatures (tinyfleet.common.device_keys); the
+coordinator keeps only their public keys, so a leaked database lets nobody act as a
+device. Enrollment tokens are 32 random bytes stored as their sha256: with that much
+entropy a slow password hash adds nothing. Token comparisons are constant-time.
 """
 
 from __future__ import annotations
@@ -11,22 +12,23 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
 
-_SCHEME = "sha256$"
+from tinyfleet.common.device_keys import REQUEST_WINDOW_S, SignedRequest
 
+ENROLLMENT_PREFIX = "tfe_"
+#: Failed authentications a peer may make within the window before it is refused outright.
+MAX_FAILURES = 10
+FAILURE_WINDOW_S = 60.0
+#: Peers (and accepted request signatures) remembered at most; the oldest are forgotten first.
+MAX_TRACKED = 10_000
 
-def new_credential() -> str:
-    return secrets.token_urlsafe(32)
-
-
-def hash_credential(credential: str) -> str:
-    return _SCHEME + hashlib.sha256(credential.encode("utf-8")).hexdigest()
-
-
-def verify_credential(credential: str, stored_hash: str) -> bool:
-    if not credential or not stored_hash.startswith(_SCHEME):
-        return False
-    return hmac.compare_digest(hash_credential(credential), stored_hash)
+#: (device id, signed message, signature) -> True when that device exists, is not revoked, and
+#: its current key made the signature.
+DeviceVerifier = Callable[[str, bytes, bytes], bool]
 
 
 def new_node_id() -> int:
@@ -35,6 +37,19 @@ def new_node_id() -> int:
         node_id = secrets.randbits(63)
         if node_id > 1:
             return node_id
+
+
+def new_enrollment_token() -> str:
+    return ENROLLMENT_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_enrollment_id() -> str:
+    """The public name of an enrollment (listed, revoked by it); not a secret."""
+    return secrets.token_hex(6)
+
+
+def hash_enrollment_token(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
 def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
@@ -48,15 +63,111 @@ def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
     return ""
 
 
-def metadata_value(metadata: tuple[tuple[str, str | bytes], ...] | None, name: str) -> str:
-    for key, value in metadata or ():
-        if key.lower() == name:
-            return value.decode() if isinstance(value, bytes) else value
-    return ""
-
-
 def token_matches(given: str, expected: str | None) -> bool:
-    """True when no admin token is configured, or `given` equals it."""
+    """True when `given` is the admin token, or when the coordinator runs without one
+    (`server start --no-admin-token`, a lab setting)."""
     if not expected:
         return True
     return bool(given) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def is_admin_token(given: str, expected: str | None) -> bool:
+    """True only for the configured admin token (never when there is none)."""
+    return bool(expected) and bool(given) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+def peer_host(peer: str) -> str:
+    """The address part of a gRPC peer ("ipv4:10.0.0.5:41000" -> "10.0.0.5", "ipv6:[::1]:7" -> "::1")."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv4":
+        return rest.rpartition(":")[0] or rest
+    if kind == "ipv6":
+        return rest.rpartition(":")[0].strip("[]") or rest
+    return peer
+
+
+class FailedAuthLimiter:
+    """After MAX_FAILURES failed authentications from one peer within the window, that peer is
+    refused without being checked until the oldest of those failures leaves the window.
+
+    Only failures count, so a good client is never slowed; refusals made while blocked do
+    not count either, so a peer that stops failing is let in again after one window.
+    """
+
+    def __init__(self, max_failures: int = MAX_FAILURES, window_s: float = FAILURE_WINDOW_S) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def retry_after(self, peer: str, now: float | None = None) -> float:
+        """Seconds until `peer` may try again; 0 when it may now."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            failures = self._failures.get(peer)
+            if failures is None:
+                return 0.0
+            while failures and failures[0] <= now - self.window_s:
+                failures.popleft()
+            if not failures:
+                del self._failures[peer]
+                return 0.0
+            if len(failures) < self.max_failures:
+                return 0.0
+            return failures[-self.max_failures] + self.window_s - now
+
+    def failed(self, peer: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            failures = self._failures.pop(peer, None) or deque(maxlen=self.max_failures)
+            failures.append(now)
+            self._failures[peer] = failures  # most recent last: the oldest peer is evicted first
+            while len(self._failures) > MAX_TRACKED:
+                self._failures.popitem(last=False)
+
+
+def too_many_failures(peer: str, wait_s: float) -> str:
+    return f"too many failed authentication attempts from {peer}; try again in {max(wait_s, 1):.0f} s"
+
+
+class ReplayGuard:
+    """Request signatures accepted within the clock window, so each one is accepted once."""
+
+    def __init__(self, window_s: float = REQUEST_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._seen: OrderedDict[bytes, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def first_use(self, signature: bytes, now: float) -> bool:
+        with self._lock:
+            # A signature outside the window is refused by its timestamp; keep twice the window.
+            while self._seen and (next(iter(self._seen.values())) < now or len(self._seen) > MAX_TRACKED):
+                self._seen.popitem(last=False)
+            if signature in self._seen:
+                return False
+            self._seen[signature] = now + 2 * self.window_s
+            return True
+
+
+def check_signed_request(
+    signed: SignedRequest,
+    method: str,
+    target: str,
+    body: bytes,
+    verify_device: DeviceVerifier,
+    replays: ReplayGuard,
+    now: float | None = None,
+) -> str | None:
+    """Why a device-signed request is refused, or None when it is good: its time is within the
+    window, the device's current key signed it, and the signature was not used before."""
+    now = time.time() if now is None else now
+    if abs(now - signed.timestamp) > replays.window_s:
+        return (
+            f"the request's timestamp {signed.timestamp} is more than {replays.window_s:g} s from the "
+            f"coordinator's clock ({now:.0f}); sign with the time the coordinator sent in Welcome"
+        )
+    if not verify_device(signed.device_id, signed.message(method, target, body), signed.signature):
+        return f"device {signed.device_id!r} is unknown, revoked, or did not sign this request with its key"
+    if not replays.first_use(signed.signature, now):
+        return "this request signature was already used (a replay); sign each request afresh"
+    return None

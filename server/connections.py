@@ -63,6 +63,7 @@ class ConnectionHub:
         self._listeners: list[HubListener] = []
         self._version = 0
         self._seen: dict[str, float] = {}
+        self._revoked: dict[str, str] = {}
 
     def add_listener(self, listener: HubListener) -> None:
         self._listeners.append(listener)
@@ -130,6 +131,28 @@ class ConnectionHub:
             return False
         session.put(frame)
         return True
+
+    # -- revocation (loop thread) ---------------------------------------------------
+    def revoke(self, device_id: str, reason: str) -> bool:
+        """Close the device's stream with `reason` and keep refusing it in this process, so a
+        handshake that read the device before the revocation committed cannot attach after;
+        True if a stream was open."""
+        with self._lock:
+            self._revoked[device_id] = reason
+            sessions = [s for s in self._sessions.values() if s.device_id == device_id]
+        for session in sessions:
+            session.close(reason)
+        return bool(sessions)
+
+    def revoked(self, device_id: str) -> str | None:
+        """The reason the device was revoked while this coordinator runs, or None."""
+        with self._lock:
+            return self._revoked.get(device_id)
+
+    def reinstate(self, device_id: str) -> None:
+        """The operator gave the device a new key: it may connect again."""
+        with self._lock:
+            self._revoked.pop(device_id, None)
 
     def close_all(self, reason: str, reconnect_after_s: float = 0.0) -> None:
         with self._lock:

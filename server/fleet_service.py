@@ -6,35 +6,61 @@ description judged on its own) and then group-committed (server/grouping.py): th
 share one SQL transaction, each with its device row and outbox row and its own answer.
 Bad input is answered with a status naming the problem and never takes the
 stream or the coordinator down: malformed descriptions
-(INVALID_ARGUMENT, nothing stored), wrong credentials (PERMISSION_DENIED on
-Register, UNAUTHENTICATED on Connect), unknown frame kinds (logged, ignored).
+(INVALID_ARGUMENT, nothing stored), refused registrations (PERMISSION_DENIED:
+no usable enrollment token, another device's key, revoked, replayed), a bad
+signature or proof (UNAUTHENTICATED), unknown frame kinds (logged, ignored).
+Every failed authentication counts against its peer (FailedAuthLimiter): past
+the limit the peer gets RESOURCE_EXHAUSTED until its window passes. Errors the
+code did not foresee are logged and answered INTERNAL without their details.
+
+Devices authenticate with their Ed25519 keys (tinyfleet.common.device_keys):
+Register is signed over the request, Connect proves the key by signing a nonce
+drawn for that stream (the Challenge frame comes first), GetArtifact carries a
+signed request in its metadata.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
+import inspect
 import logging
-from collections.abc import AsyncIterator
-from typing import Any
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import grpc
 import sqlalchemy as sa
 
+from tinyfleet.common.device_keys import (
+    SignedRequest,
+    connect_message,
+    new_nonce,
+    register_message,
+    verify,
+)
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
 from tinyfleet.server.artifacts import ArtifactNotFoundError, ArtifactStore
 from tinyfleet.server.auth import (
+    FailedAuthLimiter,
+    ReplayGuard,
     bearer_token,
-    hash_credential,
-    metadata_value,
-    new_credential,
+    check_signed_request,
+    hash_enrollment_token,
+    is_admin_token,
     new_node_id,
-    token_matches,
-    verify_credential,
+    peer_host,
+    too_many_failures,
 )
 from tinyfleet.server.connections import ConnectionHub, Session
-from tinyfleet.server.descriptions import DescribeDevices, DescriptionError
+from tinyfleet.server.descriptions import (
+    LARGE_DESCRIPTION_BYTES,
+    DescribeDevices,
+    DescriptionError,
+    refusal_details,
+    unprocessable,
+)
 from tinyfleet.server.grouping import GroupRunner
 from tinyfleet.server.repository import (
     DeviceRegistration,
@@ -51,6 +77,70 @@ DEFAULT_CHUNK = 256 * 1024
 #: A stream that sends nothing (no heartbeat) for this many heartbeat intervals is closed.
 MISSED_HEARTBEATS = 3
 
+Handler = TypeVar("Handler", bound=Callable[..., Any])
+
+
+def no_internal_errors(method: Handler) -> Handler:
+    """Answer an exception the handler did not foresee with INTERNAL and a neutral message, and
+    log it here: grpc's default (UNKNOWN, "Unexpected <class ...>: ...") hands clients the
+    exception's class and text, which may hold SQL or paths."""
+    name = method.__name__
+
+    async def fail(context: grpc.aio.ServicerContext) -> None:
+        log.exception("%s failed", name)
+        await context.abort(
+            grpc.StatusCode.INTERNAL, f"internal error in {name}; the coordinator's log has the details"
+        )
+
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                await fail(context)
+
+        return stream  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            await fail(context)
+
+    return unary  # type: ignore[return-value]
+
+
+async def refuse_if_blocked(
+    limiter: FailedAuthLimiter, context: grpc.aio.ServicerContext, peer: str
+) -> None:
+    """RESOURCE_EXHAUSTED, before any check runs, for a peer past its failed-auth limit."""
+    wait_s = limiter.retry_after(peer)
+    if wait_s > 0:
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, too_many_failures(peer, wait_s),
+            trailing_metadata=(("retry-after", f"{max(wait_s, 1):.0f}"),),
+        )
+
+
+async def refuse_auth(
+    limiter: FailedAuthLimiter,
+    context: grpc.aio.ServicerContext,
+    peer: str,
+    code: grpc.StatusCode,
+    message: str,
+) -> None:
+    """Count a failed authentication against `peer`, log it, and abort with `message`."""
+    limiter.failed(peer)
+    log.warning("authentication refused for %s: %s", peer, message)
+    await context.abort(code, message)
+
 
 class FleetService(fleet_pb2_grpc.FleetServicer):
     def __init__(
@@ -63,6 +153,8 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         admin_token: str | None,
         heartbeat_interval_s: float,
         max_message_bytes: int,
+        open_enrollment: bool = False,
+        auth_failures: FailedAuthLimiter | None = None,
     ) -> None:
         self.repo = repo
         self.hub = hub
@@ -70,87 +162,140 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         self.admin_token = admin_token
         self.heartbeat_interval_s = heartbeat_interval_s
         self.max_message_bytes = max_message_bytes
+        #: Lab setting: new devices join without an enrollment token.
+        self.open_enrollment = open_enrollment
+        self.auth_failures = auth_failures or FailedAuthLimiter()
+        self._replays = ReplayGuard()
         self._liveness_locks: dict[str, asyncio.Lock] = {}
         # Concurrent Register calls are validated together (each judged on its own), then
         # committed together: one SHACL run and one SQL transaction for a group.
+        # What one description raises fails it alone (isolate_failures). Large descriptions (SHACL
+        # takes up to about a second) are validated one at a time in a lane of their own, so they
+        # never hold up a group of small ones.
         self._validations: GroupRunner[tuple[bytes, str], tuple[str, bytes]] = GroupRunner(
-            describe, max_group=64, name="register-validate"
+            describe, max_group=64, name="register-validate", isolate_failures=True
+        )
+        self._large_validations: GroupRunner[tuple[bytes, str], tuple[str, bytes]] = GroupRunner(
+            describe, max_group=1, name="register-validate-large", isolate_failures=True
         )
         self._registrations: GroupRunner[DeviceRegistration, Registered] = GroupRunner(
             repo.register_devices, name="register-commit"
         )
 
+    async def _admin(self, context: grpc.aio.ServicerContext, peer: str) -> bool:
+        """True when the caller sent the admin token; a wrong one is a failed authentication."""
+        token = bearer_token(context.invocation_metadata())
+        if not token:
+            return False
+        if not is_admin_token(token, self.admin_token):
+            await refuse_auth(self.auth_failures, context, peer, grpc.StatusCode.UNAUTHENTICATED,
+                              "wrong admin token")
+        return True
+
     # -- Register ----------------------------------------------------------------
+    @no_internal_errors
     async def Register(
         self, request: fleet_pb2.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.RegisterResponse:
+        peer = peer_host(context.peer())
+        await refuse_if_blocked(self.auth_failures, context, peer)
+        admin = await self._admin(context, peer)
+        public_key, signature = bytes(request.public_key), bytes(request.signature)
+        signed = register_message(
+            public_key, bytes(request.description), request.media_type, request.sequence,
+            request.enrollment_token,
+        )
+        if not verify(public_key, signature, signed):
+            await refuse_auth(
+                self.auth_failures, context, peer, grpc.StatusCode.UNAUTHENTICATED,
+                "Register needs the device's Ed25519 public key and its signature of the request "
+                "(tinyfleet.common.device_keys.register_message); this one has none or it does not verify",
+            )
+        description = bytes(request.description)
+        lane = self._large_validations if len(description) > LARGE_DESCRIPTION_BYTES else self._validations
         try:
             # Off the event loop: SHACL validation takes milliseconds per description.
-            device_id, normalized = await self._validations.submit(
-                (bytes(request.description), request.media_type)
-            )
-        except DescriptionError as exc:
+            device_id, normalized = await lane.submit((description, request.media_type))
+        except Exception as exc:  # this description's own failure (the lanes isolate items)
             # The registry's validator lists every problem as {path, message}: sent as JSON
             # in the trailing metadata entry "validation-errors".
-            errors = getattr(exc, "errors", None)
-            trailer = (("validation-errors", json.dumps(errors)),) if errors else ()
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"invalid description: {exc}", trailing_metadata=trailer
-            )
-        is_admin = bool(self.admin_token) and token_matches(
-            bearer_token(context.invocation_metadata()), self.admin_token
-        )
-        credential, fresh = request.credential, new_credential()
+            refusal = exc if isinstance(exc, DescriptionError) else unprocessable(exc)
+            message, trailer = refusal_details(refusal)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message, trailing_metadata=trailer)
+        token = request.enrollment_token
         try:
             outcome = await self._registrations.submit(DeviceRegistration(
                 device_id=device_id, description=normalized, media_type=request.media_type,
-                node_id=new_node_id(), credential_hash=hash_credential(fresh),
-                may_replace=lambda device: is_admin or verify_credential(credential, device.credential_hash),
+                node_id=new_node_id(), public_key=public_key, sequence=request.sequence,
+                enrollment_hash=hash_enrollment_token(token) if token else "", admin=admin,
+                open_enrollment=self.open_enrollment,
             ))
         except RegistrationRefused as exc:
-            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            await refuse_auth(self.auth_failures, context, peer, grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except RegistrationConflict as exc:
             await context.abort(grpc.StatusCode.ABORTED, str(exc))
-        except sa.exc.DataError as exc:  # e.g. a value longer than its column (PostgreSQL)
+        except sa.exc.DataError:  # e.g. a value longer than its column (PostgreSQL)
+            log.exception("the database refused the registration of %s", device_id)
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"the database refused the registration of {device_id!r}: {exc.orig}",
+                f"the registration of {device_id!r} has a value the database cannot store "
+                "(e.g. a media type longer than 64 characters)",
             )
-        except sa.exc.SQLAlchemyError as exc:
-            log.error("registration of %s not stored: %s", device_id, exc)
+        except sa.exc.SQLAlchemyError:
+            log.exception("registration of %s not stored", device_id)
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, f"could not store the registration of {device_id!r}; try again"
             )
-        if not outcome.created:
-            return fleet_pb2.RegisterResponse(
-                device_id=device_id, node_id=outcome.device.node_id, created=False
-            )
-        log.info("registered device %s as node %d", device_id, outcome.device.node_id)
+        if admin:
+            self.hub.reinstate(device_id)  # a re-keyed device may connect again
+        if outcome.created:
+            log.info("registered device %s as node %d", device_id, outcome.device.node_id)
         return fleet_pb2.RegisterResponse(
-            device_id=device_id, node_id=outcome.device.node_id, credential=fresh, created=True
+            device_id=device_id, node_id=outcome.device.node_id, created=outcome.created
         )
 
     def close(self) -> None:
         """Let the registration groups in flight finish."""
         self._validations.close()
+        self._large_validations.close()
         self._registrations.close()
 
     # -- Connect -----------------------------------------------------------------
+    @no_internal_errors
     async def Connect(
         self, request_iterator: AsyncIterator[fleet_pb2.AgentFrame], context: grpc.aio.ServicerContext
     ) -> None:
+        peer = peer_host(context.peer())
+        await refuse_if_blocked(self.auth_failures, context, peer)
+        nonce = new_nonce()
+        await context.write(fleet_pb2.CoordinatorFrame(challenge=fleet_pb2.Challenge(nonce=nonce)))
         try:
             first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT_S)
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello frame received")
         if first is grpc.aio.EOF or first.WhichOneof("kind") != "hello":
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "the first frame must be hello")
+            await refuse_auth(self.auth_failures, context, peer, grpc.StatusCode.UNAUTHENTICATED,
+                              "the first frame must be hello, signed over the challenge")
         hello = first.hello
         device = await asyncio.to_thread(self.repo.get_device, hello.device_id)
-        if device is None or not verify_credential(hello.credential, device.credential_hash):
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"unknown device {hello.device_id!r} or wrong credential",
+        if (
+            device is None or device.public_key is None
+            or not verify(device.public_key, hello.signature, connect_message(nonce, hello.device_id))
+        ):
+            await refuse_auth(
+                self.auth_failures, context, peer, grpc.StatusCode.UNAUTHENTICATED,
+                f"device {hello.device_id!r} is unknown, has no key, or its hello is not signed by "
+                "that key over this stream's challenge",
+            )
+        # No await from here to attach: a revocation either came first (refused here) or
+        # comes after and finds the session to close.
+        revoked = self.hub.revoked(device.device_id)
+        if revoked is None and device.revoked_at is not None:
+            revoked = device.revoked_reason
+        if revoked is not None:
+            await refuse_auth(
+                self.auth_failures, context, peer, grpc.StatusCode.PERMISSION_DENIED,
+                f"device {device.device_id!r} was revoked" + (f": {revoked}" if revoked else ""),
             )
         loop = asyncio.get_running_loop()
         session = Session(device_id=device.device_id, node_id=device.node_id, loop=loop)
@@ -163,6 +308,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             node_id=device.node_id,
             heartbeat_interval_s=self.heartbeat_interval_s,
             max_message_bytes=self.max_message_bytes,
+            server_time=time.time(),
         )))
         reader = asyncio.create_task(self._read_frames(session, context))
         try:
@@ -221,15 +367,15 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             log.warning("node %d sent an unknown frame kind; ignored", session.node_id)
 
     # -- GetArtifact ---------------------------------------------------------------
+    @no_internal_errors
     async def GetArtifact(
         self, request: fleet_pb2.GetArtifactRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[fleet_pb2.ArtifactChunk]:
-        metadata = context.invocation_metadata()
-        if not await self._may_download(metadata):
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "GetArtifact needs x-device-id and x-credential metadata (or the admin token)",
-            )
+        peer = peer_host(context.peer())
+        await refuse_if_blocked(self.auth_failures, context, peer)
+        refusal = await self._download_refusal(context.invocation_metadata(), request)
+        if refusal is not None:
+            await refuse_auth(self.auth_failures, context, peer, grpc.StatusCode.UNAUTHENTICATED, refusal)
         sha = request.sha256.lower()
         try:
             total = await asyncio.to_thread(self.store.size, sha)
@@ -246,13 +392,22 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             yield fleet_pb2.ArtifactChunk(offset=offset, data=data, total_size=total, sha256=sha)
             offset += len(data)
 
-    async def _may_download(self, metadata: Any) -> bool:
+    async def _download_refusal(self, metadata: Any, request: fleet_pb2.GetArtifactRequest) -> str | None:
+        """Why this download is refused, or None: the admin token, or a request the device signed
+        (method "GetArtifact", target the sha256 as requested, no body)."""
         token = bearer_token(metadata)
-        if self.admin_token and token and token_matches(token, self.admin_token):
-            return True
-        device_id = metadata_value(metadata, "x-device-id")
-        credential = metadata_value(metadata, "x-credential")
-        if not device_id or not credential:
-            return False
-        device = await asyncio.to_thread(self.repo.get_device, device_id)
-        return device is not None and verify_credential(credential, device.credential_hash)
+        if token:
+            return None if is_admin_token(token, self.admin_token) else "wrong admin token"
+        signed = SignedRequest.from_metadata(metadata)
+        if signed is None:
+            return ("GetArtifact needs the admin token or a device-signed request "
+                    "(metadata x-device-id, x-device-time, x-device-nonce, x-device-signature)")
+        device = await asyncio.to_thread(self.repo.get_device, signed.device_id)
+
+        def by_its_key(device_id: str, message: bytes, signature: bytes) -> bool:
+            return (
+                device is not None and device.public_key is not None and device.revoked_at is None
+                and self.hub.revoked(device_id) is None and verify(device.public_key, signature, message)
+            )
+
+        return check_signed_request(signed, "GetArtifact", request.sha256, b"", by_its_key, self._replays)

@@ -7,11 +7,16 @@ transaction so the registry can project them into RDF later; so does every new
 artifact (kind "artifact.created": job, round, parent, size, encoding, metrics) and every
 imported document (kind "document.imported": published descriptions the registry re-derives
 its graphs from, so a rebuild from SQL keeps them).
+
+Who may register is decided here too, inside the transaction that creates the device: a
+new device consumes one use of its enrollment token in the same commit, so a token can
+never enroll more devices than it has uses, whatever runs concurrently.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +29,7 @@ from tinyfleet.common.failpoints import failpoint
 from tinyfleet.server.schema import (
     artifacts,
     devices,
+    enrollments,
     imported_documents,
     jobs,
     node_results,
@@ -43,12 +49,11 @@ class DeviceExistsError(Exception):
 
 
 class RegistrationRefused(Exception):
-    """A re-registration its caller may not make (the device exists; wrong or no credential)."""
+    """A registration its caller may not make: no usable enrollment token for a new device,
+    another device's key, a revoked device, a replayed request. The message says which."""
 
-    def __init__(self, device_id: str) -> None:
-        super().__init__(
-            f"device {device_id!r} is already registered; re-registering needs its credential"
-        )
+    def __init__(self, device_id: str, reason: str) -> None:
+        super().__init__(reason)
         self.device_id = device_id
 
 
@@ -60,13 +65,41 @@ class RegistrationConflict(Exception):
 class Device:
     device_id: str
     node_id: int
-    credential_hash: str
     description: bytes
     media_type: str
     registered_at: float
     updated_at: float
     last_seen: float | None
     online: bool
+    public_key: bytes | None = None
+    register_seq: int = 0
+    enrollment_id: str | None = None
+    revoked_at: float | None = None
+    revoked_reason: str = ""
+
+
+@dataclass(frozen=True)
+class Enrollment:
+    """An enrollment token as stored (its hash stays in SQL; the token itself nowhere)."""
+
+    id: str
+    label: str
+    uses_total: int
+    uses_left: int
+    created_at: float
+    expires_at: float
+    revoked_at: float | None
+
+    def refusal(self, now: float, taken: int = 0) -> str | None:
+        """Why this token cannot enroll one more device (with `taken` uses already spoken for)."""
+        if self.revoked_at is not None:
+            return f"enrollment token {self.id} was revoked"
+        if self.expires_at <= now:
+            when = dt.datetime.fromtimestamp(self.expires_at, dt.UTC).isoformat(timespec="seconds")
+            return f"enrollment token {self.id} expired at {when}"
+        if self.uses_left - taken <= 0:
+            return f"enrollment token {self.id} has no uses left (all {self.uses_total} taken)"
+        return None
 
 
 @dataclass(frozen=True)
@@ -140,15 +173,20 @@ class ImportedDocument:
 @dataclass(frozen=True)
 class DeviceRegistration:
     """One Register call for `Repository.register_devices`: the (validated) description, the
-    node id and credential hash a new device gets, and whether the caller may replace the
-    description of a device that exists (its credential or the admin token)."""
+    node id a new device gets, the device key whose signature the caller checked, with its
+    sequence number, and what entitles a new device to join: the sha256 of an enrollment
+    token (or ""), the admin token (`admin`, which may also re-key a device), or a
+    coordinator in open enrollment."""
 
     device_id: str
     description: bytes
     media_type: str
     node_id: int
-    credential_hash: str
-    may_replace: Callable[[Device], bool]
+    public_key: bytes
+    sequence: int
+    enrollment_hash: str = ""
+    admin: bool = False
+    open_enrollment: bool = False
 
 
 @dataclass(frozen=True)
@@ -158,7 +196,56 @@ class Registered:
 
 
 def _device(row: Mapping[str, Any]) -> Device:
-    return Device(**{k: row[k] for k in Device.__dataclass_fields__})
+    values = {k: row[k] for k in Device.__dataclass_fields__}
+    if values["public_key"] is not None:
+        values["public_key"] = bytes(values["public_key"])  # PostgreSQL drivers may give a memoryview
+    return Device(**values)
+
+
+def _enrollment(row: Mapping[str, Any]) -> Enrollment:
+    return Enrollment(**{k: row[k] for k in Enrollment.__dataclass_fields__})
+
+
+def _admission(
+    item: DeviceRegistration,
+    existing: Device | None,
+    token: Enrollment | None,
+    taken: int,
+    now: float,
+) -> str | None:
+    """Why `item` may not be registered, or None. `token` is the enrollment its hash names
+    (None if it names none) and `taken` the uses of it earlier items of the group took."""
+    device_id = item.device_id
+    if existing is not None:
+        same_key = existing.public_key == item.public_key
+        if existing.revoked_at is not None and (same_key or not item.admin):
+            why = f": {existing.revoked_reason}" if existing.revoked_reason else ""
+            return f"device {device_id!r} was revoked{why}; the coordinator refuses it"
+        if existing.public_key is not None:
+            if same_key:
+                if item.sequence <= existing.register_seq:
+                    return (
+                        f"registration sequence {item.sequence} of {device_id!r} is not above "
+                        f"{existing.register_seq}, the last one accepted: a replayed or stale request"
+                    )
+                return None
+            if item.admin:
+                return None  # the operator re-keys the device
+            return (
+                f"device {device_id!r} is registered with another key; "
+                "only the admin token can give it a new one"
+            )
+    # A new device, or one that exists without a key (made by an admin's PUT /things).
+    if item.admin or item.open_enrollment:
+        return None
+    if not item.enrollment_hash:
+        return (
+            f"registering new device {device_id!r} needs an enrollment token "
+            "(tinyfleet server enroll; agent run --enroll-token)"
+        )
+    if token is None:
+        return "the enrollment token is not one this coordinator issued"
+    return token.refusal(now, taken)
 
 
 def _described(values: Mapping[str, Any], node_id: int | None = None) -> dict[str, Any]:
@@ -193,29 +280,24 @@ class Repository:
         self,
         device_id: str,
         node_id: int,
-        credential_hash: str,
         description: bytes,
         media_type: str,
+        public_key: bytes | None = None,
     ) -> Device:
+        """A device row made without a Register call (an admin's PUT /things): without a key,
+        its agent claims it later with an enrollment token or the admin token."""
         now = time.time()
-        values = {
-            "device_id": device_id,
-            "node_id": node_id,
-            "credential_hash": credential_hash,
-            "description": description,
-            "media_type": media_type,
-            "registered_at": now,
-            "updated_at": now,
-            "last_seen": None,
-            "online": False,
-        }
+        device = Device(
+            device_id=device_id, node_id=node_id, description=description, media_type=media_type,
+            registered_at=now, updated_at=now, last_seen=None, online=False, public_key=public_key,
+        )
         try:
             with self.engine.begin() as conn:
-                conn.execute(devices.insert().values(**values))
-                self._outbox(conn, "device.registered", device_id, _described(values, node_id))
+                conn.execute(devices.insert().values(**device.__dict__))
+                self._outbox(conn, "device.registered", device_id, _described(device.__dict__, node_id))
         except sa.exc.IntegrityError as exc:
             raise DeviceExistsError(device_id) from exc
-        return Device(**values)
+        return device
 
     def delete_device(self, device_id: str) -> bool:
         """Forget a device (the registry directory's DELETE); False if it was not there."""
@@ -241,11 +323,11 @@ class Repository:
         """Create or re-describe many devices in ONE transaction (one commit, so concurrent
         registrations share one fsync), each with its outbox row, in the order given.
 
-        One result per item: Registered, or RegistrationRefused (its caller may not replace
-        the description; nothing written for it). If the group's transaction fails (a
-        concurrent writer took a device or node id, a value the database refuses), none of it
-        is kept and each item is retried in a transaction of its own, so only the item at
-        fault gets an error.
+        One result per item: Registered, or RegistrationRefused (see `_admission`; nothing
+        written for it). A new device takes one use of its enrollment token, in this
+        transaction. If the group's transaction fails (a concurrent writer took a device or
+        node id, a value the database refuses), none of it is kept and each item is retried
+        in a transaction of its own, so only the item at fault gets an error.
         """
         try:
             results = self._register_group(batch)
@@ -282,27 +364,47 @@ class Repository:
                 row.device_id: _device(row._mapping)
                 for row in conn.execute(sa.select(devices).where(devices.c.device_id.in_(wanted)))
             }
+            hashes = sorted({item.enrollment_hash for item in batch if item.enrollment_hash})
+            tokens = {
+                row.token_hash: _enrollment(row._mapping)
+                for row in conn.execute(
+                    # Locked (PostgreSQL) so concurrent groups cannot both take a token's last use.
+                    sa.select(enrollments).where(enrollments.c.token_hash.in_(hashes)).with_for_update()
+                )
+            } if hashes else {}
+            taken: dict[str, int] = {}
             new: dict[str, Device] = {}
             changed: dict[str, Device] = {}
             events: list[dict[str, Any]] = []
             for item in batch:
                 existing = current.get(item.device_id)
-                if existing is not None and not item.may_replace(existing):
-                    results.append(RegistrationRefused(item.device_id))
+                token = tokens.get(item.enrollment_hash)
+                refusal = _admission(item, existing, token, taken.get(token.id, 0) if token else 0, now)
+                if refusal is not None:
+                    results.append(RegistrationRefused(item.device_id, refusal))
                     continue
+                # Enrolled now: a new device, or one claimed by its first key, with a token.
+                enrolled = (existing is None or existing.public_key is None) and not (
+                    item.admin or item.open_enrollment
+                )
+                enrollment_id = token.id if enrolled and token is not None else None
+                if enrollment_id is not None:
+                    taken[enrollment_id] = taken.get(enrollment_id, 0) + 1
                 if existing is None:
                     device = Device(
-                        device_id=item.device_id, node_id=item.node_id,
-                        credential_hash=item.credential_hash, description=item.description,
+                        device_id=item.device_id, node_id=item.node_id, description=item.description,
                         media_type=item.media_type, registered_at=now, updated_at=now,
-                        last_seen=None, online=False,
+                        last_seen=None, online=False, public_key=item.public_key,
+                        register_seq=item.sequence, enrollment_id=enrollment_id,
                     )
                     new[item.device_id] = device
                     kind, payload = "device.registered", _described(device.__dict__, item.node_id)
                 else:
                     device = dataclasses.replace(
                         existing, description=item.description, media_type=item.media_type,
-                        updated_at=now,
+                        updated_at=now, public_key=item.public_key, register_seq=item.sequence,
+                        enrollment_id=enrollment_id or existing.enrollment_id,
+                        revoked_at=None, revoked_reason="",
                     )
                     (new if item.device_id in new else changed)[item.device_id] = device
                     kind, payload = "device.updated", _described(device.__dict__)
@@ -314,23 +416,69 @@ class Repository:
             if new:
                 conn.execute(devices.insert(), [d.__dict__ for d in new.values()])
             if changed:
+                columns = ("description", "media_type", "updated_at", "public_key", "register_seq",
+                           "enrollment_id", "revoked_at", "revoked_reason")
                 conn.execute(
                     devices.update()
                     .where(devices.c.device_id == sa.bindparam("did"))
-                    .values(
-                        description=sa.bindparam("description"),
-                        media_type=sa.bindparam("media_type"),
-                        updated_at=sa.bindparam("updated_at"),
-                    ),
+                    .values({c: sa.bindparam(f"new_{c}") for c in columns}),
                     [
-                        {"did": d.device_id, "description": d.description,
-                         "media_type": d.media_type, "updated_at": d.updated_at}
+                        {"did": d.device_id, **{f"new_{c}": getattr(d, c) for c in columns}}
                         for d in changed.values()
                     ],
+                )
+            for enrollment_id, uses in taken.items():
+                conn.execute(
+                    enrollments.update().where(enrollments.c.id == enrollment_id)
+                    .values(uses_left=enrollments.c.uses_left - uses)
                 )
             if events:  # executemany inserts in list order: sequence numbers follow the calls
                 conn.execute(outbox.insert(), events)
         return results
+
+    def revoke_device(self, device_id: str, reason: str) -> Device | None:
+        """Refuse the device's key from now on (the caller closes its stream); None if unknown."""
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(devices).where(devices.c.device_id == device_id)).first()
+            if row is None:
+                return None
+            device = dataclasses.replace(
+                _device(row._mapping), revoked_at=time.time(), revoked_reason=reason
+            )
+            conn.execute(
+                devices.update().where(devices.c.device_id == device_id)
+                .values(revoked_at=device.revoked_at, revoked_reason=reason)
+            )
+        return device
+
+    # -- enrollment tokens -------------------------------------------------------
+    def create_enrollment(
+        self, enrollment_id: str, token_hash: str, *, label: str, uses: int, ttl_s: float
+    ) -> Enrollment:
+        now = time.time()
+        enrollment = Enrollment(
+            id=enrollment_id, label=label, uses_total=uses, uses_left=uses, created_at=now,
+            expires_at=now + ttl_s, revoked_at=None,
+        )
+        with self.engine.begin() as conn:
+            conn.execute(enrollments.insert().values(token_hash=token_hash, **enrollment.__dict__))
+        return enrollment
+
+    def list_enrollments(self) -> list[Enrollment]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(enrollments).order_by(enrollments.c.created_at)).all()
+        return [_enrollment(r._mapping) for r in rows]
+
+    def revoke_enrollment(self, enrollment_id: str) -> Enrollment | None:
+        """No further device can enroll with it (those it enrolled stay); None if unknown."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                enrollments.update()
+                .where(enrollments.c.id == enrollment_id, enrollments.c.revoked_at.is_(None))
+                .values(revoked_at=time.time())
+            )
+            row = conn.execute(sa.select(enrollments).where(enrollments.c.id == enrollment_id)).first()
+        return _enrollment(row._mapping) if row else None
 
     def set_online(self, device_id: str, online: bool) -> None:
         now = time.time()

@@ -17,13 +17,34 @@ devices = sa.Table(
     metadata,
     sa.Column("device_id", sa.String(512), primary_key=True),
     sa.Column("node_id", sa.BigInteger, nullable=False, unique=True),
-    sa.Column("credential_hash", sa.String(128), nullable=False),
     sa.Column("description", sa.LargeBinary, nullable=False),
     sa.Column("media_type", sa.String(64), nullable=False),
     sa.Column("registered_at", sa.Double, nullable=False),
     sa.Column("updated_at", sa.Double, nullable=False),
     sa.Column("last_seen", sa.Double, nullable=True),
     sa.Column("online", sa.Boolean, nullable=False, server_default=sa.false()),
+    # Ed25519 public key (32 bytes); NULL until an agent claims a device created another way
+    # (an admin's PUT /things, or a database from before device keys).
+    sa.Column("public_key", sa.LargeBinary, nullable=True),
+    # Highest Register sequence number accepted with that key (replay protection).
+    sa.Column("register_seq", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("enrollment_id", sa.String(32), nullable=True),
+    sa.Column("revoked_at", sa.Double, nullable=True),
+    sa.Column("revoked_reason", sa.Text, nullable=False, server_default=""),
+)
+
+enrollments = sa.Table(
+    "enrollments",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    # sha256 of the token: it has 256 bits of entropy, so a slow hash would add nothing.
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("label", sa.String(200), nullable=False, server_default=""),
+    sa.Column("uses_total", sa.Integer, nullable=False),
+    sa.Column("uses_left", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("expires_at", sa.Double, nullable=False),
+    sa.Column("revoked_at", sa.Double, nullable=True),
 )
 
 jobs = sa.Table(

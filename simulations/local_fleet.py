@@ -4,7 +4,9 @@ The demo, the round-latency benchmark and the end-to-end tests all need the same
 thing: start `tinyfleet server start` on ephemeral ports, wait until it has
 written its `server.json`, start agents with their own state dirs and data
 streams, talk to the Admin service, and stop every process by its PID however
-the caller exits.
+the caller exits. The fleet is set up as an operator would: the coordinator
+requires an admin token (its generated DATA_DIR/admin-token unless one is given)
+and every agent joins with its own single-use enrollment token.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class AgentProcess:
     state_dir: Path
     log_path: Path
     process: subprocess.Popen[bytes]
+    enroll_token: str
 
 
 def _tail(path: Path, lines: int = 30) -> str:
@@ -67,6 +70,7 @@ class LocalFleet:
         db_url: str | None = None,
         server_args: Sequence[str] = (),
         agent_args: Sequence[str] = (),
+        ca: Path | None = None,
         verbose: bool = False,
     ) -> None:
         self.root = Path(root)
@@ -76,6 +80,7 @@ class LocalFleet:
         self.db_url = db_url
         self.server_args = list(server_args)
         self.agent_args = list(agent_args)
+        self.ca = ca  # the CA that signed a TLS coordinator's certificate (admin client side)
         self.verbose = verbose
         self.server: subprocess.Popen[bytes] | None = None
         self.server_info: dict[str, object] = {}
@@ -93,7 +98,9 @@ class LocalFleet:
         self.close()
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        # The fleet passes its own tokens; an operator's from the environment would override them.
+        tokens = ("TINYFLEET_ADMIN_TOKEN", "TINYFLEET_ENROLL_TOKEN")
+        env = {k: v for k, v in os.environ.items() if k not in tokens}
         env["FLWR_TELEMETRY_ENABLED"] = "0"
         env["PYTHONUNBUFFERED"] = "1"
         # Many processes on few cores: one intra-op thread each keeps them from thrashing.
@@ -138,7 +145,13 @@ class LocalFleet:
         self.server_info = json.loads(ready.read_text())
         self._listen_port = int(str(self.server_info["listen"]).rsplit(":", 1)[1])
         self._http_port = int(str(self.server_info["http"]).rsplit(":", 1)[1])
+        if self.admin_token is None:  # the coordinator generated one (mode 0600) for its operator
+            self.admin_token = (self.data_dir / "admin-token").read_text().strip()
         return self.server_info
+
+    def enroll(self, uses: int = 1, label: str = "", ttl_s: float = 24 * 3600.0) -> str:
+        """A new enrollment token from the coordinator."""
+        return str(self.admin().enroll(uses=uses, ttl_s=ttl_s, label=label).token)
 
     @property
     def address(self) -> str:
@@ -158,19 +171,23 @@ class LocalFleet:
         device_file = state_dir / "device.td.json"
         device_file.write_text(json.dumps(minimal_thing_description(device_id), indent=2))
         log_path = self.logs / f"agent-{index}.log"
-        process = self._spawn_agent(state_dir, data, log_path)
-        agent = AgentProcess(index, device_id, data, state_dir, log_path, process)
+        token = self.enroll(label=f"local fleet agent-{index}")
+        process = self._spawn_agent(state_dir, data, log_path, token)
+        agent = AgentProcess(index, device_id, data, state_dir, log_path, process, token)
         self.agents.append(agent)
         return agent
 
     def restart_agent(self, agent: AgentProcess, sig: signal.Signals = signal.SIGKILL) -> None:
-        """Kill an agent and start it again on its state dir: same identity and credential, but
-        everything it held in memory (its Flower Context, its stream's position) is gone."""
+        """Kill an agent and start it again on its state dir: same identity and key (its used
+        enrollment token is ignored), but everything it held in memory (its Flower Context, its
+        stream's position) is gone."""
         agent.process.send_signal(sig)
         agent.process.wait(30)
-        agent.process = self._spawn_agent(agent.state_dir, agent.data, agent.log_path)
+        agent.process = self._spawn_agent(agent.state_dir, agent.data, agent.log_path, agent.enroll_token)
 
-    def _spawn_agent(self, state_dir: Path, data: str, log_path: Path) -> subprocess.Popen[bytes]:
+    def _spawn_agent(
+        self, state_dir: Path, data: str, log_path: Path, enroll_token: str
+    ) -> subprocess.Popen[bytes]:
         cmd = [
             *self._cli(),
             "agent",
@@ -185,8 +202,9 @@ class LocalFleet:
             data,
             *self.agent_args,
         ]
+        env = {**self._env(), "TINYFLEET_ENROLL_TOKEN": enroll_token}
         with log_path.open("ab") as log:
-            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self._env())
+            return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def start_agents(self, data_specs: Sequence[str]) -> list[AgentProcess]:
         return [self.start_agent(spec) for spec in data_specs]
@@ -224,7 +242,7 @@ class LocalFleet:
     def admin(self) -> AdminClient:
         """The operator's client for this fleet's coordinator (reconnects after a restart)."""
         if self._admin is None:
-            self._admin = AdminClient(self.address, admin_token=self.admin_token)
+            self._admin = AdminClient(self.address, admin_token=self.admin_token, ca=self.ca)
         return self._admin
 
     def submit(self, spec_toml: str) -> str:

@@ -57,6 +57,7 @@ def start_agent(fleet: FakeFleet, tmp_path: Path) -> Iterator[Callable[..., Runn
         state_dir: Path | None = None,
         data_spec: str | None = "sine:seed=1",
         welcome_timeout_s: float = WAIT_S,
+        enroll_token: str = "",
     ) -> RunningAgent:
         description = minimal_description(device_id, ram_kb=4096, flash_kb=65536, cpu="cortex-a53")
         config = AgentConfig(
@@ -67,6 +68,7 @@ def start_agent(fleet: FakeFleet, tmp_path: Path) -> Iterator[Callable[..., Runn
             backoff_base_s=0.05,
             backoff_cap_s=0.2,
             welcome_timeout_s=welcome_timeout_s,
+            enroll_token=enroll_token,
         )
         agent = Agent(config, handlers=handlers, rng=random.Random(0))
         exit_code: list[int] = []

@@ -1,9 +1,10 @@
 """An in-process fake coordinator: the Fleet service on 127.0.0.1, driven by tests.
 
 The fake implements just enough of the protocol to drive an agent through every
-path: registration with issued credentials, Hello/Welcome, and per-connection
-queues so a test can push Ping/Task/Shutdown frames and wait for what the agent
-sends back. It can stop and restart on the same port to test reconnection.
+path: registration signed by the device key (first key wins), Challenge/Hello
+checked against that key, Welcome, and per-connection queues so a test can push
+Ping/Task/Shutdown frames and wait for what the agent sends back. It can stop and
+restart on the same port to test reconnection.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from tinyfleet.common.device_keys import connect_message, new_nonce, register_message, verify
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
 
 WAIT_S = 10.0
@@ -69,7 +71,7 @@ class Connection:
 class FakeFleet(fleet_pb2_grpc.FleetServicer):
     heartbeat_interval_s: float = 0.2
     max_message_bytes: int = 16 * 1024 * 1024
-    credentials: dict[str, str] = field(default_factory=dict)
+    keys: dict[str, bytes] = field(default_factory=dict)
     node_ids: dict[str, int] = field(default_factory=dict)
     registrations: list[fleet_pb2.RegisterRequest] = field(default_factory=list)
     register_error: tuple[grpc.StatusCode, str] | None = None
@@ -93,26 +95,30 @@ class FakeFleet(fleet_pb2_grpc.FleetServicer):
         if self.register_error is not None:
             context.abort(*self.register_error)
         device_id = parse_description(request.description, request.media_type).device_id
-        if device_id in self.credentials:
-            if request.credential != self.credentials[device_id]:
-                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{device_id} is registered to someone else")
+        signed = register_message(request.public_key, request.description, request.media_type,
+                                  request.sequence, request.enrollment_token)
+        if not verify(request.public_key, request.signature, signed):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "the registration signature does not verify")
+        if device_id in self.keys:
+            if request.public_key != self.keys[device_id]:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{device_id} has another key")
             return fleet_pb2.RegisterResponse(device_id=device_id, node_id=self.node_ids[device_id])
-        credential = f"secret-{len(self.registrations)}"
-        self.credentials[device_id] = credential
+        self.keys[device_id] = request.public_key
         self.node_ids.setdefault(device_id, 1000 + len(self.node_ids))
-        return fleet_pb2.RegisterResponse(
-            device_id=device_id, node_id=self.node_ids[device_id], credential=credential, created=True
-        )
+        return fleet_pb2.RegisterResponse(device_id=device_id, node_id=self.node_ids[device_id], created=True)
 
     def Connect(self, request_iterator, context) -> Iterator[fleet_pb2.CoordinatorFrame]:
+        nonce = new_nonce()
+        yield fleet_pb2.CoordinatorFrame(challenge=fleet_pb2.Challenge(nonce=nonce))
         first = next(request_iterator)
         hello = first.hello
-        known = self.credentials.get(hello.device_id) == hello.credential
+        key = self.keys.get(hello.device_id)
+        known = key is not None and verify(key, hello.signature, connect_message(nonce, hello.device_id))
         if first.WhichOneof("kind") != "hello" or not known or not self.accept_connect:
             with self._changed:
                 self.refused.append(hello)
                 self._changed.notify_all()
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown device or wrong credential")
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown device or not signed by its key")
         if not self.send_welcome:  # a coordinator that hangs before answering
             with self._changed:
                 self.silent.append(hello)

@@ -80,14 +80,18 @@ def test_agent_process_serves_a_task_and_stops_on_sigterm(fleet: FakeFleet, tmp_
             process.wait()
 
 
-def test_status_prints_identity_without_the_secret(tmp_path: Path, capsys) -> None:
-    StateDir(tmp_path).save_identity(Identity("urn:dev:s", 42, "top-secret", "127.0.0.1:7000", 1.0))
+def test_status_prints_identity_and_key_fingerprint_without_the_secret(tmp_path: Path, capsys) -> None:
+    state = StateDir(tmp_path)
+    state.save_identity(Identity("urn:dev:s", 42, "127.0.0.1:7000", 1.0))
+    key = state.device_key()
     assert run_cli(["agent", "status", "--state-dir", str(tmp_path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["device_id"] == "urn:dev:s" and report["node_id"] == 42
+    assert report["key"] == key.fingerprint
     assert report["running"] is False and report["connected"] is False
     assert run_cli(["agent", "status", "--state-dir", str(tmp_path)]) == 0
-    assert "top-secret" not in capsys.readouterr().out
+    private = state.key_path.read_text().splitlines()[1]  # the PEM's base64 body
+    assert private not in capsys.readouterr().out
 
 
 def test_status_of_an_empty_state_dir_says_so(tmp_path: Path, capsys) -> None:
@@ -104,6 +108,7 @@ def test_status_of_an_empty_state_dir_says_so(tmp_path: Path, capsys) -> None:
         (["--device-id", "pi-9", "--data", "nope:a=1"], "unknown data kind 'nope'"),
         (["--device-id", "pi-9", "--ca", "{dir}/bad.json"], "not a PEM certificate"),
         (["--device-id", "pi-9", "--server", "localhost"], "expected HOST:PORT"),
+        (["--device-id", "pi-9", "--enroll-token-file", "{dir}/missing.txt"], "missing.txt: cannot read"),
     ],
 )
 def test_bad_input_exits_2_naming_the_problem(tmp_path: Path, capsys, extra: list[str], problem: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 import threading
 import time
 from pathlib import Path
@@ -69,19 +70,20 @@ def counter_of(reply: fleet_pb2.Reply) -> int:
 
 def test_registers_connects_heartbeats_and_stops_cleanly(fleet: FakeFleet, start_agent) -> None:
     agent = start_agent()
-    conn = fleet.wait_connections(1)
-    assert conn.hello.device_id == DEVICE and conn.hello.credential == fleet.credentials[DEVICE]
+    conn = fleet.wait_connections(1)  # the fake checked the Hello's signature over its challenge
+    assert conn.hello.device_id == DEVICE and len(conn.hello.signature) == 64
     assert {"train", "evaluate", "query"} <= set(conn.hello.handlers)
     request = fleet.registrations[0]
-    assert request.media_type == "application/td+json" and request.credential == ""
+    assert request.media_type == "application/td+json" and request.enrollment_token == ""
     assert json.loads(request.description)["id"] == DEVICE
+    key_file = agent.state_dir.key_path  # made before the first registration, private to the device
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert request.public_key == agent.state_dir.device_key().public_key == fleet.keys[DEVICE]
     beats = conn.wait_for("heartbeat", count=3)
     assert beats[0].heartbeat.sent_at < beats[2].heartbeat.sent_at
     identity = agent.state_dir.load_identity()
     assert identity is not None
-    assert (identity.device_id, identity.node_id, identity.credential) == (
-        DEVICE, fleet.node_ids[DEVICE], fleet.credentials[DEVICE]
-    )
+    assert (identity.device_id, identity.node_id) == (DEVICE, fleet.node_ids[DEVICE])
     status = agent.state_dir.read_status()
     assert status is not None and status["connected"] and status["node_id"] == conn.node_id
     assert agent.stop() == 0
@@ -168,7 +170,8 @@ def test_reconnects_after_restart_on_the_same_port_keeping_context(
     time.sleep(0.3)  # let the agent fail a few attempts while nobody listens
     fleet.start()
     conn2 = fleet.wait_connections(2)
-    assert conn2.hello.credential == conn.hello.credential and len(fleet.registrations) == 1
+    assert len(fleet.registrations) == 1  # the restarted coordinator still knows the key
+    assert conn2.hello.signature != conn.hello.signature  # signed over a fresh challenge
     mid2, frame2 = task("query.count", conn2.node_id)
     conn2.send(task=frame2)
     assert counter_of(conn2.reply_to(mid2)) == 2  # the same Context across connections
@@ -187,18 +190,36 @@ def test_stream_end_and_shutdown_frame_lead_to_reconnection(fleet: FakeFleet, st
     assert time.monotonic() - asked_at >= 0.5  # the coordinator's hint is honoured
 
 
-def test_unauthenticated_connect_registers_again_with_stored_credential(
+def test_unauthenticated_connect_registers_again_with_the_same_key(
     fleet: FakeFleet, start_agent
 ) -> None:
     agent = start_agent()
     conn = fleet.wait_connections(1)
-    old = fleet.credentials.pop(DEVICE)  # the coordinator lost its records
+    old = fleet.keys.pop(DEVICE)  # the coordinator lost its records
     conn.end()
-    conn2 = fleet.wait_connections(2)
-    assert [r.credential for r in fleet.registrations] == ["", old]
-    assert len(fleet.refused) == 1 and conn2.hello.credential == fleet.credentials[DEVICE] != old
+    fleet.wait_connections(2)
+    assert [r.public_key for r in fleet.registrations] == [old, old] and fleet.keys[DEVICE] == old
+    first, again = fleet.registrations
+    assert again.sequence > first.sequence  # never the same signed request twice
+    assert len(fleet.refused) == 1
     identity = agent.state_dir.load_identity()
-    assert identity is not None and identity.credential == fleet.credentials[DEVICE]
+    assert identity is not None and identity.node_id == fleet.node_ids[DEVICE]
+
+
+def test_the_enrollment_token_is_presented_under_the_signature(fleet: FakeFleet, start_agent) -> None:
+    start_agent(enroll_token="tfe_secret")
+    fleet.wait_connections(1)  # the fake verified the signature, which covers the token
+    assert fleet.registrations[0].enrollment_token == "tfe_secret"
+
+
+def test_a_revoked_device_stops_with_the_reason(fleet: FakeFleet, start_agent, caplog) -> None:
+    agent = start_agent()
+    conn = fleet.wait_connections(1)
+    fleet.register_error = (grpc.StatusCode.PERMISSION_DENIED, "device 'urn:dev:pi-01' was revoked: stolen")
+    fleet.accept_connect = False
+    conn.send(shutdown=fleet_pb2.Shutdown(reason="device revoked: stolen"))
+    assert agent.join() == 2
+    assert "was revoked: stolen" in caplog.text
 
 
 def test_a_coordinator_that_never_welcomes_is_left_and_retried(fleet: FakeFleet, start_agent) -> None:
@@ -209,7 +230,7 @@ def test_a_coordinator_that_never_welcomes_is_left_and_retried(fleet: FakeFleet,
     fleet.wait_connections(1)
 
 
-def test_credential_refused_after_registering_again_is_fatal(fleet: FakeFleet, start_agent) -> None:
+def test_key_refused_after_registering_again_is_fatal(fleet: FakeFleet, start_agent) -> None:
     fleet.accept_connect = False
     agent = start_agent()
     assert agent.join() == 2
@@ -237,14 +258,15 @@ def test_a_restarted_agent_re_registers_idempotently(fleet: FakeFleet, start_age
     fleet.wait_connections(1)
     assert first.stop() == 0
     second = start_agent()
-    conn = fleet.wait_connections(2)
-    assert [r.credential for r in fleet.registrations] == ["", fleet.credentials[DEVICE]]
-    assert conn.hello.credential == fleet.credentials[DEVICE]
+    fleet.wait_connections(2)
+    first_request, again = fleet.registrations
+    assert again.public_key == first_request.public_key == fleet.keys[DEVICE]
+    assert again.sequence > first_request.sequence
     assert second.stop() == 0
 
 
 def test_state_dir_of_another_device_is_refused(fleet: FakeFleet, start_agent, tmp_path: Path) -> None:
-    StateDir(tmp_path / "state").save_identity(Identity("urn:dev:other", 9, "c", fleet.address, 0.0))
+    StateDir(tmp_path / "state").save_identity(Identity("urn:dev:other", 9, fleet.address, 0.0))
     agent = start_agent()
     assert agent.join() == 2
     assert not fleet.registrations

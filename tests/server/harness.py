@@ -3,8 +3,9 @@
 The coordinator runs on its own asyncio loop in a background thread (as in the
 daemon), so tests drive FleetGrid from the test thread exactly as the job
 runner does. Fake agents speak the Fleet protocol with the generated gRPC stubs
-and let a test decide what each task gets back (a real answer, NaN, garbage,
-silence, a dropped stream).
+(a device key, signed Register, Hello signed over the stream's challenge) and let
+a test decide what each task gets back (a real answer, NaN, garbage, silence, a
+dropped stream).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import ipaddress
 import json
 import queue
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import grpc
 from flwr.app import Message
 
 from tinyfleet.client.handlers import default_handlers
+from tinyfleet.common.device_keys import DeviceKey, next_sequence
 from tinyfleet.common.flower_adapter import (
     make_context,
     message_from_bytes,
@@ -29,6 +32,7 @@ from tinyfleet.common.flower_adapter import (
     set_message_id,
 )
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
+from tinyfleet.server.auth import hash_enrollment_token, new_enrollment_id, new_enrollment_token
 from tinyfleet.server.daemon import Coordinator, Hooks, ServerSettings
 
 TD = "application/td+json"
@@ -48,6 +52,7 @@ class CoordinatorThread:
         self.thread.start()
         self.coordinator = Coordinator(settings, hooks)
         self._call(self.coordinator.start())
+        self._enroll_token = ""
 
     def _call(self, coro: object, timeout: float = 30.0) -> object:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
@@ -55,6 +60,25 @@ class CoordinatorThread:
     @property
     def address(self) -> str:
         return self.coordinator.listen_address
+
+    def enroll(self, uses: int = 1, ttl_s: float = 3600.0, label: str = "test") -> str:
+        """A new enrollment token, stored as the Admin service stores it."""
+        token = new_enrollment_token()
+        self.coordinator.repo.create_enrollment(
+            new_enrollment_id(), hash_enrollment_token(token), label=label, uses=uses, ttl_s=ttl_s
+        )
+        return token
+
+    @property
+    def enroll_token(self) -> str:
+        """One token with plenty of uses, for tests that are not about enrollment."""
+        if not self._enroll_token:
+            self._enroll_token = self.enroll(uses=10_000)
+        return self._enroll_token
+
+    def agent(self, device_id: str, **kwargs: object) -> FakeAgent:
+        """A FakeAgent on this coordinator that enrolls with `enroll_token`."""
+        return FakeAgent(self.address, device_id, enroll_token=self.enroll_token, **kwargs)  # type: ignore[arg-type]
 
     def stop(self) -> None:
         try:
@@ -90,6 +114,9 @@ def reply_frame(task: fleet_pb2.Task, data: bytes, compute_s: float = 0.01) -> f
     )
 
 
+HelloFor = Callable[[bytes], fleet_pb2.Hello]
+
+
 class FakeAgent:
     """One device: registers, connects, answers tasks through `behaviour`."""
 
@@ -101,18 +128,23 @@ class FakeAgent:
         data: str = "sine:seed=1",
         behaviour: Behaviour = answer,
         channel_credentials: grpc.ChannelCredentials | None = None,
+        enroll_token: str = "",
+        key: DeviceKey | None = None,
     ) -> None:
         self.device_id = device_id
         self.behaviour = behaviour
         self.data = data
+        self.enroll_token = enroll_token
+        self.key = key or DeviceKey.generate()
+        self.sequence = 0
         if channel_credentials is None:
             self.channel = grpc.insecure_channel(address)
         else:
             self.channel = grpc.secure_channel(address, channel_credentials)
         self.stub = fleet_pb2_grpc.FleetStub(self.channel)
         self.handlers = default_handlers()
-        self.credential = ""
         self.node_id = 0
+        self.hello: fleet_pb2.Hello | None = None
         self.tasks: list[fleet_pb2.Task] = []
         self.frames: list[fleet_pb2.CoordinatorFrame] = []
         self.welcomed = threading.Event()
@@ -121,21 +153,38 @@ class FakeAgent:
         self._outgoing: queue.Queue[fleet_pb2.AgentFrame | None] = queue.Queue()
         self._call: grpc.Future | None = None
 
-    def register(self, description: bytes | None = None) -> fleet_pb2.RegisterResponse:
-        response = self.stub.Register(fleet_pb2.RegisterRequest(
-            description=description or thing(self.device_id), media_type=TD,
-            credential=self.credential,
-        ), timeout=10)
-        self.credential = response.credential or self.credential
+    def register_request(
+        self, description: bytes | None = None, *, enroll_token: str | None = None
+    ) -> fleet_pb2.RegisterRequest:
+        """The Register a real agent sends: signed by the key, with the next sequence number."""
+        body = description or thing(self.device_id)
+        token = self.enroll_token if enroll_token is None else enroll_token
+        self.sequence = next_sequence(self.sequence, time.time())
+        return fleet_pb2.RegisterRequest(
+            description=body, media_type=TD, public_key=self.key.public_key, sequence=self.sequence,
+            signature=self.key.sign_register(body, TD, self.sequence, token), enrollment_token=token,
+        )
+
+    def register(
+        self,
+        description: bytes | None = None,
+        *,
+        enroll_token: str | None = None,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> fleet_pb2.RegisterResponse:
+        request = self.register_request(description, enroll_token=enroll_token)
+        response = self.stub.Register(request, metadata=metadata, timeout=10)
         self.node_id = response.node_id
         self.context = make_context(self.node_id, {"data": self.data})
         return response
 
-    def connect(self, *, device_id: str | None = None, credential: str | None = None,
-                wait: bool = True) -> FakeAgent:
-        hello = fleet_pb2.Hello(device_id=device_id or self.device_id,
-                                credential=self.credential if credential is None else credential)
-        self._outgoing.put(fleet_pb2.AgentFrame(hello=hello))
+    def signed_hello(self, nonce: bytes, device_id: str | None = None) -> fleet_pb2.Hello:
+        device_id = device_id or self.device_id
+        return fleet_pb2.Hello(device_id=device_id, signature=self.key.sign_connect(nonce, device_id))
+
+    def connect(self, *, hello: HelloFor | None = None, wait: bool = True) -> FakeAgent:
+        """Open the stream; `hello(nonce)` makes the Hello (default: signed by this agent's key)."""
+        self._hello_for = hello or self.signed_hello
         self._call = self.stub.Connect(iter(self._outgoing.get, None))
         threading.Thread(target=self._read, daemon=True).start()
         if wait:
@@ -147,7 +196,10 @@ class FakeAgent:
             for frame in self._call:  # type: ignore[union-attr]
                 self.frames.append(frame)
                 kind = frame.WhichOneof("kind")
-                if kind == "welcome":
+                if kind == "challenge":
+                    self.hello = self._hello_for(frame.challenge.nonce)
+                    self.send(fleet_pb2.AgentFrame(hello=self.hello))
+                elif kind == "welcome":
                     self.welcomed.set()
                 elif kind == "task":
                     self.tasks.append(frame.task)

@@ -10,7 +10,7 @@ import pytest
 
 from tinyfleet.cli import main
 
-from .harness import CoordinatorThread, FakeAgent, settings_for
+from .harness import CoordinatorThread, settings_for
 
 TOKEN = "cli-token"
 GOOD_JOB = """
@@ -31,7 +31,7 @@ local_steps = 2
 @pytest.fixture
 def coordinator(tmp_path: Path) -> Iterator[CoordinatorThread]:
     running = CoordinatorThread(settings_for(tmp_path / "coord", admin_token=TOKEN))
-    agent = FakeAgent(running.address, "urn:dev:cli")
+    agent = running.agent("urn:dev:cli")
     agent.register()
     agent.connect()
     try:

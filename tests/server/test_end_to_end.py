@@ -130,16 +130,14 @@ def test_sigterm_stops_the_coordinator_cleanly(fleet: LocalFleet) -> None:
 
 
 def test_a_real_agent_over_tls_with_a_throwaway_ca(tmp_path: Path) -> None:
-    from tinyfleet.server.admin_client import AdminClient
-
     from .harness import throwaway_ca
 
     ca, cert, key = throwaway_ca(tmp_path)
     server_args = ["--tls-cert", str(cert), "--tls-key", str(key)]
-    with LocalFleet(tmp_path / "fleet", server_args=server_args, agent_args=["--ca", str(ca)]) as tls:
+    with LocalFleet(tmp_path / "fleet", server_args=server_args, agent_args=["--ca", str(ca)], ca=ca) as tls:
         assert tls.start_server()["tls"] is True
         tls.start_agent("sine:seed=7")
-        with AdminClient(tls.address, ca=ca) as client:
+        with tls.admin() as client:
             deadline = time.monotonic() + 60
             while not any(d.online for d in client.devices()):
                 assert time.monotonic() < deadline, "the agent did not connect over TLS"

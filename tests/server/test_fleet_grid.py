@@ -41,7 +41,7 @@ def agents() -> Iterator[list[FakeAgent]]:
 
 
 def _agent(coordinator: CoordinatorThread, agents: list[FakeAgent], name: str, **kw: object) -> FakeAgent:
-    agent = FakeAgent(coordinator.address, f"urn:dev:{name}", **kw)  # type: ignore[arg-type]
+    agent = coordinator.agent(f"urn:dev:{name}", **kw)
     agent.register()
     agent.connect()
     agents.append(agent)

@@ -1,4 +1,4 @@
-"""Fleet and Admin services over real gRPC: registration, credentials, streams, artifacts,
+"""Fleet and Admin services over real gRPC: registration, device keys, streams, artifacts,
 admin token, HTTP JSON API, and the whole path over TLS with a throwaway CA."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import grpc
 import httpx
 import pytest
 
-from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
+from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
 from tinyfleet.server.admin_client import AdminClient
 from tinyfleet.server.daemon import READY_FILE
 
@@ -43,7 +43,7 @@ def test_ready_file_names_the_bound_ports_and_stop_sends_shutdown_and_removes_it
     ready = json.loads((tmp_path / "c" / READY_FILE).read_text())
     assert ready["listen"] == running.address and not ready["listen"].endswith(":0")
     assert ready["http"].startswith("127.0.0.1:") and ready["tls"] is False and ready["pid"] > 0
-    agent = FakeAgent(running.address, "urn:dev:stopping")
+    agent = running.agent("urn:dev:stopping")
     agent.register()
     agent.connect()
     running.stop()
@@ -53,29 +53,28 @@ def test_ready_file_names_the_bound_ports_and_stop_sends_shutdown_and_removes_it
     agent.close()
 
 
-def test_register_is_idempotent_with_credential_and_refused_without(
+def test_register_is_idempotent_with_the_same_key_and_refused_with_another(
     coordinator: CoordinatorThread,
 ) -> None:
-    agent = FakeAgent(coordinator.address, "urn:dev:pi-1")
+    agent = coordinator.agent("urn:dev:pi-1")
     first = agent.register()
-    assert first.created and first.credential and first.node_id > 1
-    again = agent.register(thing("urn:dev:pi-1").replace(b'"title"', b'"description": "v2", "title"'))
-    assert not again.created and again.credential == "" and again.node_id == first.node_id
+    assert first.created and first.node_id > 1
+    again = agent.register(thing("urn:dev:pi-1").replace(b'"title"', b'"description": "v2", "title"'),
+                           enroll_token="")
+    assert not again.created and again.node_id == first.node_id
     stored = coordinator.coordinator.repo.get_device("urn:dev:pi-1")
-    assert stored is not None and b"v2" in stored.description
+    assert stored is not None and b"v2" in stored.description and stored.public_key == agent.key.public_key
 
-    intruder = FakeAgent(coordinator.address, "urn:dev:pi-1")
+    intruder = coordinator.agent("urn:dev:pi-1")  # a token, but another key
     error = _code(intruder.register)
-    assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "credential" in error.details()
-    intruder.credential = "wrong"
-    assert _code(intruder.register).code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "another key" in error.details()
     assert b"v2" in coordinator.coordinator.repo.get_device("urn:dev:pi-1").description  # type: ignore[union-attr]
 
-    # The admin token may re-register a device whose credential was lost.
-    admin = fleet_pb2_grpc.FleetStub(agent.channel)
-    response = admin.Register(fleet_pb2.RegisterRequest(description=thing("urn:dev:pi-1"), media_type=TD),
-                              metadata=[("authorization", f"Bearer {TOKEN}")])
-    assert response.node_id == first.node_id
+    # The admin token may re-key a device whose key was lost.
+    response = intruder.register(metadata=(("authorization", f"Bearer {TOKEN}"),))
+    assert response.node_id == first.node_id and not response.created
+    assert coordinator.coordinator.repo.get_device("urn:dev:pi-1").public_key == intruder.key.public_key  # type: ignore[union-attr]
+    assert _code(agent.register).code() == grpc.StatusCode.PERMISSION_DENIED  # the old key is out
     agent.channel.close()
     intruder.channel.close()
 
@@ -93,10 +92,13 @@ def test_register_is_idempotent_with_credential_and_refused_without(
 def test_malformed_descriptions_are_refused_and_nothing_is_stored(
     coordinator: CoordinatorThread, description: bytes, media_type: str, expected: str
 ) -> None:
-    with grpc.insecure_channel(coordinator.address) as channel:
-        stub = fleet_pb2_grpc.FleetStub(channel)
-        request = fleet_pb2.RegisterRequest(description=description, media_type=media_type)
-        error = _code(stub.Register, request)
+    agent = coordinator.agent("urn:dev:malformed")
+    request = agent.register_request()
+    key = agent.key
+    request.description, request.media_type = description, media_type
+    request.signature = key.sign_register(description, media_type, request.sequence, request.enrollment_token)
+    error = _code(agent.stub.Register, request)
+    agent.channel.close()
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in error.details()
     assert coordinator.coordinator.repo.list_devices() == []
 
@@ -104,31 +106,35 @@ def test_malformed_descriptions_are_refused_and_nothing_is_stored(
 def test_turtle_descriptions_name_their_device(coordinator: CoordinatorThread) -> None:
     turtle = b"""@prefix td: <https://www.w3.org/2019/wot/td#> .
         <urn:dev:ttl-1> a td:Thing ; td:title "pi" ."""
-    with grpc.insecure_channel(coordinator.address) as channel:
-        response = fleet_pb2_grpc.FleetStub(channel).Register(
-            fleet_pb2.RegisterRequest(description=turtle, media_type="text/turtle"))
+    agent = coordinator.agent("urn:dev:ttl-1")
+    request = agent.register_request(turtle)
+    request.media_type = "text/turtle"
+    request.signature = agent.key.sign_register(turtle, "text/turtle", request.sequence, agent.enroll_token)
+    response = agent.stub.Register(request)
+    agent.channel.close()
     assert response.device_id == "urn:dev:ttl-1" and response.created
 
 
-def test_connect_checks_credential_and_device_identity(coordinator: CoordinatorThread) -> None:
-    alice = FakeAgent(coordinator.address, "urn:dev:alice")
-    bob = FakeAgent(coordinator.address, "urn:dev:bob")
+def test_connect_checks_the_key_and_device_identity(coordinator: CoordinatorThread) -> None:
+    alice = coordinator.agent("urn:dev:alice")
+    bob = coordinator.agent("urn:dev:bob")
     alice.register()
     bob.register()
 
-    wrong = FakeAgent(coordinator.address, "urn:dev:alice")
-    wrong.connect(credential="not-the-credential", wait=False)
+    wrong = FakeAgent(coordinator.address, "urn:dev:alice")  # a key the coordinator never saw
+    wrong.connect(wait=False)
     assert wrong.ended.wait(10) and wrong.error.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[union-attr]
 
-    # Bob's credential does not let him speak for Alice.
-    bob.connect(device_id="urn:dev:alice", wait=False)
+    # Bob's key does not let him speak for Alice.
+    bob.connect(hello=lambda nonce: bob.signed_hello(nonce, "urn:dev:alice"), wait=False)
     assert bob.ended.wait(10) and bob.error.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[union-attr]
     assert coordinator.coordinator.hub.online_nodes() == set()
 
     alice.connect()
     assert coordinator.coordinator.hub.online_nodes() == {alice.node_id}
-    assert alice.frames[0].welcome.node_id == alice.node_id
-    assert alice.frames[0].welcome.heartbeat_interval_s == 2.0
+    assert [f.WhichOneof("kind") for f in alice.frames[:2]] == ["challenge", "welcome"]
+    assert alice.frames[1].welcome.node_id == alice.node_id
+    assert alice.frames[1].welcome.heartbeat_interval_s == 2.0
     for agent in (alice, bob, wrong):
         agent.close()
 
@@ -136,13 +142,13 @@ def test_connect_checks_credential_and_device_identity(coordinator: CoordinatorT
 def test_second_connect_replaces_the_first_and_unknown_frames_are_ignored(
     coordinator: CoordinatorThread,
 ) -> None:
-    first = FakeAgent(coordinator.address, "urn:dev:twice")
+    first = coordinator.agent("urn:dev:twice")
     first.register()
     first.connect()
     first.send(fleet_pb2.AgentFrame())  # no kind set: logged and ignored
     first.send(fleet_pb2.AgentFrame(heartbeat=fleet_pb2.Heartbeat(sent_at=1.0)))
-    second = FakeAgent(coordinator.address, "urn:dev:twice")
-    second.credential, second.node_id = first.credential, first.node_id
+    second = FakeAgent(coordinator.address, "urn:dev:twice", key=first.key)
+    second.node_id = first.node_id
     second.connect()
     assert first.ended.wait(10)
     assert first.frames[-1].WhichOneof("kind") == "shutdown"
@@ -153,27 +159,36 @@ def test_second_connect_replaces_the_first_and_unknown_frames_are_ignored(
     second.close()
 
 
-def test_get_artifact_streams_chunks_with_resume_and_needs_a_credential(
+def test_get_artifact_streams_chunks_with_resume_and_needs_a_signed_request(
     coordinator: CoordinatorThread,
 ) -> None:
     blob = bytes(range(256)) * 40
     sha = coordinator.coordinator.store.put(blob)
-    agent = FakeAgent(coordinator.address, "urn:dev:dl")
+    agent = coordinator.agent("urn:dev:dl")
     agent.register()
-    creds = [("x-device-id", "urn:dev:dl"), ("x-credential", agent.credential)]
+
+    def signed(artifact: str) -> tuple[tuple[str, str], ...]:
+        return agent.key.sign_request("urn:dev:dl", "GetArtifact", artifact).metadata()
+
     request = fleet_pb2.GetArtifactRequest(sha256=sha, offset=0, chunk_size=4000)
-    chunks = list(agent.stub.GetArtifact(request, metadata=creds))
+    chunks = list(agent.stub.GetArtifact(request, metadata=signed(sha)))
     assert [c.offset for c in chunks] == [0, 4000, 8000]
     assert b"".join(c.data for c in chunks) == blob
     assert {(c.total_size, c.sha256) for c in chunks} == {(len(blob), sha)}
-    resumed = agent.stub.GetArtifact(fleet_pb2.GetArtifactRequest(sha256=sha, offset=9000), metadata=creds)
+    resumed = agent.stub.GetArtifact(fleet_pb2.GetArtifactRequest(sha256=sha, offset=9000),
+                                     metadata=signed(sha))
     assert b"".join(c.data for c in resumed) == blob[9000:]
 
     unknown = fleet_pb2.GetArtifactRequest(sha256="a" * 64)
-    assert _code(agent.stub.GetArtifact, unknown, metadata=creds).code() == grpc.StatusCode.NOT_FOUND
+    missing = _code(agent.stub.GetArtifact, unknown, metadata=signed("a" * 64))
+    assert missing.code() == grpc.StatusCode.NOT_FOUND
     assert _code(agent.stub.GetArtifact, request).code() == grpc.StatusCode.UNAUTHENTICATED
-    bad = [("x-device-id", "urn:dev:dl"), ("x-credential", "nope")]
-    assert _code(agent.stub.GetArtifact, request, metadata=bad).code() == grpc.StatusCode.UNAUTHENTICATED
+    other = FakeAgent(coordinator.address, "urn:dev:dl")  # not the device's key
+    forged = other.key.sign_request("urn:dev:dl", "GetArtifact", sha).metadata()
+    assert _code(agent.stub.GetArtifact, request, metadata=forged).code() == grpc.StatusCode.UNAUTHENTICATED
+    for_another = _code(agent.stub.GetArtifact, request, metadata=signed("b" * 64))
+    assert for_another.code() == grpc.StatusCode.UNAUTHENTICATED
+    other.channel.close()
     admin = [("authorization", f"Bearer {TOKEN}")]
     assert b"".join(c.data for c in agent.stub.GetArtifact(request, metadata=admin)) == blob
     agent.channel.close()
@@ -201,7 +216,7 @@ def test_admin_calls_need_the_token_and_bad_jobs_are_refused_by_the_server(
 
 
 def test_http_api_serves_health_jobs_and_devices(coordinator: CoordinatorThread) -> None:
-    agent = FakeAgent(coordinator.address, "urn:dev:web")
+    agent = coordinator.agent("urn:dev:web")
     agent.register()
     agent.connect()
     base = f"http://{coordinator.coordinator.http_address}"
@@ -221,7 +236,7 @@ def test_fleet_path_over_tls_with_a_throwaway_ca(tmp_path: Path) -> None:
     try:
         assert json.loads((tmp_path / "c" / READY_FILE).read_text())["tls"] is True
         trusted = grpc.ssl_channel_credentials(root_certificates=ca.read_bytes())
-        agent = FakeAgent(running.address, "urn:dev:tls", channel_credentials=trusted)
+        agent = running.agent("urn:dev:tls", channel_credentials=trusted)
         agent.register()
         agent.connect()
         grid = running.coordinator.grid
@@ -247,7 +262,7 @@ def test_fleet_path_over_tls_with_a_throwaway_ca(tmp_path: Path) -> None:
 def test_a_silent_stream_is_closed_after_missed_heartbeats_and_marked_offline(tmp_path: Path) -> None:
     running = CoordinatorThread(settings_for(tmp_path / "c", heartbeat_interval_s=0.2))
     try:
-        quiet = FakeAgent(running.address, "urn:dev:quiet")  # sends no heartbeats
+        quiet = running.agent("urn:dev:quiet")  # sends no heartbeats
         quiet.register()
         quiet.connect()
         assert quiet.ended.wait(10)  # 3 missed heartbeats (0.6 s) end the stream

@@ -70,14 +70,13 @@ eval_samples = 20
 class Fleet:
     """A coordinator in this process and fake agents connected to it."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, **settings: object) -> None:
         self.data_dir = data_dir
-        self.running = CoordinatorThread(settings_for(data_dir))
+        self.running = CoordinatorThread(settings_for(data_dir, **settings))
         self.agents: list[FakeAgent] = []
 
     def agent(self, name: str, behaviour=answer, *, seed: int = 1) -> FakeAgent:
-        agent = FakeAgent(self.running.address, f"urn:dev:{name}", data=f"sine:seed={seed}",
-                          behaviour=behaviour)
+        agent = self.running.agent(f"urn:dev:{name}", data=f"sine:seed={seed}", behaviour=behaviour)
         agent.register()
         agent.connect()
         self.agents.append(agent)
@@ -253,8 +252,8 @@ def test_graceful_stop_keeps_the_job_running_and_a_restart_resumes_it(tmp_path: 
 
     second = Fleet(tmp_path / "coord")
     try:
-        again = FakeAgent(second.running.address, "urn:dev:resumer", data="sine:seed=1")
-        again.credential, again.node_id = agent.credential, agent.node_id
+        again = FakeAgent(second.running.address, "urn:dev:resumer", data="sine:seed=1", key=agent.key)
+        again.node_id = agent.node_id
         again.context = agent.context
         again.connect()
         second.agents.append(again)
@@ -280,7 +279,7 @@ def job_info_dict_from_repo(repo, job_id: int) -> dict[str, Any]:
 
 def test_a_job_runs_with_postgresql_as_the_store(tmp_path: Path, pg_url: str) -> None:
     running = CoordinatorThread(settings_for(tmp_path / "coord", db_url=pg_url))
-    agent = FakeAgent(running.address, "urn:dev:pg")
+    agent = running.agent("urn:dev:pg")
     try:
         assert running.coordinator.engine.dialect.name == "postgresql"
         agent.register()

@@ -15,12 +15,22 @@ def test_upgrade_from_0001_keeps_devices_and_adds_imported_documents(empty_engin
     database.upgrade(empty_engine, "0001")
     assert database.current_revision(empty_engine) == "0001"
     repo = Repository(empty_engine)
-    repo.create_device("urn:tinyfleet:device:a", 7, "sha256$x", b"{}", "application/td+json")
+    with empty_engine.begin() as conn:  # a device row as revision 0001 has it (with its outbox row)
+        conn.execute(sa.text(
+            "INSERT INTO devices (device_id, node_id, credential_hash, description, media_type, "
+            "registered_at, updated_at, online) VALUES ('urn:tinyfleet:device:a', 7, 'sha256$x', "
+            "'{}', 'application/td+json', 1.0, 1.0, false)"
+        ))
+        conn.execute(sa.text(
+            "INSERT INTO outbox (kind, subject, payload, created_at) "
+            "VALUES ('device.registered', 'urn:tinyfleet:device:a', '{}', 1.0)"
+        ))
     with empty_engine.connect() as conn:
         assert not sa.inspect(conn).has_table("imported_documents")
 
-    database.upgrade(empty_engine)
-    assert database.current_revision(empty_engine) == database.head_revision() == "0002"
+    database.upgrade(empty_engine, "0002")
+    assert database.current_revision(empty_engine) == "0002"
+    database.upgrade(empty_engine)  # on to head, where Repository's columns exist
     with empty_engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
     assert [d.device_id for d in repo.list_devices()] == ["urn:tinyfleet:device:a"]

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
+from tinyfleet.common.device_keys import DeviceKey
 from tinyfleet.server import database
 from tinyfleet.server.artifacts import (
     ArtifactCorruptError,
@@ -17,7 +18,7 @@ from tinyfleet.server.artifacts import (
     ArtifactStore,
     sha256_hex,
 )
-from tinyfleet.server.auth import hash_credential, new_credential, new_node_id, verify_credential
+from tinyfleet.server.auth import new_node_id
 from tinyfleet.server.repository import (
     FAILED,
     FINISHED,
@@ -51,22 +52,19 @@ def test_sqlite_runs_in_wal_with_foreign_keys(tmp_path: Path) -> None:
     engine.dispose()
 
 
-def _register(repo: Repository, device_id: str = "urn:dev:a") -> tuple[str, int]:
-    credential = new_credential()
+def _register(repo: Repository, device_id: str = "urn:dev:a") -> tuple[bytes, int]:
+    public_key = DeviceKey.generate().public_key
     node_id = new_node_id()
-    repo.create_device(device_id, node_id, hash_credential(credential), b'{"id": "x"}',
-                       "application/td+json")
-    return credential, node_id
+    repo.create_device(device_id, node_id, b'{"id": "x"}', "application/td+json", public_key=public_key)
+    return public_key, node_id
 
 
 def test_devices_register_once_and_write_outbox_in_the_same_transaction(engine: sa.Engine) -> None:
     repo = Repository(engine)
-    credential, node_id = _register(repo)
+    public_key, node_id = _register(repo)
     device = repo.get_device("urn:dev:a")
     assert device is not None and device.node_id == node_id and not device.online
-    assert verify_credential(credential, device.credential_hash)
-    assert not verify_credential(credential + "x", device.credential_hash)
-    assert credential not in device.credential_hash
+    assert device.public_key == public_key and device.revoked_at is None
 
     with pytest.raises(DeviceExistsError):
         _register(repo)  # same id again: refused, the first row untouched

@@ -11,10 +11,9 @@ from collections.abc import Sequence
 import pytest
 import sqlalchemy as sa
 
-from tinyfleet.server.auth import hash_credential, verify_credential
+from tinyfleet.common.device_keys import DeviceKey
 from tinyfleet.server.grouping import GroupRunner
 from tinyfleet.server.repository import (
-    Device,
     DeviceRegistration,
     Registered,
     RegistrationRefused,
@@ -22,6 +21,7 @@ from tinyfleet.server.repository import (
 )
 
 TD = "application/td+json"
+OLD_KEY, OTHER_KEY, NEW_KEY = (DeviceKey.generate().public_key for _ in range(3))
 
 
 def test_items_waiting_while_a_group_runs_go_together_in_the_next_and_each_gets_its_own_answer() -> None:
@@ -64,17 +64,13 @@ def test_a_group_that_fails_as_a_whole_fails_each_caller_with_the_error() -> Non
     assert all(isinstance(a, sa.exc.OperationalError) for a in asyncio.run(main()))
 
 
-def _item(device_id: str, node_id: int, *, credential: str = "", may_replace: bool | None = None,
+def _item(device_id: str, node_id: int, *, key: bytes = NEW_KEY, sequence: int = 1, admin: bool = False,
           media_type: str = TD) -> DeviceRegistration:
-    def allowed(existing: Device) -> bool:
-        if may_replace is not None:
-            return may_replace
-        return verify_credential(credential, existing.credential_hash)
-
+    """A registration of a lab fleet (open enrollment): these tests are about grouping."""
     return DeviceRegistration(
         device_id=device_id, description=f'{{"id": "{device_id}", "v": {node_id}}}'.encode(),
-        media_type=media_type, node_id=node_id, credential_hash=hash_credential(f"secret-{device_id}"),
-        may_replace=allowed,
+        media_type=media_type, node_id=node_id, public_key=key, sequence=sequence, admin=admin,
+        open_enrollment=True,
     )
 
 
@@ -86,15 +82,15 @@ def _commits(engine: sa.Engine) -> list[int]:
 
 def test_a_group_is_one_transaction_with_outbox_rows_in_call_order(engine: sa.Engine) -> None:
     repo = Repository(engine)
-    repo.create_device("urn:dev:old", 500, hash_credential("right"), b'{"id": "urn:dev:old"}', TD)
+    repo.create_device("urn:dev:old", 500, b'{"id": "urn:dev:old"}', TD, public_key=OLD_KEY)
     start = repo.outbox_since()[-1]["seq"]
     commits = _commits(engine)
     results = repo.register_devices([
         _item("urn:dev:a", 601),
-        _item("urn:dev:old", 602, credential="right"),
-        _item("urn:dev:old", 603, credential="wrong"),
+        _item("urn:dev:old", 602, key=OLD_KEY),
+        _item("urn:dev:old", 603, key=OTHER_KEY),
         _item("urn:dev:b", 604),
-        _item("urn:dev:a", 605, may_replace=True),  # the admin re-describes a device made just before
+        _item("urn:dev:a", 605, sequence=2, admin=True),  # the admin re-describes a device made just before
     ])
     assert commits[0] == 1
     assert [type(r).__name__ for r in results] == [
@@ -102,7 +98,7 @@ def test_a_group_is_one_transaction_with_outbox_rows_in_call_order(engine: sa.En
     ]
     created = [r.created for r in results if isinstance(r, Registered)]
     assert created == [True, False, True, False]
-    assert isinstance(results[2], RegistrationRefused) and "credential" in str(results[2])
+    assert isinstance(results[2], RegistrationRefused) and "another key" in str(results[2])
     a = repo.get_device("urn:dev:a")
     assert a is not None and a.node_id == 601 and b'"v": 605' in a.description
     old = repo.get_device("urn:dev:old")
@@ -121,7 +117,7 @@ def test_an_item_the_database_refuses_fails_alone_and_the_rest_of_its_group_is_s
     engine: sa.Engine,
 ) -> None:
     repo = Repository(engine)
-    repo.create_device("urn:dev:taken", 700, hash_credential("x"), b"{}", TD)
+    repo.create_device("urn:dev:taken", 700, b"{}", TD)
     start = repo.outbox_since()[-1]["seq"]
     # A node id someone else has: the group's transaction fails, nothing of it is kept, and
     # each item is retried on its own (the colliding one with a fresh node id).

@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class FleetStub:
-    """Missing associated documentation comment in .proto file."""
+    """Devices authenticate with an Ed25519 key pair they generate themselves; no secret
+    crosses the wire after enrollment. The signed messages are defined in
+    tinyfleet/common/device_keys.py (domain-separated, length-prefixed fields).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -52,27 +55,33 @@ class FleetStub:
 
 
 class FleetServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Devices authenticate with an Ed25519 key pair they generate themselves; no secret
+    crosses the wire after enrollment. The signed messages are defined in
+    tinyfleet/common/device_keys.py (domain-separated, length-prefixed fields).
+    """
 
     def Register(self, request, context):
-        """Register a device description; returns its identity and, for a new device,
-        its credential. Re-registering the same device id with its credential is
-        idempotent and replaces the stored description.
+        """Register a device description, signed by the device key. A new device needs an
+        enrollment token (or the admin token, or a coordinator in open enrollment); the
+        same key registering again is idempotent and replaces the stored description.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Connect(self, request_iterator, context):
-        """Long-lived bidirectional stream opened by the agent. First agent frame must
-        be `hello`; the coordinator answers `welcome` or closes with UNAUTHENTICATED.
+        """Long-lived bidirectional stream opened by the agent. The coordinator's first frame
+        is `challenge`; the agent answers `hello` signed over its nonce; the coordinator
+        answers `welcome`, or closes with UNAUTHENTICATED (PERMISSION_DENIED if revoked).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetArtifact(self, request, context):
-        """Download an artifact blob in chunks, starting at `offset` (resume).
+        """Download an artifact blob in chunks, starting at `offset` (resume). Needs the
+        admin token or a device-signed request in metadata: x-device-id, x-device-time,
+        x-device-nonce, x-device-signature.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -105,7 +114,10 @@ def add_FleetServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Fleet:
-    """Missing associated documentation comment in .proto file."""
+    """Devices authenticate with an Ed25519 key pair they generate themselves; no secret
+    crosses the wire after enrollment. The signed messages are defined in
+    tinyfleet/common/device_keys.py (domain-separated, length-prefixed fields).
+    """
 
     @staticmethod
     def Register(request,
@@ -190,8 +202,9 @@ class Fleet:
 
 
 class AdminStub:
-    """Operator-facing service (jobs). Requires the admin token when one is set,
-    sent as gRPC metadata `authorization: Bearer <token>`.
+    """Operator-facing service (jobs, enrollment, revocation). Requires the admin token
+    (unless the coordinator runs with --no-admin-token), sent as gRPC metadata
+    `authorization: Bearer <token>`.
     """
 
     def __init__(self, channel):
@@ -225,11 +238,32 @@ class AdminStub:
                 request_serializer=tinyfleet_dot_v1_dot_fleet__pb2.ListDevicesRequest.SerializeToString,
                 response_deserializer=tinyfleet_dot_v1_dot_fleet__pb2.ListDevicesResponse.FromString,
                 _registered_method=True)
+        self.CreateEnrollment = channel.unary_unary(
+                '/tinyfleet.v1.Admin/CreateEnrollment',
+                request_serializer=tinyfleet_dot_v1_dot_fleet__pb2.CreateEnrollmentRequest.SerializeToString,
+                response_deserializer=tinyfleet_dot_v1_dot_fleet__pb2.CreateEnrollmentResponse.FromString,
+                _registered_method=True)
+        self.ListEnrollments = channel.unary_unary(
+                '/tinyfleet.v1.Admin/ListEnrollments',
+                request_serializer=tinyfleet_dot_v1_dot_fleet__pb2.ListEnrollmentsRequest.SerializeToString,
+                response_deserializer=tinyfleet_dot_v1_dot_fleet__pb2.ListEnrollmentsResponse.FromString,
+                _registered_method=True)
+        self.RevokeEnrollment = channel.unary_unary(
+                '/tinyfleet.v1.Admin/RevokeEnrollment',
+                request_serializer=tinyfleet_dot_v1_dot_fleet__pb2.RevokeEnrollmentRequest.SerializeToString,
+                response_deserializer=tinyfleet_dot_v1_dot_fleet__pb2.EnrollmentInfo.FromString,
+                _registered_method=True)
+        self.RevokeDevice = channel.unary_unary(
+                '/tinyfleet.v1.Admin/RevokeDevice',
+                request_serializer=tinyfleet_dot_v1_dot_fleet__pb2.RevokeDeviceRequest.SerializeToString,
+                response_deserializer=tinyfleet_dot_v1_dot_fleet__pb2.DeviceInfo.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
-    """Operator-facing service (jobs). Requires the admin token when one is set,
-    sent as gRPC metadata `authorization: Bearer <token>`.
+    """Operator-facing service (jobs, enrollment, revocation). Requires the admin token
+    (unless the coordinator runs with --no-admin-token), sent as gRPC metadata
+    `authorization: Bearer <token>`.
     """
 
     def SubmitJob(self, request, context):
@@ -263,6 +297,32 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateEnrollment(self, request, context):
+        """Issue an enrollment token; the token itself is in this answer only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListEnrollments(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeEnrollment(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeDevice(self, request, context):
+        """Close the device's stream and refuse its key from now on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -291,6 +351,26 @@ def add_AdminServicer_to_server(servicer, server):
                     request_deserializer=tinyfleet_dot_v1_dot_fleet__pb2.ListDevicesRequest.FromString,
                     response_serializer=tinyfleet_dot_v1_dot_fleet__pb2.ListDevicesResponse.SerializeToString,
             ),
+            'CreateEnrollment': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateEnrollment,
+                    request_deserializer=tinyfleet_dot_v1_dot_fleet__pb2.CreateEnrollmentRequest.FromString,
+                    response_serializer=tinyfleet_dot_v1_dot_fleet__pb2.CreateEnrollmentResponse.SerializeToString,
+            ),
+            'ListEnrollments': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEnrollments,
+                    request_deserializer=tinyfleet_dot_v1_dot_fleet__pb2.ListEnrollmentsRequest.FromString,
+                    response_serializer=tinyfleet_dot_v1_dot_fleet__pb2.ListEnrollmentsResponse.SerializeToString,
+            ),
+            'RevokeEnrollment': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeEnrollment,
+                    request_deserializer=tinyfleet_dot_v1_dot_fleet__pb2.RevokeEnrollmentRequest.FromString,
+                    response_serializer=tinyfleet_dot_v1_dot_fleet__pb2.EnrollmentInfo.SerializeToString,
+            ),
+            'RevokeDevice': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeDevice,
+                    request_deserializer=tinyfleet_dot_v1_dot_fleet__pb2.RevokeDeviceRequest.FromString,
+                    response_serializer=tinyfleet_dot_v1_dot_fleet__pb2.DeviceInfo.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tinyfleet.v1.Admin', rpc_method_handlers)
@@ -300,8 +380,9 @@ def add_AdminServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Admin:
-    """Operator-facing service (jobs). Requires the admin token when one is set,
-    sent as gRPC metadata `authorization: Bearer <token>`.
+    """Operator-facing service (jobs, enrollment, revocation). Requires the admin token
+    (unless the coordinator runs with --no-admin-token), sent as gRPC metadata
+    `authorization: Bearer <token>`.
     """
 
     @staticmethod
@@ -429,6 +510,114 @@ class Admin:
             '/tinyfleet.v1.Admin/ListDevices',
             tinyfleet_dot_v1_dot_fleet__pb2.ListDevicesRequest.SerializeToString,
             tinyfleet_dot_v1_dot_fleet__pb2.ListDevicesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateEnrollment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tinyfleet.v1.Admin/CreateEnrollment',
+            tinyfleet_dot_v1_dot_fleet__pb2.CreateEnrollmentRequest.SerializeToString,
+            tinyfleet_dot_v1_dot_fleet__pb2.CreateEnrollmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEnrollments(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tinyfleet.v1.Admin/ListEnrollments',
+            tinyfleet_dot_v1_dot_fleet__pb2.ListEnrollmentsRequest.SerializeToString,
+            tinyfleet_dot_v1_dot_fleet__pb2.ListEnrollmentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeEnrollment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tinyfleet.v1.Admin/RevokeEnrollment',
+            tinyfleet_dot_v1_dot_fleet__pb2.RevokeEnrollmentRequest.SerializeToString,
+            tinyfleet_dot_v1_dot_fleet__pb2.EnrollmentInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeDevice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tinyfleet.v1.Admin/RevokeDevice',
+            tinyfleet_dot_v1_dot_fleet__pb2.RevokeDeviceRequest.SerializeToString,
+            tinyfleet_dot_v1_dot_fleet__pb2.DeviceInfo.FromString,
             options,
             channel_credentials,
             insecure,
