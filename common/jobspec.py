@@ -12,11 +12,18 @@ A job file is TOML::
     fraction_evaluate = 0.5
 
     [round]
-    deadline_s = 30.0              # a round never waits longer than this for replies
+    deadline_s = 30.0              # bounds the whole train phase: configure, send, replies
+    evaluate_deadline_s = 10.0     # bounds the evaluate phase (default: deadline_s)
     min_nodes = 2                  # quorum: fewer replies than this ends the job
     fraction = 1.0                 # share of eligible online nodes sampled per round
     wait_for_nodes_s = 60.0        # how long a round may wait for min_nodes to be online
     eligible = "SELECT ?device WHERE { ... }"   # optional SPARQL scope (registry)
+    max_update_ratio = 10.0        # optional: drop a train reply whose update has an L2 norm
+                                   # above 10x the global model's (off by default)
+
+A round therefore lasts at most deadline_s + evaluate_deadline_s once its quorum is
+online (plus aggregation): a node that has not answered when its phase's deadline
+passes is recorded as timed out and the round goes on without it.
 
     [train]                        # ConfigRecord sent with every train message
     local_steps = 20
@@ -61,6 +68,15 @@ class RoundSettings:
     fraction: float = 1.0
     wait_for_nodes_s: float = 60.0
     eligible: str | None = None
+    #: None: the evaluate phase gets deadline_s as well.
+    evaluate_deadline_s: float | None = None
+    #: None: the update guard is off (see tinyfleet.server.update_guard).
+    max_update_ratio: float | None = None
+
+    @property
+    def evaluate_deadline(self) -> float:
+        """Seconds the evaluate phase may take."""
+        return self.deadline_s if self.evaluate_deadline_s is None else self.evaluate_deadline_s
 
 
 @dataclass(frozen=True)
@@ -139,6 +155,8 @@ def job_spec_from_dict(data: dict[str, Any]) -> JobSpec:
         fraction=_float(round_data, "fraction", 1.0, "round.", positive=True, at_most=1.0),
         wait_for_nodes_s=_float(round_data, "wait_for_nodes_s", 60.0, "round.", positive=False),
         eligible=eligible,
+        evaluate_deadline_s=_optional_float(round_data, "evaluate_deadline_s", "round."),
+        max_update_ratio=_optional_float(round_data, "max_update_ratio", "round."),
     )
     return JobSpec(
         name=name,
@@ -227,6 +245,13 @@ def _float(
     if at_most is not None and value > at_most:
         raise JobSpecError(prefix + key, f"must be at most {at_most}, got {value}")
     return float(value)
+
+
+def _optional_float(data: dict[str, Any], key: str, prefix: str) -> float | None:
+    """A positive number, or None when the key is absent (the setting's documented default)."""
+    if key not in data:
+        return None
+    return _float(data, key, 0.0, prefix, positive=True)
 
 
 def _table(data: dict[str, Any], key: str) -> dict[str, Any]:

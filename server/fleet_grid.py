@@ -7,9 +7,15 @@ condition, so a round ends the moment the last reply lands, a node that drops
 mid-exchange is undeliverable at once, and only silence waits for the deadline.
 
 Replies are checked before any strategy sees them: oversized, undecodable,
-NaN/Inf arrays, or arrays under "arrays" whose keys overlap the global model
-but do not match its keys and shapes. Such a reply becomes an error reply
-(Flower's strategies skip those) and its Delivery records why.
+NaN/Inf arrays, arrays under "arrays" whose keys overlap the global model
+but do not match its keys and shapes, and (when the job sets max_update_ratio)
+train updates too large for the global model (`update_guard`). Such a reply
+becomes an error reply (Flower's strategies skip those) and its Delivery records
+why.
+
+Each phase of a round (train, evaluate) runs against one deadline set by
+`begin_phase`: the strategy's configure step (which may wait for nodes) and the
+wait for replies share it, so a phase never outlasts its deadline.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MessageType
 
 from tinyfleet.common.arrays import InvalidUpdateError, check_compatible, check_finite
 from tinyfleet.common.flower_adapter import (
@@ -42,6 +48,7 @@ from tinyfleet.common.grids import (
 )
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
 from tinyfleet.server.connections import ConnectionHub
+from tinyfleet.server.update_guard import UpdateGuard
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +88,18 @@ class FleetGrid(TrackingGrid):
         self.eligible_nodes = eligible_nodes
         #: The global model; replies under "arrays" that overlap its keys must match it.
         self.reference_arrays: ArrayRecord | None = None
-        #: Seconds an agent is told it has for each task (the runner sets the round deadline).
+        #: Seconds an agent is told it has for each task (`begin_phase` sets the phase's deadline).
         self.task_deadline_s = 0.0
+        #: Bounds train updates relative to the global model (the job's max_update_ratio), or None.
+        self.update_guard: UpdateGuard | None = None
         self._cond = threading.Condition(self._lock)
         self._pending: dict[str, _Pending] = {}
         self._replies: dict[str, Message] = {}
         self._closed = False
         self._phase_started = self._last_call = time.monotonic()
         self._phase_wait_s = float("inf")
+        self._phase_deadline: float | None = None
+        self._phase_deadline_s = 0.0
         hub.add_listener(self)
 
     # -- nodes -------------------------------------------------------------------
@@ -98,10 +109,23 @@ class FleetGrid(TrackingGrid):
             online &= set(self.eligible_nodes())
         return online
 
-    def begin_phase(self, wait_s: float) -> None:
-        """Start a configure step: polling for nodes past `wait_s` raises instead of looping."""
+    def begin_phase(self, wait_s: float, deadline_s: float | None = None) -> None:
+        """Start a phase: polling for nodes past `wait_s` (or past the phase's deadline, whichever
+        comes first) raises instead of looping, and `send_and_receive` waits only for what is left
+        of `deadline_s` (None: only its own timeout bounds it)."""
         self._phase_started = self._last_call = time.monotonic()
-        self._phase_wait_s = wait_s
+        if deadline_s is None:
+            self._phase_wait_s, self._phase_deadline = wait_s, None
+            return
+        self._phase_wait_s = min(wait_s, deadline_s)
+        self._phase_deadline = self._phase_started + deadline_s
+        self._phase_deadline_s = self.task_deadline_s = deadline_s
+
+    def phase_time_left(self) -> float | None:
+        """Seconds left before the phase's deadline (never negative), or None without one."""
+        if self._phase_deadline is None:
+            return None
+        return max(0.0, self._phase_deadline - time.monotonic())
 
     def get_node_ids(self) -> Iterable[int]:
         if self._closed:
@@ -177,6 +201,11 @@ class FleetGrid(TrackingGrid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
+        """Send and wait for replies until `timeout`, and never past the phase's deadline."""
+        left = self.phase_time_left()
+        deadline_s = timeout
+        if left is not None and (timeout is None or left <= timeout):
+            timeout, deadline_s = left, self._phase_deadline_s
         message_ids: list[str] = []
         try:
             replies = list(super().send_and_receive(_recording(messages, message_ids), timeout=timeout))
@@ -186,7 +215,7 @@ class FleetGrid(TrackingGrid):
                     self._pending.pop(mid, None)
                     delivery = self._deliveries.get(mid)
                     if delivery is not None and delivery.status == TIMEOUT and not delivery.error:
-                        delivery.error = f"no reply within the {timeout} s deadline"
+                        delivery.error = f"no reply within the {deadline_s} s deadline"
         return replies
 
     def close(self) -> None:
@@ -258,6 +287,11 @@ class FleetGrid(TrackingGrid):
             reference = self.reference_arrays
             if arrays is not None and reference is not None and set(arrays) & set(reference):
                 check_compatible(arrays, reference)
+            guard = self.update_guard
+            if guard is not None and reference is not None and _is_train(pending.instruction):
+                dropped = guard.check(message.content, reference)
+                if dropped:
+                    raise InvalidUpdateError(dropped)
         except InvalidUpdateError as exc:
             return None, str(exc), ERR_INVALID_UPDATE
         return message, "", 0
@@ -281,6 +315,11 @@ class FleetGrid(TrackingGrid):
         if delivery is not None and delivery.status == "pending":
             delivery.status = status
             delivery.error = reason
+
+
+def _is_train(instruction: Message) -> bool:
+    """Flower's "train" and its qualified forms ("train.fedreptile")."""
+    return instruction.metadata.message_type.partition(".")[0] == MessageType.TRAIN
 
 
 def _recording(messages: Iterable[Message], ids: list[str]) -> Iterable[Message]:

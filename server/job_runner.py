@@ -5,7 +5,11 @@ because a fleet needs what `start` does not do: wait (event-driven, bounded) for
 enough nodes, drop and record late or dead nodes, end the job when quorum fails,
 checkpoint every finished round, and resume after a crash from the last
 finished round. A round never waits forever: node waits are bounded by
-`wait_for_nodes_s` and exchanges by `deadline_s`.
+`wait_for_nodes_s`, the whole train phase (configure, send, replies) by
+`deadline_s` and the evaluate phase by `evaluate_deadline_s`, so once its quorum
+is online a round lasts at most the sum of the two plus aggregation. With
+`max_update_ratio` set, FleetGrid drops train replies whose update is too large
+for the global model (`tinyfleet.server.update_guard`) and records why.
 
 Durability: the aggregated model is written to the artifact store (atomic file)
 before the round's SQL rows; the round row, node results, artifact row, job
@@ -49,6 +53,7 @@ from tinyfleet.server.repository import (
     Repository,
     RoundRecord,
 )
+from tinyfleet.server.update_guard import guard_for
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +162,7 @@ class JobRunner:
         self.on_change(job.id)
         self.grid.set_run(empty_run(job.id))
         self.grid.eligible_nodes = self.eligibility(spec) if self.eligibility else None
-        self.grid.task_deadline_s = spec.round.deadline_s
+        self.grid.update_guard = guard_for(spec.round.max_update_ratio, strategy)
         start = (self.repo.get_job(job.id) or job).rounds_done + 1
         for server_round in range(start, spec.rounds + 1):
             arrays, parent_sha = self._round(job.id, spec, strategy, server_round, arrays, parent_sha)
@@ -246,7 +251,7 @@ class JobRunner:
                 lambda: strategy.configure_evaluate(
                     server_round, new_arrays, evaluate_config(spec), self.grid
                 ),
-                settings.wait_for_nodes_s, settings.deadline_s,
+                settings.wait_for_nodes_s, settings.evaluate_deadline,
             )
             eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
         except _Stopping:
@@ -286,9 +291,11 @@ class JobRunner:
         return new_arrays, sha
 
     def _exchange(self, configure: Callable[[], Any], wait_s: float, deadline_s: float) -> list:
-        """configure -> send_and_receive under the deadline; stopping interrupts it."""
+        """configure -> send_and_receive, the two together bounded by the phase's deadline
+        (a configure step that waits for nodes leaves the replies less time); stopping
+        interrupts it."""
         try:
-            self.grid.begin_phase(wait_s)
+            self.grid.begin_phase(wait_s, deadline_s)
             messages = list(configure())
             return list(self.grid.send_and_receive(messages, timeout=deadline_s)) if messages else []
         except GridClosedError as exc:
