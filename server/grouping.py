@@ -9,7 +9,14 @@ in the runner's own thread (not the shared default executor, where a commit woul
 queue behind validations), new items queue up and go together in the next group.
 There is no timer: a lone caller is served at once and waits no longer than
 before; N concurrent callers share one run. `run(items)` returns one result or
-exception per item, so one refused item never fails the others.
+exception per item, so one refused item never fails the others. When `run` raises
+for a whole group, a runner made with `isolate_failures` runs each item of it alone
+(one at a time), so whatever one item raises (a parser's RecursionError, a bug)
+reaches only its own caller; without it (the SQL commit, where a group fails as a
+whole when the database is unreachable) every caller gets the group's exception.
+Each runner has its own worker thread: a service can keep a separate lane for
+items that take long (FleetService validates large descriptions in one), so they
+never hold up a group of quick ones.
 """
 
 from __future__ import annotations
@@ -32,9 +39,11 @@ class GroupRunner(Generic[Item, Result]):
         *,
         max_group: int = 256,
         name: str = "group",
+        isolate_failures: bool = False,
     ) -> None:
         self._run = run
         self._max_group = max_group
+        self._isolate_failures = isolate_failures
         self._queue: list[tuple[Item, asyncio.Future[Result]]] = []
         self._drainer: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
@@ -59,10 +68,8 @@ class GroupRunner(Generic[Item, Result]):
             self.items += len(group)
             try:
                 results = await loop.run_in_executor(
-                    self._executor, self._run, [item for item, _ in group]
+                    self._executor, self._run_group, [item for item, _ in group]
                 )
-                if len(results) != len(group):
-                    raise RuntimeError(f"run returned {len(results)} results for {len(group)} items")
             except asyncio.CancelledError:  # the loop is shutting down: nobody waits for an answer
                 for _, future in group + self._queue:
                     future.cancel()
@@ -77,6 +84,27 @@ class GroupRunner(Generic[Item, Result]):
                     future.set_exception(result)
                 else:
                     future.set_result(result)
+
+    def _run_group(self, items: list[Item]) -> Sequence[Result | Exception]:
+        """`run` over the group in the worker thread; each item alone if the group raises."""
+        try:
+            return self._checked(items)
+        except Exception:
+            if not self._isolate_failures or len(items) == 1:
+                raise
+        results: list[Result | Exception] = []
+        for item in items:
+            try:
+                results.extend(self._checked([item]))
+            except Exception as exc:  # this item's own failure, for its caller alone
+                results.append(exc)
+        return results
+
+    def _checked(self, items: list[Item]) -> Sequence[Result | Exception]:
+        results = self._run(items)
+        if len(results) != len(items):
+            raise RuntimeError(f"run returned {len(results)} results for {len(items)} items")
+        return results
 
     def close(self) -> None:
         """Wait for the group in flight, then stop the worker thread."""

@@ -15,6 +15,19 @@ SHACL-validated; the whole file is written in one update or not at all.
 SQL is the system of record: `import_document` keeps the file itself in SQL
 (with an outbox row, one transaction) and lets the projector write its graphs,
 so `tinyfleet registry rebuild` re-applies it like any registered device.
+
+A published document is the operator's, not a device's description: it may
+describe many boards and models, and its nodes need not sit under any one IRI,
+so the rule that a description speaks only for its device does not apply to it.
+It still cannot change what a registered device says about itself: every fleet
+query reads a device's facts from the device's own named graph, so triples about
+a device in a model's graph or the document's leftover graph are never read as
+that device's; and `import_document` refuses a document that describes, as one of
+its boards, a device registered by its agent (SQL has its row), since the board's
+graph would replace the device's. An operator who means to describe that device
+from a document deletes the device first (DELETE /things/{id} with the admin
+token; its agent's registration goes with it), or changes the device's own
+description (PUT /things/{id} with the admin token).
 """
 
 from __future__ import annotations
@@ -258,6 +271,8 @@ class DocumentKeeper(Protocol):
         self, name: str, base_iri: str, media_type: str, content: bytes
     ) -> ImportedDocument: ...
 
+    def get_device(self, device_id: str) -> object | None: ...
+
 
 class CatchingUp(Protocol):
     def catch_up(self) -> object: ...
@@ -267,8 +282,22 @@ def import_document(
     registry: Registry, keeper: DocumentKeeper, projector: CatchingUp, document: Document
 ) -> FileReport:
     """Validate, keep in SQL with its outbox row (`keeper` is the Repository), then project.
-    A document that fails validation writes nothing; the same name again replaces it."""
+    A document that fails validation writes nothing; the same name again replaces it. A board
+    that is a device registered by its agent is refused by name (see the module docstring)."""
     imported = prepare_document(registry, document)
+    registered = [d.thing_id for d in imported.devices if keeper.get_device(d.thing_id) is not None]
+    if registered:
+        raise ImportFailed(
+            document.name,
+            [
+                Problem(
+                    device,
+                    "is a device registered by its agent; a document cannot replace its description "
+                    "(delete the device first, or change its own description with PUT /things/{id})",
+                )
+                for device in registered
+            ],
+        )
     keeper.import_document(document.name, document.base, "text/turtle", document.content)
     projector.catch_up()
     return imported.report

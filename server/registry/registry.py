@@ -10,13 +10,19 @@ the same update). Each thing's graph also holds its registration information
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
+import logging
+import multiprocessing
+import os
 import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -24,6 +30,7 @@ import pyoxigraph as ox
 
 from tinyfleet.ontology import DISCOVERY, ONTOLOGY_PATH, RDF, TF, XSD
 from tinyfleet.ontology.catalog import render, resolve_query
+from tinyfleet.server.descriptions import DescriptionLimits, iri_problem, unprocessable
 from tinyfleet.server.registry import updates
 from tinyfleet.server.registry.normalize import model_subjects, normalize_device, normalize_models
 from tinyfleet.server.registry.store import RegistryStore
@@ -34,7 +41,14 @@ from tinyfleet.server.registry.thing_description import (
     td_triples,
     turtle_triples,
 )
-from tinyfleet.server.registry.validation import DescriptionInvalid, Problem, ShaclValidator, check_td_json
+from tinyfleet.server.registry.validation import (
+    DescriptionInvalid,
+    Problem,
+    ShaclValidator,
+    check_td_json,
+    is_inside,
+    scope_problems,
+)
 
 _SCHEMA_HTTP: Final = "http://schema.org/"  # the WoT Discovery context maps registration terms here
 _REGISTRATION: Final = ox.NamedNode(DISCOVERY + "hasRegistrationInformation")
@@ -46,11 +60,21 @@ _TD_DOCUMENT: Final = ox.NamedNode(TF + "tdDocument")
 _RDF_JSON: Final = ox.NamedNode(RDF + "JSON")
 _REG_NS: Final = uuid.UUID("0b7d1f43-54a6-4d3c-8c3e-4fb0b1f5a2d9")
 _THING_TYPES: Final = (TF + "Device", "https://www.w3.org/2019/wot/td#Thing")
+#: The registry's and the coordinator's own IRIs (graphs, artifacts, jobs and rounds): no device
+#: may be named by one, or by an IRI they are under, since its graph would replace theirs.
+RESERVED_IRIS: Final = (
+    "urn:tinyfleet:graph",
+    "urn:tinyfleet:registry",
+    "urn:tinyfleet:artifact",
+    "urn:tinyfleet:job",
+    "urn:tinyfleet:directory",
+)
 #: Accepted descriptions remembered by their input: enough for those between a registration's
 #: SQL commit and its projection, which follows within a second.
 PREPARED_CACHE_SIZE: Final = 1024
 
 Listener = Callable[[str, str], None]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,8 +112,16 @@ def _now() -> dt.datetime:
 
 
 class Registry:
-    def __init__(self, store: RegistryStore, *, validator: ShaclValidator | None = None) -> None:
+    def __init__(
+        self,
+        store: RegistryStore,
+        *,
+        validator: ShaclValidator | None = None,
+        limits: DescriptionLimits | None = None,
+    ) -> None:
         self.store = store
+        #: Size and nesting bounds on descriptions; the coordinator sets them from its options.
+        self.limits = limits or DescriptionLimits()
         self._validator = validator or ShaclValidator.shared()
         self._write_lock = threading.Lock()
         self._prepared: OrderedDict[bytes, Prepared] = OrderedDict()
@@ -124,7 +156,10 @@ class Registry:
         self, items: Sequence[tuple[bytes, str, str | None, int | None]], *, raise_first: bool = True
     ) -> list[Prepared | DescriptionInvalid]:
         """Like `prepare` for many descriptions, each judged on its own, with few SHACL runs;
-        failures are returned in place (or the first raised, when `raise_first`).
+        failures are returned in place (or the first raised, when `raise_first`). Whatever
+        goes wrong with one description (including an unexpected exception) fails it alone.
+        Descriptions over `limits.large_bytes` are prepared, one at a time, in a worker
+        process with the fleet shapes (LargeDescriptions), never in this process's run.
 
         Accepted descriptions are remembered by their exact input (bounded LRU): the
         coordinator prepares a registration before its SQL commit and the projector the
@@ -134,6 +169,7 @@ class Registry:
         known: set[int] = set()
         with self._prepared_lock:
             remembered = {n: self._prepared.get(key) for n, key in enumerate(keys)}
+        large: dict[int, Prepared | DescriptionInvalid] = {}
         for number, (data, media_type, thing_id, ttl_s) in enumerate(items):
             hit = remembered[number]
             if hit is not None:
@@ -141,19 +177,30 @@ class Registry:
                 known.add(number)
                 continue
             try:
-                parsed.append(self.prepare_unvalidated(data, media_type, thing_id, ttl_s))
+                if self.limits.large_bytes < len(data) <= self.limits.max_bytes:
+                    large[number] = LARGE_DESCRIPTIONS.prepare(items[number], self.limits)
+                    parsed.append(large[number])
+                else:
+                    parsed.append(self.prepare_unvalidated(data, media_type, thing_id, ttl_s))
             except DescriptionInvalid as exc:
                 parsed.append(exc)
-        candidates = [n for n, p in enumerate(parsed) if isinstance(p, Prepared) and n not in known]
-        problems = self._validator.validate_each([parsed[n].triples for n in candidates])  # type: ignore[union-attr]
+            except Exception as exc:  # a parser's limit or a bug: this description fails, not the batch
+                parsed.append(_unprocessable(exc))
+        done = known | set(large)
+        small = {n: p for n, p in enumerate(parsed) if isinstance(p, Prepared) and n not in done}
+        found = self._validate_each(self._validator, list(small.values()))
+        verdicts = dict(zip(small, found, strict=True))
+        # Large ones come back validated (or refused, and then they are no candidates).
+        fresh = {**small, **{n: p for n, p in large.items() if isinstance(p, Prepared)}}
+        candidates = list(fresh)
         result: list[Prepared | DescriptionInvalid] = list(parsed)
         with self._prepared_lock:
-            for number, found in zip(candidates, problems, strict=True):
-                if found:
-                    result[number] = DescriptionInvalid(found)
+            for number in candidates:
+                verdict = verdicts.get(number)
+                if verdict is not None:
+                    result[number] = verdict
                 else:
-                    prepared = parsed[number]
-                    assert isinstance(prepared, Prepared)
+                    prepared = fresh[number]
                     self._prepared[keys[number]] = prepared
                     data, media_type, thing_id, ttl_s = items[number]
                     if thing_id is None and prepared.document is not None:
@@ -170,38 +217,28 @@ class Registry:
                     raise item
         return result
 
+    @staticmethod
+    def _validate_each(
+        validator: ShaclValidator, prepared: Sequence[Prepared]
+    ) -> list[DescriptionInvalid | None]:
+        """SHACL verdicts (None: conforms); a run that raises is split so the description at
+        fault fails alone."""
+        if not prepared:
+            return []
+        try:
+            found = validator.validate_each([p.triples for p in prepared])
+        except Exception as exc:
+            if len(prepared) == 1:
+                return [_unprocessable(exc)]
+            return [Registry._validate_each(validator, [p])[0] for p in prepared]
+        return [DescriptionInvalid(problems) if problems else None for problems in found]
+
     def prepare_unvalidated(
         self, data: bytes, media_type: str, thing_id: str | None = None, ttl_s: int | None = None
     ) -> Prepared:
         """`prepare` without the SHACL run: for bulk loads of descriptions generated or
-        validated elsewhere (the benchmark's bulk part)."""
-        try:
-            kind = media_kind(media_type)
-            if kind == "json":
-                document = load_json(data)
-                if thing_id is not None and document.get("id") is None:
-                    document["id"] = thing_id
-                problems = check_td_json(document)
-                if problems:
-                    raise DescriptionInvalid(problems)
-                if thing_id is not None and document["id"] != thing_id:
-                    raise DescriptionInvalid(
-                        [Problem("/id", f"is {document['id']!r} but the request is for {thing_id!r}")]
-                    )
-                ttl_s = _registration_ttl(document, ttl_s)
-                document.pop("registration", None)  # directory-managed; recomputed on every write
-                triples = td_triples(document)
-                thing = document["id"]
-            else:
-                document = None
-                triples = turtle_triples(data, base_iri=thing_id)
-                thing = thing_id or _single_thing(triples)
-        except DescriptionSyntaxError as exc:
-            raise DescriptionInvalid([Problem(exc.path, exc.message)]) from exc
-        triples = normalize_models(normalize_device(triples, thing))
-        return Prepared(
-            thing_id=thing, triples=updates.skolemize(triples, thing), document=document, ttl_s=ttl_s
-        )
+        validated elsewhere (the benchmark's bulk part). See `parse_description`."""
+        return parse_description(data, media_type, thing_id, ttl_s, self.limits)
 
     def put(self, prepared: Prepared, *, seq: int | None = None) -> bool:
         """Write (create or replace) one thing; True when it did not exist before."""
@@ -353,6 +390,8 @@ class Registry:
     # ---- reading ----------------------------------------------------------------------------
 
     def exists(self, thing_id: str) -> bool:
+        if iri_problem(thing_id) is not None:  # nothing can be stored under it (e.g. GET /things/a>b)
+            return False
         return bool(self.store.query(f"ASK {{ GRAPH {ox.NamedNode(thing_id)} {{ ?s ?p ?o }} }}"))
 
     def _registrations(self, thing_ids: Sequence[str]) -> dict[str, Registration]:
@@ -360,6 +399,8 @@ class Registry:
         # into GRAPH ?g, and a join over every registration costs O(fleet).
         found = {}
         for thing_id in thing_ids:
+            if iri_problem(thing_id) is not None:  # not an IRI: never registered
+                continue
             name = ox.NamedNode(thing_id)
             query = f"""SELECT ?created ?modified ?expires ?ttl WHERE {{
               GRAPH {name} {{ {name} {_REGISTRATION} ?r . ?r {_CREATED} ?created ; {_MODIFIED} ?modified .
@@ -402,6 +443,8 @@ class Registry:
         return document
 
     def graph_triples(self, graph: str) -> list[ox.Triple]:
+        if iri_problem(graph) is not None:
+            return []
         name = ox.NamedNode(graph)
         result = self.store.query(f"CONSTRUCT {{ ?s ?p ?o }} WHERE {{ GRAPH {name} {{ ?s ?p ?o }} }}")
         return list(result)  # type: ignore[arg-type]
@@ -459,6 +502,133 @@ class Registry:
             self.store.update(
                 updates.replace_graph(updates.ONTOLOGY_GRAPH, updates.skolemize(triples, "ontology"))
             )
+
+
+def parse_description(
+    data: bytes, media_type: str, thing_id: str | None, ttl_s: int | None, limits: DescriptionLimits
+) -> Prepared:
+    """A description's triples, checked, normalized and skolemized, not yet SHACL-validated.
+
+    Refuses, before parsing, a description over `limits.max_bytes`, JSON nested deeper than
+    `limits.max_json_depth` and a thing id that is not an absolute IRI or is one of the
+    registry's own; after parsing, any triple whose subject is not the thing or a node of its
+    own (`scope_problems`)."""
+    too_big = limits.size_problem(len(data))
+    if too_big:
+        raise DescriptionInvalid([Problem("", too_big)])
+    if thing_id is not None:
+        bad_id = iri_problem(thing_id)
+        if bad_id:
+            raise DescriptionInvalid([Problem("/id", f"the thing id {bad_id}")])
+    try:
+        kind = media_kind(media_type)
+        if kind == "json":
+            document = load_json(data, max_depth=limits.max_json_depth)
+            if thing_id is not None and document.get("id") is None:
+                document["id"] = thing_id
+            problems = check_td_json(document)
+            if problems:
+                raise DescriptionInvalid(problems)
+            if thing_id is not None and document["id"] != thing_id:
+                raise DescriptionInvalid(
+                    [Problem("/id", f"is {document['id']!r} but the request is for {thing_id!r}")]
+                )
+            ttl_s = _registration_ttl(document, ttl_s)
+            document.pop("registration", None)  # directory-managed; recomputed on every write
+            triples = td_triples(document)
+            thing = document["id"]
+        else:
+            document = None
+            triples = turtle_triples(data, base_iri=thing_id)
+            thing = thing_id or _single_thing(triples)
+    except DescriptionSyntaxError as exc:
+        raise DescriptionInvalid([Problem(exc.path, exc.message)]) from exc
+    reserved = [r for r in RESERVED_IRIS if is_inside(thing, r) or is_inside(r, thing)]
+    if reserved:
+        raise DescriptionInvalid(
+            [Problem("/id", f"{thing!r} is reserved for the registry's own graphs ({reserved[0]}...)")]
+        )
+    outside = scope_problems(triples, thing)
+    if outside:
+        raise DescriptionInvalid(outside)
+    triples = normalize_models(normalize_device(triples, thing))
+    return Prepared(
+        thing_id=thing, triples=updates.skolemize(triples, thing), document=document, ttl_s=ttl_s
+    )
+
+
+class LargeDescriptions:
+    """Large descriptions prepared (parsed, checked and SHACL-validated) in a worker process.
+
+    One near the size limit keeps pyshacl busy for a second or more. In a thread of the
+    coordinator that second competes for the GIL (and adds garbage-collector pauses) with
+    everything else, gRPC's event loop and the small registrations' validation included; in a
+    process of its own, at a lower CPU priority, it costs the coordinator a pipe round trip and
+    reading back the triples (N-Triples, parsed by Oxigraph). One worker, spawned at first use;
+    a description that kills it fails alone and the next one gets a new worker."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = None
+
+    def prepare(
+        self, item: tuple[bytes, str, str | None, int | None], limits: DescriptionLimits
+    ) -> Prepared | DescriptionInvalid:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker
+                )
+            pool = self._pool
+        try:
+            outcome = pool.submit(_prepare_in_worker, item, limits).result()
+        except BrokenProcessPool:
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = None
+            log.warning("the process validating a large description died; the next one gets a new one")
+            return DescriptionInvalid(
+                [Problem("", "the description could not be processed (it stopped the process validating it)")]
+            )
+        if isinstance(outcome, list):
+            return DescriptionInvalid(outcome)
+        thing_id, ntriples, document, ttl_s = outcome
+        triples = [quad.triple for quad in ox.parse(ntriples, format=ox.RdfFormat.N_TRIPLES)]
+        return Prepared(thing_id=thing_id, triples=triples, document=document, ttl_s=ttl_s)
+
+
+#: The coordinator's one lane for large descriptions (Registry.prepare_many sends them there).
+LARGE_DESCRIPTIONS: Final = LargeDescriptions()
+
+
+def _start_worker() -> None:
+    with contextlib.suppress(OSError):
+        os.nice(10)  # the coordinator's own work goes first
+    ShaclValidator.shared()  # the shapes, parsed before the first description arrives
+
+
+def _prepare_in_worker(
+    item: tuple[bytes, str, str | None, int | None], limits: DescriptionLimits
+) -> tuple[str, bytes, dict[str, Any] | None, int | None] | list[Problem]:
+    """In the worker: (thing id, N-Triples, document, ttl) of an accepted description, or its
+    problems (exceptions do not cross the pipe: DescriptionInvalid's constructor takes a list)."""
+    data, media_type, thing_id, ttl_s = item
+    try:
+        prepared = parse_description(data, media_type, thing_id, ttl_s, limits)
+        problems = ShaclValidator.shared().validate(prepared.triples)
+    except DescriptionInvalid as exc:
+        return exc.errors
+    except Exception as exc:  # whatever one description raises is its own refusal
+        return _unprocessable(exc).errors
+    if problems:
+        return problems
+    ntriples = ox.serialize(prepared.triples, format=ox.RdfFormat.N_TRIPLES)
+    return prepared.thing_id, ntriples, prepared.document, prepared.ttl_s
+
+
+def _unprocessable(exc: Exception) -> DescriptionInvalid:
+    log.warning("a description could not be processed", exc_info=exc)
+    return DescriptionInvalid([Problem("", str(unprocessable(exc)))])
 
 
 def _input_key(item: tuple[bytes, str, str | None, int | None]) -> bytes:

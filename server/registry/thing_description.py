@@ -14,17 +14,16 @@ scoped contexts was most of the cost of parsing a small device TD.
 from __future__ import annotations
 
 import json
-import re
 from functools import cache
 from typing import Any, Final
 
 import pyoxigraph as ox
 
 from tinyfleet.ontology import TD_CONTEXT_URLS, TINYFLEET_CONTEXT_URL, known_contexts, local_context
+from tinyfleet.server.descriptions import DEFAULT_MAX_JSON_DEPTH, iri_problem, json_too_deep
 
 JSON_MEDIA_TYPES: Final = frozenset({"application/td+json", "application/ld+json", "application/json"})
 TURTLE_MEDIA_TYPES: Final = frozenset({"text/turtle", "application/x-turtle"})
-_ABSOLUTE_IRI: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:\S+$")
 
 
 class DescriptionSyntaxError(ValueError):
@@ -47,13 +46,25 @@ def media_kind(media_type: str) -> str:
     raise DescriptionSyntaxError("", f"unsupported media type {media_type!r}; use one of: {known}")
 
 
-def load_json(data: bytes) -> dict[str, Any]:
+def parse_json(data: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
+    """JSON text -> value; nesting deeper than `max_depth` is refused before json.loads
+    (which recurses once per level) ever sees it."""
+    too_deep = json_too_deep(data, max_depth)
+    if too_deep is not None:
+        raise DescriptionSyntaxError(
+            "", f"JSON nested deeper than {max_depth} levels (at byte {too_deep}); refused unparsed"
+        )
     try:
-        document = json.loads(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise DescriptionSyntaxError("", f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except json.JSONDecodeError as exc:
         raise DescriptionSyntaxError(f"line {exc.lineno}:{exc.colno}", f"not valid JSON: {exc.msg}") from exc
+
+
+def load_json(data: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> dict[str, Any]:
+    """A Thing Description's JSON object (see `parse_json`)."""
+    document = parse_json(data, max_depth)
     if not isinstance(document, dict):
         raise DescriptionSyntaxError(
             "/", f"a Thing Description is a JSON object, not {type(document).__name__}"
@@ -116,7 +127,7 @@ def _names(value: Any, found: set[str]) -> set[str]:
 def td_triples(document: dict[str, Any]) -> list[ox.Triple]:
     """RDF of a TD (relative hrefs resolve against the TD's absolute `base`, else are left out)."""
     base = document.get("base")
-    base_iri = base if isinstance(base, str) and _ABSOLUTE_IRI.match(base) else None
+    base_iri = base if isinstance(base, str) and iri_problem(base) is None else None
     expanded = with_local_contexts(document)
     try:
         quads = ox.parse(json.dumps(expanded).encode(), format=ox.RdfFormat.JSON_LD, base_iri=base_iri)

@@ -1,4 +1,17 @@
-"""Is a description acceptable? JSON-level TD 1.1 checks, then SHACL against the fleet shapes.
+"""Is a description acceptable? JSON-level TD 1.1 checks, its scope, then SHACL against the fleet shapes.
+
+A description speaks only for its device (`scope_problems`): the subject of every
+triple must be the device itself or a node minted inside its own description,
+i.e. a blank node, or an IRI *under* the device's IRI: the device's IRI followed
+at once by '#', '/' or ':' and anything after (for urn:tf:pi-01: urn:tf:pi-01#ram,
+urn:tf:pi-01:ram, urn:tf:pi-01/ram; for https://ex.org/pi-01: https://ex.org/pi-01#ram,
+https://ex.org/pi-01/ram). The separator must come right after the IRI, so
+urn:tf:pi-01 never reaches urn:tf:pi-010, and https://ex.org/fleet/ reaches
+https://ex.org/fleet/#x but not https://ex.org/fleet/pi-02. An IRI compares as
+its exact characters, as RDF compares IRIs. A device whose IRI is a prefix of
+another's in this sense (urn:site:a and urn:site:a:pi) can name that IRI as a
+node of its own, but cannot change that device: every per-device fact is read
+from the device's own named graph, which only its own registration writes.
 
 Every problem is reported as {path, message}: `path` is a JSON pointer into the
 TD for JSON-level problems, and "<focus node> <property path>" for SHACL ones.
@@ -30,7 +43,6 @@ description that one at a time takes (tested against pyshacl's own full run).
 from __future__ import annotations
 
 import hashlib
-import re
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -40,10 +52,14 @@ from typing import Any, Final
 import pyoxigraph as ox
 
 from tinyfleet.ontology import PREFIXES, SHAPES_PATH, TD_CONTEXT_URLS, XSD
+from tinyfleet.server.descriptions import iri_problem
 
 _XSD_STRING: Final = XSD + "string"
 VERDICT_CACHE_SIZE: Final = 4096
-_ABSOLUTE_IRI: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:\S+$")
+#: What may follow a device's IRI in the IRI of a node inside its description.
+INSIDE_SEPARATORS: Final = ("#", "/", ":")
+#: Triples about other subjects listed one by one; the rest are counted in one last problem.
+MAX_SCOPE_PROBLEMS: Final = 10
 _OPERATIONS: Final = frozenset(
     {
         "readproperty",
@@ -105,8 +121,8 @@ def check_td_json(td: dict[str, Any], *, require_id: bool = True) -> list[Proble
             problems.append(
                 Problem("/id", "missing; the device needs an IRI such as urn:tinyfleet:device:pi-01")
             )
-    elif not isinstance(thing_id, str) or not _ABSOLUTE_IRI.match(thing_id):
-        problems.append(Problem("/id", f"must be an absolute IRI, got {thing_id!r}"))
+    elif (bad_id := iri_problem(thing_id)) is not None:
+        problems.append(Problem("/id", bad_id))
     title = td.get("title")
     if not isinstance(title, str) or not title.strip():
         problems.append(Problem("/title", "required: a non-empty string"))
@@ -142,6 +158,54 @@ def check_td_json(td: dict[str, Any], *, require_id: bool = True) -> list[Proble
     ):
         problems.append(Problem("/links", 'must be a list of objects each with an "href"'))
     return problems
+
+
+def is_inside(iri: str, thing: str) -> bool:
+    """True when `iri` is the thing's own IRI or under it (the module docstring defines it)."""
+    return iri == thing or (iri.startswith(thing) and iri[len(thing) : len(thing) + 1] in INSIDE_SEPARATORS)
+
+
+def scope_problems(triples: Sequence[ox.Triple], thing: str) -> list[Problem]:
+    """One problem per triple (up to MAX_SCOPE_PROBLEMS) whose subject is neither the thing, nor
+    a blank node, nor an IRI under the thing's: a description speaks only for its device."""
+    outside = [
+        t
+        for t in triples
+        if not isinstance(t.subject, ox.BlankNode)
+        and not (isinstance(t.subject, ox.NamedNode) and is_inside(t.subject.value, thing))
+    ]
+    problems = [
+        Problem(
+            _cut(f"{_compact_term(t.subject)} {_compact_term(t.predicate)}"),
+            f"the triple {_cut(str(t))} is about {_cut(str(t.subject))}, not this device "
+            f"<{_cut(thing)}>: a description may only state facts about its device and nodes inside "
+            f"it (blank nodes, or IRIs that continue <{_cut(thing)}> with '#', '/' or ':')",
+        )
+        for t in outside[:MAX_SCOPE_PROBLEMS]
+    ]
+    if len(outside) > MAX_SCOPE_PROBLEMS:
+        subjects = len({str(t.subject) for t in outside})
+        problems.append(
+            Problem(
+                "",
+                f"and {len(outside) - MAX_SCOPE_PROBLEMS} more triples about subjects other than "
+                f"<{thing}> and its nodes ({subjects} such subjects in all)",
+            )
+        )
+    return problems
+
+
+def _cut(text: str, limit: int = 200) -> str:
+    """Long IRIs and literals shortened: a problem is read by a person and travels in a trailer."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _compact_term(term: Any) -> str:
+    if isinstance(term, ox.NamedNode):
+        for prefix, iri in PREFIXES.items():
+            if term.value.startswith(iri) and len(term.value) > len(iri):
+                return f"{prefix}:{term.value[len(iri) :]}"
+    return str(term)
 
 
 def _strings(value: Any) -> bool:
