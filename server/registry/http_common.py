@@ -76,15 +76,16 @@ class Access:
             reason = (f"a device writes only its own description; this request is signed by "
                       f"{signed.device_id!r}")
         else:
-            declared = request.headers.get("content-length", "")
+            declared = request.headers.get("content-length", "0" if "transfer-encoding" not in
+                                           request.headers else "")  # no length, no chunks: no body
             if not declared.isdigit():
                 return problem(411, "Length required",
                                "a signed device write must declare its Content-Length")
             if int(declared) > max_body_bytes:
                 return problem(413, "Request too large",
                                f"the body is {declared} bytes; the limit is {max_body_bytes} bytes")
-            reason = await self._signature_refusal(signed, request.method, request.url.path,
-                                                   await request.body())
+            body = await request.body() if int(declared) else b""
+            reason = await self._signature_refusal(signed, request.method, request.url.path, body)
         if reason is None:
             return None
         self.auth_failures.failed(peer)

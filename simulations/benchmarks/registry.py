@@ -420,8 +420,10 @@ def run_size(
 def grpc_side(root: Path, bodies: list[bytes], levels: Sequence[int], db_url: str | None) -> dict[str, Any]:
     """Registrations per second through a real coordinator process (`tinyfleet server start` on
     127.0.0.1, embedded store holding the fleet just measured) from C concurrent gRPC clients,
-    each with its own channel registering new devices one after another: SHACL validation, the
-    group commit in SQL (device + outbox rows, durable), and the projector writing the graphs.
+    each with its own channel registering new devices one after another as agents do (each with
+    its own Ed25519 key, signed, presenting an enrollment token): signature check, SHACL
+    validation, the group commit in SQL (device + outbox rows + the token's use, durable), and
+    the projector writing the graphs.
     "acked" stops the clock at the last response; "projected" when the store has applied the
     last outbox row (read through /sparql), which is what the figure for the whole path uses."""
     from tinyfleet.simulations.local_fleet import LocalFleet
@@ -430,12 +432,13 @@ def grpc_side(root: Path, bodies: list[bytes], levels: Sequence[int], db_url: st
     out: dict[str, Any] = {"registrations_per_level": share, "db": db_url or "sqlite (WAL, synchronous=FULL)"}
     with LocalFleet(root, db_url=db_url) as fleet:
         fleet.start_server(timeout=300)
+        token = fleet.enroll(uses=len(bodies), label="registry benchmark")
         sql = sa.create_engine(db_url or default_url(fleet.data_dir))
         try:
             for number, clients in enumerate(levels):
                 batch = bodies[number * share : (number + 1) * share]
                 acked_s, projected_s = asyncio.run(
-                    _register_concurrently(fleet.address, fleet.http_address, sql, batch, clients)
+                    _register_concurrently(fleet.address, fleet.http_address, sql, batch, clients, token)
                 )
                 out[f"clients_{clients}"] = {
                     "acked_per_s": len(batch) / acked_s,
@@ -447,25 +450,34 @@ def grpc_side(root: Path, bodies: list[bytes], levels: Sequence[int], db_url: st
 
 
 async def _register_concurrently(
-    address: str, http: str, sql: sa.Engine, bodies: list[bytes], clients: int
+    address: str, http: str, sql: sa.Engine, bodies: list[bytes], clients: int, enroll_token: str
 ) -> tuple[float, float]:
     import grpc
     import httpx
 
+    from tinyfleet.common.device_keys import DeviceKey
     from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
 
-    async def client(mine: list[bytes]) -> None:
+    def signed(body: bytes) -> fleet_pb2.RegisterRequest:
+        """What a new device sends (key made and request signed on the device, off the clock)."""
+        key = DeviceKey.generate()
+        return fleet_pb2.RegisterRequest(
+            description=body, media_type=TD_JSON, public_key=key.public_key, sequence=1,
+            signature=key.sign_register(body, TD_JSON, 1, enroll_token), enrollment_token=enroll_token,
+        )
+
+    requests = [signed(body) for body in bodies]
+
+    async def client(mine: list[fleet_pb2.RegisterRequest]) -> None:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = fleet_pb2_grpc.FleetStub(channel)
-            for body in mine:
-                response = await stub.Register(
-                    fleet_pb2.RegisterRequest(description=body, media_type=TD_JSON), timeout=120
-                )
+            for request in mine:
+                response = await stub.Register(request, timeout=120)
                 if not response.created:
                     raise AssertionError(f"{response.device_id} was not created")
 
     start = time.perf_counter()
-    await asyncio.gather(*(client(bodies[k::clients]) for k in range(clients)))
+    await asyncio.gather(*(client(requests[k::clients]) for k in range(clients)))
     acked = time.perf_counter() - start
     with sql.connect() as conn:
         target = int(conn.execute(sa.text("SELECT max(seq) FROM outbox")).scalar() or 0)

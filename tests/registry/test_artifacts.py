@@ -45,10 +45,10 @@ def test_round_artifacts_are_described_with_provenance(
     repo = Repository(open_database(default_url(tmp_path)))
     blobs = ArtifactStore(tmp_path / "artifacts")
     repo.create_device(
-        "urn:tinyfleet:device:big", 7, "sha256$x", make_td("big", ram_kb=512), "application/td+json"
+        "urn:tinyfleet:device:big", 7, make_td("big", ram_kb=512), "application/td+json"
     )
     repo.create_device(
-        "urn:tinyfleet:device:tiny", 8, "sha256$x", make_td("tiny", ram_kb=8), "application/td+json"
+        "urn:tinyfleet:device:tiny", 8, make_td("tiny", ram_kb=8), "application/td+json"
     )
     Projector(registry, repo).catch_up()
     job = repo.create_job("sine", "fedavg", JOB, 2)

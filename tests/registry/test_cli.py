@@ -97,7 +97,7 @@ def test_rebuild_from_sql_replaces_the_store(
     assert "no coordinator database" in capsys.readouterr().err
     fleet.mkdir()
     repo = Repository(open_database(default_url(fleet)))
-    repo.create_device("urn:tinyfleet:device:a", 5, "sha256$x", make_td("a"), "application/td+json")
+    repo.create_device("urn:tinyfleet:device:a", 5, make_td("a"), "application/td+json")
     repo.engine.dispose()
     assert main(["registry", "rebuild", "--data-dir", str(fleet)]) == 0
     assert "1 device description(s)" in capsys.readouterr().out

@@ -15,8 +15,9 @@ import grpc
 import pytest
 import sqlalchemy as sa
 from server.conftest import PG_URL, _pg_schema
-from server.harness import CoordinatorThread, settings_for
+from server.harness import CoordinatorThread, settings_for, signed_register
 
+from tinyfleet.common.device_keys import DeviceKey
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
 from tinyfleet.server.registry.coordinator_hooks import CoordinatorRegistry
 from tinyfleet.server.schema import outbox
@@ -47,20 +48,21 @@ def test_concurrent_registrations_each_get_their_own_answer(
     registry = CoordinatorRegistry.open(tmp_path / "coord")
     thread = CoordinatorThread(settings_for(tmp_path / "coord", db_url=db_url), registry.hooks())
     try:
+        token, owner = thread.enroll(uses=100), DeviceKey.generate()
         with grpc.insecure_channel(thread.address) as channel:
             owned = fleet_pb2_grpc.FleetStub(channel).Register(
-                fleet_pb2.RegisterRequest(description=make_td("owned"), media_type=TD_JSON)
+                signed_register(make_td("owned"), owner, 1, token)
             )
 
-        def request(description: bytes, credential: str = "") -> fleet_pb2.RegisterRequest:
-            return fleet_pb2.RegisterRequest(
-                description=description, media_type=TD_JSON, credential=credential
-            )
+        def request(
+            description: bytes, key: DeviceKey | None = None, sequence: int = 1
+        ) -> fleet_pb2.RegisterRequest:
+            return signed_register(description, key or DeviceKey.generate(), sequence, token)
 
         requests = [("created", request(make_td(f"ok-{i}"))) for i in range(18)]
         requests += [("invalid", request(make_td(f"bad-{i}", ram_kb=-1))) for i in range(4)]
-        requests.append(("refused", request(make_td("owned", ram_kb=1))))
-        requests.append(("replaced", request(make_td("owned", ram_kb=2), owned.credential)))
+        requests.append(("refused", request(make_td("owned", ram_kb=1))))  # another key
+        requests.append(("replaced", request(make_td("owned", ram_kb=2), owner, sequence=2)))
         answers: dict[int, object] = {}
         start = threading.Barrier(len(requests))
 
@@ -85,10 +87,10 @@ def test_concurrent_registrations_each_get_their_own_answer(
             answer = answers[number]
             if expected == "created":
                 assert isinstance(answer, fleet_pb2.RegisterResponse), answer
-                assert answer.created and answer.credential and answer.node_id > 1
+                assert answer.created and answer.node_id > 1
             elif expected == "replaced":
                 assert isinstance(answer, fleet_pb2.RegisterResponse), answer
-                assert not answer.created and answer.node_id == owned.node_id and answer.credential == ""
+                assert not answer.created and answer.node_id == owned.node_id
             else:
                 assert isinstance(answer, grpc.RpcError), answer
                 if expected == "invalid":

@@ -11,10 +11,11 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from server.harness import CoordinatorThread, settings_for
+from server.harness import CoordinatorThread, settings_for, signed_register
 
+from tinyfleet.common.device_keys import DeviceKey
 from tinyfleet.common.jobspec import JobSpecError, parse_job_spec
-from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
+from tinyfleet.protos.tinyfleet.v1 import fleet_pb2_grpc
 from tinyfleet.server.database import default_url, open_database
 from tinyfleet.server.registry.coordinator_hooks import CoordinatorRegistry
 from tinyfleet.server.repository import Repository
@@ -54,15 +55,16 @@ def test_registration_is_validated_and_projected(
     running: tuple[CoordinatorThread, CoordinatorRegistry], make_td: Callable[..., bytes]
 ) -> None:
     thread, registry = running
+    token, key = thread.enroll(), DeviceKey.generate()
     with grpc.insecure_channel(thread.address) as channel:
         stub = fleet_pb2_grpc.FleetStub(channel)
         with pytest.raises(grpc.RpcError) as refused:
-            stub.Register(fleet_pb2.RegisterRequest(description=make_td(ram_kb=-1), media_type=TD_JSON))
+            stub.Register(signed_register(make_td(ram_kb=-1), key, 1, token))
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         trailer = dict(refused.value.trailing_metadata())
         errors = json.loads(trailer["validation-errors"])
         assert [e["path"].split()[-1] for e in errors] == ["tf:ramKB"]
-        stub.Register(fleet_pb2.RegisterRequest(description=make_td(sensors=("Camera",)), media_type=TD_JSON))
+        stub.Register(signed_register(make_td(sensors=("Camera",)), key, 2, token))
     _wait_for(lambda: registry.registry.exists("urn:tinyfleet:device:pi-01"))
     base = f"http://{thread.coordinator.http_address}"
     answer = httpx.get(
@@ -81,7 +83,7 @@ def test_the_registry_catches_up_after_a_crash_between_sql_commit_and_projection
     registry.registry.store.close()
     # What a crash right after the SQL commit leaves: the row and its outbox entry, no RDF.
     repo = Repository(open_database(default_url(data_dir)))
-    repo.create_device("urn:tinyfleet:device:late", 42, "sha256$x", make_td("late"), TD_JSON)
+    repo.create_device("urn:tinyfleet:device:late", 42, make_td("late"), TD_JSON)
     repo.engine.dispose()
     thread, registry = _start(data_dir)
     try:
@@ -102,8 +104,8 @@ def test_eligibility_is_checked_at_submission_and_re_evaluated_each_call(
     repo = Repository(open_database(default_url(tmp_path)))
     hooks = CoordinatorRegistry(Registry(EmbeddedStore(None)))
     hooks.repo = repo
-    repo.create_device("urn:tinyfleet:device:a", 101, "sha256$x", make_td("a", sensors=("Camera",)), TD_JSON)
-    repo.create_device("urn:tinyfleet:device:b", 102, "sha256$x", make_td("b"), TD_JSON)
+    repo.create_device("urn:tinyfleet:device:a", 101, make_td("a", sensors=("Camera",)), TD_JSON)
+    repo.create_device("urn:tinyfleet:device:b", 102, make_td("b"), TD_JSON)
     projector = Projector(hooks.registry, repo)
     projector.catch_up()
     job = 'name = "j"\nstrategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 2\n[round]\neligible = "{}"\n'

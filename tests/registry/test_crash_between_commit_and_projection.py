@@ -11,10 +11,12 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from server.harness import signed_register
 
 from tinyfleet.client.descriptions import minimal_thing_description
+from tinyfleet.common.device_keys import DeviceKey
 from tinyfleet.common.failpoints import ENV
-from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
+from tinyfleet.protos.tinyfleet.v1 import fleet_pb2_grpc
 from tinyfleet.server.database import default_url, open_database
 from tinyfleet.server.registry.registry import Registry
 from tinyfleet.server.registry.store import open_store
@@ -38,11 +40,9 @@ def test_registry_catches_up_after_kill_between_commit_and_projection(tmp_path: 
     with LocalFleet(tmp_path, admin_token="t") as fleet:
         fleet.start_server(env={ENV: "register.after-sql-commit"})
         description = json.dumps(minimal_thing_description(DEVICE, ram_kb=512, flash_kb=4096)).encode()
+        request = signed_register(description, DeviceKey.generate(), 1, fleet.enroll())
         with grpc.insecure_channel(fleet.address) as channel, pytest.raises(grpc.RpcError) as refused:
-            fleet_pb2_grpc.FleetStub(channel).Register(
-                fleet_pb2.RegisterRequest(description=description, media_type="application/td+json"),
-                timeout=30,
-            )
+            fleet_pb2_grpc.FleetStub(channel).Register(request, timeout=30)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         assert fleet.server is not None
         assert fleet.server.wait(30) == -signal.SIGKILL

@@ -13,6 +13,7 @@ import pytest
 import uvicorn
 from starlette.testclient import TestClient
 
+from tinyfleet.common.device_keys import DeviceKey, verify
 from tinyfleet.server.registry.http_app import registry_app
 from tinyfleet.server.registry.http_common import Access
 from tinyfleet.server.registry.registry import Registry
@@ -20,10 +21,16 @@ from tinyfleet.server.registry.registry import Registry
 TOKEN = "admin-secret"
 ADMIN = {"authorization": f"Bearer {TOKEN}", "content-type": "application/td+json"}
 PI = "urn:tinyfleet:device:pi-01"
+PI_KEY = DeviceKey.generate()
 
 
-def _verify(device: str, token: str) -> bool:
-    return token == f"credential-of-{device}"
+def _verify(device: str, message: bytes, signature: bytes) -> bool:
+    return device == PI and verify(PI_KEY.public_key, signature, message)
+
+
+def _signed_by_pi(method: str, path: str, body: bytes = b"") -> dict[str, str]:
+    authorization = PI_KEY.sign_request(PI, method, path, body).authorization()
+    return {"authorization": authorization, "content-type": "application/td+json"}
 
 
 @pytest.fixture
@@ -75,7 +82,7 @@ def test_invalid_descriptions_come_back_as_problem_json(
     assert client.get(f"/things/{PI}").json()["ramKB"] == 512  # the stored TD is untouched
 
 
-def test_writes_need_the_admin_token_or_the_devices_own_credential(
+def test_writes_need_the_admin_token_or_the_devices_own_signature(
     client: TestClient, make_td: Callable[..., bytes]
 ) -> None:
     body = make_td()
@@ -83,14 +90,16 @@ def test_writes_need_the_admin_token_or_the_devices_own_credential(
         client.put(f"/things/{PI}", content=body, headers={"content-type": "application/td+json"}).status_code
         == 401
     )
-    own = {"authorization": f"Bearer credential-of-{PI}", "content-type": "application/td+json"}
+    own = _signed_by_pi("PUT", f"/things/{PI}", body)
     assert client.put(f"/things/{PI}", content=body, headers=own).status_code == 201
     other = "urn:tinyfleet:device:pi-02"
-    assert client.put(f"/things/{other}", content=make_td("pi-02"), headers=own).status_code == 401
-    assert client.delete(f"/things/{PI}", headers=own).status_code == 204
+    by_pi = _signed_by_pi("PUT", f"/things/{other}", make_td("pi-02"))
+    assert client.put(f"/things/{other}", content=make_td("pi-02"), headers=by_pi).status_code == 401
+    assert client.delete(f"/things/{PI}", headers=_signed_by_pi("DELETE", f"/things/{PI}")).status_code == 204
     anonymous = json.loads(make_td())
     del anonymous["id"]
-    assert client.post("/things", content=json.dumps(anonymous), headers=own).status_code == 401
+    posted = _signed_by_pi("POST", "/things", json.dumps(anonymous).encode())
+    assert client.post("/things", content=json.dumps(anonymous), headers=posted).status_code == 401
     created = client.post("/things", content=json.dumps(anonymous), headers=ADMIN)
     assert created.status_code == 201 and created.headers["location"].startswith("/things/urn:uuid:")
     assert client.get(created.headers["location"]).json()["title"] == "pi-01"

@@ -26,14 +26,14 @@ def test_projection_catches_up_after_a_crash_between_commit_and_projection(
     store_dir = tmp_path / "registry"
     registry = Registry(EmbeddedStore(store_dir))
     projector = Projector(registry, repo, batch=2)
-    repo.create_device("urn:tinyfleet:device:a", 11, "sha256$x", make_td("a"), TD_JSON)
+    repo.create_device("urn:tinyfleet:device:a", 11, make_td("a"), TD_JSON)
     assert projector.catch_up().descriptions == 1
     # Changes committed to SQL while the registry is down ("killed" before projecting them).
     registry.store.close()
-    repo.create_device("urn:tinyfleet:device:b", 12, "sha256$y", make_td("b", sensors=("Camera",)), TD_JSON)
+    repo.create_device("urn:tinyfleet:device:b", 12, make_td("b", sensors=("Camera",)), TD_JSON)
     repo.set_online("urn:tinyfleet:device:b", True)
     repo.replace_description("urn:tinyfleet:device:a", make_td("a", ram_kb=64), TD_JSON)
-    repo.create_device("urn:tinyfleet:device:c", 13, "sha256$z", b'{"not": "a td"}', TD_JSON)
+    repo.create_device("urn:tinyfleet:device:c", 13, b'{"not": "a td"}', TD_JSON)
     restarted = Registry(EmbeddedStore(store_dir))
     assert restarted.last_applied_seq() == 1
     done = Projector(restarted, repo, batch=2).catch_up()
@@ -51,7 +51,7 @@ def test_projection_catches_up_after_a_crash_between_commit_and_projection(
 def test_rebuild_regenerates_the_store_from_sql(tmp_path: Path, make_td: Callable[..., bytes]) -> None:
     repo = _repository(tmp_path)
     for i in range(3):
-        repo.create_device(f"urn:tinyfleet:device:d{i}", 20 + i, "sha256$x", make_td(f"d{i}"), TD_JSON)
+        repo.create_device(f"urn:tinyfleet:device:d{i}", 20 + i, make_td(f"d{i}"), TD_JSON)
     repo.set_online("urn:tinyfleet:device:d1", True)
     fresh = Registry(EmbeddedStore(None))
     seen: list[tuple[int, int]] = []
@@ -72,7 +72,7 @@ def test_last_seen_is_mirrored_in_batches(tmp_path: Path, make_td: Callable[...,
     registry = Registry(EmbeddedStore(None))
     for name in ("a", "b"):
         repo.create_device(
-            f"urn:tinyfleet:device:{name}", hash(name) % 1000, "sha256$x", make_td(name), TD_JSON
+            f"urn:tinyfleet:device:{name}", hash(name) % 1000, make_td(name), TD_JSON
         )
     Projector(registry, repo).catch_up()
     mirror = LivenessMirror(registry, repo)
@@ -89,9 +89,9 @@ def test_a_device_described_twice_in_one_batch_gets_its_last_description(
 ) -> None:
     repo = _repository(tmp_path)
     registry = Registry(EmbeddedStore(None), validator=ShaclValidator())  # nothing validated before
-    repo.create_device("urn:tinyfleet:device:a", 11, "sha256$x", make_td("a", ram_kb=128), TD_JSON)
+    repo.create_device("urn:tinyfleet:device:a", 11, make_td("a", ram_kb=128), TD_JSON)
     repo.replace_description("urn:tinyfleet:device:a", make_td("a", ram_kb=64), TD_JSON)
-    repo.create_device("urn:tinyfleet:device:b", 12, "sha256$y", make_td("b"), TD_JSON)
+    repo.create_device("urn:tinyfleet:device:b", 12, make_td("b"), TD_JSON)
     done = Projector(registry, repo).catch_up()  # one batch
     assert (done.rows, done.descriptions, done.skipped) == (3, 2, 0)
     rows = {r["device"].value: r["ramKB"].value for r in registry.named("devices")}

@@ -43,6 +43,17 @@ def thing(device_id: str) -> bytes:
                        "title": device_id}).encode()
 
 
+def signed_register(
+    description: bytes, key: DeviceKey, sequence: int = 1, enroll_token: str = "", media_type: str = TD
+) -> fleet_pb2.RegisterRequest:
+    """A Register as an agent sends it: `description` signed by `key` with its sequence number."""
+    return fleet_pb2.RegisterRequest(
+        description=description, media_type=media_type, public_key=key.public_key, sequence=sequence,
+        signature=key.sign_register(description, media_type, sequence, enroll_token),
+        enrollment_token=enroll_token,
+    )
+
+
 class CoordinatorThread:
     """`Coordinator` started on a private event loop thread; `stop()` is its graceful stop."""
 
@@ -157,13 +168,9 @@ class FakeAgent:
         self, description: bytes | None = None, *, enroll_token: str | None = None
     ) -> fleet_pb2.RegisterRequest:
         """The Register a real agent sends: signed by the key, with the next sequence number."""
-        body = description or thing(self.device_id)
-        token = self.enroll_token if enroll_token is None else enroll_token
         self.sequence = next_sequence(self.sequence, time.time())
-        return fleet_pb2.RegisterRequest(
-            description=body, media_type=TD, public_key=self.key.public_key, sequence=self.sequence,
-            signature=self.key.sign_register(body, TD, self.sequence, token), enrollment_token=token,
-        )
+        return signed_register(description or thing(self.device_id), self.key, self.sequence,
+                               self.enroll_token if enroll_token is None else enroll_token)
 
     def register(
         self,

@@ -16,7 +16,15 @@ from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
 from tinyfleet.server.admin_client import AdminClient
 from tinyfleet.server.daemon import READY_FILE
 
-from .harness import TD, CoordinatorThread, FakeAgent, settings_for, thing, throwaway_ca
+from .harness import (
+    TD,
+    CoordinatorThread,
+    FakeAgent,
+    settings_for,
+    signed_register,
+    thing,
+    throwaway_ca,
+)
 
 TOKEN = "s3cret-admin"
 
@@ -93,10 +101,7 @@ def test_malformed_descriptions_are_refused_and_nothing_is_stored(
     coordinator: CoordinatorThread, description: bytes, media_type: str, expected: str
 ) -> None:
     agent = coordinator.agent("urn:dev:malformed")
-    request = agent.register_request()
-    key = agent.key
-    request.description, request.media_type = description, media_type
-    request.signature = key.sign_register(description, media_type, request.sequence, request.enrollment_token)
+    request = signed_register(description, agent.key, 1, agent.enroll_token, media_type)
     error = _code(agent.stub.Register, request)
     agent.channel.close()
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in error.details()
@@ -107,10 +112,7 @@ def test_turtle_descriptions_name_their_device(coordinator: CoordinatorThread) -
     turtle = b"""@prefix td: <https://www.w3.org/2019/wot/td#> .
         <urn:dev:ttl-1> a td:Thing ; td:title "pi" ."""
     agent = coordinator.agent("urn:dev:ttl-1")
-    request = agent.register_request(turtle)
-    request.media_type = "text/turtle"
-    request.signature = agent.key.sign_register(turtle, "text/turtle", request.sequence, agent.enroll_token)
-    response = agent.stub.Register(request)
+    response = agent.stub.Register(signed_register(turtle, agent.key, 1, agent.enroll_token, "text/turtle"))
     agent.channel.close()
     assert response.device_id == "urn:dev:ttl-1" and response.created
 
