@@ -22,11 +22,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from tinyfleet.server.descriptions import iri_problem
 from tinyfleet.server.registry.events import EVENT_TYPES, EventHub, sse_response
 from tinyfleet.server.registry.http_common import Access, problem
 from tinyfleet.server.registry.registry import Prepared, Registry
 from tinyfleet.server.registry.sparql_http import sparql_routes
-from tinyfleet.server.registry.thing_description import JSON_MEDIA_TYPES, TURTLE_MEDIA_TYPES
+from tinyfleet.server.registry.thing_description import (
+    JSON_MEDIA_TYPES,
+    TURTLE_MEDIA_TYPES,
+    DescriptionSyntaxError,
+    parse_json,
+)
 from tinyfleet.server.registry.validation import DescriptionInvalid
 
 log = logging.getLogger(__name__)
@@ -49,6 +55,16 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 def invalid(exc: DescriptionInvalid) -> JSONResponse:
     return problem(400, "Invalid Thing Description", str(exc), validationErrors=exc.as_list())
+
+
+class BodyTooLarge(ValueError):
+    """A request body past the registry's description size limit (read no further)."""
+
+
+def bad_thing_id(thing_id: str) -> JSONResponse | None:
+    """400 for a Thing id that is not an absolute IRI (nothing can be stored under it)."""
+    reason = iri_problem(thing_id)
+    return problem(400, "Invalid Thing id", f"the Thing id {reason}") if reason else None
 
 
 def directory_td(base_url: str) -> dict[str, Any]:
@@ -199,18 +215,36 @@ def directory_routes(
         return JSONResponse(documents, headers=headers, media_type="application/ld+json")
 
     async def read_body(request: Request) -> tuple[bytes, str]:
+        """The body and its media type; BodyTooLarge as soon as it passes the registry's size
+        limit, so an oversized description is neither buffered whole nor parsed."""
         media = request.headers.get("content-type", TD_JSON).split(";")[0].strip().lower()
-        return await request.body(), media
+        limit = registry.limits.max_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise BodyTooLarge(registry.limits.size_problem(int(declared)))
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(registry.limits.size_problem(size))
+            chunks.append(chunk)
+        return b"".join(chunks), media
+
+    def too_large(exc: BodyTooLarge) -> JSONResponse:
+        return problem(413, "Description too large", str(exc))
 
     async def create_anonymous(request: Request) -> Response:
         if not access.is_admin(request):
             return problem(401, "Unauthorized", "creating an anonymous Thing needs the admin token")
-        body, media = await read_body(request)
+        try:
+            body, media = await read_body(request)
+        except BodyTooLarge as exc:
+            return too_large(exc)
         if media in JSON_MEDIA_TYPES:
             try:
-                document = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                return problem(400, "Invalid Thing Description", f"not valid JSON: {exc}")
+                document = parse_json(body, registry.limits.max_json_depth)
+            except DescriptionSyntaxError as exc:
+                return problem(400, "Invalid Thing Description", str(exc))
             if isinstance(document, dict) and "id" in document:
                 return problem(400, "Thing has an id", "a TD with an id is registered with PUT /things/{id}")
         elif media not in TURTLE_MEDIA_TYPES:
@@ -238,7 +272,12 @@ def directory_routes(
             return problem(
                 401, "Unauthorized", f"writing {thing_id!r} needs the admin token or that device's credential"
             )
-        body, media = await read_body(request)
+        if (refused := bad_thing_id(thing_id)) is not None:
+            return refused
+        try:
+            body, media = await read_body(request)
+        except BodyTooLarge as exc:
+            return too_large(exc)
         try:
             prepared = await anyio.to_thread.run_sync(
                 lambda: registry.prepare(body, media, thing_id=thing_id)
@@ -254,6 +293,8 @@ def directory_routes(
             return problem(
                 401, "Unauthorized", f"writing {thing_id!r} needs the admin token or that device's credential"
             )
+        if (refused := bad_thing_id(thing_id)) is not None:
+            return refused
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media not in {"application/merge-patch+json", "application/json"}:
             return problem(415, "Unsupported media type", "PATCH takes application/merge-patch+json")
@@ -263,9 +304,11 @@ def directory_routes(
         if "@graph" in current:
             return problem(409, "Not patchable", "this Thing was registered as Turtle; replace it with PUT")
         try:
-            patch = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            return problem(400, "Invalid patch", f"not valid JSON: {exc}")
+            patch = parse_json((await read_body(request))[0], registry.limits.max_json_depth)
+        except BodyTooLarge as exc:
+            return too_large(exc)
+        except DescriptionSyntaxError as exc:
+            return problem(400, "Invalid patch", str(exc))
         current.pop("registration", None)
         patched = merge_patch(current, patch)
         if not isinstance(patched, dict):
