@@ -85,6 +85,9 @@ class Hooks:
     recover: Callable[[Repository], None] | None = None
     #: Runs for the daemon's lifetime once SQL is open (the registry's projector); cancelled at stop.
     background: Callable[[Repository], Awaitable[None]] | None = None
+    #: Called first at stop, before the servers drain: ends work that would hold a request open
+    #: (the registry kills its SPARQL query workers, so running queries answer at once).
+    stopping: Callable[[], None] | None = None
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -236,6 +239,8 @@ class Coordinator:
 
     async def stop(self) -> None:
         log.info("coordinator stopping")
+        if self.hooks.stopping is not None:
+            self.hooks.stopping()
         if self.runner is not None:
             await asyncio.to_thread(self.runner.stop)
         self.events.publish(None)

@@ -37,6 +37,8 @@ from tinyfleet.server.registry.importer import Document, FileReport, import_docu
 from tinyfleet.server.registry.imports_http import import_routes
 from tinyfleet.server.registry.projector import ArtifactProjector, LivenessMirror, Projector
 from tinyfleet.server.registry.registry import Prepared, Registry
+from tinyfleet.server.registry.service_policy import ServiceNotAllowed
+from tinyfleet.server.registry.sparql_http import SparqlOptions
 from tinyfleet.server.registry.store import open_store
 from tinyfleet.server.registry.validation import DescriptionInvalid
 
@@ -64,8 +66,18 @@ class EligibilityError(JobSpecError):
 
 
 class CoordinatorRegistry:
-    def __init__(self, registry: Registry, *, admin_token: str | None = None, blobs: Any = None) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        admin_token: str | None = None,
+        blobs: Any = None,
+        sparql: SparqlOptions | None = None,
+    ) -> None:
         self.registry = registry
+        self.sparql = sparql or SparqlOptions()
+        # /sparql and /search/sparql queries: worker processes, killed at the deadline and at stop.
+        self.queries = self.sparql.query_workers(registry.store)
         self.blobs = blobs  # the coordinator's ArtifactStore: round artifacts are described from it
         self.hub = EventHub()
         self.admin_token = admin_token
@@ -74,13 +86,20 @@ class CoordinatorRegistry:
 
     @classmethod
     def open(
-        cls, data_dir: Path, registry_url: str | None = None, admin_token: str | None = None
+        cls,
+        data_dir: Path,
+        registry_url: str | None = None,
+        admin_token: str | None = None,
+        sparql: SparqlOptions | None = None,
     ) -> CoordinatorRegistry:
         from tinyfleet.server.artifacts import ArtifactStore
 
         store = open_store(data_dir, registry_url)
         return cls(
-            Registry(store), admin_token=admin_token, blobs=ArtifactStore(Path(data_dir) / "artifacts")
+            Registry(store),
+            admin_token=admin_token,
+            blobs=ArtifactStore(Path(data_dir) / "artifacts"),
+            sparql=sparql,
         )
 
     def describe_device(self, description: bytes, media_type: str) -> tuple[str, bytes]:
@@ -111,7 +130,10 @@ class CoordinatorRegistry:
         access = Access(admin_token=self.admin_token, verify_device=self.verify_device)
         writer = SqlWriter(self)
         return [
-            *registry_routes(self.registry, self.hub, writer=writer, access=access),
+            *registry_routes(
+                self.registry, self.hub, writer=writer, access=access,
+                sparql=self.sparql, queries=self.queries,
+            ),
             *import_routes(writer.import_document, access=access),
         ]
 
@@ -120,8 +142,10 @@ class CoordinatorRegistry:
             return None
         try:
             query = resolve_query(spec.round.eligible)
+            # Runs in this process, unsandboxed: an admin's SPARQL must not call out either.
+            self.queries.services.check_query(query)
             result = ox.Store().query(query)  # parses it; an empty store answers at once
-        except QueryError as exc:
+        except (QueryError, ServiceNotAllowed) as exc:
             raise EligibilityError(str(exc)) from exc
         except SyntaxError as exc:
             raise EligibilityError(f"not valid SPARQL: {exc}") from exc
@@ -152,6 +176,7 @@ class CoordinatorRegistry:
         if self.projector is None:
             await asyncio.to_thread(self.recover, repo)
         assert self.projector is not None
+        self.queries.start()
         projector = self.projector
         tasks = [
             asyncio.create_task(projector.run()),
@@ -180,6 +205,7 @@ class CoordinatorRegistry:
             eligibility=self.eligibility,
             recover=self.recover,
             background=self.background,
+            stopping=self.queries.close,
         )
 
 

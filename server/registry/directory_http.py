@@ -25,6 +25,7 @@ from starlette.routing import Route
 from tinyfleet.server.descriptions import iri_problem
 from tinyfleet.server.registry.events import EVENT_TYPES, EventHub, sse_response
 from tinyfleet.server.registry.http_common import Access, problem
+from tinyfleet.server.registry.query_workers import QueryWorkers
 from tinyfleet.server.registry.registry import Prepared, Registry
 from tinyfleet.server.registry.sparql_http import sparql_routes
 from tinyfleet.server.registry.thing_description import (
@@ -194,6 +195,7 @@ def directory_routes(
     access: Access | None = None,
     query_timeout_s: float = 30.0,
     max_rows: int = 10_000,
+    queries: QueryWorkers | None = None,
 ) -> list[Route]:
     access = access or Access()
     writer = writer or RegistryWriter(registry)
@@ -362,6 +364,7 @@ def directory_routes(
             allow_update=False,
             timeout_s=query_timeout_s,
             max_rows=max_rows,
+            queries=queries,
         ),
     ]
 

@@ -2,7 +2,9 @@
 
 `registry_routes` is what the coordinator's HTTP app mounts (/sparql,
 /things..., /search/sparql, /.well-known/wot, /events); `registry_app` wraps
-the same routes in a Starlette app whose lifespan runs the expiry purge.
+the same routes in a Starlette app whose lifespan runs the expiry purge and
+stops the SPARQL query workers. Both SPARQL endpoints share one set of query
+workers, so the concurrency bound is the server's.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from starlette.routing import Route
 from tinyfleet.server.registry.directory_http import ThingWriter, directory_routes, purge_loop
 from tinyfleet.server.registry.events import EventHub
 from tinyfleet.server.registry.http_common import Access
+from tinyfleet.server.registry.query_workers import QueryWorkers
 from tinyfleet.server.registry.registry import Registry
-from tinyfleet.server.registry.sparql_http import sparql_routes
+from tinyfleet.server.registry.sparql_http import SparqlOptions, sparql_routes
 
 
 def registry_routes(
@@ -27,14 +30,29 @@ def registry_routes(
     *,
     writer: ThingWriter | None = None,
     access: Access | None = None,
-    query_timeout_s: float = 30.0,
-    max_rows: int = 10_000,
+    sparql: SparqlOptions | None = None,
+    queries: QueryWorkers | None = None,
 ) -> list[Route]:
+    """`queries` (made from `sparql` when not given) is the caller's to close when it stops."""
     access = access or Access()
+    sparql = sparql or SparqlOptions()
+    queries = queries or sparql.query_workers(registry.store)
     return [
-        *sparql_routes(registry.store, access=access, timeout_s=query_timeout_s, max_rows=max_rows),
+        *sparql_routes(
+            registry.store,
+            access=access,
+            timeout_s=sparql.timeout_s,
+            max_rows=sparql.max_rows,
+            queries=queries,
+        ),
         *directory_routes(
-            registry, hub, writer=writer, access=access, query_timeout_s=query_timeout_s, max_rows=max_rows
+            registry,
+            hub,
+            writer=writer,
+            access=access,
+            query_timeout_s=sparql.timeout_s,
+            max_rows=sparql.max_rows,
+            queries=queries,
         ),
     ]
 
@@ -43,11 +61,11 @@ def registry_app(
     registry: Registry,
     *,
     access: Access | None = None,
-    query_timeout_s: float = 30.0,
-    max_rows: int = 10_000,
+    sparql: SparqlOptions | None = None,
     purge_interval_s: float = 30.0,
 ) -> Starlette:
     hub = EventHub()
+    queries = (sparql or SparqlOptions()).query_workers(registry.store)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -55,14 +73,13 @@ def registry_app(
         try:
             yield
         finally:
+            queries.close()
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
     app = Starlette(
-        routes=registry_routes(
-            registry, hub, access=access, query_timeout_s=query_timeout_s, max_rows=max_rows
-        ),
+        routes=registry_routes(registry, hub, access=access, sparql=sparql, queries=queries),
         lifespan=lifespan,
     )
     app.state.registry = registry

@@ -3,125 +3,75 @@
 GET ?query=, POST application/sparql-query, POST form query= (and update=, POST
 application/sparql-update, only with the admin token). SELECT/ASK results as
 SPARQL JSON, XML, CSV or TSV; CONSTRUCT/DESCRIBE as Turtle, N-Triples or
-JSON-LD, by Accept. The engine cannot be interrupted, so a query runs in a
-worker thread that stops at its next result row once the deadline has passed;
-the client gets 503 at the deadline either way. More rows than the limit is a
-422 telling the user to add LIMIT.
+JSON-LD, by Accept.
+
+Queries come from anyone, so they run sandboxed (query_workers): in worker
+processes killed at the deadline (503), a fixed number at a time with a bounded
+wait (503 + Retry-After when full), and `SERVICE` refused (400) unless its
+endpoint is allow-listed (service_policy). More rows than the limit is a 422
+telling the user to add LIMIT. Updates (admin only) write, so they run in this
+process; they are checked for SERVICE too.
 """
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
-import pyoxigraph as ox
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tinyfleet.ontology import XSD
 from tinyfleet.server.registry.http_common import Access, negotiate, problem
+from tinyfleet.server.registry.query_workers import (
+    QueryFailed,
+    QueryRequest,
+    QueryTimeout,
+    QueryWorkers,
+    WorkersBusy,
+    WorkersClosed,
+)
+from tinyfleet.server.registry.service_policy import ServiceNotAllowed, ServicePolicy
+from tinyfleet.server.registry.sparql_results import (
+    GRAPH_FORMATS,
+    RESULTS_FORMATS,
+    Formats,
+    NotAcceptable,
+    RowLimitExceeded,
+)
 from tinyfleet.server.registry.store import RegistryStore
 
-RESULTS_FORMATS = {
-    "application/sparql-results+json": ox.QueryResultsFormat.JSON,
-    "application/sparql-results+xml": ox.QueryResultsFormat.XML,
-    "text/csv": ox.QueryResultsFormat.CSV,
-    "text/tab-separated-values": ox.QueryResultsFormat.TSV,
-    "application/json": ox.QueryResultsFormat.JSON,
-}
-GRAPH_FORMATS = {
-    "text/turtle": ox.RdfFormat.TURTLE,
-    "application/n-triples": ox.RdfFormat.N_TRIPLES,
-    "application/ld+json": ox.RdfFormat.JSON_LD,
-}
 
+@dataclass(frozen=True)
+class SparqlOptions:
+    """What the operator sets for the SPARQL endpoints (/sparql and /search/sparql share them)."""
 
-class RowLimitExceeded(Exception):
-    pass
+    timeout_s: float = 30.0
+    max_rows: int = 10_000
+    workers: int = 2
+    queue: int = 16
+    service_allow: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        if not self.timeout_s > 0:
+            raise ValueError(f"the SPARQL timeout must be positive, got {self.timeout_s:g} s")
+        if self.max_rows < 1 or self.workers < 1 or self.queue < 0:
+            raise ValueError(
+                "SPARQL limits: at least 1 row and 1 worker, and a queue of 0 or more "
+                f"(got max_rows={self.max_rows}, workers={self.workers}, queue={self.queue})"
+            )
+        for url in self.service_allow:
+            parts = urllib.parse.urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"a SPARQL SERVICE endpoint must be an http(s) URL, got {url!r}")
 
-class QueryTimedOut(Exception):
-    pass
-
-
-@dataclass
-class Materialized:
-    """A query result read to the end (or to the limit): SELECT, ASK or a graph."""
-
-    kind: str  # "select" | "ask" | "graph"
-    variables: list[str]
-    rows: list[Any]
-    boolean: bool = False
-
-
-def run_query(
-    store: RegistryStore, sparql: str, *, max_rows: int, cancelled: threading.Event
-) -> Materialized:
-    """Evaluate and read at most `max_rows` rows, checking `cancelled` between rows.
-
-    Runs in a worker thread; pyoxigraph result iterators must be dropped in the
-    thread that made them, so rows are copied out as plain term lists and the
-    iterator is deleted here even when the read stops with an exception.
-    """
-    result = store.query(sparql)
-    try:
-        if isinstance(result, ox.QueryBoolean):
-            return Materialized("ask", [], [], bool(result))
-        variables = [v.value for v in result.variables] if isinstance(result, ox.QuerySolutions) else []
-        rows: list[Any] = []
-        for row in result:  # type: ignore[union-attr]
-            if cancelled.is_set():
-                raise QueryTimedOut
-            rows.append([row[name] for name in variables] if variables else row)
-            if len(rows) > max_rows:
-                raise RowLimitExceeded
-        return (
-            Materialized("select", variables, rows)
-            if isinstance(result, ox.QuerySolutions)
-            else Materialized("graph", [], rows)
+    def query_workers(self, store: RegistryStore) -> QueryWorkers:
+        return QueryWorkers.for_store(
+            store, workers=self.workers, queue=self.queue, services=ServicePolicy.allowing(self.service_allow)
         )
-    finally:
-        del result
-
-
-def _term_json(term: Any) -> dict[str, str]:
-    if isinstance(term, ox.NamedNode):
-        return {"type": "uri", "value": term.value}
-    if isinstance(term, ox.BlankNode):
-        return {"type": "bnode", "value": term.value}
-    item = {"type": "literal", "value": term.value}
-    if term.language:
-        item["xml:lang"] = term.language
-    elif term.datatype.value != XSD + "string":
-        item["datatype"] = term.datatype.value
-    return item
-
-
-def results_json(result: Materialized) -> bytes:
-    if result.kind == "ask":
-        return json.dumps({"head": {}, "boolean": result.boolean}).encode()
-    bindings = [
-        {name: _term_json(term) for name, term in zip(result.variables, row, strict=True) if term is not None}
-        for row in result.rows
-    ]
-    return json.dumps({"head": {"vars": result.variables}, "results": {"bindings": bindings}}).encode()
-
-
-def serialize(result: Materialized, media_type: str) -> bytes:
-    if result.kind == "graph":
-        return ox.serialize(result.rows, format=GRAPH_FORMATS[media_type])
-    data = results_json(result)
-    fmt = RESULTS_FORMATS[media_type]
-    if fmt == ox.QueryResultsFormat.JSON:
-        return data
-    return ox.parse_query_results(data, format=ox.QueryResultsFormat.JSON).serialize(format=fmt)
 
 
 def sparql_routes(
@@ -133,9 +83,15 @@ def sparql_routes(
     timeout_s: float = 30.0,
     max_rows: int = 10_000,
     after_update: Callable[[], None] | None = None,
+    queries: QueryWorkers | None = None,
 ) -> list[Route]:
-    """Routes for one SPARQL endpoint; `allow_update=False` makes it read-only for everyone."""
+    """Routes for one SPARQL endpoint; `allow_update=False` makes it read-only for everyone.
+
+    `queries` runs the queries (share one between endpoints so the concurrency
+    bound is the server's); by default the endpoint gets its own, allowing no SERVICE.
+    """
     access = access or Access()
+    runner = queries or QueryWorkers.for_store(store)
 
     async def endpoint(request: Request) -> Response:
         try:
@@ -143,39 +99,54 @@ def sparql_routes(
         except ValueError as exc:
             return problem(400, "Bad SPARQL request", str(exc))
         if operation == "update":
-            if not allow_update:
-                return problem(403, "Read-only endpoint", "this endpoint answers queries only")
-            if not access.is_admin(request):
-                return problem(
-                    403, "Forbidden", "SPARQL Update needs the admin token (Authorization: Bearer TOKEN)"
-                )
-            try:
-                await anyio.to_thread.run_sync(store.update, text)
-            except SyntaxError as exc:
-                return problem(400, "SPARQL syntax error", str(exc))
-            if after_update is not None:
-                after_update()
-            return Response(status_code=204)
+            return await _update(request, text)
         return await _answer(request, text)
 
-    async def _answer(request: Request, text: str) -> Response:
-        cancelled = threading.Event()
-        started = time.monotonic()
+    async def _update(request: Request, text: str) -> Response:
+        if not allow_update:
+            return problem(403, "Read-only endpoint", "this endpoint answers queries only")
+        if not access.is_admin(request):
+            return problem(
+                403, "Forbidden", "SPARQL Update needs the admin token (Authorization: Bearer TOKEN)"
+            )
         try:
-            with anyio.fail_after(timeout_s):
-                result = await anyio.to_thread.run_sync(
-                    lambda: run_query(store, text, max_rows=max_rows, cancelled=cancelled),
-                    abandon_on_cancel=True,
-                )
-        except TimeoutError:
-            cancelled.set()
+            await anyio.to_thread.run_sync(runner.services.check_update, text)
+            await anyio.to_thread.run_sync(store.update, text)
+        except ServiceNotAllowed as exc:
+            return problem(400, "SERVICE not allowed", str(exc))
+        except SyntaxError as exc:
+            return problem(400, "SPARQL syntax error", str(exc))
+        if after_update is not None:
+            after_update()
+        return Response(status_code=204)
+
+    async def _answer(request: Request, text: str) -> Response:
+        started = time.monotonic()
+        accept = request.headers.get("accept")
+        formats = Formats(
+            results=negotiate(accept, list(RESULTS_FORMATS), "application/sparql-results+json"),
+            graph=negotiate(accept, list(GRAPH_FORMATS), "text/turtle"),
+        )
+        query = QueryRequest(text, max_rows, formats, runner.services)
+        try:
+            result = await runner.run(query, deadline=started + timeout_s)
+        except WorkersBusy as busy:
+            response = problem(
+                503,
+                "Too many queries",
+                f"{busy.capacity} queries are running or waiting, the endpoint's limit; "
+                f"retry in {busy.retry_after_s} s",
+            )
+            response.headers["retry-after"] = str(busy.retry_after_s)
+            return response
+        except QueryTimeout:
             return problem(
                 503,
                 "Query timeout",
                 f"the query ran longer than the endpoint's limit of {timeout_s:g} s; narrow it",
             )
-        except QueryTimedOut:
-            return problem(503, "Query timeout", f"the query ran longer than {timeout_s:g} s")
+        except WorkersClosed:
+            return problem(503, "Shutting down", "the server is stopping; retry when it is back")
         except RowLimitExceeded:
             return problem(
                 422,
@@ -183,16 +154,17 @@ def sparql_routes(
                 f"the result has more than {max_rows} rows, the endpoint's limit; "
                 "add LIMIT/OFFSET to page through it",
             )
+        except ServiceNotAllowed as exc:
+            return problem(400, "SERVICE not allowed", str(exc))
         except SyntaxError as exc:
             return problem(400, "SPARQL syntax error", str(exc))
-        offered = list(GRAPH_FORMATS) if result.kind == "graph" else list(RESULTS_FORMATS)
-        default = "text/turtle" if result.kind == "graph" else "application/sparql-results+json"
-        chosen = negotiate(request.headers.get("accept"), offered, default)
-        if chosen is None:
+        except NotAcceptable as exc:
+            offered = GRAPH_FORMATS if exc.kind == "graph" else RESULTS_FORMATS
             return problem(406, "Not acceptable", f"this result can be sent as: {', '.join(offered)}")
-        body = serialize(result, chosen)
+        except QueryFailed as exc:
+            return problem(500, "Query failed", str(exc))
         headers = {"x-query-time-ms": f"{(time.monotonic() - started) * 1000:.1f}"}
-        return Response(body, media_type=chosen, headers=headers)
+        return Response(result.body, media_type=result.media_type, headers=headers)
 
     return [Route(path, endpoint, methods=["GET", "POST"])]
 

@@ -51,6 +51,7 @@ class EmbeddedStore:
 
     def __init__(self, path: str | Path | None) -> None:
         self.location = str(path) if path is not None else "memory"
+        self.path = Path(path) if path is not None else None
         try:
             self._store = ox.Store(str(path)) if path is not None else ox.Store()
         except OSError as exc:
@@ -66,8 +67,8 @@ class EmbeddedStore:
         return self._store
 
     def query(self, sparql: str, *, timeout_s: float | None = None) -> QueryResult:
-        # Oxigraph evaluates lazily and cannot be interrupted; callers that need a deadline
-        # (the SPARQL endpoint) consume results in a worker and stop at the deadline.
+        # Oxigraph cannot interrupt a query in-process: this is for trusted server-side queries.
+        # Client queries with a deadline run in worker processes that can be killed (query_workers).
         del timeout_s
         return self._store.query(sparql, use_default_graph_as_union=True)
 

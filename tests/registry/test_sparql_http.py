@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 from tinyfleet.server.registry.http_app import registry_app
 from tinyfleet.server.registry.http_common import Access, negotiate
 from tinyfleet.server.registry.registry import Registry
-from tinyfleet.server.registry.sparql_http import sparql_routes
+from tinyfleet.server.registry.sparql_http import SparqlOptions, sparql_routes
 
 TOKEN = "admin-secret"
 DEVICES = (
@@ -28,7 +28,7 @@ DEVICES = (
 def client(registry: Registry, make_td: Callable[..., bytes]) -> Iterator[TestClient]:
     for i in range(3):
         registry.put(registry.prepare(make_td(f"d{i}", ram_kb=100 + i), "application/td+json"))
-    with TestClient(registry_app(registry, access=Access(admin_token=TOKEN), max_rows=50)) as c:
+    with TestClient(registry_app(registry, access=Access(admin_token=TOKEN), sparql=SparqlOptions(max_rows=50))) as c:
         yield c
 
 

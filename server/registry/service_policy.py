@@ -1,0 +1,123 @@
+"""Which SPARQL `SERVICE` endpoints a query may call: none, unless the operator allow-lists them.
+
+Oxigraph evaluates `SERVICE <iri> {...}` by sending an HTTP request from the
+process that runs the query, so an anonymous query could make the coordinator
+call any address it can reach (SSRF, port scans). pyoxigraph has no option to
+turn federation off, hence this check before a query or update runs.
+
+The text is parsed with rdflib's SPARQL grammar and the algebra walked with
+prefixes and BASE resolved, so letter case, comments, prefixed names and
+nesting (subqueries, EXISTS, OPTIONAL, UNION) cannot hide a SERVICE clause. An
+endpoint given by a variable is refused: its value is known only while the
+query runs. Only IRIs equal to an allow-listed one pass. Oxigraph accepts a few
+extensions rdflib's grammar lacks (RDF-star syntax); such text is refused if it
+contains the word "service", since then which endpoint it names cannot be
+checked, and is otherwise left to the engine (which reports its own syntax
+errors). Text without the letters of the keyword in any case or escape cannot
+contain it and is not parsed at all.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+_parse_lock = threading.Lock()  # rdflib's grammar (pyparsing) is not documented as thread-safe
+
+
+class ServiceNotAllowed(ValueError):
+    """A query or update with a SERVICE clause the operator did not allow; the message names it."""
+
+
+@dataclass(frozen=True)
+class ServicePolicy:
+    """The exact endpoint IRIs SERVICE may call (`tinyfleet server start --sparql-service-allow`)."""
+
+    allowed: frozenset[str] = frozenset()
+
+    @classmethod
+    def allowing(cls, endpoints: Iterable[str]) -> ServicePolicy:
+        return cls(frozenset(endpoints))
+
+    def check_query(self, text: str) -> None:
+        self._check(text, update=False)
+
+    def check_update(self, text: str) -> None:
+        self._check(text, update=True)
+
+    def _check(self, text: str, *, update: bool) -> None:
+        endpoints, unreadable = _service_endpoints(text, update)
+        allowed = ", ".join(sorted(self.allowed)) or "none"
+        if unreadable is not None:
+            raise ServiceNotAllowed(
+                f"SERVICE is not allowed unless its endpoint is allow-listed (allowed endpoints: {allowed}), "
+                f"and this text could not be parsed to see which endpoint it calls: {unreadable}"
+            )
+        for endpoint, is_variable in endpoints:
+            if is_variable:
+                raise ServiceNotAllowed(
+                    f"SERVICE ?{endpoint} is not allowed: the endpoint must be a fixed IRI; "
+                    f"allowed endpoints: {allowed}"
+                )
+            if endpoint not in self.allowed:
+                raise ServiceNotAllowed(f"SERVICE <{endpoint}> is not allowed; allowed endpoints: {allowed}")
+
+
+@lru_cache(maxsize=512)
+def _service_endpoints(text: str, update: bool) -> tuple[tuple[tuple[str, bool], ...], str | None]:
+    """((endpoint, is_variable) of every SERVICE clause, None), or ((), why) when the text
+    mentions SERVICE but cannot be parsed. Cached: dashboards and retries send the same text."""
+    if not _may_contain_service(text):
+        return (), None
+    from rdflib.plugins.sparql.algebra import translateQuery, translateUpdate
+    from rdflib.plugins.sparql.parser import parseQuery, parseUpdate
+
+    try:
+        with _parse_lock:
+            tree = translateUpdate(parseUpdate(text)) if update else translateQuery(parseQuery(text))
+    except Exception as exc:  # any parse or translation failure: which endpoint it names is unknown
+        return (), str(exc).splitlines()[0][:200]
+    root = tree.algebra if hasattr(tree, "algebra") else tree
+    found: list[tuple[str, bool]] = []
+    _collect(root, found, set())
+    return tuple(found), None
+
+
+def _may_contain_service(text: str) -> bool:
+    """False when the keyword's letters do not occur in any case, even after \\u escapes are
+    expanded (rdflib expands them, Oxigraph does not in keywords): such text needs no parse,
+    which spares most queries and bulk updates (and the import of rdflib's parser)."""
+    if "service" in text.casefold():
+        return True
+    if "\\u" not in text and "\\U" not in text:
+        return False
+    from rdflib.plugins.sparql.parser import expandUnicodeEscapes
+
+    return "service" in expandUnicodeEscapes(text).casefold()
+
+
+def _collect(node: Any, found: list[tuple[str, bool]], seen: set[int]) -> None:
+    """Every ServiceGraphPattern's endpoint in an rdflib algebra tree (CompValue dicts and lists)."""
+    from pyparsing import ParseResults
+    from rdflib.plugins.sparql.parserutils import CompValue
+    from rdflib.term import Variable
+
+    if id(node) in seen:
+        return
+    if isinstance(node, CompValue):
+        seen.add(id(node))
+        if node.name == "ServiceGraphPattern":
+            term = dict.get(node, "term")
+            found.append((str(term), isinstance(term, Variable)))
+        for value in dict.values(node):
+            _collect(value, found, seen)
+    elif isinstance(node, dict):
+        for value in node.values():
+            _collect(value, found, seen)
+    elif isinstance(node, list | tuple | set | frozenset | ParseResults):
+        seen.add(id(node))
+        for value in node:
+            _collect(value, found, seen)

@@ -1,0 +1,269 @@
+"""The SPARQL endpoint of a real coordinator process is sandboxed (issue 10, rows 1, 4 and 5).
+
+- SERVICE never makes the coordinator call out (a local listener sees no connection) unless
+  the operator allow-listed that exact endpoint; the refusal is a 400 naming SERVICE.
+- A runaway query is stopped at its deadline: the coordinator's CPU stops growing.
+- 50 concurrent slow queries leave /healthz fast; the full queue answers 503 + Retry-After.
+- SIGTERM with queries running exits promptly, and the store opens again at once.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import multiprocessing
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from tinyfleet.server.registry.service_policy import ServiceNotAllowed, ServicePolicy
+from tinyfleet.simulations.local_fleet import LocalFleet
+
+from .sparql_probe import RUNAWAY, Listener, cpu_seconds, flood, worker_pids
+
+TOKEN = "sandbox-admin-token"
+TRIPLES = 300  # a 4-way cartesian product of 300 triples runs for hours
+
+
+def _start(root: Path, *server_args: str) -> LocalFleet:
+    fleet = LocalFleet(root, admin_token=TOKEN, server_args=list(server_args))
+    fleet.__enter__()
+    try:
+        fleet.start_server()
+    except BaseException:
+        fleet.close()
+        raise
+    return fleet
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[LocalFleet]:
+    fleet = _start(tmp_path, "--sparql-timeout", "3")
+    try:
+        yield fleet
+    finally:
+        fleet.close()
+
+
+def _base(fleet: LocalFleet) -> str:
+    return f"http://{fleet.http_address}"
+
+
+def _fill(base: str, count: int = TRIPLES) -> None:
+    triples = " ".join(f"<urn:s{i}> <urn:p> {i} ." for i in range(count))
+    response = httpx.post(
+        f"{base}/sparql",
+        content=f"INSERT DATA {{ GRAPH <urn:test:filler> {{ {triples} }} }}",
+        headers={"content-type": "application/sparql-update", "authorization": f"Bearer {TOKEN}"},
+    )
+    assert response.status_code == 204, response.text
+
+
+def _count(base: str, graph: str = "urn:test:filler") -> int:
+    query = f"SELECT (COUNT(*) AS ?n) WHERE {{ GRAPH <{graph}> {{ ?s ?p ?o }} }}"
+    response = httpx.get(f"{base}/sparql", params={"query": query})
+    assert response.status_code == 200, response.text
+    return int(response.json()["results"]["bindings"][0]["n"]["value"])
+
+
+def _service_queries(url: str) -> list[str]:
+    """SERVICE written every way a filter on the raw text could miss."""
+    folder, name = url.rsplit("/", 1)
+    return [
+        f"SELECT * WHERE {{ SERVICE <{url}> {{ ?s ?p ?o }} }}",
+        f"select * where {{ SeRvIcE <{url}> {{ ?s ?p ?o }} }}",
+        f"SELECT * WHERE {{ SERVICE # a comment\n SILENT <{url}> {{ ?s ?p ?o }} }}",
+        f"PREFIX x: <{folder}/> SELECT * WHERE {{ SERVICE x:{name} {{ ?s ?p ?o }} }}",
+        f"SELECT * WHERE {{ ?s ?p ?o FILTER EXISTS {{ SERVICE <{url}> {{ ?s ?p ?o }} }} }}",
+        f"SELECT * WHERE {{ {{ SELECT ?s WHERE {{ SERVICE <{url}> {{ ?s ?p ?o }} }} }} }}",
+        f"SELECT * WHERE {{ VALUES ?e {{ <{url}> }} SERVICE ?e {{ ?s ?p ?o }} }}",
+        f"ASK {{ SERVICE <{url}> {{ ?s ?p ?o }} }}",
+        f"CONSTRUCT {{ ?s ?p ?o }} WHERE {{ SERVICE <{url}> {{ ?s ?p ?o }} }}",
+    ]
+
+
+def test_service_is_refused_and_the_coordinator_calls_nothing(coordinator: LocalFleet) -> None:
+    base = _base(coordinator)
+    with Listener() as listener:
+        target = listener.url("/x")
+        for path in ("/sparql", "/search/sparql"):
+            for query in _service_queries(target):
+                for response in (
+                    httpx.get(f"{base}{path}", params={"query": query}),
+                    httpx.post(f"{base}{path}", data={"query": query}),
+                ):
+                    assert response.status_code == 400, (path, query, response.text)
+                    assert response.headers["content-type"] == "application/problem+json"
+                    problem = response.json()
+                    assert problem["title"] == "SERVICE not allowed"
+                    assert "SERVICE" in problem["detail"] and "allowed endpoints: none" in problem["detail"]
+        # The admin's updates and a job's eligibility query run in the coordinator itself.
+        update = f"INSERT {{ GRAPH <urn:g> {{ ?s ?p ?o }} }} WHERE {{ SERVICE <{target}> {{ ?s ?p ?o }} }}"
+        refused = httpx.post(
+            f"{base}/sparql",
+            content=update,
+            headers={"content-type": "application/sparql-update", "authorization": f"Bearer {TOKEN}"},
+        )
+        assert refused.status_code == 400 and f"SERVICE <{target}>" in refused.json()["detail"]
+        eligible = f"SELECT ?device WHERE {{ SERVICE <{target}> {{ ?device ?p ?o }} }}"
+        job = (
+            'name = "j"\nstrategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 1\n'
+            f"[round]\neligible = '''{eligible}'''\n"
+        )
+        with pytest.raises(grpc.RpcError) as submitted:
+            coordinator.submit(job)
+        assert submitted.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"SERVICE <{target}> is not allowed" in str(submitted.value.details())
+        time.sleep(0.5)  # a connection attempt in flight would land by now
+        assert listener.requests == []
+
+
+def test_an_allow_listed_endpoint_and_only_it_is_called(tmp_path: Path) -> None:
+    rows = {"head": {"vars": ["s"]}, "results": {"bindings": [{"s": {"type": "uri", "value": "urn:remote"}}]}}
+    with Listener(reply=json.dumps(rows).encode()) as listener:
+        allowed = listener.url("/sparql")
+        fleet = _start(tmp_path, "--sparql-service-allow", allowed)
+        try:
+            base = _base(fleet)
+            query = f"SELECT ?s WHERE {{ SERVICE <{allowed}> {{ ?s ?p ?o }} }}"
+            answer = httpx.get(f"{base}/sparql", params={"query": query})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["results"]["bindings"] == rows["results"]["bindings"]
+            assert len(listener.requests) == 1 and listener.requests[0].startswith(b"POST /sparql ")
+            other = listener.url("/other")
+            query = f"SELECT * WHERE {{ SERVICE <{other}> {{ ?s ?p ?o }} }}"
+            refused = httpx.get(f"{base}/search/sparql", params={"query": query})
+            assert refused.status_code == 400
+            detail = refused.json()["detail"]
+            assert detail == f"SERVICE <{other}> is not allowed; allowed endpoints: {allowed}"
+            assert len(listener.requests) == 1
+        finally:
+            fleet.close()
+
+
+def test_a_runaway_query_stops_using_cpu_after_its_deadline(coordinator: LocalFleet) -> None:
+    base = _base(coordinator)
+    pid = coordinator.server.pid  # type: ignore[union-attr]
+    _fill(base)
+    assert _count(base) == TRIPLES
+    before = cpu_seconds(pid)
+    response = httpx.get(f"{base}/sparql", params={"query": RUNAWAY}, timeout=60)
+    assert response.status_code == 503 and response.json()["title"] == "Query timeout"
+    at_deadline = cpu_seconds(pid)
+    assert at_deadline - before > 0.3, "the query should have been working until its deadline"
+    time.sleep(1.5)  # the killed worker's replacement starts in this second
+    settled = cpu_seconds(pid)
+    time.sleep(2.0)
+    # Left running, the query would add about 2 CPU-seconds here; a stopped one adds nothing.
+    assert cpu_seconds(pid) - settled < 0.3
+    # The server still answers, and a worker sees what was written after it opened the store.
+    httpx.post(
+        f"{base}/sparql",
+        content="INSERT DATA { GRAPH <urn:test:later> { <urn:a> <urn:b> <urn:c> } }",
+        headers={"content-type": "application/sparql-update", "authorization": f"Bearer {TOKEN}"},
+    ).raise_for_status()
+    assert _count(base, "urn:test:later") == 1
+    assert _count(base) == TRIPLES
+
+
+def test_healthz_stays_fast_under_50_slow_queries_and_a_full_queue_says_when_to_retry(tmp_path: Path) -> None:
+    workers, queue, timeout_s = 2, 8, 8.0
+    fleet = _start(
+        tmp_path,
+        *("--sparql-timeout", f"{timeout_s}", "--sparql-workers", f"{workers}", "--sparql-queue", f"{queue}"),
+    )
+    spawn = multiprocessing.get_context("spawn")
+    try:
+        base = _base(fleet)
+        _fill(base)
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as load:
+            answers = load.submit(flood, f"{base}/sparql", RUNAWAY, 50)
+            # A monitoring probe: a new connection each time, as curl or a kubelet opens.
+            latencies: list[float] = []
+            ends = time.monotonic() + timeout_s + 1.0  # through the deadline and the workers' restart
+            while time.monotonic() < ends:
+                started = time.monotonic()
+                assert httpx.get(f"{base}/healthz").status_code == 200
+                latencies.append(time.monotonic() - started)
+                time.sleep(0.02)
+                if len(latencies) == 100:
+                    things = httpx.get(f"{base}/things")
+                    assert things.status_code == 200
+                    assert isinstance(fleet.admin().devices(), list)  # gRPC answers too
+            responses = answers.result()
+        latencies.sort()
+        p99 = latencies[int(len(latencies) * 0.99)]
+        assert p99 <= 0.100, f"/healthz p99 {p99 * 1000:.0f} ms over {len(latencies)} requests"
+        assert all(status == 503 for status, _, _ in responses), responses
+        busy = [(title, retry) for _, title, retry in responses if retry is not None]
+        assert len(busy) == 50 - (workers + queue)
+        assert all(title == "Too many queries" and int(retry) >= 1 for title, retry in busy)
+        assert [t for _, t, retry in responses if retry is None] == ["Query timeout"] * (workers + queue)
+    finally:
+        fleet.close()
+
+
+def test_sigterm_with_queries_running_exits_promptly_and_the_store_reopens(tmp_path: Path) -> None:
+    fleet = _start(tmp_path, "--sparql-timeout", "120")
+    try:
+        base = _base(fleet)
+        server = fleet.server
+        assert server is not None
+        _fill(base)
+        results: list[int | str] = []
+
+        def query() -> None:
+            try:
+                results.append(httpx.get(f"{base}/sparql", params={"query": RUNAWAY}, timeout=60).status_code)
+            except httpx.HTTPError as exc:
+                results.append(type(exc).__name__)
+
+        clients = [threading.Thread(target=query) for _ in range(4)]
+        for client in clients:
+            client.start()
+        before = cpu_seconds(server.pid)
+        time.sleep(1.5)
+        assert cpu_seconds(server.pid) - before > 0.3, "the queries should be running"
+        workers = worker_pids(server.pid)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(10) == 0
+        for client in clients:
+            client.join(10)
+        assert len(results) == 4 and all(r == 503 for r in results), results
+        assert workers, "the queries ran in worker processes"
+        for worker in workers:
+            assert not Path(f"/proc/{worker}").exists(), f"query worker {worker} outlived the coordinator"
+        fleet.start_server()  # same data dir: the store is not left locked
+        assert _count(_base(fleet)) == TRIPLES
+    finally:
+        fleet.close()
+
+
+@pytest.mark.parametrize(
+    ("text", "refused"),
+    [
+        ("SELECT * WHERE { SERVICE <http://10.0.0.1/x> { ?s ?p ?o } }", "SERVICE <http://10.0.0.1/x>"),
+        ("SELECT * WHERE { \\u0053ERVICE <http://10.0.0.1/x> { ?s ?p ?o } }", "SERVICE <http://10.0.0.1/x>"),
+        ("BASE <http://10.0.0.1/> SELECT * WHERE { SERVICE <x> { ?s ?p ?o } }", "SERVICE <http://10.0.0.1/x>"),
+        ("SELECT * WHERE { OPTIONAL { SERVICE ?e { ?s ?p ?o } } }", "SERVICE ?e"),
+        ("SELECT * WHERE { { ?s ?p ?o } UNION { SERVICE <http://a/> {} } }", "SERVICE <http://a/>"),
+        ("SELECT * WHERE { << ?s ?p ?o >> ?q ?r SERVICE <http://a/> {} }", "could not be parsed"),
+        ("SELECT * WHERE { SERVICE <http://ok/sparql> { ?s ?p ?o } }", None),
+        ("SELECT ?service WHERE { ?service <urn:p> 'SERVICE' } # SERVICE <http://a/>", None),
+        ("SELECT * WHERE { << ?s ?p ?o >> ?q ?r }", None),
+    ],
+)
+def test_service_detection_reads_the_query_not_its_spelling(text: str, refused: str | None) -> None:
+    policy = ServicePolicy.allowing(["http://ok/sparql"])
+    if refused is None:
+        policy.check_query(text)
+    else:
+        with pytest.raises(ServiceNotAllowed, match="not allowed") as caught:
+            policy.check_query(text)
+        assert refused in str(caught.value)
