@@ -28,7 +28,8 @@ DEVICES = (
 def client(registry: Registry, make_td: Callable[..., bytes]) -> Iterator[TestClient]:
     for i in range(3):
         registry.put(registry.prepare(make_td(f"d{i}", ram_kb=100 + i), "application/td+json"))
-    with TestClient(registry_app(registry, access=Access(admin_token=TOKEN), sparql=SparqlOptions(max_rows=50))) as c:
+    app = registry_app(registry, access=Access(admin_token=TOKEN), sparql=SparqlOptions(max_rows=50))
+    with TestClient(app) as c:
         yield c
 
 
