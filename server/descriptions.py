@@ -70,15 +70,9 @@ class DescriptionLimits:
             "(tinyfleet server start --max-description-bytes)"
         )
 
-    def depth_problem(self, data: bytes) -> str | None:
-        where = json_too_deep(data, self.max_json_depth)
-        if where is None:
-            return None
-        return f"JSON nested deeper than {self.max_json_depth} levels (at byte {where})"
 
-
-def json_too_deep(data: bytes, max_depth: int) -> int | None:
-    """The byte offset where JSON text first nests deeper than `max_depth`, or None.
+def json_depth_problem(data: bytes, max_depth: int) -> str | None:
+    """Why JSON text nests too deeply to be parsed (where it passes `max_depth`), or None.
 
     A scan, not a parse: json.loads and JSON-LD processors recurse once per level."""
     depth = 0
@@ -87,7 +81,7 @@ def json_too_deep(data: bytes, max_depth: int) -> int | None:
         if bracket in (b"[", b"{"):
             depth += 1
             if depth > max_depth:
-                return match.start()
+                return f"JSON nested deeper than {max_depth} levels (at byte {match.start()}); not parsed"
         elif bracket in (b"]", b"}"):
             depth -= 1
     return None
@@ -113,14 +107,14 @@ def describe_device(
     description: bytes, media_type: str, limits: DescriptionLimits = DEFAULT_LIMITS
 ) -> tuple[str, bytes]:
     """Return (device id, description to store) or raise DescriptionError."""
-    if not description.strip():
-        raise DescriptionError("description is empty")
     too_big = limits.size_problem(len(description))
     if too_big:
         raise DescriptionError(too_big)
+    if not description.strip():
+        raise DescriptionError("description is empty")
     kind = (media_type or "").split(";", 1)[0].strip().lower()
     if kind in JSON_MEDIA_TYPES:
-        too_deep = limits.depth_problem(description)
+        too_deep = json_depth_problem(description, limits.max_json_depth)
         if too_deep:
             raise DescriptionError(too_deep)
         return _checked_id(_describe_json(description)), description

@@ -1,7 +1,9 @@
 """The registry: descriptions in, validated named graphs out, queries over the union.
 
 `prepare` turns a description (TD JSON-LD or Turtle) into the triples of its
-named graph or raises DescriptionInvalid with every problem found; `put` writes
+named graph or raises DescriptionInvalid with every problem found (a description
+speaks only for its device: see validation.scope_problems; limits on size, JSON
+depth and ids come first: `parse_description`); `put` writes
 prepared descriptions with one SPARQL Update (so a re-registration replaces the
 device's graph atomically, and a projector can record its outbox sequence in
 the same update). Each thing's graph also holds its registration information
@@ -487,7 +489,9 @@ class Registry:
         return self.select(render(name, params))
 
     def eligible(self, spec: str) -> list[str]:
-        """Device IRIs a job's `eligible` query (SPARQL or named query) selects, via ?device."""
+        """Device IRIs a job's `eligible` query (SPARQL or named query) selects, via ?device.
+        The named queries read each device's facts from its own graph; a job's own SPARQL reads
+        what it names (the union of all graphs by default), so it should say GRAPH ?device too."""
         rows = self.select(resolve_query(spec))
         if rows and "device" not in rows[0]:
             raise ValueError("an eligibility query must SELECT ?device")

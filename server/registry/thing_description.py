@@ -20,7 +20,7 @@ from typing import Any, Final
 import pyoxigraph as ox
 
 from tinyfleet.ontology import TD_CONTEXT_URLS, TINYFLEET_CONTEXT_URL, known_contexts, local_context
-from tinyfleet.server.descriptions import DEFAULT_MAX_JSON_DEPTH, iri_problem, json_too_deep
+from tinyfleet.server.descriptions import DEFAULT_MAX_JSON_DEPTH, iri_problem, json_depth_problem
 
 JSON_MEDIA_TYPES: Final = frozenset({"application/td+json", "application/ld+json", "application/json"})
 TURTLE_MEDIA_TYPES: Final = frozenset({"text/turtle", "application/x-turtle"})
@@ -49,11 +49,9 @@ def media_kind(media_type: str) -> str:
 def parse_json(data: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
     """JSON text -> value; nesting deeper than `max_depth` is refused before json.loads
     (which recurses once per level) ever sees it."""
-    too_deep = json_too_deep(data, max_depth)
+    too_deep = json_depth_problem(data, max_depth)
     if too_deep is not None:
-        raise DescriptionSyntaxError(
-            "", f"JSON nested deeper than {max_depth} levels (at byte {too_deep}); refused unparsed"
-        )
+        raise DescriptionSyntaxError("", too_deep)
     try:
         return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
