@@ -176,7 +176,7 @@ def scope_problems(triples: Sequence[ox.Triple], thing: str) -> list[Problem]:
     ]
     problems = [
         Problem(
-            _cut(f"{_compact_term(t.subject)} {_compact_term(t.predicate)}"),
+            f"{_cut(_compact_term(t.subject))} {_cut(_compact_term(t.predicate))}",
             f"the triple {_cut(str(t))} is about {_cut(str(t.subject))}, not this device "
             f"<{_cut(thing)}>: a description may only state facts about its device and nodes inside "
             f"it (blank nodes, or IRIs that continue <{_cut(thing)}> with '#', '/' or ':')",

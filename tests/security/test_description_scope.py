@@ -144,3 +144,19 @@ def test_nodes_under_the_device_are_its_own_but_a_longer_sibling_id_is_not(fleet
     assert isinstance(refused, grpc.RpcError) and refused.code() == grpc.StatusCode.INVALID_ARGUMENT
     [error] = validation_errors(refused)
     assert error["path"] == f"<{device}0> tf:ramKB"
+
+
+def test_a_refusal_naming_many_long_triples_still_reaches_the_client(fleet: LocalFleet) -> None:
+    """The problems travel in gRPC trailers (8 KiB by default): they are cut to fit, and the
+    client still gets INVALID_ARGUMENT with the first triples named and the rest counted."""
+    long_ids = [f"urn:tinyfleet:device:{'x' * 400}-{n}" for n in range(200)]
+    turtle = f"""@prefix tf: <https://w3id.org/tinyfleet#> . @prefix td: <https://www.w3.org/2019/wot/td#> .
+    <{ATTACKER}> a tf:Device ; td:title "attacker" ; tf:ramKB 64 ; tf:flashKB 1024 .
+    """ + "".join(f"<{other}> tf:ramKB 999999 .\n" for other in long_ids)
+    answer = register(fleet.address, turtle.encode(), TURTLE)
+    assert isinstance(answer, grpc.RpcError) and answer.code() == grpc.StatusCode.INVALID_ARGUMENT
+    errors = validation_errors(answer)
+    first = errors[0]["path"]
+    assert first.startswith("<urn:tinyfleet:device:xxx") and first.endswith("\u2026 tf:ramKB")
+    assert errors[-1]["path"] == "" and errors[-1]["message"].startswith("and ")
+    assert len(json.dumps(errors)) <= 4096 and len(answer.details() or "") <= 1000
