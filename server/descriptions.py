@@ -100,21 +100,20 @@ def iri_problem(value: object) -> str | None:
     return None
 
 
+#: What this baseline applies (the registry applies the limits the coordinator is started with).
 DEFAULT_LIMITS: Final = DescriptionLimits()
 
 
-def describe_device(
-    description: bytes, media_type: str, limits: DescriptionLimits = DEFAULT_LIMITS
-) -> tuple[str, bytes]:
+def describe_device(description: bytes, media_type: str) -> tuple[str, bytes]:
     """Return (device id, description to store) or raise DescriptionError."""
-    too_big = limits.size_problem(len(description))
+    too_big = DEFAULT_LIMITS.size_problem(len(description))
     if too_big:
         raise DescriptionError(too_big)
     if not description.strip():
         raise DescriptionError("description is empty")
     kind = (media_type or "").split(";", 1)[0].strip().lower()
     if kind in JSON_MEDIA_TYPES:
-        too_deep = json_depth_problem(description, limits.max_json_depth)
+        too_deep = json_depth_problem(description, DEFAULT_LIMITS.max_json_depth)
         if too_deep:
             raise DescriptionError(too_deep)
         return _checked_id(_describe_json(description)), description
