@@ -38,6 +38,7 @@ from tinyfleet.server.repository import TERMINAL_STATES, Device, Enrollment, Rep
 
 log = logging.getLogger(__name__)
 
+MAX_JOB_ID = 2**31 - 1
 #: Bounds on what one enrollment token may do.
 MAX_ENROLLMENT_USES = 1_000_000
 MAX_ENROLLMENT_TTL_S = 366 * 24 * 3600.0
@@ -95,10 +96,13 @@ class AdminService(fleet_pb2_grpc.AdminServicer):
 
     async def _follower(self, context: grpc.aio.ServicerContext, job_id: str) -> RoundsFollower:
         try:
-            return RoundsFollower(int(job_id))
+            number = int(job_id)
         except ValueError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"job id must be a number: {job_id!r}")
             raise  # abort raises; this keeps type checkers informed
+        if not 0 < number <= MAX_JOB_ID:  # job ids are SQL integers: a larger one names no job
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no job {job_id}")
+        return RoundsFollower(number)
 
     async def _job_info(
         self, context: grpc.aio.ServicerContext, follower: RoundsFollower
@@ -192,7 +196,7 @@ class AdminService(fleet_pb2_grpc.AdminServicer):
         device = await asyncio.to_thread(self.repo.revoke_device, request.device_id, reason)
         if device is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no device {request.device_id!r}")
-        closed = self.hub.revoke(device.device_id, f"device revoked: {reason}")
+        closed = self.hub.revoke(device.device_id, reason)
         log.warning("device %s revoked (%s)%s", device.device_id, reason,
                     "; its stream was closed" if closed else "")
         return admin_device_info(device, connected=False)

@@ -134,14 +134,14 @@ class ConnectionHub:
 
     # -- revocation (loop thread) ---------------------------------------------------
     def revoke(self, device_id: str, reason: str) -> bool:
-        """Close the device's stream with `reason` and keep refusing it in this process, so a
-        handshake that read the device before the revocation committed cannot attach after;
-        True if a stream was open."""
+        """Close the device's stream (Shutdown "device revoked: <reason>") and keep refusing it in
+        this process, so a handshake that read the device before the revocation committed cannot
+        attach after; True if a stream was open."""
         with self._lock:
             self._revoked[device_id] = reason
             sessions = [s for s in self._sessions.values() if s.device_id == device_id]
         for session in sessions:
-            session.close(reason)
+            session.close(f"device revoked: {reason}")
         return bool(sessions)
 
     def revoked(self, device_id: str) -> str | None:

@@ -76,6 +76,8 @@ HELLO_TIMEOUT_S = 30.0
 DEFAULT_CHUNK = 256 * 1024
 #: A stream that sends nothing (no heartbeat) for this many heartbeat intervals is closed.
 MISSED_HEARTBEATS = 3
+#: Register sequence numbers are kept in a signed 64-bit SQL column.
+MAX_SEQUENCE = 2**63 - 1
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
@@ -205,6 +207,9 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             public_key, bytes(request.description), request.media_type, request.sequence,
             request.enrollment_token,
         )
+        if request.sequence > MAX_SEQUENCE:  # stored in a signed 64-bit column
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"sequence must be at most {MAX_SEQUENCE}, got {request.sequence}")
         if not verify(public_key, signature, signed):
             await refuse_auth(
                 self.auth_failures, context, peer, grpc.StatusCode.UNAUTHENTICATED,

@@ -111,9 +111,11 @@ class LocalFleet:
         return [sys.executable, "-m", "tinyfleet"] + (["-v"] if self.verbose else [])
 
     def start_server(self, timeout: float = 60.0, env: dict[str, str] | None = None) -> dict[str, object]:
-        """Start the coordinator (again, after a kill: same data dir, same ports); `env` adds variables."""
-        ready = self.data_dir / "server.json"
-        ready.unlink(missing_ok=True)
+        """Start the coordinator (again, after a kill: same data dir, same ports); `env` adds variables.
+        Ready means its server.json names the process started here (a file a killed coordinator
+        left behind does not count)."""
+        from tinyfleet.server.daemon import read_ready_file
+
         cmd = [
             *self._cli(),
             "server",
@@ -136,17 +138,18 @@ class LocalFleet:
                 cmd, stdout=log, stderr=subprocess.STDOUT, env={**self._env(), **(env or {})}
             )
         deadline = time.monotonic() + timeout
-        while not ready.exists():
+        while (info := read_ready_file(self.data_dir)) is None or info["pid"] != self.server.pid:
             if self.server.poll() is not None:
                 raise FleetStartError(f"coordinator exited with {self.server.returncode}:\n{_tail(log_path)}")
             if time.monotonic() > deadline:
                 raise FleetStartError(f"coordinator not ready after {timeout:.0f}s:\n{_tail(log_path)}")
             time.sleep(0.05)
-        self.server_info = json.loads(ready.read_text())
+        self.server_info = info
         self._listen_port = int(str(self.server_info["listen"]).rsplit(":", 1)[1])
         self._http_port = int(str(self.server_info["http"]).rsplit(":", 1)[1])
-        if self.admin_token is None:  # the coordinator generated one (mode 0600) for its operator
-            self.admin_token = (self.data_dir / "admin-token").read_text().strip()
+        generated = self.data_dir / "admin-token"
+        if self.admin_token is None and generated.exists():  # made by the coordinator (mode 0600)
+            self.admin_token = generated.read_text().strip()
         return self.server_info
 
     def enroll(self, uses: int = 1, label: str = "", ttl_s: float = 24 * 3600.0) -> str:
@@ -161,7 +164,11 @@ class LocalFleet:
     def http_address(self) -> str:
         return str(self.server_info["http"])
 
-    def start_agent(self, data: str, *, device_id: str | None = None) -> AgentProcess:
+    def start_agent(
+        self, data: str, *, device_id: str | None = None, enroll_token: str | None = None
+    ) -> AgentProcess:
+        """An agent process with its own state dir and, unless `enroll_token` is given ("" for
+        none, as a rogue device would have), a fresh single-use enrollment token."""
         from tinyfleet.client.descriptions import minimal_thing_description
 
         index = len(self.agents)
@@ -171,7 +178,7 @@ class LocalFleet:
         device_file = state_dir / "device.td.json"
         device_file.write_text(json.dumps(minimal_thing_description(device_id), indent=2))
         log_path = self.logs / f"agent-{index}.log"
-        token = self.enroll(label=f"local fleet agent-{index}")
+        token = self.enroll(label=f"local fleet agent-{index}") if enroll_token is None else enroll_token
         process = self._spawn_agent(state_dir, data, log_path, token)
         agent = AgentProcess(index, device_id, data, state_dir, log_path, process, token)
         self.agents.append(agent)

@@ -1,0 +1,76 @@
+"""The admin token is required by default (issue 10, row 11): `server start` without one generates
+DATA_DIR/admin-token (mode 0600), logs where it is, keeps it across restarts, and refuses the admin
+API (gRPC and the registry's HTTP writes) without it; `--no-admin-token` is an explicit lab flag
+that prints a warning."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from tinyfleet.cli import main
+from tinyfleet.server.admin_client import AdminClient
+from tinyfleet.server.registry.thing_description import device_thing_description
+from tinyfleet.simulations.local_fleet import LocalFleet
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_admin_api_is_refused_without_the_token_the_coordinator_generated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TINYFLEET_ADMIN_TOKEN", raising=False)
+    with LocalFleet(tmp_path) as fleet:
+        fleet.start_server()
+        token_file = fleet.data_dir / "admin-token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text().strip()
+        assert len(token) >= 32 and fleet.admin_token == token
+        assert f"admin token generated in {token_file}" in (fleet.logs / "server.log").read_text()
+
+        with AdminClient(fleet.address) as anonymous, pytest.raises(grpc.RpcError) as refused:
+            anonymous.devices()
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "DATA_DIR/admin-token" in refused.value.details()
+        assert main(["job", "list", "--server", fleet.address]) == 1
+        with_file = ["--server", fleet.address, "--admin-token-file", str(token_file)]
+        assert main(["job", "list", "--json", *with_file]) == 0
+        assert json.loads(capsys.readouterr().out) == []
+        monkeypatch.setenv("TINYFLEET_ADMIN_TOKEN", token)
+        assert main(["server", "devices", "--json", "--server", fleet.address]) == 0
+        monkeypatch.delenv("TINYFLEET_ADMIN_TOKEN")
+
+        device = "urn:tinyfleet:device:by-http"
+        td = json.dumps(device_thing_description(device, title="h", ram_kb=64, flash_kb=64))
+        things = f"http://{fleet.http_address}/things/{device}"
+        headers = {"content-type": "application/td+json"}
+        assert httpx.put(things, content=td, headers=headers).status_code == 401
+        admin = {**headers, "authorization": f"Bearer {token}"}
+        assert httpx.put(things, content=td, headers=admin).status_code == 201
+
+        fleet.kill_server()
+        fleet.start_server()  # a restart keeps the token, so operators' files stay valid
+        assert token_file.read_text().strip() == token
+        assert [d.device_id for d in fleet.admin().devices()] == [device]
+
+
+def test_no_admin_token_is_an_explicit_lab_flag_with_a_warning(tmp_path: Path) -> None:
+    with LocalFleet(tmp_path, server_args=["--no-admin-token"]) as fleet:
+        fleet.start_server()
+        assert not (fleet.data_dir / "admin-token").exists() and fleet.admin_token is None
+        assert "warning: --no-admin-token" in (fleet.logs / "server.log").read_text()
+        with AdminClient(fleet.address) as anyone:
+            assert anyone.devices() == []
+
+
+def test_no_admin_token_contradicting_a_token_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["server", "start", "--data-dir", str(tmp_path), "--no-admin-token", "--admin-token", "x"]
+    assert main(argv) == 2
+    assert "--no-admin-token contradicts" in capsys.readouterr().err

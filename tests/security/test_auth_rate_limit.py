@@ -1,0 +1,130 @@
+"""Failed authentication is limited per peer (issue 10, row 11): after MAX_FAILURES failures within
+the window a peer gets RESOURCE_EXHAUSTED (gRPC) or 429 with Retry-After (HTTP) without being
+checked, until the window passes. Successful calls never count, so a good client is not slowed."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from server.harness import CoordinatorThread, FakeAgent, settings_for
+
+from tinyfleet.server.admin_client import AdminClient
+from tinyfleet.server.auth import MAX_FAILURES, FailedAuthLimiter
+from tinyfleet.server.registry.coordinator_hooks import CoordinatorRegistry
+from tinyfleet.server.registry.thing_description import device_thing_description
+
+TOKEN = "rate-limit-test-admin"
+TD = "application/td+json"
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[CoordinatorThread]:
+    running = CoordinatorThread(settings_for(tmp_path / "coord", admin_token=TOKEN))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def _code(call, *args, **kwargs) -> grpc.RpcError:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kwargs)
+    return info.value
+
+
+def test_a_good_client_is_never_limited_and_a_failing_peer_is(coordinator: CoordinatorThread) -> None:
+    good = coordinator.agent("urn:dev:good")
+    good.register()
+    for _ in range(3 * MAX_FAILURES):  # many more calls than failures allowed: all answered
+        assert not good.register(enroll_token="").created
+    good.connect()
+    good.close()
+
+    rogue = FakeAgent(coordinator.address, "urn:dev:rogue")  # no enrollment token
+    for _ in range(MAX_FAILURES):
+        assert _code(rogue.register).code() == grpc.StatusCode.PERMISSION_DENIED
+    blocked = _code(rogue.register)
+    assert blocked.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "too many failed authentication attempts from 127.0.0.1" in blocked.details()
+    assert 0 < int(dict(blocked.trailing_metadata())["retry-after"]) <= 60
+    # Limited per peer: until the window passes, anyone from that address is refused unchecked.
+    stream = FakeAgent(coordinator.address, "urn:dev:good", key=good.key)
+    stream.connect(wait=False)
+    assert stream.ended.wait(10) and stream.error is not None
+    assert stream.error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    rogue.channel.close()
+    stream.close()
+
+
+def test_the_peer_is_let_in_again_once_the_window_passes(coordinator: CoordinatorThread) -> None:
+    fleet = coordinator.coordinator.fleet
+    assert fleet is not None
+    fleet.auth_failures = FailedAuthLimiter(max_failures=3, window_s=1.0)
+    agent = coordinator.agent("urn:dev:patient")
+    agent.register()
+    for _ in range(3):  # Connect proofs that fail: a key the coordinator does not know for it
+        impostor = FakeAgent(coordinator.address, "urn:dev:patient")
+        impostor.connect(wait=False)
+        assert impostor.ended.wait(10) and impostor.error is not None
+        assert impostor.error.code() == grpc.StatusCode.UNAUTHENTICATED
+        impostor.close()
+    assert _code(agent.register, enroll_token="").code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    time.sleep(1.1)  # the window passes
+    assert not agent.register(enroll_token="").created
+    agent.channel.close()
+
+
+def test_wrong_admin_tokens_are_limited(coordinator: CoordinatorThread) -> None:
+    with AdminClient(coordinator.address, admin_token="guess") as guesser:
+        for _ in range(MAX_FAILURES):
+            assert _code(guesser.jobs).code() == grpc.StatusCode.UNAUTHENTICATED
+        assert _code(guesser.jobs).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with AdminClient(coordinator.address, admin_token=TOKEN) as admin:  # the same peer: refused too
+        assert _code(admin.jobs).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_failed_http_device_writes_get_429_with_retry_after(tmp_path: Path) -> None:
+    data_dir = tmp_path / "coord"
+    registry = CoordinatorRegistry.open(data_dir)
+    thread = CoordinatorThread(settings_for(data_dir, http="127.0.0.1:0"), registry.hooks())
+    device = "urn:tinyfleet:device:writer"
+    try:
+        agent = thread.agent(device)
+        td = device_thing_description(device, title="writer", ram_kb=512, flash_kb=4096, device_class="mcu")
+        body = json.dumps(td).encode()
+        agent.register(body)
+        url = f"http://{thread.coordinator.http_address}/things/{device}"
+        stranger = FakeAgent(thread.address, device)  # signs with a key that is not the device's
+
+        def put(signer: FakeAgent) -> httpx.Response:
+            signed = signer.key.sign_request(device, "PUT", f"/things/{device}", body).authorization()
+            return httpx.put(url, content=body, headers={"authorization": signed, "content-type": TD})
+
+        for _ in range(MAX_FAILURES):
+            assert put(stranger).status_code == 401
+        limited = put(agent)
+        assert limited.status_code == 429 and 0 < int(limited.headers["retry-after"]) <= 60
+        assert "too many failed authentication attempts" in limited.json()["detail"]
+        agent.channel.close()
+        stranger.channel.close()
+    finally:
+        thread.stop()
+        registry.registry.store.close()
+
+
+def test_the_limiter_counts_failures_in_a_sliding_window() -> None:
+    limiter = FailedAuthLimiter(max_failures=3, window_s=10.0)
+    for t in (0.0, 1.0, 2.0):
+        assert limiter.retry_after("10.0.0.7", now=t) == 0.0
+        limiter.failed("10.0.0.7", now=t)
+    assert limiter.retry_after("10.0.0.7", now=3.0) == pytest.approx(7.0)  # until t=0 leaves
+    assert limiter.retry_after("10.0.0.8", now=3.0) == 0.0  # another peer is not affected
+    assert limiter.retry_after("10.0.0.7", now=10.5) == 0.0  # two failures left in the window
+    limiter.failed("10.0.0.7", now=10.5)
+    assert limiter.retry_after("10.0.0.7", now=10.8) == pytest.approx(0.2)  # until t=1 leaves
