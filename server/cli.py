@@ -94,6 +94,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                             "postgresql+psycopg://user@host/db")
     start.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate (chain)")
     start.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
+    start.add_argument("--insecure", action="store_true",
+                       help="allow plaintext (no TLS) on a non-loopback --listen/--http address; "
+                            "without it such a start is refused")
     start.add_argument("--admin-token", default=None,
                        help="the token admin calls need (default: $TINYFLEET_ADMIN_TOKEN, else "
                             "DATA_DIR/admin-token, generated on the first start)")
@@ -251,7 +254,7 @@ def _coordinator_admin_token(args: argparse.Namespace) -> str | None:
 
 
 def _server_start(args: argparse.Namespace) -> int:
-    from tinyfleet.server.daemon import ServerSettings, run
+    from tinyfleet.server.daemon import DataDirLock, ServerSettings, run
 
     if args.max_message_bytes <= 0:
         print("error: --max-message-bytes must be positive", file=sys.stderr)
@@ -280,6 +283,7 @@ def _server_start(args: argparse.Namespace) -> int:
         admin_token=admin_token,
         max_message_bytes=args.max_message_bytes,
         heartbeat_interval_s=args.heartbeat_interval,
+        insecure=args.insecure,
         **lab,
     )
     from sqlalchemy.exc import SQLAlchemyError
@@ -294,6 +298,7 @@ def _server_start(args: argparse.Namespace) -> int:
             timeout_s=args.sparql_timeout, workers=args.sparql_workers, queue=args.sparql_queue,
             service_allow=tuple(args.sparql_service_allow),
         )
+        DataDirLock.acquire(settings.data_dir)  # before the registry store: refusals name the holder
         registry = CoordinatorRegistry.open(settings.data_dir, args.registry, settings.admin_token, sparql)
         registry.registry.limits = DescriptionLimits(max_bytes=args.max_description_bytes)
         try:

@@ -8,6 +8,19 @@ Stop (SIGINT/SIGTERM): the round in progress is abandoned (its job stays
 "running" and resumes on restart from its last checkpointed round), agents get a
 Shutdown frame, servers close, server.json is removed, exit code 0.
 
+One coordinator per data dir and per port. The data dir is held by an advisory
+lock (`flock` on DATA_DIR/coordinator.lock, which holds the holder's pid; the
+kernel drops it when the process dies, kill -9 included), and the gRPC port is
+bound without SO_REUSEPORT (gRPC sets it by default on Linux, which let a second
+coordinator share the port and split registrations between two databases). A
+second coordinator exits non-zero naming the pid in its way. server.json
+survives kill -9, so it names its pid and `read_ready_file` treats the file of a
+dead process as absent; launchers read it through that one function.
+
+Plaintext on a non-loopback address (gRPC or HTTP without TLS) needs
+`insecure=True` (`--insecure`, as Flower's SuperLink has it): credentials and
+models would otherwise cross the network readable by anyone on the path.
+
 gRPC message size: the application limit is `max_message_bytes` (agents learn it
 in Welcome); gRPC itself accepts up to that plus GRPC_HEADROOM_BYTES so an
 oversized reply reaches the application check and is recorded as an error
@@ -18,16 +31,23 @@ headroom is refused by gRPC (RESOURCE_EXHAUSTED) and the agent reconnects.
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
+import ipaddress
+import json
 import logging
 import os
 import signal
 import socket
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
 import grpc
+import sqlalchemy as sa
 import uvicorn
 from starlette.routing import BaseRoute
 
@@ -56,6 +76,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 GRPC_HEADROOM_BYTES = 4 * 1024 * 1024
 READY_FILE = "server.json"
+LOCK_FILE = "coordinator.lock"
 
 
 @dataclass
@@ -69,6 +90,8 @@ class ServerSettings:
     admin_token: str | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     heartbeat_interval_s: float = 5.0
+    #: Accept plaintext (no TLS) on a non-loopback address; a warning is logged.
+    insecure: bool = False
 
 
 @dataclass
@@ -88,6 +111,8 @@ class Hooks:
     #: Called first at stop, before the servers drain: ends work that would hold a request open
     #: (the registry kills its SPARQL query workers, so running queries answer at once).
     stopping: Callable[[], None] | None = None
+    #: Extra /healthz fields, read on every request so it must not block (the registry's outbox lag).
+    health: Callable[[], dict[str, Any]] | None = None
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -97,6 +122,166 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, a name resolving there)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+
+
+def check_transport(settings: ServerSettings) -> None:
+    """Refuse plaintext on a non-loopback address unless `insecure`; warn when it is accepted."""
+    if settings.tls_cert:
+        return
+    exposed = [a for a in (settings.listen, settings.http) if a and not is_loopback(split_address(a)[0])]
+    if not exposed:
+        return
+    if not settings.insecure:
+        raise ValueError(
+            f"refusing to listen on {', '.join(exposed)} without TLS: device keys, tokens and models "
+            "would cross the network in plaintext; pass --tls-cert and --tls-key, or --insecure "
+            "to accept that (e.g. inside a private network)"
+        )
+    log.warning("listening on %s WITHOUT TLS (--insecure): anyone on the network path can read and "
+                "alter the traffic", ", ".join(exposed))
+
+
+class DataDirInUseError(OSError):
+    """Another coordinator holds the data dir; the message names its pid."""
+
+
+class DataDirLock:
+    """This process's hold on a data dir: `flock` on DATA_DIR/coordinator.lock, holding our pid.
+
+    flock locks belong to an open file, so a second open in the same process would
+    conflict with the first: holds are counted per process instead (the CLI takes the
+    lock before it opens the registry store, the Coordinator again at start)."""
+
+    _held: ClassVar[dict[Path, DataDirLock]] = {}
+    _guard: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+        self._holds = 1
+
+    @classmethod
+    def acquire(cls, data_dir: Path) -> DataDirLock:
+        """Hold `data_dir` (created if missing); DataDirInUseError names the pid holding it."""
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        path = (Path(data_dir) / LOCK_FILE).resolve()
+        with cls._guard:
+            held = cls._held.get(path)
+            if held is not None:
+                held._holds += 1
+                return held
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise DataDirInUseError(
+                    f"data dir {Path(data_dir).resolve()} is in use by another coordinator (pid "
+                    f"{holder}, lock {path}); stop it, or give this one its own --data-dir",
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            lock = cls._held[path] = cls(path, fd)
+            return lock
+
+    def release(self) -> None:
+        """Drop one hold; the last one unlocks (the file stays: unlinking it would race a new holder)."""
+        with self._guard:
+            self._holds -= 1
+            if self._holds == 0:
+                del self._held[self.path]
+                os.close(self._fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists and is not a zombie (a killed, unreaped child)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs: existence is all we can tell
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def read_ready_file(data_dir: Path) -> dict[str, Any] | None:
+    """DATA_DIR/server.json of a running coordinator, or None: missing, unreadable, or left behind
+    by a process that is gone (kill -9 leaves it). Every launcher reads the file through this."""
+    try:
+        info = json.loads((Path(data_dir) / READY_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("pid"), int) or not pid_alive(info["pid"]):
+        return None
+    return info
+
+
+def port_holders(port: int) -> list[int]:
+    """Pids with a TCP socket listening on `port` (Linux procfs; [] where it cannot tell)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rpartition(":")[2], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    holders: list[int] = []
+    if not inodes:
+        return holders
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                holders.append(int(proc.name))
+        except OSError:
+            continue  # gone, or not ours to look at
+    return sorted(holders)
+
+
+def port_in_use(address: str, port: int) -> OSError:
+    """The error for a port another process listens on, naming it when procfs tells."""
+    holders = port_holders(port)
+    by = f" by pid {', '.join(map(str, holders))}" if holders else " by another process"
+    return OSError(f"cannot listen on {address}: the port is in use{by}")
+
+
+def _bind_http(address: str) -> socket.socket:
+    """The HTTP listening socket (SO_REUSEADDR only: restarts reuse the port, others cannot share it)."""
+    host, port = split_address(address)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise port_in_use(address, port) from None
+        raise
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -124,14 +309,44 @@ class Coordinator:
         self.hub = ConnectionHub()
         self.listen_address = ""
         self.http_address = ""
+        self._lock: DataDirLock | None = None
+        self._http_socket: socket.socket | None = None
+        self.engine: sa.Engine | None = None
 
     async def start(self) -> None:
+        """Start everything; if any step fails, what was started is stopped and the data dir and
+        ports are free again before the error propagates."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._abort_start()
+            raise
+
+    async def _start(self) -> None:
         settings = self.settings
         if bool(settings.tls_cert) != bool(settings.tls_key):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        check_transport(settings)
+        self._lock = DataDirLock.acquire(self.data_dir)
+        self.ready_file.unlink(missing_ok=True)  # we hold the dir: any server.json is a dead one's
         ensure_task_identity()
         loop = asyncio.get_running_loop()
+        # Ports first: a coordinator that cannot have them must not touch its database.
+        grpc_limit = settings.max_message_bytes + GRPC_HEADROOM_BYTES
+        self._grpc = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", grpc_limit),
+            ("grpc.max_send_message_length", grpc_limit),
+            ("grpc.keepalive_time_ms", 20_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.so_reuseport", 0),  # exclusive: a second coordinator must fail, not share it
+        ])
+        self.listen_address = self._bind_grpc(settings)
+        if settings.http:
+            self._http_socket = _bind_http(settings.http)
+            host = split_address(settings.http)[0]
+            self.http_address = f"{host}:{self._http_socket.getsockname()[1]}"
         engine = await asyncio.to_thread(open_database, settings.db_url or default_url(self.data_dir))
         self.engine = engine
         self.repo = Repository(engine)
@@ -145,15 +360,6 @@ class Coordinator:
             self.repo, self.store, self.grid,
             on_change=self.events.publish, eligibility=self.hooks.eligibility,
         )
-        grpc_limit = settings.max_message_bytes + GRPC_HEADROOM_BYTES
-        self._grpc = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", grpc_limit),
-            ("grpc.max_send_message_length", grpc_limit),
-            ("grpc.keepalive_time_ms", 20_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-        ])
         self.fleet = FleetService(
             self.repo, self.hub, self.store, self.hooks.describe_devices
             or describe_each(self.hooks.describe_device),
@@ -166,20 +372,9 @@ class Coordinator:
             self.repo, self.hub, self.events, admin_token=settings.admin_token,
             on_submit=self.runner.wake, eligibility=self.hooks.eligibility,
         ), self._grpc)
-        host, port = split_address(settings.listen)
-        if settings.tls_cert and settings.tls_key:
-            credentials = grpc.ssl_server_credentials(
-                [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())]
-            )
-            bound = self._grpc.add_secure_port(f"{host}:{port}", credentials)
-        else:
-            bound = self._grpc.add_insecure_port(f"{host}:{port}")
-        if bound == 0:
-            raise OSError(f"cannot listen on {settings.listen}")
-        self.listen_address = f"{host}:{bound}"
         await self._grpc.start()
-        if settings.http:
-            await self._start_http(settings.http)
+        if self._http_socket is not None:
+            await self._start_http(self._http_socket)
         self._flusher = asyncio.create_task(self._flush_liveness())
         if self.hooks.background is not None:
             self._background = asyncio.create_task(self.hooks.background(self.repo))
@@ -193,16 +388,31 @@ class Coordinator:
         log.info("coordinator ready: grpc %s, http %s", self.listen_address,
                  self.http_address or "off")
 
-    async def _start_http(self, address: str) -> None:
-        host, port = split_address(address)
-        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(128)
-        sock.setblocking(False)
-        self.http_address = f"{host}:{sock.getsockname()[1]}"
+    def _bind_grpc(self, settings: ServerSettings) -> str:
+        """Bind the gRPC address (exclusively); returns HOST:PORT with the port actually bound."""
+        assert self._grpc is not None
+        host, port = split_address(settings.listen)
+        try:
+            if settings.tls_cert and settings.tls_key:
+                credentials = grpc.ssl_server_credentials(
+                    [(Path(settings.tls_key).read_bytes(), Path(settings.tls_cert).read_bytes())]
+                )
+                bound = self._grpc.add_secure_port(f"{host}:{port}", credentials)
+            else:
+                bound = self._grpc.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:  # grpc's "Failed to bind to address ..."
+            bound = 0
+        if bound == 0 and port:
+            raise port_in_use(settings.listen, port)
+        if bound == 0:
+            raise OSError(f"cannot listen on {settings.listen}")
+        return f"{host}:{bound}"
+
+    async def _start_http(self, sock: socket.socket) -> None:
+        address = self.http_address
         config = uvicorn.Config(
-            build_app(self.repo, self.hub, self.hooks.http_routes),
+            build_app(self.repo, self.hub, self.hooks.http_routes,
+                      admin_token=self.settings.admin_token, health=self.hooks.health),
             log_level="warning",
             lifespan="off",
             ws="none",
@@ -258,9 +468,36 @@ class Coordinator:
         if self._background is not None:
             self._background.cancel()
             await asyncio.gather(self._background, return_exceptions=True)
-        self.engine.dispose()
+        if self.engine is not None:
+            self.engine.dispose()
         self.ready_file.unlink(missing_ok=True)
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         log.info("coordinator stopped")
+
+    async def _abort_start(self) -> None:
+        """Undo a start that failed part-way: stop what runs, close what is bound, free the dir."""
+        if self.runner is not None:
+            await asyncio.to_thread(self.runner.stop)
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            await asyncio.gather(self._http_task, return_exceptions=True)
+        for task in (self._flusher, self._background):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if self._grpc is not None:
+            await self._grpc.stop(None)
+        if self.fleet is not None:
+            await asyncio.to_thread(self.fleet.close)
+        if self._http_socket is not None:
+            self._http_socket.close()
+        if self.engine is not None:
+            self.engine.dispose()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
 
 async def serve(settings: ServerSettings, hooks: Hooks | None = None) -> None:

@@ -3,32 +3,91 @@
 GET /healthz, /api/jobs, /api/jobs/{id}, /api/devices. Other parts of the
 coordinator (the registry's /sparql, /things) add theirs by passing extra
 starlette routes or mounts to `build_app`.
+
+/api/* follows the auth of its gRPC twins (Admin.ListJobs, GetJob, ListDevices):
+the admin token as `Authorization: Bearer T` when the coordinator has one.
+/healthz stays open for probes; it reads only in-memory state (the registry's
+outbox lag comes from a snapshot its projector keeps), so it answers at once
+however busy the stores are.
+
+Writes that plug-ins serve (the registry's /things, /registry/imports) report two
+storage outcomes by raising, answered the same way for every route:
+`InsufficientStorage` -> 507 problem+json (the disk is full and nothing was
+stored), `StoredNotYetVisible` -> 202 (SQL, the system of record, kept the write;
+the view that serves reads has not caught up yet and will by itself).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from tinyfleet.server.auth import bearer_token, token_matches
 from tinyfleet.server.connections import ConnectionHub
 from tinyfleet.server.job_views import device_dict, job_dict
 from tinyfleet.server.repository import Repository
 
+PROBLEM_JSON = "application/problem+json"
+
+
+class InsufficientStorage(Exception):
+    """A write refused because the disk is full; nothing of it was stored (HTTP 507)."""
+
+
+class StoredNotYetVisible(Exception):
+    """A write SQL committed (durable) that reads will show only once a background step catches
+    up, e.g. the registry projector while its store cannot write (HTTP 202)."""
+
+
+def _problem(status: int, title: str, detail: str) -> JSONResponse:
+    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+
+
+async def _insufficient_storage(request: Request, exc: Exception) -> Response:
+    return _problem(507, "Insufficient Storage", str(exc))
+
+
+async def _stored_not_yet_visible(request: Request, exc: Exception) -> Response:
+    return JSONResponse({"status": 202, "title": "Accepted", "detail": str(exc)}, status_code=202)
+
 
 def build_app(
-    repo: Repository, hub: ConnectionHub, extra_routes: Sequence[BaseRoute] = ()
+    repo: Repository,
+    hub: ConnectionHub,
+    extra_routes: Sequence[BaseRoute] = (),
+    *,
+    admin_token: str | None = None,
+    health: Callable[[], dict[str, Any]] | None = None,
 ) -> Starlette:
-    def healthz(request: Request) -> JSONResponse:
-        return JSONResponse({"status": "ok", "online_nodes": len(hub.online_nodes())})
+    def unauthorized(request: Request) -> JSONResponse | None:
+        """401 unless the request carries the admin token (when one is configured)."""
+        if token_matches(bearer_token(tuple(request.headers.items())), admin_token):
+            return None
+        return JSONResponse(
+            {"error": "admin token required (Authorization: Bearer <token>)"},
+            status_code=401, headers={"www-authenticate": 'Bearer realm="tinyfleet"'},
+        )
+
+    async def healthz(request: Request) -> JSONResponse:
+        body: dict[str, Any] = {"status": "ok", "online_nodes": len(hub.online_nodes())}
+        if health is not None:
+            body.update(health())
+        return JSONResponse(body)
 
     def jobs(request: Request) -> JSONResponse:
+        if (refused := unauthorized(request)) is not None:
+            return refused
         return JSONResponse([job_dict(j, []) for j in repo.list_jobs()])
 
     def job(request: Request) -> JSONResponse:
+        if (refused := unauthorized(request)) is not None:
+            return refused
         try:
             job_id = int(request.path_params["job_id"])
         except ValueError:
@@ -39,6 +98,8 @@ def build_app(
         return JSONResponse(job_dict(found, repo.get_rounds(job_id)))
 
     def devices(request: Request) -> JSONResponse:
+        if (refused := unauthorized(request)) is not None:
+            return refused
         online = hub.online_nodes()
         return JSONResponse([device_dict(d, d.node_id in online) for d in repo.list_devices()])
 
@@ -49,4 +110,7 @@ def build_app(
         Route("/api/devices", devices),
         *extra_routes,
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={
+        InsufficientStorage: _insufficient_storage,
+        StoredNotYetVisible: _stored_not_yet_visible,
+    })

@@ -9,6 +9,16 @@ row twice is harmless (a description replaces its graph, liveness overwrites).
 Imported documents (published Turtle) are kept in SQL too and projected the same
 way, from the document row the outbox row names. `rebuild` regenerates a whole
 store from the SQL tables.
+
+Disk full. SQLite fails the write and works again once space is freed; the
+embedded store (RocksDB) refuses every write after one failed for lack of space
+until it is reopened. So after a failed catch-up the projector reopens the store
+in place before the next try (read-only meanwhile, so queries keep answering)
+and the registry recovers without a restart. Write paths use
+`refused_when_disk_full` around their SQL write (disk full: 507, nothing stored)
+and `catch_up_after_commit` after it (the write is durable; if projecting fails
+the answer says so and the projector catches up). `health()` is the outbox lag
+/healthz shows: committed rows not yet in the store and the age of the oldest.
 """
 
 from __future__ import annotations
@@ -16,18 +26,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import logging
+import sqlite3
 import threading
+import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pyoxigraph as ox
 import sqlalchemy as sa
 
+from tinyfleet.server.http_api import InsufficientStorage, StoredNotYetVisible
 from tinyfleet.server.registry.importer import Document, FileReport, Imported, ImportFailed, prepare_document
 from tinyfleet.server.registry.registry import Prepared, Registry
+from tinyfleet.server.registry.store import EmbeddedStore
 from tinyfleet.server.registry.validation import DescriptionInvalid
 
 log = logging.getLogger(__name__)
@@ -78,6 +93,78 @@ def _when(timestamp: float | None) -> dt.datetime | None:
     return dt.datetime.fromtimestamp(timestamp, dt.UTC) if timestamp is not None else None
 
 
+#: SQLSTATE of PostgreSQL's disk_full.
+PG_DISK_FULL = "53100"
+#: How RocksDB (pyoxigraph) words ENOSPC; its OSError carries no errno.
+NO_SPACE_TEXT = "No space left on device"
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether `exc` says the disk (or quota) is full: SQLite's SQLITE_FULL, PostgreSQL's disk_full,
+    ENOSPC/EDQUOT, or the embedded store's wording of ENOSPC."""
+    if isinstance(exc, sa.exc.DBAPIError):
+        exc = exc.orig
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    if getattr(exc, "sqlstate", None) == PG_DISK_FULL:
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT) or NO_SPACE_TEXT in str(exc)
+    return False
+
+
+@contextlib.contextmanager
+def refused_when_disk_full() -> Iterator[None]:
+    """Around a write path's SQL write: a disk-full failure (the transaction rolled back) becomes
+    InsufficientStorage, which the HTTP API answers with 507."""
+    try:
+        yield
+    except Exception as exc:
+        if is_disk_full(exc):
+            raise InsufficientStorage(
+                "the coordinator's disk is full: nothing was stored; retry once space is freed"
+            ) from exc
+        raise
+
+
+def _failure(exc: BaseException) -> str:
+    """What /healthz says about a failed projection (no paths, no SQL)."""
+    if is_disk_full(exc):
+        return "the registry cannot write: the disk is full"
+    if isinstance(exc, OSError):
+        return "the registry store cannot write"
+    return "projection failed"
+
+
+def reopen_embedded(store: EmbeddedStore) -> None:
+    """Reopen an on-disk Oxigraph store in place, so every holder of `store` sees the new handle.
+
+    RocksDB keeps refusing writes after one failed for lack of space until the
+    database is reopened. The stuck handle is first replaced by a read-only one
+    (queries go on; it needs no space), which closes the stuck one as soon as no
+    running query holds it; then the read-write open is tried. If that fails (the
+    disk is still full, or a query still holds the old handle), the read-only
+    handle stays and the OSError propagates: the next catch-up tries again.
+
+    EmbeddedStore has no public way to swap its database handle; this assigns the
+    attribute it keeps it in (`_store`).
+    """
+    if store.path is None:
+        return  # in memory: nothing on disk to recover
+    path = str(store.path)
+    store._store = ox.Store.read_only(path)
+    store._store = ox.Store(path)
+
+
+@dataclass(frozen=True)
+class OutboxLag:
+    """Outbox rows SQL committed that the store has not applied, as of `measured_at`."""
+
+    rows: int = 0
+    oldest_at: float | None = None  # created_at of the oldest of them
+    measured_at: float = 0.0
+
+
 class Projector:
     def __init__(self, registry: Registry, source: OutboxSource, *, batch: int = 500) -> None:
         self.registry = registry
@@ -85,6 +172,10 @@ class Projector:
         self.batch = batch
         self._lock = threading.Lock()  # the daemon's loop and directory writes both catch up
         self._wake: Callable[[], object] | None = None
+        self._applied: int | None = None  # the store's last applied sequence, once known
+        self._store_failed = False  # a write to the store failed: reopen it before the next try
+        self._error: str | None = None  # why the last catch-up failed (for /healthz)
+        self._lag = OutboxLag()
 
     def apply(self, rows: Sequence[dict[str, Any]]) -> Applied:
         """Apply outbox rows (in sequence order) as one update recording the last sequence."""
@@ -166,14 +257,46 @@ class Projector:
             return None
 
     def catch_up(self) -> Applied:
-        """Apply everything after the store's last recorded sequence; returns the totals."""
+        """Apply everything after the store's last recorded sequence; returns the totals. After a
+        failed write the embedded store is reopened first (see the module docstring)."""
         with self._lock:
-            return self._catch_up()
+            try:
+                if self._store_failed and isinstance(self.registry.store, EmbeddedStore):
+                    reopen_embedded(self.registry.store)
+                    log.info("registry store reopened after a failed write")
+                self._store_failed = False
+                applied = self._catch_up()
+            except Exception as exc:
+                self.note_failure(exc)
+                raise
+            self._error = None
+            return applied
+
+    def catch_up_after_commit(self) -> Applied:
+        """`catch_up` for a write path whose SQL write just committed: the write is durable, so a
+        failure to project it now is StoredNotYetVisible (HTTP 202), not an error; the projector
+        applies it once the store can write again."""
+        try:
+            return self.catch_up()
+        except Exception as exc:
+            log.warning("stored in SQL, projection pending: %s", _failure(exc))
+            raise StoredNotYetVisible(
+                "stored; the registry will show it once it can write again "
+                f"({_failure(exc)}); the projector catches up by itself"
+            ) from exc
+
+    def note_failure(self, exc: BaseException) -> None:
+        """A write to the store failed (here or in another registry writer): an OSError is the
+        embedded store's I/O error, after which RocksDB needs a reopen."""
+        self._error = _failure(exc)
+        if isinstance(exc, OSError):
+            self._store_failed = True
 
     def _catch_up(self) -> Applied:
         total = Applied()
         while True:
-            rows = self.source.outbox_since(self.registry.last_applied_seq(), limit=self.batch)
+            self._applied = self.registry.last_applied_seq()
+            rows = self.source.outbox_since(self._applied, limit=self.batch)
             if not rows:
                 return total
             done = self.apply(rows)
@@ -185,21 +308,51 @@ class Projector:
 
     async def run(self, interval_s: float = 0.5) -> None:
         """Catch up whenever `wake` is called (SQL committed outbox rows) and at least every
-        `interval_s`, until cancelled. Rows committed while a catch-up runs wake the next one."""
+        `interval_s`, until cancelled. Rows committed while a catch-up runs wake the next one.
+        A failure (remote store unreachable, disk full) is logged when it starts and when it
+        ends, and retried every tick; the outbox lag is measured after every attempt."""
         loop = asyncio.get_running_loop()
         woken = asyncio.Event()
         self._wake = lambda: loop.call_soon_threadsafe(woken.set)
+        failing = False
         try:
             while True:
                 woken.clear()
                 try:
                     await asyncio.to_thread(self.catch_up)
-                except Exception:  # the store may be briefly unreachable (remote); retry next tick
-                    log.exception("registry projection failed; retrying")
+                except Exception:
+                    if not failing:
+                        log.exception("registry projection failed (%s); retrying every %g s",
+                                      self._error, interval_s)
+                    failing = True
+                else:
+                    if failing:
+                        log.info("registry projection recovered")
+                    failing = False
+                try:
+                    await asyncio.to_thread(self._measure_lag)
+                except sa.exc.SQLAlchemyError as exc:
+                    log.debug("outbox lag not measured: %s", exc)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), interval_s)
         finally:
             self._wake = None
+
+    def _measure_lag(self) -> None:
+        from tinyfleet.server.schema import outbox
+
+        applied = self._applied if self._applied is not None else 0
+        with self.source.engine.connect() as conn:
+            rows, oldest = conn.execute(
+                sa.select(sa.func.count(), sa.func.min(outbox.c.created_at)).where(outbox.c.seq > applied)
+            ).one()
+        self._lag = OutboxLag(int(rows), None if oldest is None else float(oldest), time.time())
+
+    def health(self) -> dict[str, Any]:
+        """The outbox lag for /healthz, from the last measurement (no I/O: probes must not wait)."""
+        lag = self._lag
+        age = None if lag.oldest_at is None else round(max(0.0, time.time() - lag.oldest_at), 3)
+        return {"outbox": {"lag": lag.rows, "oldest_age_s": age, "error": self._error}}
 
     def wake(self) -> None:
         """Catch up now rather than at the next tick (from any thread; no-op unless running)."""

@@ -1,0 +1,123 @@
+"""A round's phases each run against one deadline: `deadline_s` bounds the whole train phase
+(configure, send, replies) and `evaluate_deadline_s` the evaluate phase, so a round can no
+longer take the train deadline twice (issue 10, row 11).
+
+Real FleetGrid jobs: the coordinator in this process, fake agents over gRPC on 127.0.0.1.
+The durations asserted are the deadlines the issue states, with seconds of slack for a
+loaded machine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from server.harness import FakeAgent, answer
+from server.test_job_runner import Fleet
+
+from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
+
+CONFIGURE_S = 3.0
+
+
+class SlowConfigureFedAvg(FedAvg):
+    """FedAvg whose train configure step takes CONFIGURE_S (as one waiting for nodes would)."""
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        time.sleep(CONFIGURE_S)
+        return super().configure_train(server_round, arrays, config, grid)
+
+
+def _silent_in(phase: str) -> Callable[[FakeAgent, fleet_pb2.Task, Message], fleet_pb2.AgentFrame | None]:
+    """An agent that never answers `phase` messages and answers the others for real."""
+
+    def behaviour(agent: FakeAgent, task: fleet_pb2.Task, message: Message) -> fleet_pb2.AgentFrame | None:
+        if message.metadata.message_type == phase:
+            return None
+        return answer(agent, task, message)
+
+    return behaviour
+
+
+def _job(strategy: str, round_settings: str) -> str:
+    return f"""
+name = "deadlines"
+strategy = "{strategy}"
+model = "sine-mlp"
+rounds = 1
+seed = 3
+
+[round]
+min_nodes = 1
+wait_for_nodes_s = 10.0
+{round_settings}
+
+[train]
+local_steps = 3
+lr = 0.02
+
+[evaluate]
+eval_samples = 20
+"""
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    # Fake agents send no heartbeats: a long interval keeps the silent ones connected
+    # (timed out, not disconnected) through the deadlines below.
+    created = Fleet(tmp_path / "coord", heartbeat_interval_s=30.0)
+    try:
+        yield created
+    finally:
+        created.close()
+
+
+def _node(round_: dict[str, Any], phase: str, node_id: int) -> dict[str, Any]:
+    [found] = [n for n in round_["nodes"] if n["phase"] == phase and n["node_id"] == node_id]
+    return found
+
+
+def test_the_train_deadline_covers_the_configure_step(fleet: Fleet) -> None:
+    ok = fleet.agent("ok")
+    silent = fleet.agent("silent", _silent_in("train"))
+    job = fleet.run(_job(f"{__name__}:SlowConfigureFedAvg", "deadline_s = 8.0"))
+    assert job["state"] == "finished", job["reason"]
+    [r] = job["rounds"]
+    drop = _node(r, "train", silent.node_id)
+    assert drop["status"] == "timeout" and "8.0 s deadline" in drop["error"]
+    assert _node(r, "train", ok.node_id)["status"] == "replied"
+    # configure (3 s) and the wait for the silent node share the 8 s: not 3 + 8 = 11 s
+    assert 8.0 <= r["train_duration_s"] < 8.0 + 2.5
+
+
+def test_the_evaluate_phase_has_its_own_deadline(fleet: Fleet) -> None:
+    fleet.agent("ok")
+    silent = fleet.agent("silent", _silent_in("evaluate"))
+    job = fleet.run(_job("fedavg", "deadline_s = 30.0\nevaluate_deadline_s = 1.0"))
+    assert job["state"] == "finished", job["reason"]
+    [r] = job["rounds"]
+    assert _node(r, "train", silent.node_id)["status"] == "replied"
+    drop = _node(r, "evaluate", silent.node_id)
+    assert drop["status"] == "timeout" and "1.0 s deadline" in drop["error"]
+    assert 1.0 <= r["eval_duration_s"] < 1.0 + 5.0  # not the train phase's 30 s
+    assert r["eval_metrics"]["eval_loss"] > 0  # the node that answered still counts
+
+
+def test_a_round_with_silent_nodes_lasts_at_most_both_deadlines(fleet: Fleet) -> None:
+    fleet.agent("ok")
+    fleet.agent("silent", _silent_in("train"))
+    fleet.agent("mute", _silent_in("evaluate"))
+    job = fleet.run(_job("fedavg", "deadline_s = 5.0\nevaluate_deadline_s = 1.0"))
+    assert job["state"] == "finished", job["reason"]
+    [r] = job["rounds"]
+    assert r["dropped"] == 1
+    assert r["train_duration_s"] >= 5.0 and r["eval_duration_s"] >= 1.0
+    assert r["duration_s"] < 5.0 + 1.0 + 3.0  # not 2 x deadline_s = 10 s of waiting

@@ -1,0 +1,62 @@
+"""/api/* follows the auth of its gRPC twins (issue 10, row 11): with an admin token configured,
+/api/devices, /api/jobs and /api/jobs/{id} answer 401 without it, as Admin.ListDevices, ListJobs
+and GetJob answer UNAUTHENTICATED; /healthz stays open for probes. A coordinator in this process,
+HTTP and gRPC on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from server.harness import CoordinatorThread, settings_for
+
+from tinyfleet.server.admin_client import AdminClient
+
+TOKEN = "api-auth-admin-token"
+API = ("/api/devices", "/api/jobs", "/api/jobs/1")
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path) -> Iterator[CoordinatorThread]:
+    running = CoordinatorThread(settings_for(tmp_path / "coord", http="127.0.0.1:0", admin_token=TOKEN))
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+def test_api_needs_the_admin_token_like_its_grpc_twins(coordinator: CoordinatorThread) -> None:
+    agent = coordinator.agent("urn:dev:listed")
+    agent.register()
+    base = f"http://{coordinator.coordinator.http_address}"
+    for path in API:
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": TOKEN}):
+            refused = httpx.get(base + path, headers=headers)
+            assert refused.status_code == 401, (path, headers)
+            assert refused.headers["www-authenticate"].startswith("Bearer")
+            assert "admin token required" in refused.json()["error"]
+    with AdminClient(coordinator.address) as anonymous, pytest.raises(grpc.RpcError) as twin:
+        anonymous.devices()
+    assert twin.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    admin = {"authorization": f"Bearer {TOKEN}"}
+    [device] = httpx.get(f"{base}/api/devices", headers=admin).json()
+    assert device["device_id"] == "urn:dev:listed"
+    assert httpx.get(f"{base}/api/jobs", headers=admin).json() == []
+    assert httpx.get(f"{base}/api/jobs/1", headers=admin).status_code == 404
+    health = httpx.get(f"{base}/healthz")  # probes need no token
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+def test_without_an_admin_token_the_api_is_as_open_as_grpc(tmp_path: Path) -> None:
+    running = CoordinatorThread(settings_for(tmp_path / "coord", http="127.0.0.1:0"))
+    try:
+        base = f"http://{running.coordinator.http_address}"
+        assert httpx.get(f"{base}/api/devices").json() == []
+        with AdminClient(running.address) as anonymous:
+            assert anonymous.devices() == []
+    finally:
+        running.stop()
