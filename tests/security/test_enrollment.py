@@ -156,3 +156,22 @@ def test_server_enroll_refuses_a_bad_ttl_naming_it(capsys: pytest.CaptureFixture
     with pytest.raises(SystemExit) as done:
         main(["server", "enroll", "--ttl", "soon", "--server", "127.0.0.1:1"])
     assert done.value.code == 2 and "'soon' is not a positive duration" in capsys.readouterr().err
+
+
+def test_open_enrollment_lets_a_device_join_without_a_token(coordinator: CoordinatorThread) -> None:
+    fleet = coordinator.coordinator.fleet
+    assert fleet is not None
+    rogue = FakeAgent(coordinator.address, "urn:dev:lab")
+    assert _refusal(rogue).code() == grpc.StatusCode.PERMISSION_DENIED
+    fleet.open_enrollment = True  # what `server start --open-enrollment` sets
+    assert rogue.register().created
+    rogue.channel.close()
+
+
+@pytest.mark.slow
+def test_server_start_open_enrollment_warns_and_admits_devices_without_a_token(tmp_path: Path) -> None:
+    with LocalFleet(tmp_path, server_args=["--open-enrollment"]) as fleet:
+        fleet.start_server()
+        assert "warning: --open-enrollment" in (fleet.logs / "server.log").read_text()
+        fleet.start_agent("sine:seed=1", device_id="urn:tinyfleet:test:lab", enroll_token="")
+        fleet.wait_online(1)
