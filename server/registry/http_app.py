@@ -30,13 +30,13 @@ def registry_routes(
     *,
     writer: ThingWriter | None = None,
     access: Access | None = None,
+    queries: QueryWorkers,
     sparql: SparqlOptions | None = None,
-    queries: QueryWorkers | None = None,
 ) -> list[Route]:
-    """`queries` (made from `sparql` when not given) is the caller's to close when it stops."""
+    """`queries` (from `sparql.query_workers`) runs both endpoints' queries; the caller closes it
+    when it stops, so running queries end at once."""
     access = access or Access()
     sparql = sparql or SparqlOptions()
-    queries = queries or sparql.query_workers(registry.store)
     return [
         *sparql_routes(
             registry.store,

@@ -11,9 +11,10 @@ coordinator, so gRPC, /healthz and /things stay responsive while they work.
 A read-only open is a snapshot: it does not see what the primary writes after
 it opened. A worker therefore reopens before a query when the store's
 write-ahead log or manifest changed (their size and mtime; a write appends to
-the log). Reopening costs about 10-25 ms on a 200k-triple store, more when the
-log holds many unflushed writes; an unchanged store is not reopened. An open
-racing a compaction of the primary can miss a deleted file; it is retried.
+the log). Reopening costs 10-70 ms on a 200k-triple store (more as the log
+grows between flushes); an unchanged store is not reopened, and a query then
+costs a few ms. An open racing a compaction of the primary can miss a deleted
+file; it is retried.
 
 At most `workers` queries run and `queue` more wait; beyond that `run` raises
 WorkersBusy with the seconds until a running query's deadline frees a worker
@@ -179,6 +180,8 @@ class QueryWorkers:
                 cancelled.set()
                 slot.interrupt(cancelled)  # the slot returns to the pool when its call has ended
                 raise QueryTimeout
+            if future.cancelled():  # `close` dropped it before a thread took it
+                raise WorkersClosed
             return future.result()
         finally:
             self._admitted -= 1

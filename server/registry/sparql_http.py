@@ -88,7 +88,8 @@ def sparql_routes(
     """Routes for one SPARQL endpoint; `allow_update=False` makes it read-only for everyone.
 
     `queries` runs the queries (share one between endpoints so the concurrency
-    bound is the server's); by default the endpoint gets its own, allowing no SERVICE.
+    bound is the server's, and close it at stop); by default the endpoint gets
+    its own, allowing no SERVICE, whose workers live as long as this process.
     """
     access = access or Access()
     runner = queries or QueryWorkers.for_store(store)

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pyoxigraph as ox
 import pytest
@@ -16,6 +17,7 @@ from tinyfleet.server.registry.http_app import registry_app
 from tinyfleet.server.registry.http_common import Access, negotiate
 from tinyfleet.server.registry.registry import Registry
 from tinyfleet.server.registry.sparql_http import SparqlOptions, sparql_routes
+from tinyfleet.server.registry.store import EmbeddedStore
 
 TOKEN = "admin-secret"
 DEVICES = (
@@ -24,13 +26,21 @@ DEVICES = (
 )
 
 
-@pytest.fixture
-def client(registry: Registry, make_td: Callable[..., bytes]) -> Iterator[TestClient]:
+@pytest.fixture(params=["memory", "disk"])
+def client(
+    request: pytest.FixtureRequest, tmp_path: Path, make_td: Callable[..., bytes]
+) -> Iterator[TestClient]:
+    """In memory, queries run in a thread; on disk, in worker processes (bytes over a pipe)."""
+    store = EmbeddedStore(tmp_path / "registry" if request.param == "disk" else None)
+    registry = Registry(store)
     for i in range(3):
         registry.put(registry.prepare(make_td(f"d{i}", ram_kb=100 + i), "application/td+json"))
     app = registry_app(registry, access=Access(admin_token=TOKEN), sparql=SparqlOptions(max_rows=50))
-    with TestClient(app) as c:
-        yield c
+    try:
+        with TestClient(app) as c:
+            yield c
+    finally:
+        store.close()
 
 
 def test_get_post_and_form_requests_agree(client: TestClient) -> None:
