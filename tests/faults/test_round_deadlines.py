@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 from server.harness import FakeAgent, answer
 from server.test_job_runner import Fleet
 
+from tinyfleet.common.jobspec import JobSpecError, parse_job_spec
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
 
 CONFIGURE_S = 3.0
@@ -121,3 +122,18 @@ def test_a_round_with_silent_nodes_lasts_at_most_both_deadlines(fleet: Fleet) ->
     assert r["dropped"] == 1
     assert r["train_duration_s"] >= 5.0 and r["eval_duration_s"] >= 1.0
     assert r["duration_s"] < 5.0 + 1.0 + 3.0  # not 2 x deadline_s = 10 s of waiting
+
+
+JOB_HEAD = 'strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 1\n[round]\ndeadline_s = 12\n'
+
+
+def test_evaluate_deadline_defaults_to_the_train_deadline_and_is_checked() -> None:
+    spec = parse_job_spec(JOB_HEAD)
+    assert spec.round.evaluate_deadline_s is None and spec.round.evaluate_deadline == 12.0
+    spec = parse_job_spec(JOB_HEAD + "evaluate_deadline_s = 3\n")
+    assert spec.round.evaluate_deadline == 3.0 and parse_job_spec(spec.to_toml()) == spec
+    bad_values = (("0", "greater than 0"), ('"soon"', "expected a number"), ("inf", "expected a number"))
+    for bad, words in bad_values:
+        with pytest.raises(JobSpecError, match=words) as refused:
+            parse_job_spec(JOB_HEAD + f"evaluate_deadline_s = {bad}\n")
+        assert refused.value.field == "round.evaluate_deadline_s"

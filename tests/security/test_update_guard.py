@@ -25,6 +25,7 @@ from tinyfleet.client.meta_learners import REPLICA_STATE
 from tinyfleet.common import codec
 from tinyfleet.common.arrays import from_numpy_dict
 from tinyfleet.common.flower_adapter import array_record_from_bytes, message_to_bytes, reply_with_content
+from tinyfleet.common.jobspec import JobSpecError, parse_job_spec
 from tinyfleet.common.reptile_protocol import UPDATE_KEY
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
 
@@ -191,3 +192,13 @@ def test_fedreptile_measures_the_decoded_sparse_int8_update(fleet: Fleet) -> Non
     assert all(r["dropped"] == 0 and r["train_metrics"]["nodes"] == 3 for r in unguarded["rounds"])
     initial, final = _model_norms(fleet, unguarded)
     assert final > 1000 * initial  # without the guard the rogue wins: the global model blows up
+
+
+def test_the_bound_is_off_by_default_and_must_be_a_positive_number() -> None:
+    head = 'strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 1\n[round]\n'
+    assert parse_job_spec(head).round.max_update_ratio is None
+    assert parse_job_spec(head + "max_update_ratio = 5\n").round.max_update_ratio == 5.0
+    for bad, words in (("0", "greater than 0"), ("-2.5", "greater than 0"), ("true", "expected a number")):
+        with pytest.raises(JobSpecError, match=words) as refused:
+            parse_job_spec(head + f"max_update_ratio = {bad}\n")
+        assert refused.value.field == "round.max_update_ratio"

@@ -18,7 +18,12 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from tinyfleet.common.arrays import from_numpy_dict
-from tinyfleet.common.flower_adapter import array_record_from_bytes, message_to_bytes, reply_with_content
+from tinyfleet.common.flower_adapter import (
+    array_record_from_bytes,
+    message_from_bytes,
+    message_to_bytes,
+    reply_with_content,
+)
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
 from tinyfleet.server.admin_client import AdminClient
 from tinyfleet.server.job_views import job_info_dict
@@ -45,7 +50,7 @@ class CountingFedAvg(FedAvg):
 
 
 def job_toml(rounds: int = 2, *, min_nodes: int = 1, deadline_s: float = 20.0, wait_s: float = 10.0,
-             strategy: str = "fedavg") -> str:
+             strategy: str = "fedavg", round_extra: str = "") -> str:
     return f"""
 name = "test-job"
 strategy = "{strategy}"
@@ -57,6 +62,7 @@ seed = 3
 deadline_s = {deadline_s}
 min_nodes = {min_nodes}
 wait_for_nodes_s = {wait_s}
+{round_extra}
 
 [train]
 local_steps = 3
@@ -166,6 +172,14 @@ def test_a_silent_node_is_dropped_at_the_deadline_and_the_job_goes_on(fleet: Fle
     [drop] = [n for n in r["nodes"] if n["phase"] == "train" and n["status"] != "replied"]
     assert drop["node_id"] == silent.node_id and drop["status"] == "timeout"
     assert "1.0 s deadline" in drop["error"]
+
+
+def test_agents_are_told_the_deadline_of_each_phase(fleet: Fleet) -> None:
+    agent = fleet.agent("told")
+    job = fleet.run(job_toml(rounds=1, deadline_s=20.0, round_extra="evaluate_deadline_s = 5.0"))
+    assert job["state"] == "finished", job["reason"]
+    told = {message_from_bytes(t.flower_message).metadata.message_type: t.deadline_s for t in agent.tasks}
+    assert told == {"train": 20.0, "evaluate": 5.0}
 
 
 def test_quorum_failed_in_a_round_ends_the_job(fleet: Fleet) -> None:
