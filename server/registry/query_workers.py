@@ -35,7 +35,6 @@ import asyncio
 import collections
 import contextlib
 import ctypes
-import ctypes.util
 import math
 import multiprocessing
 import os
@@ -164,6 +163,9 @@ class QueryWorkers:
         self._admitted += 1
         try:
             slot = await self._acquire(deadline)
+            if time.monotonic() >= deadline:  # its turn came too late: not worth a worker's life
+                self._release(slot)
+                raise QueryTimeout
             self._deadlines[id(slot)] = deadline
             cancelled = threading.Event()
             future = asyncio.get_running_loop().run_in_executor(
@@ -401,10 +403,8 @@ def _worker_main(conn: Connection, path: str, parent_pid: int) -> None:
 
 def _die_with_parent(parent_pid: int) -> None:
     """Linux: SIGKILL this worker when the thread that spawned it (the coordinator's) ends."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name:
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(libc_name, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    with contextlib.suppress(OSError, AttributeError):  # no prctl: an idle worker still ends on EOF
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent_pid:  # it died before the signal was armed
         os._exit(0)
 
