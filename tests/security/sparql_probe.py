@@ -1,5 +1,6 @@
 """What the SPARQL sandbox tests observe a coordinator process with: a local listener that records
-every connection made to it, and the CPU time of a process tree read from /proc.
+every connection made to it, the CPU time of a process tree read from /proc, and a flood of
+concurrent queries sent from another process.
 
 `deadline_to_cpu_stop` is also the registry benchmark's figure: seconds from a
 runaway query's deadline to the moment the coordinator's CPU stops growing.
@@ -7,6 +8,7 @@ runaway query's deadline to the moment the coordinator's CPU stops growing.
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import os
 import socket
@@ -14,6 +16,8 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import httpx
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 RUNAWAY = "SELECT (COUNT(*) AS ?n) WHERE { ?a ?b ?c . ?d ?e ?f . ?g ?h ?i . ?j ?k ?l }"
@@ -176,10 +180,6 @@ def deadline_to_cpu_stop(
 def flood(url: str, query: str, clients: int) -> list[tuple[int, str, str | None]]:
     """Send `query` from `clients` threads at once; (status, problem title, Retry-After) each.
     Meant to run in a process of its own, so the load does not slow the test's own probes."""
-    import concurrent.futures
-
-    import httpx
-
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
     with httpx.Client(timeout=120, limits=limits) as client:
 
