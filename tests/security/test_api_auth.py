@@ -52,11 +52,19 @@ def test_api_needs_the_admin_token_like_its_grpc_twins(coordinator: CoordinatorT
 
 
 def test_without_an_admin_token_the_api_is_as_open_as_grpc(tmp_path: Path) -> None:
-    running = CoordinatorThread(settings_for(tmp_path / "coord", http="127.0.0.1:0"))
-    try:
-        base = f"http://{running.coordinator.http_address}"
-        assert httpx.get(f"{base}/api/devices").json() == []
-        with AdminClient(running.address) as anonymous:
-            assert anonymous.devices() == []
-    finally:
-        running.stop()
+    """A lab coordinator without a token (`--no-admin-token`) opens both alike; with one, both close."""
+    for token, status in ((None, 200), (TOKEN, 401)):
+        settings = settings_for(tmp_path / str(status), http="127.0.0.1:0", admin_token=token)
+        running = CoordinatorThread(settings)
+        try:
+            http = httpx.get(f"http://{running.coordinator.http_address}/api/devices").status_code
+            with AdminClient(running.address) as anonymous:
+                try:
+                    anonymous.devices()
+                    grpc_status = 200
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.UNAUTHENTICATED
+                    grpc_status = 401
+            assert http == grpc_status == status
+        finally:
+            running.stop()
