@@ -23,8 +23,10 @@ COMMAND_MODULES = [
 EXAMPLES = """examples:
   tinyfleet demo                                   # coordinator + 8 agents + FedAvg, on loopback
   tinyfleet server start --data-dir ./fleet --listen 127.0.0.1:7000 --http 127.0.0.1:7080
-  tinyfleet agent run --server 127.0.0.1:7000 --state-dir ./agent1 --device pi.td.json --data sine:seed=1
-  tinyfleet job submit job.toml --server 127.0.0.1:7000
+  tinyfleet server enroll --server 127.0.0.1:7000 --admin-token-file ./fleet/admin-token > token.txt
+  tinyfleet agent run --server 127.0.0.1:7000 --state-dir ./agent1 --device pi.td.json --data sine:seed=1 \\
+      --enroll-token-file token.txt
+  tinyfleet job submit job.toml --server 127.0.0.1:7000 --admin-token-file ./fleet/admin-token
 """
 
 
