@@ -191,7 +191,8 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             return False
         if not is_admin_token(token, self.admin_token):
             await refuse_auth(self.auth_failures, context, peer, grpc.StatusCode.UNAUTHENTICATED,
-                              "wrong admin token")
+                              "wrong admin token" if self.admin_token else
+                              "this coordinator has no admin token (--no-admin-token); send none")
         return True
 
     # -- Register ----------------------------------------------------------------
@@ -203,9 +204,11 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         await refuse_if_blocked(self.auth_failures, context, peer)
         admin = await self._admin(context, peer)
         public_key, signature = bytes(request.public_key), bytes(request.signature)
-        signed = register_message(
-            public_key, bytes(request.description), request.media_type, request.sequence,
-            request.enrollment_token,
+        signed_parts = (public_key, bytes(request.description), request.media_type, request.sequence,
+                        request.enrollment_token)
+        signed = (  # hashing a description of megabytes would hold up every other call on the loop
+            await asyncio.to_thread(register_message, *signed_parts)
+            if len(request.description) > LARGE_DESCRIPTION_BYTES else register_message(*signed_parts)
         )
         if request.sequence > MAX_SEQUENCE:  # stored in a signed 64-bit column
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,

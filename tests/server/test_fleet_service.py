@@ -223,11 +223,12 @@ def test_http_api_serves_health_jobs_and_devices(coordinator: CoordinatorThread)
     agent.connect()
     base = f"http://{coordinator.coordinator.http_address}"
     assert httpx.get(f"{base}/healthz").json() == {"status": "ok", "online_nodes": 1}
-    [device] = httpx.get(f"{base}/api/devices").json()
+    admin = {"authorization": f"Bearer {TOKEN}"}  # /api/* needs the admin token, as its gRPC twins
+    [device] = httpx.get(f"{base}/api/devices", headers=admin).json()
     assert device["device_id"] == "urn:dev:web" and device["online"] is True
-    assert httpx.get(f"{base}/api/jobs").json() == []
-    assert httpx.get(f"{base}/api/jobs/7").status_code == 404
-    assert httpx.get(f"{base}/api/jobs/x").status_code == 400
+    assert httpx.get(f"{base}/api/jobs", headers=admin).json() == []
+    assert httpx.get(f"{base}/api/jobs/7", headers=admin).status_code == 404
+    assert httpx.get(f"{base}/api/jobs/x", headers=admin).status_code == 400
     agent.close()
 
 
