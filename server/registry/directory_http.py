@@ -3,8 +3,9 @@
 /things (list with limit/offset and Link rel="next"; POST anonymous TDs),
 /things/{id} (GET, PUT 201/204, PATCH JSON merge patch, DELETE), /search/sparql
 (read-only SPARQL), /.well-known/wot (the directory's own TD) and /events
-(SSE). Writes need the admin token, or a device credential for the device's
-own description. Registrations with a `ttl` expire; `purge_loop` removes them.
+(SSE). Writes need the admin token, or a request signed by the device's key for
+the device's own description (see http_common.Access). Registrations with a `ttl`
+expire; `purge_loop` removes them.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ def directory_td(base_url: str) -> dict[str, Any]:
         "securityDefinitions": {
             "bearer_sc": {
                 "scheme": "bearer",
-                "description": "admin token, or a device credential for its own TD",
+                "description": "admin token; a device writes its own TD with a request signed by its key "
+                               "(Authorization: TinyFleet-Ed25519 device=ID,ts=EPOCH_S,nonce=N,sig=SIG)",
             },
             "nosec_sc": {"scheme": "nosec"},
         },
@@ -270,10 +272,8 @@ def directory_routes(
 
     async def put_thing(request: Request) -> Response:
         thing_id = request.path_params["id"]
-        if not access.may_write(request, thing_id):
-            return problem(
-                401, "Unauthorized", f"writing {thing_id!r} needs the admin token or that device's credential"
-            )
+        if (refused := await access.refuse_write(request, thing_id, registry.limits.max_bytes)) is not None:
+            return refused
         if (refused := bad_thing_id(thing_id)) is not None:
             return refused
         try:
@@ -291,10 +291,8 @@ def directory_routes(
 
     async def patch_thing(request: Request) -> Response:
         thing_id = request.path_params["id"]
-        if not access.may_write(request, thing_id):
-            return problem(
-                401, "Unauthorized", f"writing {thing_id!r} needs the admin token or that device's credential"
-            )
+        if (refused := await access.refuse_write(request, thing_id, registry.limits.max_bytes)) is not None:
+            return refused
         if (refused := bad_thing_id(thing_id)) is not None:
             return refused
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -327,12 +325,8 @@ def directory_routes(
 
     async def delete_thing(request: Request) -> Response:
         thing_id = request.path_params["id"]
-        if not access.may_write(request, thing_id):
-            return problem(
-                401,
-                "Unauthorized",
-                f"deleting {thing_id!r} needs the admin token or that device's credential",
-            )
+        if (refused := await access.refuse_write(request, thing_id, registry.limits.max_bytes)) is not None:
+            return refused
         existed = await anyio.to_thread.run_sync(writer.delete, thing_id)
         if not existed:
             return problem(404, "Not found", f"no Thing {thing_id!r} in the directory")
