@@ -176,7 +176,6 @@ class CoordinatorRegistry:
         if self.projector is None:
             await asyncio.to_thread(self.recover, repo)
         assert self.projector is not None
-        self.queries.start()
         projector = self.projector
         tasks = [
             asyncio.create_task(projector.run()),

@@ -100,8 +100,6 @@ class QueryRequest:
 
 
 class _Slot(Protocol):
-    def start(self) -> None: ...
-
     def call(self, request: QueryRequest, deadline: float, cancelled: threading.Event) -> Answer: ...
 
     def interrupt(self, cancelled: threading.Event) -> None: ...
@@ -146,13 +144,6 @@ class QueryWorkers:
             else [_ThreadSlot(store) for _ in range(workers)]
         )
         return cls(slots, queue=queue, services=services or ServicePolicy())
-
-    def start(self) -> None:
-        """Spawn the worker processes now rather than at the first query (no-op for threads)."""
-        for slot in self._slots:
-            # From the executor's threads, which live as long as this object: a worker's
-            # parent-death signal follows the thread that spawned it.
-            self._executor.submit(slot.start)
 
     async def run(self, request: QueryRequest, deadline: float) -> Answer:
         """The answer, or WorkersBusy / QueryTimeout / WorkersClosed / one of CLIENT_ERRORS."""
@@ -246,7 +237,8 @@ class QueryWorkers:
 
 
 class _ProcessSlot:
-    """One worker process, spawned on first use and replaced whenever it is killed or dies."""
+    """One worker process, spawned at the first query (a coordinator that is never queried
+    starts none) and replaced whenever it is killed or dies."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
@@ -256,12 +248,10 @@ class _ProcessSlot:
         self._serving: threading.Event | None = None  # the call using the pipe; only it closes it
         self._closed = False
 
-    def start(self) -> None:
-        with self._lock:
-            self._spawn_locked()
-
     def call(self, request: QueryRequest, deadline: float, cancelled: threading.Event) -> Answer:
-        """Send, wait until the deadline, kill and replace the worker if it is still working."""
+        """Send, wait until the deadline, kill and replace the worker if it is still working.
+        Runs in the executor's threads, which live as long as the QueryWorkers: a worker's
+        parent-death signal follows the thread that spawned it."""
         with self._lock:
             conn = self._spawn_locked()
             self._serving = cancelled
@@ -348,9 +338,6 @@ class _ThreadSlot:
 
     def __init__(self, store: RegistryStore) -> None:
         self._store = store
-
-    def start(self) -> None:
-        pass
 
     def call(self, request: QueryRequest, deadline: float, cancelled: threading.Event) -> Answer:
         request.services.check_query(request.text)
