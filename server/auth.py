@@ -23,8 +23,11 @@ ENROLLMENT_PREFIX = "tfe_"
 #: Failed authentications a peer may make within the window before it is refused outright.
 MAX_FAILURES = 10
 FAILURE_WINDOW_S = 60.0
-#: Peers (and accepted request signatures) remembered at most; the oldest are forgotten first.
+#: Peers remembered at most; the least recently failing are forgotten first.
 MAX_TRACKED = 10_000
+#: Request signatures remembered at most (about 100 bytes each). When that many are still within
+#: their window, further signed requests are refused until some expire: never accepted unchecked.
+MAX_SIGNATURES = 1_000_000
 
 #: (device id, signed message, signature) -> True when that device exists, is not revoked, and
 #: its current key made the signature.
@@ -131,22 +134,31 @@ def too_many_failures(peer: str, wait_s: float) -> str:
 
 
 class ReplayGuard:
-    """Request signatures accepted within the clock window, so each one is accepted once."""
+    """Request signatures accepted within the clock window, so each one is accepted once.
 
-    def __init__(self, window_s: float = REQUEST_WINDOW_S) -> None:
+    A signature is kept until its timestamp leaves the window (at most two windows after it
+    was used); after that its timestamp alone refuses it."""
+
+    def __init__(self, window_s: float = REQUEST_WINDOW_S, max_signatures: int = MAX_SIGNATURES) -> None:
         self.window_s = window_s
-        self._seen: OrderedDict[bytes, float] = OrderedDict()
+        self.max_signatures = max_signatures
+        self._seen: OrderedDict[bytes, float] = OrderedDict()  # first 16 bytes -> forget after
         self._lock = threading.Lock()
 
-    def first_use(self, signature: bytes, now: float) -> bool:
+    def refusal(self, signature: bytes, timestamp: int, now: float) -> str | None:
+        """Why this signature may not be used now (a replay, or too many to track), or None."""
+        key = signature[:16]
         with self._lock:
-            # A signature outside the window is refused by its timestamp; keep twice the window.
-            while self._seen and (next(iter(self._seen.values())) < now or len(self._seen) > MAX_TRACKED):
+            while self._seen and next(iter(self._seen.values())) < now:
                 self._seen.popitem(last=False)
-            if signature in self._seen:
-                return False
-            self._seen[signature] = now + 2 * self.window_s
-            return True
+            if key in self._seen:
+                return "this request signature was already used (a replay); sign each request afresh"
+            if len(self._seen) >= self.max_signatures:
+                return "the coordinator is tracking too many signed requests; try again in a minute"
+            # Insertion order is expiry order to within the window, so purging from the front
+            # may keep an entry a little longer, never forget one early.
+            self._seen[key] = timestamp + self.window_s
+            return None
 
 
 def check_signed_request(
@@ -168,6 +180,4 @@ def check_signed_request(
         )
     if not verify_device(signed.device_id, signed.message(method, target, body), signed.signature):
         return f"device {signed.device_id!r} is unknown, revoked, or did not sign this request with its key"
-    if not replays.first_use(signed.signature, now):
-        return "this request signature was already used (a replay); sign each request afresh"
-    return None
+    return replays.refusal(signed.signature, signed.timestamp, now)

@@ -15,7 +15,7 @@ import pytest
 from server.harness import CoordinatorThread, FakeAgent, settings_for
 
 from tinyfleet.server.admin_client import AdminClient
-from tinyfleet.server.auth import MAX_FAILURES, FailedAuthLimiter
+from tinyfleet.server.auth import MAX_FAILURES, FailedAuthLimiter, ReplayGuard
 from tinyfleet.server.registry.coordinator_hooks import CoordinatorRegistry
 from tinyfleet.server.registry.thing_description import device_thing_description
 
@@ -128,3 +128,14 @@ def test_the_limiter_counts_failures_in_a_sliding_window() -> None:
     assert limiter.retry_after("10.0.0.7", now=10.5) == 0.0  # two failures left in the window
     limiter.failed("10.0.0.7", now=10.5)
     assert limiter.retry_after("10.0.0.7", now=10.8) == pytest.approx(0.2)  # until t=1 leaves
+
+
+def test_request_signatures_are_accepted_once_and_forgotten_only_when_their_time_is_out() -> None:
+    guard = ReplayGuard(window_s=10.0, max_signatures=2)
+    first, second, third = (bytes([n]) * 64 for n in range(3))
+    assert guard.refusal(first, timestamp=100, now=100.0) is None
+    assert "already used" in (guard.refusal(first, timestamp=100, now=105.0) or "")
+    assert guard.refusal(second, timestamp=104, now=105.0) is None
+    assert "too many" in (guard.refusal(third, timestamp=105, now=105.0) or "")  # full: refused
+    assert guard.refusal(third, timestamp=111, now=111.0) is None  # the first one's time is out
+    assert "already used" in (guard.refusal(second, timestamp=104, now=111.0) or "")
