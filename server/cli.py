@@ -48,8 +48,8 @@ CLIENT_HELP = """connection options:
 """
 
 ENROLL_EPILOG = """examples:
-  TOKEN=$(tinyfleet server enroll --uses 10 --ttl 24h --label shelf-3 --server 127.0.0.1:7000)
-  tinyfleet agent run --enroll-token-file token.txt --server 127.0.0.1:7000 ...
+  tinyfleet server enroll --uses 10 --ttl 24h --label shelf-3 --server 127.0.0.1:7000 > token.txt
+  tinyfleet agent run --enroll-token-file token.txt --server 127.0.0.1:7000 ...   # on each device
   tinyfleet server enroll --list --server 127.0.0.1:7000
   tinyfleet server enroll --revoke 3f9a0c1d2e4b --server 127.0.0.1:7000
 
