@@ -8,6 +8,7 @@ non-zero, naming the pid that holds the port or the data dir, and the first keep
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -15,7 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from server.harness import CoordinatorThread, settings_for
 
+from tinyfleet.server.daemon import Coordinator
 from tinyfleet.simulations.local_fleet import LocalFleet
 
 pytestmark = pytest.mark.slow
@@ -64,3 +67,16 @@ def test_a_second_coordinator_on_the_same_data_dir_exits_naming_the_holder(first
     assert refused.returncode != 0
     assert f"is in use by another coordinator (pid {first.server.pid}" in refused.stderr
     assert first.server.poll() is None and first.admin().devices() == []
+
+
+def test_a_start_refused_for_its_port_frees_its_data_dir(tmp_path: Path) -> None:
+    """In one process (as tests and embedders run it): the refused start releases what it took."""
+    first = CoordinatorThread(settings_for(tmp_path / "first"))
+    try:
+        clashing = Coordinator(settings_for(tmp_path / "second", listen=first.address))
+        with pytest.raises(OSError, match=f"the port is in use by pid {os.getpid()}"):
+            asyncio.run(clashing.start())
+        second = CoordinatorThread(settings_for(tmp_path / "second"))  # the dir is free again
+        second.stop()
+    finally:
+        first.stop()
