@@ -158,11 +158,10 @@ def reopen_embedded(store: EmbeddedStore) -> None:
 
 @dataclass(frozen=True)
 class OutboxLag:
-    """Outbox rows SQL committed that the store has not applied, as of `measured_at`."""
+    """Outbox rows SQL committed that the store had not applied when last measured."""
 
     rows: int = 0
     oldest_at: float | None = None  # created_at of the oldest of them
-    measured_at: float = 0.0
 
 
 class Projector:
@@ -346,7 +345,7 @@ class Projector:
             rows, oldest = conn.execute(
                 sa.select(sa.func.count(), sa.func.min(outbox.c.created_at)).where(outbox.c.seq > applied)
             ).one()
-        self._lag = OutboxLag(int(rows), None if oldest is None else float(oldest), time.time())
+        self._lag = OutboxLag(int(rows), None if oldest is None else float(oldest))
 
     def health(self) -> dict[str, Any]:
         """The outbox lag for /healthz, from the last measurement (no I/O: probes must not wait)."""
