@@ -35,7 +35,12 @@ from tinyfleet.server.registry.http_app import registry_routes
 from tinyfleet.server.registry.http_common import Access
 from tinyfleet.server.registry.importer import Document, FileReport, import_document
 from tinyfleet.server.registry.imports_http import import_routes
-from tinyfleet.server.registry.projector import ArtifactProjector, LivenessMirror, Projector
+from tinyfleet.server.registry.projector import (
+    ArtifactProjector,
+    LivenessMirror,
+    Projector,
+    refused_when_disk_full,
+)
 from tinyfleet.server.registry.registry import Prepared, Registry
 from tinyfleet.server.registry.service_policy import ServiceNotAllowed
 from tinyfleet.server.registry.sparql_http import SparqlOptions
@@ -120,11 +125,15 @@ class CoordinatorRegistry:
             for r, (d, _) in zip(results, items, strict=True)
         ]
 
-    def verify_device(self, device_id: str, token: str) -> bool:
-        from tinyfleet.server.auth import verify_credential
+    def verify_device(self, device_id: str, message: bytes, signature: bytes) -> bool:
+        """True when the device exists, is not revoked, and its key signed `message` (HTTP writes)."""
+        from tinyfleet.common.device_keys import verify
 
         device = self.repo.get_device(device_id) if self.repo is not None else None
-        return device is not None and verify_credential(token, device.credential_hash)
+        return (
+            device is not None and device.public_key is not None and device.revoked_at is None
+            and verify(device.public_key, signature, message)
+        )
 
     def routes(self) -> list[BaseRoute]:
         access = Access(admin_token=self.admin_token, verify_device=self.verify_device)
@@ -181,11 +190,14 @@ class CoordinatorRegistry:
             asyncio.create_task(projector.run()),
             asyncio.create_task(purge_loop(self.registry, SqlWriter(self))),
         ]
-        tasks.append(asyncio.create_task(_every(LivenessMirror(self.registry, repo).sync, interval_s=30.0)))
+        failed = projector.note_failure
+        tasks.append(asyncio.create_task(
+            _every(LivenessMirror(self.registry, repo).sync, interval_s=30.0, on_error=failed)
+        ))
         if self.blobs is not None:
-            tasks.append(
-                asyncio.create_task(_every(ArtifactProjector(self.registry, repo, self.blobs).catch_up))
-            )
+            tasks.append(asyncio.create_task(
+                _every(ArtifactProjector(self.registry, repo, self.blobs).catch_up, on_error=failed)
+            ))
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -204,6 +216,7 @@ class CoordinatorRegistry:
             eligibility=self.eligibility,
             recover=self.recover,
             background=self.background,
+            health=lambda: self.projector.health() if self.projector is not None else {},
             stopping=self.queries.close,
         )
 
@@ -221,42 +234,69 @@ class SqlWriter:
         return self.owner.repo, self.owner.projector
 
     def put(self, prepared: Prepared, data: bytes, media_type: str) -> bool:
-        from tinyfleet.server.auth import hash_credential, new_credential, new_node_id
+        from tinyfleet.server.auth import new_node_id
         from tinyfleet.server.repository import DeviceExistsError
 
         repo, projector = self._started()
         created = False
         if repo.get_device(prepared.thing_id) is None:
             try:
-                # Its agent registers later with the admin token to get a credential it knows.
-                repo.create_device(
-                    prepared.thing_id, new_node_id(), hash_credential(new_credential()), data, media_type
-                )
+                # No key yet: its agent claims it with an enrollment token (or the admin token).
+                with refused_when_disk_full():
+                    repo.create_device(prepared.thing_id, new_node_id(), data, media_type)
                 created = True
             except DeviceExistsError:
                 pass
-        if not created:
-            repo.replace_description(prepared.thing_id, data, media_type)
-        projector.catch_up()
+        with refused_when_disk_full():
+            if not created:
+                repo.replace_description(prepared.thing_id, data, media_type)
+        projector.catch_up_after_commit()
         return created
 
     def import_document(self, document: Document) -> FileReport:
         repo, projector = self._started()
-        return import_document(self.owner.registry, repo, projector, document)
+        after_commit = _AfterCommit(projector)
+        with refused_when_disk_full():
+            return import_document(self.owner.registry, repo, after_commit, document)
 
     def delete(self, thing_id: str) -> bool:
         repo, projector = self._started()
-        gone = repo.delete_device(thing_id)
-        projector.catch_up()
+        with refused_when_disk_full():
+            gone = repo.delete_device(thing_id)
+        projector.catch_up_after_commit()
         return gone
 
 
-async def _every(step: Callable[[], object], interval_s: float = 1.0) -> None:
+@dataclass(frozen=True)
+class _AfterCommit:
+    """The projector as `import_document` calls it, right after its SQL commit."""
+
+    projector: Projector
+
+    def catch_up(self) -> object:
+        return self.projector.catch_up_after_commit()
+
+
+async def _every(
+    step: Callable[[], object],
+    interval_s: float = 1.0,
+    on_error: Callable[[BaseException], None] | None = None,
+) -> None:
     """Run a blocking step in a worker thread every `interval_s` until cancelled; failures are
-    logged and retried (a remote store can be briefly unreachable)."""
+    retried (a remote store can be briefly unreachable, a disk full), logged when they start and
+    when they end, and passed to `on_error` (the projector reopens a store that failed a write)."""
+    failing = False
     while True:
         try:
             await asyncio.to_thread(step)
-        except Exception:
-            log.exception("registry background step failed; retrying")
+        except Exception as exc:
+            if on_error is not None:
+                on_error(exc)
+            if not failing:
+                log.exception("registry background step failed; retrying every %g s", interval_s)
+            failing = True
+        else:
+            if failing:
+                log.info("registry background step recovered")
+            failing = False
         await asyncio.sleep(interval_s)
