@@ -267,12 +267,9 @@ def _server_start(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    # Open enrollment reaches the Fleet service through ServerSettings.open_enrollment.
-    lab: dict[str, bool] = {}
     if args.open_enrollment:
         print("warning: --open-enrollment: any device that reaches the coordinator can join the fleet "
               "and take part in jobs without an enrollment token; use this only in a lab", file=sys.stderr)
-        lab["open_enrollment"] = True
     settings = ServerSettings(
         data_dir=args.data_dir,
         listen=args.listen,
@@ -284,7 +281,7 @@ def _server_start(args: argparse.Namespace) -> int:
         max_message_bytes=args.max_message_bytes,
         heartbeat_interval_s=args.heartbeat_interval,
         insecure=args.insecure,
-        **lab,
+        open_enrollment=args.open_enrollment,
     )
     from sqlalchemy.exc import SQLAlchemyError
 

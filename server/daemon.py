@@ -56,6 +56,7 @@ from tinyfleet.common.flower_adapter import ensure_task_identity
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2_grpc
 from tinyfleet.server.admin_service import AdminService
 from tinyfleet.server.artifacts import ArtifactStore
+from tinyfleet.server.auth import FailedAuthLimiter
 from tinyfleet.server.connections import ConnectionHub
 from tinyfleet.server.database import default_url, open_database
 from tinyfleet.server.descriptions import (
@@ -92,6 +93,8 @@ class ServerSettings:
     heartbeat_interval_s: float = 5.0
     #: Accept plaintext (no TLS) on a non-loopback address; a warning is logged.
     insecure: bool = False
+    #: Lab only: new devices join without an enrollment token (the CLI prints a warning).
+    open_enrollment: bool = False
 
 
 @dataclass
@@ -113,6 +116,9 @@ class Hooks:
     stopping: Callable[[], None] | None = None
     #: Extra /healthz fields, read on every request so it must not block (the registry's outbox lag).
     health: Callable[[], dict[str, Any]] | None = None
+    #: Failed authentications per peer, one count for gRPC and HTTP alike (the registry's writes
+    #: share it), so a peer cannot spread its guesses over several doors.
+    auth_failures: FailedAuthLimiter = field(default_factory=FailedAuthLimiter)
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -270,7 +276,10 @@ def port_in_use(address: str, port: int) -> OSError:
 def _bind_http(address: str) -> socket.socket:
     """The HTTP listening socket (SO_REUSEADDR only: restarts reuse the port, others cannot share it)."""
     host, port = split_address(address)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # IPPROTO_TCP named, so asyncio sets TCP_NODELAY on accepted connections (with proto 0 it
+    # does not, and every keep-alive response waited ~40 ms for the client's delayed ACK).
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM,
+                         socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -366,11 +375,14 @@ class Coordinator:
             admin_token=settings.admin_token,
             heartbeat_interval_s=settings.heartbeat_interval_s,
             max_message_bytes=settings.max_message_bytes,
+            open_enrollment=settings.open_enrollment,
+            auth_failures=self.hooks.auth_failures,
         )
         fleet_pb2_grpc.add_FleetServicer_to_server(self.fleet, self._grpc)
         fleet_pb2_grpc.add_AdminServicer_to_server(AdminService(
             self.repo, self.hub, self.events, admin_token=settings.admin_token,
             on_submit=self.runner.wake, eligibility=self.hooks.eligibility,
+            auth_failures=self.hooks.auth_failures,
         ), self._grpc)
         await self._grpc.start()
         if self._http_socket is not None:
@@ -412,7 +424,8 @@ class Coordinator:
         address = self.http_address
         config = uvicorn.Config(
             build_app(self.repo, self.hub, self.hooks.http_routes,
-                      admin_token=self.settings.admin_token, health=self.hooks.health),
+                      admin_token=self.settings.admin_token, health=self.hooks.health,
+                      auth_failures=self.hooks.auth_failures),
             log_level="warning",
             lifespan="off",
             ws="none",

@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from tinyfleet.server.auth import bearer_token, token_matches
+from tinyfleet.server.auth import FailedAuthLimiter, bearer_token, token_matches, too_many_failures
 from tinyfleet.server.connections import ConnectionHub
 from tinyfleet.server.job_views import device_dict, job_dict
 from tinyfleet.server.repository import Repository
@@ -64,11 +64,21 @@ def build_app(
     *,
     admin_token: str | None = None,
     health: Callable[[], dict[str, Any]] | None = None,
+    auth_failures: FailedAuthLimiter | None = None,
 ) -> Starlette:
+    limiter = auth_failures or FailedAuthLimiter()
+
     def unauthorized(request: Request) -> JSONResponse | None:
-        """401 unless the request carries the admin token (when one is configured)."""
+        """401 unless the request carries the admin token (when one is configured); 429 for a
+        peer past its failed-auth limit, which a wrong token counts towards."""
+        peer = request.client.host if request.client else "unknown"
+        wait_s = limiter.retry_after(peer)
+        if wait_s > 0:
+            return JSONResponse({"error": too_many_failures(peer, wait_s)}, status_code=429,
+                                headers={"retry-after": f"{max(wait_s, 1):.0f}"})
         if token_matches(bearer_token(tuple(request.headers.items())), admin_token):
             return None
+        limiter.failed(peer)
         return JSONResponse(
             {"error": "admin token required (Authorization: Bearer <token>)"},
             status_code=401, headers={"www-authenticate": 'Bearer realm="tinyfleet"'},

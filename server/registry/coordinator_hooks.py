@@ -28,6 +28,7 @@ from starlette.routing import BaseRoute
 
 from tinyfleet.common.jobspec import JobSpecError
 from tinyfleet.ontology.catalog import QueryError, resolve_query
+from tinyfleet.server.auth import FailedAuthLimiter
 from tinyfleet.server.descriptions import DescriptionError
 from tinyfleet.server.registry.directory_http import purge_loop
 from tinyfleet.server.registry.events import EventHub
@@ -86,6 +87,8 @@ class CoordinatorRegistry:
         self.blobs = blobs  # the coordinator's ArtifactStore: round artifacts are described from it
         self.hub = EventHub()
         self.admin_token = admin_token
+        #: The coordinator's one failed-auth count (its gRPC services and /api share it).
+        self.auth_failures = FailedAuthLimiter()
         self.repo: Repository | None = None
         self.projector: Projector | None = None
 
@@ -136,7 +139,9 @@ class CoordinatorRegistry:
         )
 
     def routes(self) -> list[BaseRoute]:
-        access = Access(admin_token=self.admin_token, verify_device=self.verify_device)
+        access = Access(
+            admin_token=self.admin_token, verify_device=self.verify_device, auth_failures=self.auth_failures
+        )
         writer = SqlWriter(self)
         return [
             *registry_routes(
@@ -218,6 +223,7 @@ class CoordinatorRegistry:
             background=self.background,
             health=lambda: self.projector.health() if self.projector is not None else {},
             stopping=self.queries.close,
+            auth_failures=self.auth_failures,
         )
 
 
