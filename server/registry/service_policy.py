@@ -1,9 +1,13 @@
-"""Which SPARQL `SERVICE` endpoints a query may call: none, unless the operator allow-lists them.
+"""Which remote endpoints SPARQL may call (`SERVICE`, and an update's `LOAD`): none, unless the
+operator allow-lists them.
 
 Oxigraph evaluates `SERVICE <iri> {...}` by sending an HTTP request from the
 process that runs the query, so an anonymous query could make the coordinator
-call any address it can reach (SSRF, port scans). pyoxigraph has no option to
-turn federation off, hence this check before a query or update runs.
+call any address it can reach (SSRF, port scans); `LOAD <iri>` in an update
+fetches the IRI the same way (admin only, but an update recorded in SQL is
+replayed by every rebuild, so it must not depend on what a URL answers).
+pyoxigraph has no option to turn federation or loading off, hence this check
+before a query or update runs.
 
 The text is parsed with rdflib's SPARQL grammar and the algebra walked with
 prefixes and BASE resolved, so letter case, comments, prefixed names and
@@ -29,12 +33,13 @@ _parse_lock = threading.Lock()  # rdflib's grammar (pyparsing) is not documented
 
 
 class ServiceNotAllowed(ValueError):
-    """A query or update with a SERVICE clause the operator did not allow; the message names it."""
+    """A query or update calling an endpoint the operator did not allow (SERVICE or LOAD); the
+    message names it."""
 
 
 @dataclass(frozen=True)
 class ServicePolicy:
-    """The exact endpoint IRIs SERVICE may call (`tinyfleet server start --sparql-service-allow`)."""
+    """The exact endpoint IRIs SERVICE and LOAD may call (`tinyfleet server start --sparql-service-allow`)."""
 
     allowed: frozenset[str] = frozenset()
 
@@ -53,24 +58,28 @@ class ServicePolicy:
         allowed = ", ".join(sorted(self.allowed)) or "none"
         if unreadable is not None:
             raise ServiceNotAllowed(
-                f"SERVICE is not allowed unless its endpoint is allow-listed (allowed endpoints: {allowed}), "
-                f"and this text could not be parsed to see which endpoint it calls: {unreadable}"
+                f"SERVICE and LOAD are not allowed unless their endpoint is allow-listed (allowed "
+                f"endpoints: {allowed}), and this text could not be parsed to see which endpoint it "
+                f"calls: {unreadable}"
             )
-        for endpoint, is_variable in endpoints:
+        for keyword, endpoint, is_variable in endpoints:
             if is_variable:
                 raise ServiceNotAllowed(
-                    f"SERVICE ?{endpoint} is not allowed: the endpoint must be a fixed IRI; "
+                    f"{keyword} ?{endpoint} is not allowed: the endpoint must be a fixed IRI; "
                     f"allowed endpoints: {allowed}"
                 )
             if endpoint not in self.allowed:
-                raise ServiceNotAllowed(f"SERVICE <{endpoint}> is not allowed; allowed endpoints: {allowed}")
+                raise ServiceNotAllowed(
+                    f"{keyword} <{endpoint}> is not allowed; allowed endpoints: {allowed}"
+                )
 
 
 @lru_cache(maxsize=512)
-def _service_endpoints(text: str, update: bool) -> tuple[tuple[tuple[str, bool], ...], str | None]:
-    """((endpoint, is_variable) of every SERVICE clause, None), or ((), why) when the text
-    mentions SERVICE but cannot be parsed. Cached: dashboards and retries send the same text."""
-    if not _may_contain_service(text):
+def _service_endpoints(text: str, update: bool) -> tuple[tuple[tuple[str, str, bool], ...], str | None]:
+    """((keyword, endpoint, is_variable) of every SERVICE clause and LOAD, None), or ((), why)
+    when the text mentions either but cannot be parsed. Cached: dashboards and retries send the
+    same text."""
+    if not _may_call_out(text, update):
         return (), None
     from rdflib.plugins.sparql.algebra import translateQuery, translateUpdate
     from rdflib.plugins.sparql.parser import parseQuery, parseUpdate
@@ -81,26 +90,26 @@ def _service_endpoints(text: str, update: bool) -> tuple[tuple[tuple[str, bool],
     except Exception as exc:  # any parse or translation failure: which endpoint it names is unknown
         return (), str(exc).splitlines()[0][:200]
     root = tree.algebra if hasattr(tree, "algebra") else tree
-    found: list[tuple[str, bool]] = []
+    found: list[tuple[str, str, bool]] = []
     _collect(root, found, set())
     return tuple(found), None
 
 
-def _may_contain_service(text: str) -> bool:
-    """False when the keyword's letters do not occur in any case, even after \\u escapes are
-    expanded (rdflib expands them, Oxigraph does not in keywords): such text needs no parse,
-    which spares most queries and bulk updates (and the import of rdflib's parser)."""
-    if "service" in text.casefold():
-        return True
-    if "\\u" not in text and "\\U" not in text:
-        return False
-    from rdflib.plugins.sparql.parser import expandUnicodeEscapes
+def _may_call_out(text: str, update: bool) -> bool:
+    """False when no keyword that calls out (SERVICE; LOAD in an update) occurs in any case, even
+    after \\u escapes are expanded (rdflib expands them, Oxigraph does not in keywords): such
+    text needs no parse, which spares most queries and bulk updates (and the import of rdflib's
+    parser)."""
+    folded = text.casefold()
+    if "\\u" in text or "\\U" in text:
+        from rdflib.plugins.sparql.parser import expandUnicodeEscapes
 
-    return "service" in expandUnicodeEscapes(text).casefold()
+        folded = expandUnicodeEscapes(text).casefold()
+    return "service" in folded or (update and "load" in folded)
 
 
-def _collect(node: Any, found: list[tuple[str, bool]], seen: set[int]) -> None:
-    """Every ServiceGraphPattern's endpoint in an rdflib algebra tree (CompValue dicts and lists)."""
+def _collect(node: Any, found: list[tuple[str, str, bool]], seen: set[int]) -> None:
+    """Every SERVICE pattern's and LOAD's endpoint in an rdflib algebra tree (CompValue dicts and lists)."""
     from pyparsing import ParseResults
     from rdflib.plugins.sparql.parserutils import CompValue
     from rdflib.term import Variable
@@ -111,7 +120,10 @@ def _collect(node: Any, found: list[tuple[str, bool]], seen: set[int]) -> None:
         seen.add(id(node))
         if node.name == "ServiceGraphPattern":
             term = dict.get(node, "term")
-            found.append((str(term), isinstance(term, Variable)))
+            found.append(("SERVICE", str(term), isinstance(term, Variable)))
+        elif node.name == "Load":
+            term = dict.get(node, "iri")
+            found.append(("LOAD", str(term), isinstance(term, Variable)))
         for value in dict.values(node):
             _collect(value, found, seen)
     elif isinstance(node, dict):

@@ -114,7 +114,7 @@ def sparql_routes(
             await anyio.to_thread.run_sync(runner.services.check_update, text)
             await anyio.to_thread.run_sync(store.update, text)
         except ServiceNotAllowed as exc:
-            return problem(400, "SERVICE not allowed", str(exc))
+            return problem(400, "Remote call not allowed", str(exc))
         except SyntaxError as exc:
             return problem(400, "SPARQL syntax error", str(exc))
         if after_update is not None:

@@ -111,6 +111,14 @@ def test_service_is_refused_and_the_coordinator_calls_nothing(coordinator: Local
             headers={"content-type": "application/sparql-update", "authorization": f"Bearer {TOKEN}"},
         )
         assert refused.status_code == 400 and f"SERVICE <{target}>" in refused.json()["detail"]
+        for update in (f"LOAD <{target}>", f"load silent <{target}> into graph <urn:g>"):
+            refused = httpx.post(
+                f"{base}/sparql",
+                content=update,
+                headers={"content-type": "application/sparql-update", "authorization": f"Bearer {TOKEN}"},
+            )
+            assert refused.status_code == 400, refused.text
+            assert refused.json()["detail"] == f"LOAD <{target}> is not allowed; allowed endpoints: none"
         eligible = f"SELECT ?device WHERE {{ SERVICE <{target}> {{ ?device ?p ?o }} }}"
         job = (
             'name = "j"\nstrategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 1\n'
@@ -284,4 +292,25 @@ def test_service_detection_reads_the_query_not_its_spelling(text: str, refused: 
     else:
         with pytest.raises(ServiceNotAllowed, match="not allowed") as caught:
             policy.check_query(text)
+        assert refused in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "refused"),
+    [
+        ("LOAD <http://10.0.0.1/x.ttl>", "LOAD <http://10.0.0.1/x.ttl>"),
+        ("PREFIX e: <http://10.0.0.1/> lOaD SILENT e:x INTO GRAPH <urn:g>", "LOAD <http://10.0.0.1/x>"),
+        ("INSERT DATA { <urn:a> <urn:p> 1 } ; \\u004cOAD <http://a/>", "LOAD <http://a/>"),
+        ("INSERT { ?s <urn:p> ?o } WHERE { SERVICE <http://a/> { ?s ?p ?o } }", "SERVICE <http://a/>"),
+        ("LOAD <http://ok/sparql> INTO GRAPH <urn:g>", None),
+        ("INSERT DATA { <urn:payload> <urn:download> 'LOAD <http://a/>' }", None),
+    ],
+)
+def test_an_update_may_load_only_from_an_allow_listed_endpoint(text: str, refused: str | None) -> None:
+    policy = ServicePolicy.allowing(["http://ok/sparql"])
+    if refused is None:
+        policy.check_update(text)
+    else:
+        with pytest.raises(ServiceNotAllowed, match="not allowed") as caught:
+            policy.check_update(text)
         assert refused in str(caught.value)
