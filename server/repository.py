@@ -42,6 +42,8 @@ RUNNING = "running"
 FINISHED = "finished"
 FAILED = "failed"
 TERMINAL_STATES = frozenset({FINISHED, FAILED})
+#: Outbox kind of an operator's SPARQL Update (applied by the registry's projector).
+REGISTRY_UPDATED = "registry.updated"
 
 
 class DeviceExistsError(Exception):
@@ -527,6 +529,27 @@ class Repository:
         conn.execute(outbox.insert().values(
             kind=kind, subject=subject, payload=payload, created_at=time.time()
         ))
+
+    # -- the operator's SPARQL Updates ------------------------------------------
+    def record_registry_update(self, update: str) -> int:
+        """Keep an admin's SPARQL Update as an outbox row (kind "registry.updated"), so the
+        projector applies it in order with every other change and `registry rebuild` applies it
+        again; returns its sequence number."""
+        with self.engine.begin() as conn:
+            seq = conn.execute(outbox.insert().values(
+                kind=REGISTRY_UPDATED, subject="sparql-update", payload={"update": update},
+                created_at=time.time(),
+            )).inserted_primary_key[0]
+        return int(seq)
+
+    def registry_updates(self) -> list[tuple[int, str]]:
+        """Every recorded SPARQL Update as (sequence, text), oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(outbox.c.seq, outbox.c.payload)
+                .where(outbox.c.kind == REGISTRY_UPDATED).order_by(outbox.c.seq)
+            ).all()
+        return [(int(seq), str((payload or {}).get("update", ""))) for seq, payload in rows]
 
     # -- imported documents ----------------------------------------------------
     def import_document(

@@ -44,7 +44,7 @@ from tinyfleet.server.registry.projector import (
 )
 from tinyfleet.server.registry.registry import Prepared, Registry
 from tinyfleet.server.registry.service_policy import ServiceNotAllowed
-from tinyfleet.server.registry.sparql_http import SparqlOptions
+from tinyfleet.server.registry.sparql_http import SparqlOptions, UpdateRefused
 from tinyfleet.server.registry.store import open_store
 from tinyfleet.server.registry.validation import DescriptionInvalid
 
@@ -146,7 +146,7 @@ class CoordinatorRegistry:
         return [
             *registry_routes(
                 self.registry, self.hub, writer=writer, access=access,
-                sparql=self.sparql, queries=self.queries,
+                sparql=self.sparql, queries=self.queries, apply_update=writer.update,
             ),
             *import_routes(writer.import_document, access=access),
         ]
@@ -271,6 +271,21 @@ class SqlWriter:
             gone = repo.delete_device(thing_id)
         projector.catch_up_after_commit()
         return gone
+
+    def update(self, text: str) -> None:
+        """An admin's SPARQL Update: recorded in SQL (so a rebuild applies it again), then applied
+        by the projector in order with every other change. Text that does not parse is refused
+        before anything is stored (tried on an empty in-memory store: SERVICE and LOAD were
+        refused before, so it calls nothing)."""
+        with contextlib.suppress(RuntimeError):  # evaluation errors there say nothing of the real store
+            ox.Store().update(text)
+        repo, projector = self._started()
+        with refused_when_disk_full():
+            seq = repo.record_registry_update(text)
+        projector.catch_up_after_commit()
+        refused = projector.refused_updates.pop(seq, None)
+        if refused is not None:
+            raise UpdateRefused(f"the store refused it: {refused}; it changed nothing")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from starlette.applications import Starlette
 from starlette.routing import Route
@@ -32,6 +32,7 @@ def registry_routes(
     access: Access | None = None,
     queries: QueryWorkers,
     sparql: SparqlOptions | None = None,
+    apply_update: Callable[[str], None] | None = None,
 ) -> list[Route]:
     """`queries` (from `sparql.query_workers`) runs both endpoints' queries; the caller closes it
     when it stops, so running queries end at once."""
@@ -44,6 +45,7 @@ def registry_routes(
             timeout_s=sparql.timeout_s,
             max_rows=sparql.max_rows,
             queries=queries,
+            apply_update=apply_update,
         ),
         *directory_routes(
             registry,

@@ -7,8 +7,10 @@ batch's last sequence; so after a crash between the SQL commit and the
 projection, the next `catch_up` applies exactly what is missing, and applying a
 row twice is harmless (a description replaces its graph, liveness overwrites).
 Imported documents (published Turtle) are kept in SQL too and projected the same
-way, from the document row the outbox row names. `rebuild` regenerates a whole
-store from the SQL tables.
+way, from the document row the outbox row names; so are the admin's SPARQL
+Updates (outbox kind "registry.updated"), each applied on its own with its
+sequence recorded in the same request. `rebuild` regenerates a whole store from
+the SQL tables.
 
 Disk full. SQLite fails the write and works again once space is freed; the
 embedded store (RocksDB) refuses every write after one failed for lack of space
@@ -44,6 +46,7 @@ from tinyfleet.server.registry.importer import Document, FileReport, Imported, I
 from tinyfleet.server.registry.registry import Prepared, Registry
 from tinyfleet.server.registry.store import EmbeddedStore
 from tinyfleet.server.registry.validation import DescriptionInvalid
+from tinyfleet.server.repository import REGISTRY_UPDATED
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,8 @@ class OutboxSource(Protocol):
     def imported_document(self, name: str) -> DocumentRow | None: ...
 
     def list_imported_documents(self) -> Sequence[DocumentRow]: ...
+
+    def registry_updates(self) -> list[tuple[int, str]]: ...
 
 
 @dataclass
@@ -175,6 +180,8 @@ class Projector:
         self._store_failed = False  # a write to the store failed: reopen it before the next try
         self._error: str | None = None  # why the last catch-up failed (for /healthz)
         self._lag = OutboxLag()
+        #: Operator updates the store refused (sequence -> why), for the request that sent them.
+        self.refused_updates: dict[int, str] = {}
 
     def apply(self, rows: Sequence[dict[str, Any]]) -> Applied:
         """Apply outbox rows (in sequence order) as one update recording the last sequence."""
@@ -298,12 +305,30 @@ class Projector:
             rows = self.source.outbox_since(self._applied, limit=self.batch)
             if not rows:
                 return total
+            if rows[0]["kind"] == REGISTRY_UPDATED:
+                self._apply_update(rows[0])
+                total.rows += 1
+                continue
+            # an operator's update is a batch of its own: what comes before it goes first
+            rows = next((rows[:n] for n, r in enumerate(rows) if r["kind"] == REGISTRY_UPDATED), rows)
             done = self.apply(rows)
             total.rows += done.rows
             total.descriptions += done.descriptions
             total.liveness += done.liveness
             total.documents += done.documents
             total.skipped += done.skipped
+
+    def _apply_update(self, row: dict[str, Any]) -> None:
+        """An operator's SPARQL Update, with its sequence in the same transaction. One the store
+        refuses (a graph CREATEd twice, text that no longer parses) is skipped and remembered,
+        so it cannot hold up the rows after it; I/O errors propagate (the store is retried)."""
+        seq = int(row["seq"])
+        try:
+            self.registry.apply_update(str((row["payload"] or {}).get("update", "")), seq=seq)
+        except (SyntaxError, RuntimeError) as exc:
+            log.warning("outbox %s: SPARQL update not applied: %s", seq, exc)
+            self.refused_updates[seq] = str(exc)
+            self.registry.put_many([], seq=seq)
 
     async def run(self, interval_s: float = 0.5) -> None:
         """Catch up whenever `wake` is called (SQL committed outbox rows) and at least every
@@ -376,7 +401,8 @@ def rebuild(
     reports: list[FileReport] | None = None,
 ) -> Applied:
     """Fill an EMPTY registry from SQL: every imported document (in import order), every
-    device's description and liveness, then the outbox sequence they reflect (rows after
+    device's description and liveness, the operator's SPARQL Updates (in the order they were
+    made, over the current descriptions), then the outbox sequence they reflect (rows after
     it are applied by the projector as usual). Each document's repair report is appended
     to `reports`. A device registered in SQL wins over a document describing the same IRI."""
     seq = last_outbox_seq(source)
@@ -408,6 +434,14 @@ def rebuild(
         applied.skipped += len(chunk) - len(prepared)
         if progress is not None:
             progress(start + len(chunk), len(devices))
+    for number, update in source.registry_updates():
+        if number > seq:
+            break
+        try:
+            registry.apply_update(update)
+        except (SyntaxError, RuntimeError) as exc:  # refused when first applied too
+            log.warning("SPARQL update %s not rebuilt: %s", number, exc)
+            applied.skipped += 1
     registry.put_many([], seq=seq)
     applied.rows = seq
     return applied

@@ -294,6 +294,27 @@ class Registry:
             self._emit("thing_deleted", thing_id)
         return created
 
+    def apply_update(self, update: str, *, seq: int | None = None) -> None:
+        """Run an operator's SPARQL Update and record `seq` in the same request (one transaction).
+
+        The sequence goes last, after the operator's text, so an update that drops everything
+        cannot erase the record of having run. The text is joined with ";" unless it already
+        ends with one (a second would not parse): SyntaxError means the text itself is bad.
+        RuntimeError is the store refusing it (e.g. CREATE of a graph that exists)."""
+        if seq is None:
+            joins = [update]
+        else:
+            recorded = updates.set_last_seq(seq)
+            joins = [f"{update}\n;\n{recorded}", f"{update}\n{recorded}"]
+        with self._write_lock:
+            for number, text in enumerate(joins):
+                try:
+                    self.store.update(text)
+                    return
+                except SyntaxError:
+                    if number == len(joins) - 1:
+                        raise
+
     def bulk_load(
         self, items: Sequence[Prepared], extra_graphs: Mapping[str, list[ox.Triple]] | None = None
     ) -> None:

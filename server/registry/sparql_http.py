@@ -10,7 +10,7 @@ processes killed at the deadline (503), a fixed number at a time with a bounded
 wait (503 + Retry-After when full), and `SERVICE` refused (400) unless its
 endpoint is allow-listed (service_policy). More rows than the limit is a 422
 telling the user to add LIMIT. Updates (admin only) write, so they run in this
-process; they are checked for SERVICE too.
+process; they are checked for SERVICE and LOAD too.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from tinyfleet.server.registry.sparql_results import (
     NotAcceptable,
     RowLimitExceeded,
 )
-from tinyfleet.server.registry.store import RegistryStore
+from tinyfleet.server.registry.store import RegistryStore, StoreError
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,10 @@ class SparqlOptions:
         )
 
 
+class UpdateRefused(ValueError):
+    """A SPARQL Update that parses but that the store will not carry out; the message says why."""
+
+
 def sparql_routes(
     store: RegistryStore,
     *,
@@ -82,10 +86,15 @@ def sparql_routes(
     allow_update: bool = True,
     timeout_s: float = 30.0,
     max_rows: int = 10_000,
-    after_update: Callable[[], None] | None = None,
+    apply_update: Callable[[str], None] | None = None,
     queries: QueryWorkers | None = None,
 ) -> list[Route]:
     """Routes for one SPARQL endpoint; `allow_update=False` makes it read-only for everyone.
+
+    `apply_update` carries out an admin's SPARQL Update (blocking; run in a thread): by default
+    straight into the store; the coordinator records it in SQL first and lets its projector
+    apply it, so a rebuild keeps it. It raises SyntaxError for text that does not parse and
+    UpdateRefused for an update the store will not carry out.
 
     `queries` runs the queries (share one between endpoints so the concurrency
     bound is the server's, and close it at stop); by default the endpoint gets
@@ -93,6 +102,16 @@ def sparql_routes(
     """
     access = access or Access()
     runner = queries or QueryWorkers.for_store(store)
+
+    def into_store(text: str) -> None:
+        try:
+            store.update(text)
+        except StoreError:  # unreachable or failing: not the update's fault
+            raise
+        except RuntimeError as exc:  # Oxigraph's evaluation errors, e.g. CREATE of a graph that exists
+            raise UpdateRefused(str(exc)) from exc
+
+    apply = apply_update or into_store
 
     async def endpoint(request: Request) -> Response:
         try:
@@ -112,13 +131,13 @@ def sparql_routes(
             )
         try:
             await anyio.to_thread.run_sync(runner.services.check_update, text)
-            await anyio.to_thread.run_sync(store.update, text)
+            await anyio.to_thread.run_sync(apply, text)
         except ServiceNotAllowed as exc:
             return problem(400, "Remote call not allowed", str(exc))
         except SyntaxError as exc:
             return problem(400, "SPARQL syntax error", str(exc))
-        if after_update is not None:
-            after_update()
+        except UpdateRefused as exc:
+            return problem(400, "Update refused", str(exc))
         return Response(status_code=204)
 
     async def _answer(request: Request, text: str) -> Response:
