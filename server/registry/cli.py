@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
 import sys
 import time
@@ -46,9 +45,25 @@ def _where(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--registry", help="SPARQL 1.1 dataset server (BASE/query, BASE/update)")
     parser.add_argument(
         "--admin-token",
-        default=os.environ.get("TINYFLEET_ADMIN_TOKEN"),
-        help="admin token for writes through --server (default: $TINYFLEET_ADMIN_TOKEN)",
+        default=None,
+        help="admin token for writes through --server (default: --admin-token-file, then "
+        "$TINYFLEET_ADMIN_TOKEN)",
     )
+    parser.add_argument(
+        "--admin-token-file", type=Path, default=None,
+        help="read the admin token from this file (the coordinator writes DATA_DIR/admin-token)",
+    )
+
+
+def _admin_token(args: argparse.Namespace) -> str:
+    """The admin token the operator gave (outright, in a file, or in the environment), or ''.
+    ValueError names a token file that cannot be read."""
+    from tinyfleet.server.admin_client import admin_token_from
+
+    try:
+        return admin_token_from(args.admin_token, args.admin_token_file)
+    except OSError as exc:
+        raise ValueError(str(exc)) from exc
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -144,7 +159,7 @@ def _open_store(args: argparse.Namespace) -> Any:
     from tinyfleet.server.registry.store import EmbeddedStore, RemoteStore
 
     if getattr(args, "server", None):
-        return RemoteStore.endpoint(args.server.rstrip("/") + "/sparql", token=args.admin_token)
+        return RemoteStore.endpoint(args.server.rstrip("/") + "/sparql", token=_admin_token(args) or None)
     if getattr(args, "registry", None):
         return RemoteStore(args.registry)
     if getattr(args, "data_dir", None):
@@ -272,8 +287,12 @@ def _import_through_server(args: argparse.Namespace) -> int:
     from tinyfleet.server.registry.imports_http import report_from_json
 
     headers = {"content-type": "text/turtle"}
-    if args.admin_token:
-        headers["authorization"] = f"Bearer {args.admin_token}"
+    try:
+        token = _admin_token(args)
+    except ValueError as exc:
+        return _fail(str(exc))
+    if token:
+        headers["authorization"] = f"Bearer {token}"
     url = args.server.rstrip("/") + "/registry/imports"
     failed = 0
     with httpx.Client(timeout=120.0, headers=headers) as client:

@@ -166,7 +166,12 @@ def test_query_and_import_commands_against_the_running_daemon(
     board.write_text(QUIRKY_BOARD)
     assert main(["registry", "import", str(board), "--server", base, "--admin-token", "wrong"]) == 2
     assert "403" in capsys.readouterr().err
-    assert main(["registry", "import", str(board), "--server", base, "--admin-token", TOKEN]) == 0
+    token_file = tmp_path / "admin-token"
+    from_file = ["registry", "import", str(board), "--server", base, "--admin-token-file", str(token_file)]
+    assert main(from_file) == 2
+    assert f"--admin-token-file {token_file}: cannot read" in capsys.readouterr().err
+    token_file.write_text(TOKEN + "\n")
+    assert main(from_file) == 0
     assert registry.registry.exists("https://example.org/boards/quirky-1")
     assert "malformed class name" in capsys.readouterr().err  # the daemon's repair report
     assert registry.repo is not None
