@@ -141,26 +141,6 @@ def _failure(exc: BaseException) -> str:
     return "projection failed"
 
 
-def reopen_embedded(store: EmbeddedStore) -> None:
-    """Reopen an on-disk Oxigraph store in place, so every holder of `store` sees the new handle.
-
-    RocksDB keeps refusing writes after one failed for lack of space until the
-    database is reopened. The stuck handle is first replaced by a read-only one
-    (queries go on; it needs no space), which closes the stuck one as soon as no
-    running query holds it; then the read-write open is tried. If that fails (the
-    disk is still full, or a query still holds the old handle), the read-only
-    handle stays and the OSError propagates: the next catch-up tries again.
-
-    EmbeddedStore has no public way to swap its database handle; this assigns the
-    attribute it keeps it in (`_store`).
-    """
-    if store.path is None:
-        return  # in memory: nothing on disk to recover
-    path = str(store.path)
-    store._store = ox.Store.read_only(path)
-    store._store = ox.Store(path)
-
-
 @dataclass(frozen=True)
 class OutboxLag:
     """Outbox rows SQL committed that the store had not applied when last measured."""
@@ -268,7 +248,7 @@ class Projector:
         with self._lock:
             try:
                 if self._store_failed and isinstance(self.registry.store, EmbeddedStore):
-                    reopen_embedded(self.registry.store)
+                    self.registry.store.reopen()
                     log.info("registry store reopened after a failed write")
                 self._store_failed = False
                 applied = self._catch_up()

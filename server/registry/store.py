@@ -66,6 +66,22 @@ class EmbeddedStore:
     def oxigraph(self) -> ox.Store:
         return self._store
 
+    def reopen(self) -> None:
+        """Reopen the on-disk database in place, so every holder of this store sees the new handle.
+
+        RocksDB keeps refusing writes after one failed for lack of space until the
+        database is reopened. The stuck handle is first replaced by a read-only one
+        (queries go on; it needs no space), which closes the stuck one as soon as no
+        running query holds it; then the read-write open is tried. If that fails (the
+        disk is still full, or a query still holds the old handle), the read-only
+        handle stays and the OSError propagates: the caller tries again later.
+        In memory there is nothing on disk to recover.
+        """
+        if self.path is None:
+            return
+        self._store = ox.Store.read_only(str(self.path))
+        self._store = ox.Store(str(self.path))
+
     def query(self, sparql: str, *, timeout_s: float | None = None) -> QueryResult:
         # Oxigraph cannot interrupt a query in-process: this is for trusted server-side queries.
         # Client queries with a deadline run in worker processes that can be killed (query_workers).
