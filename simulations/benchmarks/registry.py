@@ -19,7 +19,10 @@ same answers (rows compared value by value) on each engine, and both engines the
 same answers, or the benchmark stops. Finally a real coordinator
 (`tinyfleet server start` on 127.0.0.1, SQLite or --db, on this very store) takes
 --grpc-registrations new devices from each number of concurrent gRPC clients in
---clients: SHACL, the group commit in SQL, and the projector into the store.
+--clients (each device with its own key and an enrollment token: signature,
+SHACL, the group commit in SQL, and the projector into the store), then as many
+Connect handshakes from each number of clients, and a few runaway SPARQL queries
+whose CPU must stop at their deadline.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any, TypeVar
 import pyoxigraph as ox
 import sqlalchemy as sa
 
+from tinyfleet.common.device_keys import DeviceKey
 from tinyfleet.ontology import sparql_prologue
 from tinyfleet.ontology.catalog import parse_query_file, render
 from tinyfleet.server.database import default_url
@@ -46,10 +50,13 @@ from tinyfleet.server.registry.normalize import normalize_models
 from tinyfleet.server.registry.registry import Registry
 from tinyfleet.server.registry.store import EmbeddedStore
 from tinyfleet.server.registry.thing_description import device_thing_description
+from tinyfleet.simulations.benchmarks.process_cpu import RUNAWAY, deadline_to_cpu_stop
 
 SENSORS = ("Accelerometer", "Gyroscope", "Magnetometer", "Microphone", "Camera", "Thermometer", "Hygrometer")
 MODELS = 50
 TD_JSON = "application/td+json"
+#: Runaway queries whose deadline-to-CPU-stop is measured per coordinator.
+RUNAWAY_REPEATS = 3
 T = TypeVar("T")
 
 
@@ -418,66 +425,99 @@ def run_size(
 
 
 def grpc_side(root: Path, bodies: list[bytes], levels: Sequence[int], db_url: str | None) -> dict[str, Any]:
-    """Registrations per second through a real coordinator process (`tinyfleet server start` on
-    127.0.0.1, embedded store holding the fleet just measured) from C concurrent gRPC clients,
-    each with its own channel registering new devices one after another as agents do (each with
-    its own Ed25519 key, signed, presenting an enrollment token): signature check, SHACL
-    validation, the group commit in SQL (device + outbox rows + the token's use, durable), and
-    the projector writing the graphs.
-    "acked" stops the clock at the last response; "projected" when the store has applied the
-    last outbox row (read through /sparql), which is what the figure for the whole path uses."""
+    """A real coordinator process (`tinyfleet server start` on 127.0.0.1, embedded store holding the
+    fleet just measured), measured from outside:
+    - registrations per second from C concurrent gRPC clients, each with its own channel
+      registering new devices one after another as agents do (each with its own Ed25519 key,
+      signed, presenting an enrollment token): signature check, SHACL validation, the group
+      commit in SQL (device + outbox rows + the token's use, durable), and the projector writing
+      the graphs. "acked" stops the clock at the last response; "projected" when the store has
+      applied the last outbox row (read through /sparql), which is the figure for the whole path;
+    - Connect handshakes per second from C concurrent clients (the coordinator's challenge, the
+      device's signed Hello, the Welcome; the liveness writes of connect and disconnect included);
+    - seconds from a runaway SPARQL query's deadline until the coordinator's CPU (its query
+      workers included) stops growing, over a few queries."""
     from tinyfleet.simulations.local_fleet import LocalFleet
 
     share = len(bodies) // len(levels)
     out: dict[str, Any] = {"registrations_per_level": share, "db": db_url or "sqlite (WAL, synchronous=FULL)"}
-    with LocalFleet(root, db_url=db_url) as fleet:
+    sparql_timeout_s = 2.0
+    server_args = ["--sparql-timeout", f"{sparql_timeout_s:g}"]
+    with LocalFleet(root, db_url=db_url, server_args=server_args) as fleet:
         fleet.start_server(timeout=300)
         token = fleet.enroll(uses=len(bodies), label="registry benchmark")
         sql = sa.create_engine(db_url or default_url(fleet.data_dir))
+        devices: list[tuple[str, DeviceKey]] = []
         try:
             for number, clients in enumerate(levels):
                 batch = bodies[number * share : (number + 1) * share]
-                acked_s, projected_s = asyncio.run(
+                acked_s, projected_s, registered = asyncio.run(
                     _register_concurrently(fleet.address, fleet.http_address, sql, batch, clients, token)
                 )
+                devices += registered
                 out[f"clients_{clients}"] = {
                     "acked_per_s": len(batch) / acked_s,
                     "projected_per_s": len(batch) / projected_s,
                 }
         finally:
             sql.dispose()
+        for clients in levels:
+            elapsed = asyncio.run(_connect_concurrently(fleet.address, devices[:share], clients))
+            out[f"connect_clients_{clients}"] = {"handshakes_per_s": share / elapsed}
+        assert fleet.server is not None
+        stops = [
+            deadline_to_cpu_stop(fleet.server.pid, _runaway_sender(fleet.http_address), sparql_timeout_s)
+            for _ in range(RUNAWAY_REPEATS)
+        ]
+        out["query_deadline_to_cpu_stop_s"] = {
+            "median": statistics.median(stops), "max": max(stops), "runs": stops,
+            "timeout_s": sparql_timeout_s,
+        }
     return out
+
+
+def _runaway_sender(http: str) -> Callable[[], object]:
+    import httpx
+
+    def send() -> object:
+        answer = httpx.get(f"http://{http}/sparql", params={"query": RUNAWAY}, timeout=60)
+        if answer.status_code != 503:
+            raise AssertionError(f"the runaway query was answered {answer.status_code}, not 503")
+        return answer
+
+    return send
 
 
 async def _register_concurrently(
     address: str, http: str, sql: sa.Engine, bodies: list[bytes], clients: int, enroll_token: str
-) -> tuple[float, float]:
+) -> tuple[float, float, list[tuple[str, DeviceKey]]]:
     import grpc
     import httpx
 
-    from tinyfleet.common.device_keys import DeviceKey
     from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
 
-    def signed(body: bytes) -> fleet_pb2.RegisterRequest:
-        """What a new device sends (key made and request signed on the device, off the clock)."""
-        key = DeviceKey.generate()
-        return fleet_pb2.RegisterRequest(
+    keys = [DeviceKey.generate() for _ in bodies]  # made and signed on the devices: off the clock
+    requests = [
+        fleet_pb2.RegisterRequest(
             description=body, media_type=TD_JSON, public_key=key.public_key, sequence=1,
             signature=key.sign_register(body, TD_JSON, 1, enroll_token), enrollment_token=enroll_token,
         )
+        for body, key in zip(bodies, keys, strict=True)
+    ]
+    registered: list[tuple[str, DeviceKey]] = []
 
-    requests = [signed(body) for body in bodies]
-
-    async def client(mine: list[fleet_pb2.RegisterRequest]) -> None:
+    async def client(mine: list[tuple[fleet_pb2.RegisterRequest, DeviceKey]]) -> None:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = fleet_pb2_grpc.FleetStub(channel)
-            for request in mine:
+            for request, key in mine:
                 response = await stub.Register(request, timeout=120)
                 if not response.created:
                     raise AssertionError(f"{response.device_id} was not created")
+                registered.append((response.device_id, key))
 
+    pairs = list(zip(requests, keys, strict=True))
     start = time.perf_counter()
-    await asyncio.gather(*(client(requests[k::clients]) for k in range(clients)))
+    await asyncio.gather(*(client(pairs[k::clients]) for k in range(clients)))
     acked = time.perf_counter() - start
     with sql.connect() as conn:
         target = int(conn.execute(sa.text("SELECT max(seq) FROM outbox")).scalar() or 0)
@@ -493,8 +533,38 @@ async def _register_concurrently(
             answer.raise_for_status()
             rows = answer.json()["results"]["bindings"]
             if rows and int(rows[0]["seq"]["value"]) >= target:
-                return acked, time.perf_counter() - start
-            await asyncio.sleep(0.01)
+                return acked, time.perf_counter() - start, registered
+            # not every 10 ms: a query after a write makes a query worker reopen the store
+            await asyncio.sleep(0.05)
+
+
+async def _connect_concurrently(address: str, devices: list[tuple[str, DeviceKey]], clients: int) -> float:
+    """Seconds for `clients` concurrent clients to complete one Connect handshake per device
+    (challenge, signed Hello, Welcome), each client one stream after another."""
+    import grpc
+
+    from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
+
+    async def client(mine: list[tuple[str, DeviceKey]]) -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = fleet_pb2_grpc.FleetStub(channel)
+            for device_id, key in mine:
+                call = stub.Connect()
+                challenge = await call.read()
+                if challenge.WhichOneof("kind") != "challenge":
+                    raise AssertionError(f"{device_id}: the first frame was not a challenge")
+                nonce = challenge.challenge.nonce
+                await call.write(fleet_pb2.AgentFrame(hello=fleet_pb2.Hello(
+                    device_id=device_id, signature=key.sign_connect(nonce, device_id)
+                )))
+                welcome = await call.read()
+                if welcome is grpc.aio.EOF or welcome.WhichOneof("kind") != "welcome":
+                    raise AssertionError(f"{device_id}: no Welcome ({await call.code()})")
+                call.cancel()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(devices[k::clients]) for k in range(clients)))
+    return time.perf_counter() - start
 
 
 def rdflib_side(nquads: bytes, texts: dict[str, Forms], repeats: int, devices: int) -> dict[str, Any]:
@@ -542,11 +612,23 @@ def print_table(results: list[dict[str, Any]], rdflib_max: int) -> None:
                 who = "1 gRPC client, one by one" if clients == 1 else f"{clients} concurrent gRPC clients"
                 table.add_row(
                     n,
-                    f"register through coordinator (SHACL + SQL group commit + projector), {who}, per s",
+                    f"register through coordinator (key + token + SHACL + SQL group commit + projector), "
+                    f"{who}, per s",
                     f"{run['projected_per_s']:.0f}",
                     "",
                     f"acked {run['acked_per_s']:.0f}/s",
                 )
+            elif key.startswith("connect_clients_"):
+                clients = int(key.removeprefix("connect_clients_"))
+                table.add_row(
+                    n, f"Connect handshakes (challenge, signed Hello, Welcome), {clients} clients, per s",
+                    f"{run['handshakes_per_s']:.0f}", "", "",
+                )
+        if (stop := grpc_runs.get("query_deadline_to_cpu_stop_s")) is not None:
+            table.add_row(
+                n, f"runaway SPARQL query: deadline ({stop['timeout_s']:g} s) to CPU stopped, s (median)",
+                f"{stop['median']:.2f}", "", f"max {stop['max']:.2f}",
+            )
         for name, ms in r["queries_ms"].items():
             other = r.get("rdflib", {}).get("queries_ms", {}).get(name)
             rd = f"{other:.1f}" if other is not None else f"not run (> {rdflib_max:,} devices)"

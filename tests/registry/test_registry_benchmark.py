@@ -1,5 +1,6 @@
 """The registry benchmark runs end to end at a small size: every query form on both engines gives
-the same answers (the benchmark stops otherwise), and a real coordinator takes gRPC registrations."""
+the same answers (the benchmark stops otherwise), and a real coordinator takes signed gRPC
+registrations and Connect handshakes, and stops a runaway query's CPU at its deadline."""
 
 from __future__ import annotations
 
@@ -28,3 +29,7 @@ def test_benchmark_runs_small_and_writes_its_figures(tmp_path: Path) -> None:
     assert size["rows"]["selective filter: mcu, >=256 kB RAM, accel+gyro"] > 0
     grpc = size["register_grpc"]["clients_2"]
     assert grpc["acked_per_s"] > 0 and grpc["projected_per_s"] > 0
+    assert size["register_grpc"]["connect_clients_2"]["handshakes_per_s"] > 0
+    stop = size["register_grpc"]["query_deadline_to_cpu_stop_s"]
+    # sampling runs 3 s past the deadline: a query left running would read as ~3 s
+    assert len(stop["runs"]) == benchmark.RUNAWAY_REPEATS and stop["max"] < 2.5, stop

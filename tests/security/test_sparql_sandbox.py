@@ -23,9 +23,10 @@ import httpx
 import pytest
 
 from tinyfleet.server.registry.service_policy import ServiceNotAllowed, ServicePolicy
+from tinyfleet.simulations.benchmarks.process_cpu import RUNAWAY, cpu_seconds, worker_pids
 from tinyfleet.simulations.local_fleet import LocalFleet
 
-from .sparql_probe import RUNAWAY, Listener, cpu_seconds, flood, worker_pids
+from .sparql_probe import Listener, flood
 
 TOKEN = "sandbox-admin-token"
 TRIPLES = 300  # a 4-way cartesian product of 300 triples runs for hours
