@@ -15,7 +15,9 @@ Freshness, per message:
 - Requests (GetArtifact, the device's HTTP writes of its own description) sign a
   timestamp within REQUEST_WINDOW_S of the coordinator's clock and a random nonce (so
   two identical requests in one second differ), and the coordinator accepts each
-  signature once. Agents sign with their offset from Welcome.server_time.
+  signature once. Welcome.server_time tells a device its offset from the coordinator's
+  clock; the agent warns when its own is off by more than half the window. (The agent
+  itself makes no signed requests yet: they serve tools and scripts acting as a device.)
 """
 
 from __future__ import annotations
