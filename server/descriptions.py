@@ -39,8 +39,11 @@ LARGE_DESCRIPTION_BYTES: Final = 32 * 1024
 #: clients accept up to 8 KiB in all by default: each is cut to fit well inside.
 MAX_REFUSAL_MESSAGE_CHARS: Final = 1000
 MAX_ERRORS_TRAILER_BYTES: Final = 4096
-# A JSON string (escapes included) or one bracket: strings are skipped, brackets counted.
-_JSON_NESTING: Final = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+# One token of the nesting scan: an escape (two bytes), a quote or a bracket. Matched one at a
+# time with an in-string flag, never a whole string per match: a pattern that matches a string
+# from its opening quote restarts at every quote of an unterminated one (`{"a": "` and 100k `\"`)
+# and takes minutes, holding the GIL, before the description is even parsed.
+_JSON_TOKENS: Final = re.compile(rb'\\.|["\[\]{}]', re.DOTALL)
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +77,21 @@ class DescriptionLimits:
 def json_depth_problem(data: bytes, max_depth: int) -> str | None:
     """Why JSON text nests too deeply to be parsed (where it passes `max_depth`), or None.
 
-    A scan, not a parse: json.loads and JSON-LD processors recurse once per level."""
+    A scan, not a parse (json.loads and JSON-LD processors recurse once per level), in one
+    pass over the text: brackets inside strings do not count, escapes never end a string."""
     depth = 0
-    for match in _JSON_NESTING.finditer(data):
-        bracket = match.group()
-        if bracket in (b"[", b"{"):
+    in_string = False
+    for match in _JSON_TOKENS.finditer(data):
+        token = match.group()
+        if token == b'"':
+            in_string = not in_string
+        elif in_string or len(token) == 2:  # inside a string, or an escape (only valid in one)
+            continue
+        elif token in (b"[", b"{"):
             depth += 1
             if depth > max_depth:
                 return f"JSON nested deeper than {max_depth} levels (at byte {match.start()}); not parsed"
-        elif bracket in (b"]", b"}"):
+        else:
             depth -= 1
     return None
 

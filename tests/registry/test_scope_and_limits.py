@@ -6,6 +6,7 @@ and what an imported document cannot do to a registered device."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,12 @@ from typing import Any
 import pyoxigraph as ox
 import pytest
 
-from tinyfleet.server.descriptions import DescriptionLimits
+from tinyfleet.server.descriptions import (
+    DescriptionError,
+    DescriptionLimits,
+    describe_device,
+    json_depth_problem,
+)
 from tinyfleet.server.registry.importer import ImportFailed, import_document, import_file, read_document
 from tinyfleet.server.registry.registry import Prepared, Registry
 from tinyfleet.server.registry.store import EmbeddedStore
@@ -120,6 +126,34 @@ def test_ten_thousand_levels_of_json_are_refused_by_name(registry: Registry) -> 
     deep = _td("urn:tinyfleet:device:deep")[:-1] + b', "x": ' + b"{\"a\": " * 10_000 + b"1" + b"}" * 10_001
     with pytest.raises(DescriptionInvalid, match="nested deeper than 64 levels"):
         registry.prepare(deep, TD_JSON)
+
+
+def test_the_depth_scan_is_linear_in_an_unterminated_string_of_escaped_quotes(registry: Registry) -> None:
+    """`{"a": "` and escaped quotes to the size limit, no closing quote: a scan that matched a
+    whole string from each quote took minutes here (3.75 s at 32 KB, quadratic), holding the GIL
+    before the description was parsed. Refused as the JSON it is not, well within a second (the
+    bound is generous for a loaded machine: the scan takes a few tens of ms)."""
+    limit = registry.limits.max_bytes
+    head = b'{"id": "urn:tinyfleet:device:q", "a": "'
+    data = head + b'\\"' * ((limit - len(head)) // 2)
+    assert limit - 2 < len(data) <= limit
+    for check in (
+        lambda: registry.prepare(data, TD_JSON),
+        lambda: describe_device(data, TD_JSON),  # the coordinator's baseline, in its own process
+    ):
+        started = time.perf_counter()
+        with pytest.raises((DescriptionInvalid, DescriptionError), match="not valid JSON"):
+            check()
+        assert time.perf_counter() - started < 1.0
+    started = time.perf_counter()
+    assert json_depth_problem(data[:32 * 1024], 64) is None
+    assert time.perf_counter() - started < 1.0
+
+
+def test_brackets_in_strings_do_not_count_and_escapes_do_not_end_strings() -> None:
+    text = b'{"a": "[[[[\\"{{{{", "b": "\\\\", "c": [[["]]]"]]]}'
+    assert json_depth_problem(text, 4) is None
+    assert json_depth_problem(text, 3) == "JSON nested deeper than 3 levels (at byte 38); not parsed"
 
 
 def test_in_a_batch_each_bad_description_fails_alone(
