@@ -9,7 +9,8 @@ mid-exchange is undeliverable at once, and only silence waits for the deadline.
 Replies are checked before any strategy sees them: oversized, undecodable,
 NaN/Inf arrays, arrays under "arrays" whose keys overlap the global model
 but do not match its keys and shapes, and (when the job sets max_update_ratio)
-train updates too large for the global model (`update_guard`). Such a reply
+train replies that do not carry exactly the record the strategy aggregates, or
+whose update is too large for the global model (`update_guard`). Such a reply
 becomes an error reply (Flower's strategies skip those) and its Delivery records
 why.
 

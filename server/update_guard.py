@@ -22,10 +22,22 @@ What "the update" is depends on what the reply carries:
   stock-handler replies): the device's weights θᵢ; the update is θᵢ - θ over the
   tensors it carries, local layers excluded.
 
-A reply carrying neither (prototypes, metrics only) has no weight update to
-bound. FleetGrid applies the guard as a reply arrives, so a dropped reply is an
-error reply the strategy skips and the round's node results record the ratio
-found and the bound.
+With the guard on, a train reply must carry exactly the one ArrayRecord the
+strategy aggregates (`records`): "update" or "arrays" for FedReptile, the
+strategy's `arrayrecord_key` ("arrays") for Flower's stock strategies, whose
+aggregation takes whatever single ArrayRecord the first reply names. An "arrays"
+record must hold the global model's keys (local layers aside) with its shapes.
+Anything else (another record name, extra records, disjoint keys) cannot be
+measured and is dropped with the reason: measuring only what is recognised let
+such a reply through unbounded, becoming the global model when it was the only
+valid reply and failing the round's aggregation when it was not. FleetGrid
+applies the guard as a reply arrives, so a dropped reply is an error reply the
+strategy skips and the round's node results record why.
+
+Not bounded here: the weight a reply claims (`num-examples` in its metrics). A
+device that inflates it dominates a weighted mean with an update inside the
+bound; against that, robust aggregation (FedMedian, Krum, ...) is the
+strategy's choice.
 """
 
 from __future__ import annotations
@@ -35,12 +47,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, RecordDict
+from flwr.app import Array, ArrayRecord, RecordDict
 
 from tinyfleet.common import codec
 from tinyfleet.common.arrays import InvalidUpdateError
 from tinyfleet.common.flower_adapter import array_values
 from tinyfleet.common.reptile_protocol import ARRAYS_KEY, UPDATE_KEY, is_local, parse_layers
+from tinyfleet.server.strategies.fedreptile import FedReptile
 
 
 @dataclass(frozen=True)
@@ -48,38 +61,71 @@ class UpdateGuard:
     max_ratio: float
     #: Layers that stay on the devices (a strategy's `local_layers`): not part of any update.
     local_layers: tuple[str, ...] = ()
+    #: The ArrayRecord names the strategy aggregates from a train reply; a reply carries exactly one.
+    records: tuple[str, ...] = (ARRAYS_KEY,)
 
     def check(self, content: RecordDict, global_model: ArrayRecord) -> str:
         """'' when the reply may be aggregated, else why it is dropped (ratio found and bound).
-        A payload that cannot be measured raises InvalidUpdateError naming the problem."""
+        A reply whose update cannot be measured raises InvalidUpdateError naming the problem."""
         ratio = self.ratio(content, global_model)
-        if ratio is None or ratio <= self.max_ratio:
+        if ratio <= self.max_ratio:
             return ""
         return (
             f"update norm is {ratio:.4g}x the global model's, above max_update_ratio "
             f"{self.max_ratio:g}; dropped"
         )
 
-    def ratio(self, content: RecordDict, global_model: ArrayRecord) -> float | None:
-        """||update|| / ||θ|| over the tensors the update covers; None when the reply carries none."""
+    def ratio(self, content: RecordDict, global_model: ArrayRecord) -> float:
+        """||update|| / ||θ|| over the global model's tensors (local layers aside)."""
         theta = {
             k: array_values(v) for k, v in global_model.items() if not is_local(k, self.local_layers)
         }
-        records = content.array_records
-        if UPDATE_KEY in records:
+        name, record = self._the_record(content)
+        if name == UPDATE_KEY:
             layout = codec.Layout.of({k: tuple(v.shape) for k, v in theta.items()})
             try:
-                update = codec.decode(records[UPDATE_KEY], layout)
+                update = codec.decode(record, layout)
             except codec.CodecError as exc:
                 raise InvalidUpdateError(f"update {UPDATE_KEY!r} cannot be measured: {exc}") from exc
-            covered = list(update)
-        elif ARRAYS_KEY in records:
-            weights = records[ARRAYS_KEY]
-            covered = [k for k in weights if k in theta]
-            update = {k: array_values(weights[k]).astype(np.float64) - theta[k] for k in covered}
         else:
-            return None
-        return _ratio(_norm(update.values()), _norm(theta[k] for k in covered))
+            weights = {k: v for k, v in record.items() if not is_local(k, self.local_layers)}
+            _check_covers(name, weights, theta)
+            update = {k: array_values(weights[k]).astype(np.float64) - theta[k] for k in theta}
+        return _ratio(_norm(update.values()), _norm(theta[k] for k in update))
+
+    def _the_record(self, content: RecordDict) -> tuple[str, ArrayRecord]:
+        """The one ArrayRecord the strategy will aggregate; any other shape of reply is refused."""
+        names = sorted(content.array_records)
+        if len(names) != 1 or names[0] not in self.records:
+            wanted = " or ".join(repr(r) for r in self.records)
+            found = ", ".join(repr(n) for n in names) or "none"
+            raise InvalidUpdateError(
+                f"train reply must carry exactly one ArrayRecord, {wanted}; it carries {found}"
+            )
+        return names[0], content.array_records[names[0]]
+
+
+def _check_covers(name: str, weights: dict[str, Array], theta: dict[str, np.ndarray]) -> None:
+    """Weights must be the global model's tensors, all of them and nothing else, same shapes:
+    what is not measured must not be aggregated."""
+    missing, extra = sorted(set(theta) - set(weights)), sorted(set(weights) - set(theta))
+    if missing or extra:
+        raise InvalidUpdateError(
+            f"{name!r} does not match the global model's tensors: "
+            f"missing {_some(missing)}, unexpected {_some(extra)}"
+        )
+    for key, values in theta.items():
+        if tuple(weights[key].shape) != values.shape:
+            raise InvalidUpdateError(
+                f"{name!r} array {key!r} has shape {tuple(weights[key].shape)}, "
+                f"the model's is {values.shape}"
+            )
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    """A few names of a possibly long list (a reply may carry thousands of keys)."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{names[:shown]}{more}"
 
 
 def _norm(arrays: Iterable[np.ndarray]) -> float:
@@ -95,7 +141,15 @@ def _ratio(update_norm: float, model_norm: float) -> float:
 
 def guard_for(max_ratio: float | None, strategy: object) -> UpdateGuard | None:
     """The job's guard (None when `max_update_ratio` is not set); a strategy's `local_layers`
-    (FedReptile's TinyMetaFed option) are left out of the norms."""
+    (FedReptile's TinyMetaFed option) are left out of the norms. FedReptile aggregates an
+    "update" payload (or "arrays" from stock handlers); other strategies the ArrayRecord named
+    by their `arrayrecord_key` (Flower's stock strategies: "arrays")."""
     if max_ratio is None:
         return None
-    return UpdateGuard(float(max_ratio), parse_layers(getattr(strategy, "local_layers", None)))
+    if isinstance(strategy, FedReptile):
+        records: tuple[str, ...] = (UPDATE_KEY, ARRAYS_KEY)
+    else:
+        records = (str(getattr(strategy, "arrayrecord_key", ARRAYS_KEY)),)
+    return UpdateGuard(
+        float(max_ratio), parse_layers(getattr(strategy, "local_layers", None)), records
+    )

@@ -175,6 +175,49 @@ def _model_norms(fleet: Fleet, job: dict[str, Any]) -> tuple[float, float]:
     return norm(first.parent_sha), norm(job["rounds"][-1]["artifact_sha"])
 
 
+def _renamed_record(agent: FakeAgent, content: RecordDict) -> RecordDict:
+    """FedAvg reply: the trained weights x1000 under another record name (the guard measured
+    only "arrays"/"update", and Flower aggregates whatever single ArrayRecord a reply has)."""
+    arrays = {k: v.numpy() * SCALE for k, v in content.array_records["arrays"].items()}
+    return RecordDict({"weights": from_numpy_dict(arrays), "metrics": content.metric_records["metrics"]})
+
+
+def _disjoint_keys(agent: FakeAgent, content: RecordDict) -> RecordDict:
+    """FedAvg reply: "arrays" whose keys share nothing with the model (the guard measured 0 of 0)."""
+    arrays = {f"rogue.{k}": v.numpy() * SCALE for k, v in content.array_records["arrays"].items()}
+    return RecordDict({"arrays": from_numpy_dict(arrays), "metrics": content.metric_records["metrics"]})
+
+
+@pytest.mark.parametrize(
+    ("scale", "reason"),
+    [
+        (_renamed_record, "train reply must carry exactly one ArrayRecord, 'arrays'; it carries 'weights'"),
+        (_disjoint_keys, "'arrays' does not match the global model's tensors: missing ["),
+    ],
+    ids=["other-record-name", "disjoint-keys"],
+)
+def test_fedavg_drops_a_reply_the_guard_cannot_measure(
+    fleet: Fleet, scale: Scale, reason: str
+) -> None:
+    fleet.agent("honest-1", seed=1)
+    fleet.agent("honest-2", seed=2)
+    rogue = fleet.agent("rogue", _rogue(scale), seed=3).node_id
+    job = fleet.run(FEDAVG.format(guard=f"max_update_ratio = {BOUND}"))
+
+    assert job["state"] == "finished", job["reason"]
+    results = _train_results(job, rogue)
+    assert len(results) == 2
+    for result in results:
+        assert result["status"] == "error" and reason in result["error"], result
+    assert all(r["dropped"] == 1 and r["participants"] == 3 for r in job["rounds"])
+    eval_loss = job["rounds"][-1]["eval_metrics"]["eval_loss"]
+    assert np.isfinite(eval_loss) and eval_loss < 10
+    initial, final = _model_norms(fleet, job)
+    assert final < 2 * initial
+    model = fleet.running.coordinator.store.get(job["rounds"][-1]["artifact_sha"])
+    assert not any(k.startswith("rogue.") for k in array_record_from_bytes(model))
+
+
 def test_fedreptile_measures_the_decoded_sparse_int8_update(fleet: Fleet) -> None:
     guarded, unguarded, rogue = _run_both(fleet, FEDREPTILE, _scaled_update)
 
