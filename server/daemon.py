@@ -60,8 +60,10 @@ from tinyfleet.server.auth import FailedAuthLimiter
 from tinyfleet.server.connections import ConnectionHub
 from tinyfleet.server.database import default_url, open_database
 from tinyfleet.server.descriptions import (
+    DEFAULT_LIMITS,
     DescribeDevice,
     DescribeDevices,
+    DescriptionLimits,
     describe_device,
     describe_each,
 )
@@ -104,6 +106,9 @@ class Hooks:
     describe_device: DescribeDevice = describe_device
     #: Validates concurrent registrations together (None: `describe_device` on each).
     describe_devices: DescribeDevices | None = None
+    #: The bounds `describe_*` apply (the registry's): Register refuses an oversized description
+    #: before any other work and sends large ones to their own lane by the same numbers.
+    limits: DescriptionLimits = DEFAULT_LIMITS
     http_routes: Sequence[BaseRoute] = field(default_factory=list)
     eligibility: Eligibility | None = None
     #: Runs once SQL is open and before the coordinator says it is ready (in a worker thread):
@@ -377,6 +382,7 @@ class Coordinator:
             max_message_bytes=settings.max_message_bytes,
             open_enrollment=settings.open_enrollment,
             auth_failures=self.hooks.auth_failures,
+            limits=self.hooks.limits,
         )
         fleet_pb2_grpc.add_FleetServicer_to_server(self.fleet, self._grpc)
         fleet_pb2_grpc.add_AdminServicer_to_server(AdminService(

@@ -55,9 +55,10 @@ from tinyfleet.server.auth import (
 )
 from tinyfleet.server.connections import ConnectionHub, Session
 from tinyfleet.server.descriptions import (
-    LARGE_DESCRIPTION_BYTES,
+    DEFAULT_LIMITS,
     DescribeDevices,
     DescriptionError,
+    DescriptionLimits,
     refusal_details,
     unprocessable,
 )
@@ -157,6 +158,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         max_message_bytes: int,
         open_enrollment: bool = False,
         auth_failures: FailedAuthLimiter | None = None,
+        limits: DescriptionLimits = DEFAULT_LIMITS,
     ) -> None:
         self.repo = repo
         self.hub = hub
@@ -167,6 +169,8 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         #: Lab setting: new devices join without an enrollment token.
         self.open_enrollment = open_enrollment
         self.auth_failures = auth_failures or FailedAuthLimiter()
+        #: The description bounds `describe` applies (one object: the coordinator's registry's).
+        self.limits = limits
         self._replays = ReplayGuard()
         self._liveness_locks: dict[str, asyncio.Lock] = {}
         # Concurrent Register calls are validated together (each judged on its own), then
@@ -200,15 +204,22 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
     async def Register(
         self, request: fleet_pb2.RegisterRequest, context: grpc.aio.ServicerContext
     ) -> fleet_pb2.RegisterResponse:
+        # Cheapest checks first: the size, the caller's signature, then whether it may join at all
+        # (a SQL lookup), so neither an oversized body nor an unknown caller reaches validation.
         peer = peer_host(context.peer())
         await refuse_if_blocked(self.auth_failures, context, peer)
+        description = bytes(request.description)
+        too_big = self.limits.size_problem(len(description))
+        if too_big:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid description: {too_big}")
+        large = len(description) > self.limits.large_bytes
         admin = await self._admin(context, peer)
         public_key, signature = bytes(request.public_key), bytes(request.signature)
-        signed_parts = (public_key, bytes(request.description), request.media_type, request.sequence,
+        signed_parts = (public_key, description, request.media_type, request.sequence,
                         request.enrollment_token)
-        signed = (  # hashing a description of megabytes would hold up every other call on the loop
+        signed = (  # hashing a large description would hold up every other call on the loop
             await asyncio.to_thread(register_message, *signed_parts)
-            if len(request.description) > LARGE_DESCRIPTION_BYTES else register_message(*signed_parts)
+            if large else register_message(*signed_parts)
         )
         if request.sequence > MAX_SEQUENCE:  # stored in a signed 64-bit column
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -219,8 +230,17 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                 "Register needs the device's Ed25519 public key and its signature of the request "
                 "(tinyfleet.common.device_keys.register_message); this one has none or it does not verify",
             )
-        description = bytes(request.description)
-        lane = self._large_validations if len(description) > LARGE_DESCRIPTION_BYTES else self._validations
+        token = request.enrollment_token
+        enrollment_hash = hash_enrollment_token(token) if token else ""
+        if not (admin or self.open_enrollment):
+            # Not the authority (register_devices decides, in the transaction that enrolls), only a
+            # gate: a caller with neither a known key nor a usable token gets no validation.
+            refusal = await asyncio.to_thread(self.repo.admission_precheck, public_key, enrollment_hash)
+            if refusal is not None:
+                await refuse_auth(
+                    self.auth_failures, context, peer, grpc.StatusCode.PERMISSION_DENIED, refusal
+                )
+        lane = self._large_validations if large else self._validations
         try:
             # Off the event loop: SHACL validation takes milliseconds per description.
             device_id, normalized = await lane.submit((description, request.media_type))
@@ -230,12 +250,11 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             refusal = exc if isinstance(exc, DescriptionError) else unprocessable(exc)
             message, trailer = refusal_details(refusal)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message, trailing_metadata=trailer)
-        token = request.enrollment_token
         try:
             outcome = await self._registrations.submit(DeviceRegistration(
                 device_id=device_id, description=normalized, media_type=request.media_type,
                 node_id=new_node_id(), public_key=public_key, sequence=request.sequence,
-                enrollment_hash=hash_enrollment_token(token) if token else "", admin=admin,
+                enrollment_hash=enrollment_hash, admin=admin,
                 open_enrollment=self.open_enrollment,
             ))
         except RegistrationRefused as exc:
@@ -254,8 +273,8 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             await context.abort(
                 grpc.StatusCode.UNAVAILABLE, f"could not store the registration of {device_id!r}; try again"
             )
-        if admin:
-            self.hub.reinstate(device_id)  # a re-keyed device may connect again
+        if outcome.reinstated:
+            self.hub.reinstate(device_id)  # the operator re-keyed a revoked device: it may connect again
         if outcome.created:
             log.info("registered device %s as node %d", device_id, outcome.device.node_id)
         return fleet_pb2.RegisterResponse(

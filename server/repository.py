@@ -195,6 +195,8 @@ class DeviceRegistration:
 class Registered:
     device: Device
     created: bool
+    #: The operator re-keyed a revoked device (admin token, new key): it may connect again.
+    reinstated: bool = False
 
 
 def _device(row: Mapping[str, Any]) -> Device:
@@ -246,8 +248,11 @@ def _admission(
             "(tinyfleet server enroll; agent run --enroll-token)"
         )
     if token is None:
-        return "the enrollment token is not one this coordinator issued"
+        return UNKNOWN_ENROLLMENT_TOKEN
     return token.refusal(now, taken)
+
+
+UNKNOWN_ENROLLMENT_TOKEN = "the enrollment token is not one this coordinator issued"
 
 
 def _described(values: Mapping[str, Any], node_id: int | None = None) -> dict[str, Any]:
@@ -318,6 +323,35 @@ class Repository:
             )
             self._outbox(conn, "device.updated", device_id,
                          _described({"description": description, "media_type": media_type}))
+
+    def admission_precheck(self, public_key: bytes, enrollment_hash: str) -> str | None:
+        """Why a caller without the admin token (and not in open enrollment) cannot register
+        anything, or None: it needs a key some unrevoked device already has, or an enrollment
+        token that is issued, unexpired, unrevoked and has uses left. Two indexed lookups, asked
+        before the description is validated so an unknown caller costs no SHACL run.
+        `register_devices` still decides (a token's last use may go to a concurrent call)."""
+        with self.engine.connect() as conn:
+            owners = conn.execute(
+                sa.select(devices.c.device_id, devices.c.revoked_at, devices.c.revoked_reason)
+                .where(devices.c.public_key == public_key)
+            ).all() if public_key else []
+            if any(owner.revoked_at is None for owner in owners):
+                return None
+            row = conn.execute(
+                sa.select(enrollments).where(enrollments.c.token_hash == enrollment_hash)
+            ).first() if enrollment_hash else None
+        if row is not None:
+            return _enrollment(row._mapping).refusal(time.time())
+        if owners:
+            owner = owners[0]
+            why = f": {owner.revoked_reason}" if owner.revoked_reason else ""
+            return f"device {owner.device_id!r} was revoked{why}; the coordinator refuses its key"
+        if enrollment_hash:
+            return UNKNOWN_ENROLLMENT_TOKEN
+        return (
+            "registering a new device needs an enrollment token "
+            "(tinyfleet server enroll; agent run --enroll-token)"
+        )
 
     def register_devices(
         self, batch: Sequence[DeviceRegistration], *, attempts: int = 5
@@ -414,7 +448,10 @@ class Repository:
                 events.append(
                     {"kind": kind, "subject": item.device_id, "payload": payload, "created_at": now}
                 )
-                results.append(Registered(device, created=existing is None))
+                results.append(Registered(
+                    device, created=existing is None,
+                    reinstated=existing is not None and existing.revoked_at is not None,
+                ))
             if new:
                 conn.execute(devices.insert(), [d.__dict__ for d in new.values()])
             if changed:

@@ -31,6 +31,8 @@ devices = sa.Table(
     sa.Column("enrollment_id", sa.String(32), nullable=True),
     sa.Column("revoked_at", sa.Double, nullable=True),
     sa.Column("revoked_reason", sa.Text, nullable=False, server_default=""),
+    # Register looks a caller's key up before validating its description (admission pre-check).
+    sa.Index("ix_devices_public_key", "public_key"),
 )
 
 enrollments = sa.Table(

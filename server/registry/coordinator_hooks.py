@@ -217,6 +217,7 @@ class CoordinatorRegistry:
         return Hooks(
             describe_device=self.describe_device,
             describe_devices=self.describe_devices,
+            limits=self.registry.limits,
             http_routes=self.routes(),
             eligibility=self.eligibility,
             recover=self.recover,

@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
-from server.harness import CoordinatorThread, FakeAgent, settings_for
+from server.harness import TD, CoordinatorThread, FakeAgent, settings_for, thing
 
 from tinyfleet.cli import main
+from tinyfleet.common.device_keys import DeviceKey
+from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
 from tinyfleet.server.admin_client import AdminClient
+from tinyfleet.server.auth import FailedAuthLimiter
+from tinyfleet.server.daemon import Hooks
+from tinyfleet.server.descriptions import DescriptionError, DescriptionLimits, describe_device, describe_each
 from tinyfleet.simulations.local_fleet import LocalFleet
 
 TOKEN = "enrollment-test-admin"
@@ -175,3 +181,121 @@ def test_server_start_open_enrollment_warns_and_admits_devices_without_a_token(t
         assert "warning: --open-enrollment" in (fleet.logs / "server.log").read_text()
         fleet.start_agent("sine:seed=1", device_id="urn:tinyfleet:test:lab", enroll_token="")
         fleet.wait_online(1)
+
+
+class _Recorder:
+    """The coordinator's baseline validation, noting which descriptions reached it."""
+
+    def __init__(self) -> None:
+        self.seen: list[bytes] = []
+        self._describe = describe_each(describe_device)
+
+    def __call__(self, items: Sequence[tuple[bytes, str]]) -> list[tuple[str, bytes] | DescriptionError]:
+        self.seen.extend(description for description, _ in items)
+        return self._describe(items)
+
+
+def _recording_coordinator(tmp_path: Path, **hooks: Any) -> tuple[CoordinatorThread, _Recorder]:
+    recorder = _Recorder()
+    running = CoordinatorThread(
+        settings_for(tmp_path / "coord", admin_token=TOKEN), Hooks(describe_devices=recorder, **hooks)
+    )
+    return running, recorder
+
+
+def test_a_caller_that_may_not_join_is_refused_before_its_description_is_validated(tmp_path: Path) -> None:
+    """No token, an unknown, used-up or revoked one, the key of a revoked device: refused by
+    the admission pre-check, each naming why and each counted as a failed authentication, and
+    not one of those descriptions reaches validation (before, all did, and only the SQL
+    admission after validation refused them)."""
+    limiter = FailedAuthLimiter(max_failures=6)
+    running, recorder = _recording_coordinator(tmp_path, auth_failures=limiter)
+    try:
+        one_use = running.enroll(uses=1)
+        lost = running.enroll(uses=5)
+        with AdminClient(running.address, admin_token=TOKEN) as admin:
+            [lost_row] = [e for e in admin.enrollments() if e.uses_total == 5]
+            admin.revoke_enrollment(lost_row.enrollment_id)
+        member = FakeAgent(running.address, "urn:dev:member", enroll_token=one_use)
+        assert member.register().created  # takes the token's one use
+        assert member.register(enroll_token="").node_id == member.node_id  # its known key suffices
+        with AdminClient(running.address, admin_token=TOKEN) as admin:
+            admin.revoke_device("urn:dev:member", "stolen")
+        allowed = list(recorder.seen)
+        cases = {
+            "needs an enrollment token": FakeAgent(running.address, "urn:dev:a"),
+            "not one this coordinator issued": FakeAgent(running.address, "urn:dev:b", enroll_token="tfe_x"),
+            "no uses left": FakeAgent(running.address, "urn:dev:c", enroll_token=one_use),
+            "was revoked": FakeAgent(running.address, "urn:dev:d", enroll_token=lost),
+            "'urn:dev:member' was revoked: stolen": member,
+        }
+        for expected, agent in cases.items():
+            refused = _refusal(agent, enroll_token="") if agent is member else _refusal(agent)
+            assert refused.code() == grpc.StatusCode.PERMISSION_DENIED, expected
+            assert expected in refused.details(), refused.details()
+        assert recorder.seen == allowed
+        assert limiter.retry_after("127.0.0.1") == 0  # five failures so far, the sixth blocks
+        assert _refusal(FakeAgent(running.address, "urn:dev:e")).code() == grpc.StatusCode.PERMISSION_DENIED
+        assert _refusal(member).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for agent in (member, *cases.values()):
+            agent.channel.close()
+    finally:
+        running.stop()
+
+
+def test_an_oversized_description_is_refused_first_by_the_coordinators_one_limit(tmp_path: Path) -> None:
+    """The limits the coordinator is given (Hooks.limits, the registry's) bound Register before
+    signature, admission or validation; the large lane is chosen by the same object."""
+    limits = DescriptionLimits(max_bytes=2_000, large_bytes=600)
+    running, recorder = _recording_coordinator(tmp_path, limits=limits)
+    try:
+        fleet = running.coordinator.fleet
+        assert fleet is not None and fleet.limits is limits
+        agent = running.agent("urn:dev:sized")
+        padded = thing("urn:dev:sized")[:-1] + b', "note": "' + b"x" * 2_500 + b'"}'
+        refused = _refusal(agent, description=padded)
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"{len(padded)} bytes; the coordinator accepts at most 2000" in refused.details()
+        unsigned = fleet_pb2.RegisterRequest(description=padded, media_type=TD)  # no key, no token
+        with pytest.raises(grpc.RpcError) as info:
+            agent.stub.Register(unsigned, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert recorder.seen == []
+
+        large = thing("urn:dev:sized")[:-1] + b', "note": "' + b"x" * 1_000 + b'"}'
+        assert agent.register(large).created and agent.register().node_id == agent.node_id
+        assert (fleet._large_validations.items, fleet._validations.items) == (1, 1)
+        assert running.coordinator.hooks.auth_failures.retry_after("127.0.0.1") == 0
+        agent.channel.close()
+    finally:
+        running.stop()
+
+
+def test_an_admin_register_that_does_not_re_key_leaves_a_revocation_standing(tmp_path: Path) -> None:
+    """The operator revokes a device just as an admin Register of it (same key) commits: the
+    hub must keep refusing it. Only re-keying a revoked device reinstates it (before, every
+    admin Register reinstated its device in the hub)."""
+    running = CoordinatorThread(settings_for(tmp_path / "coord", admin_token=TOKEN))
+    try:
+        coordinator = running.coordinator
+        agent = running.agent("urn:dev:raced")
+        agent.register()
+        revoke_after_commit = [True]
+
+        def revoke_now() -> None:  # after the admin Register's commit, before its reply
+            if revoke_after_commit and revoke_after_commit.pop():
+                coordinator.repo.revoke_device("urn:dev:raced", "lost")
+                coordinator.hub.revoke("urn:dev:raced", "lost")
+
+        coordinator.repo.on_outbox(revoke_now)
+        admin = (("authorization", f"Bearer {TOKEN}"),)
+        agent.register(metadata=admin)
+        assert coordinator.hub.revoked("urn:dev:raced") == "lost"
+
+        agent.key = DeviceKey.generate()  # the operator gives it a new key: reinstated
+        agent.register(metadata=admin)
+        assert coordinator.hub.revoked("urn:dev:raced") is None
+        agent.connect()
+        agent.close()
+    finally:
+        running.stop()

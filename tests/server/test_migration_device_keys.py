@@ -25,7 +25,7 @@ def test_upgrade_from_0002_keeps_devices_for_their_agents_to_claim(empty_engine:
             "'application/td+json', 1.0, 1.0, false)"
         ), {"d": DEVICE})
     database.upgrade(empty_engine)
-    assert database.current_revision(empty_engine) == "0003"
+    assert database.current_revision(empty_engine) == database.head_revision()  # 0003 and after
     with empty_engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
 

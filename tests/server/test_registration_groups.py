@@ -142,3 +142,37 @@ def test_groups_of_any_size_store_every_device(engine: sa.Engine, size: int) -> 
     assert [r.device.node_id for r in results] == [1000 + i for i in range(size)]  # type: ignore[union-attr]
     assert len(repo.list_devices()) == size
     assert [r["subject"] for r in repo.outbox_since()] == [f"urn:dev:n{i}" for i in range(size)]
+
+
+def test_only_an_admin_re_key_of_a_revoked_device_reports_it_reinstated(engine: sa.Engine) -> None:
+    """The Fleet service lifts a revocation in its hub only when `reinstated` says so."""
+    repo = Repository(engine)
+    first = repo.register_devices([_item("urn:dev:r", 801, key=OLD_KEY), _item("urn:dev:s", 802)])
+    assert [r.reinstated for r in first] == [False, False]  # type: ignore[union-attr]
+    repo.revoke_device("urn:dev:r", "lost")
+    same_key, by_admin, other = repo.register_devices([
+        _item("urn:dev:r", 803, key=OLD_KEY, sequence=2, admin=True),  # refused: its old key
+        _item("urn:dev:r", 804, key=OTHER_KEY, sequence=3, admin=True),  # the operator re-keys it
+        _item("urn:dev:s", 805, sequence=2, admin=True),  # re-described, never revoked
+    ])
+    assert isinstance(same_key, RegistrationRefused) and "was revoked: lost" in str(same_key)
+    assert isinstance(by_admin, Registered) and by_admin.reinstated
+    assert isinstance(other, Registered) and not other.reinstated
+    device = repo.get_device("urn:dev:r")
+    assert device is not None and device.revoked_at is None and device.public_key == OTHER_KEY
+
+
+def test_the_admission_precheck_needs_a_known_unrevoked_key_or_a_usable_token(engine: sa.Engine) -> None:
+    repo = Repository(engine)
+    repo.register_devices([_item("urn:dev:k", 901, key=OLD_KEY)])
+    repo.create_enrollment("e1", "h" * 64, label="one", uses=1, ttl_s=60)
+    repo.create_enrollment("e2", "g" * 64, label="gone", uses=1, ttl_s=-1)
+    assert repo.admission_precheck(OLD_KEY, "") is None
+    assert repo.admission_precheck(NEW_KEY, "h" * 64) is None
+    assert "expired at" in (repo.admission_precheck(NEW_KEY, "g" * 64) or "")
+    assert "not one this coordinator issued" in (repo.admission_precheck(NEW_KEY, "f" * 64) or "")
+    assert "needs an enrollment token" in (repo.admission_precheck(NEW_KEY, "") or "")
+    repo.revoke_device("urn:dev:k", "stolen")
+    assert "'urn:dev:k' was revoked: stolen" in (repo.admission_precheck(OLD_KEY, "") or "")
+    with engine.connect() as conn:  # the key lookup is indexed (migration 0004)
+        assert "ix_devices_public_key" in {i["name"] for i in sa.inspect(conn).get_indexes("devices")}
