@@ -8,6 +8,7 @@ The admin token comes from --admin-token, --admin-token-file or TINYFLEET_ADMIN_
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,14 +22,20 @@ SERVER_ENV = "TINYFLEET_SERVER"
 
 def admin_token_from(token: str | None, token_file: Path | None) -> str:
     """The admin token: given outright, else read from `token_file` (e.g. the coordinator's
-    DATA_DIR/admin-token), else $TINYFLEET_ADMIN_TOKEN, else ''. Raises OSError naming the file."""
+    DATA_DIR/admin-token), else $TINYFLEET_ADMIN_TOKEN, else ''. Raises OSError naming the file,
+    also for a file other users may read or change (as device keys are refused): such a token
+    is as good as published."""
     if token:
         return token
     if token_file is not None:
         try:
+            mode = stat.S_IMODE(Path(token_file).stat().st_mode)
             text = Path(token_file).read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise OSError(f"--admin-token-file {token_file}: cannot read: {exc.strerror}") from exc
+        if mode & 0o077:
+            raise OSError(f"--admin-token-file {token_file}: the admin token is open to other users "
+                          f"(mode {mode:o}); run chmod 600 on it")
         if not text:
             raise OSError(f"--admin-token-file {token_file}: the file is empty")
         return text

@@ -1,12 +1,12 @@
 """The Admin gRPC service operators use: submit, inspect and watch jobs; list and revoke
 devices; issue, list and revoke enrollment tokens.
 
-Every call needs the admin token (`authorization: Bearer T`) unless the coordinator
-runs without one (`--no-admin-token`). A wrong or missing token counts against the
-caller's failed-auth limit. Job files are validated here too (not only by the CLI):
-a bad one is refused with INVALID_ARGUMENT and the JobSpecError text naming the
-field, and nothing is stored. WatchJob is a server stream driven by JobEvents, no
-polling. Revocation lives here because only the daemon holds the device's stream.
+Every call needs the admin token (`authorization: Bearer T`; auth.is_admin_token, the rule
+every admin door shares) unless the coordinator runs without one (`--no-admin-token`).
+A wrong or missing token counts against the caller's failed-auth limit. Job files are
+validated here too (not only by the CLI): a bad one is refused with INVALID_ARGUMENT and
+the JobSpecError text naming the field, and nothing is stored. WatchJob is a server stream
+driven by JobEvents, no polling. Revocation lives here because only the daemon holds the device's stream.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from tinyfleet.server.auth import (
     FailedAuthLimiter,
     bearer_token,
     hash_enrollment_token,
+    is_admin_token,
     new_enrollment_id,
     new_enrollment_token,
     peer_host,
-    token_matches,
 )
 from tinyfleet.server.connections import ConnectionHub
 from tinyfleet.server.fleet_service import no_internal_errors, refuse_auth, refuse_if_blocked
@@ -87,7 +87,7 @@ class AdminService(fleet_pb2_grpc.AdminServicer):
     async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
         peer = peer_host(context.peer())
         await refuse_if_blocked(self.auth_failures, context, peer)
-        if not token_matches(bearer_token(context.invocation_metadata()), self.admin_token):
+        if not is_admin_token(bearer_token(context.invocation_metadata()), self.admin_token):
             await refuse_auth(
                 self.auth_failures, context, peer, grpc.StatusCode.UNAUTHENTICATED,
                 "admin token required (metadata `authorization: Bearer <token>`; the coordinator "

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import secrets
 import threading
 import time
+import urllib.parse
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
@@ -55,37 +57,53 @@ def hash_enrollment_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
 
 
+def bearer(authorization: str) -> str:
+    """The token of an `Authorization: Bearer T` value (an HTTP header or gRPC metadata), or ''."""
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
     """The token of an `authorization: Bearer T` gRPC metadata entry, or ''."""
     for key, value in metadata or ():
         if key.lower() == "authorization":
-            text = value.decode() if isinstance(value, bytes) else value
-            scheme, _, token = text.partition(" ")
-            if scheme.lower() == "bearer":
-                return token.strip()
+            return bearer(value.decode() if isinstance(value, bytes) else value)
     return ""
 
 
-def token_matches(given: str, expected: str | None) -> bool:
-    """True when `given` is the admin token, or when the coordinator runs without one
-    (`server start --no-admin-token`, a lab setting)."""
-    if not expected:
+def is_admin_token(presented: str, configured: str | None) -> bool:
+    """Whether a caller presenting `presented` is the admin, on every door the admin token guards:
+    the Admin gRPC service, admin registration and artifact downloads on Fleet, /api/*, SPARQL
+    Update, directory writes and imports.
+
+    `configured` None means the coordinator runs without an admin token (`server start
+    --no-admin-token`, a lab setting): then everyone is the admin and whatever they present is
+    accepted, on all of those doors alike (an open admin API could issue enrollment tokens or
+    revoke devices anyway, so closing only some doors would protect nothing). Otherwise only
+    that token, compared in constant time."""
+    if configured is None:
         return True
-    return bool(given) and hmac.compare_digest(given.encode(), expected.encode())
+    return bool(presented) and hmac.compare_digest(presented.encode(), configured.encode())
 
 
-def is_admin_token(given: str, expected: str | None) -> bool:
-    """True only for the configured admin token (never when there is none)."""
-    return bool(expected) and bool(given) and hmac.compare_digest(given.encode(), expected.encode())
+def peer_key(address: str) -> str:
+    """The one key a client's address counts under, whichever transport it came by: canonical
+    IP text ("::1", an IPv4-mapped "::ffff:10.0.0.5" -> "10.0.0.5"); other text as given."""
+    host = address.strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+    return str(mapped or ip)
 
 
 def peer_host(peer: str) -> str:
-    """The address part of a gRPC peer ("ipv4:10.0.0.5:41000" -> "10.0.0.5", "ipv6:[::1]:7" -> "::1")."""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        return rest.rpartition(":")[0] or rest
-    if kind == "ipv6":
-        return rest.rpartition(":")[0].strip("[]") or rest
+    """The `peer_key` of a gRPC peer ("ipv4:10.0.0.5:41000" -> "10.0.0.5"). grpc percent-encodes
+    IPv6 peers ("ipv6:%5B::1%5D:50326"), so the text is unquoted first."""
+    kind, _, rest = urllib.parse.unquote(peer).partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return peer_key(rest.rpartition(":")[0] or rest)
     return peer
 
 

@@ -103,7 +103,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     start.add_argument("--admin-token-file", type=Path, default=None,
                        help="read the admin token from this file")
     start.add_argument("--no-admin-token", action="store_true",
-                       help="lab only: leave the admin API open to anyone who reaches the port")
+                       help="lab only: no admin token; everyone who reaches the ports is the admin: "
+                            "the admin API (jobs, devices, enrollment, revocation), /api/*, SPARQL "
+                            "Update, directory writes and imports are all open (a bearer token "
+                            "sent is accepted whatever it is; device signatures are still checked)")
     start.add_argument("--open-enrollment", action="store_true",
                        help="lab only: new devices join without an enrollment token")
     start.add_argument("--max-message-bytes", type=int, default=64 * 1024 * 1024,
@@ -254,7 +257,7 @@ def _coordinator_admin_token(args: argparse.Namespace) -> str | None:
 
 
 def _server_start(args: argparse.Namespace) -> int:
-    from tinyfleet.server.daemon import DataDirLock, ServerSettings, run
+    from tinyfleet.server.daemon import DataDirLock
 
     if args.max_message_bytes <= 0:
         print("error: --max-message-bytes must be positive", file=sys.stderr)
@@ -262,6 +265,23 @@ def _server_start(args: argparse.Namespace) -> int:
     if args.max_description_bytes <= 0:
         print("error: --max-description-bytes must be positive", file=sys.stderr)
         return 2
+    try:
+        # The data dir is ours before DATA_DIR/admin-token may be generated: two first starts
+        # would otherwise each write a token, and one of them would be refused with the wrong one.
+        # Before the registry store too, so refusals name the holder.
+        lock = DataDirLock.acquire(args.data_dir)
+    except OSError as exc:
+        print(f"error: cannot start the coordinator: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _start_holding_data_dir(args)
+    finally:
+        lock.release()
+
+
+def _start_holding_data_dir(args: argparse.Namespace) -> int:
+    from tinyfleet.server.daemon import ServerSettings, run
+
     try:
         admin_token = _coordinator_admin_token(args)
     except (OSError, ValueError) as exc:
@@ -295,7 +315,6 @@ def _server_start(args: argparse.Namespace) -> int:
             timeout_s=args.sparql_timeout, workers=args.sparql_workers, queue=args.sparql_queue,
             service_allow=tuple(args.sparql_service_allow),
         )
-        DataDirLock.acquire(settings.data_dir)  # before the registry store: refusals name the holder
         registry = CoordinatorRegistry.open(settings.data_dir, args.registry, settings.admin_token, sparql)
         registry.registry.limits = DescriptionLimits(max_bytes=args.max_description_bytes)
         try:

@@ -189,14 +189,16 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         )
 
     async def _admin(self, context: grpc.aio.ServicerContext, peer: str) -> bool:
-        """True when the caller sent the admin token; a wrong one is a failed authentication."""
+        """True when the caller claims an admin registration by sending a bearer token and
+        auth.is_admin_token accepts it (any token without an admin token configured: the admin
+        API is open then); a wrong one is a failed authentication. Sending no token is a
+        device's own registration, which needs an enrollment token (or --open-enrollment)."""
         token = bearer_token(context.invocation_metadata())
         if not token:
             return False
         if not is_admin_token(token, self.admin_token):
             await refuse_auth(self.auth_failures, context, peer, grpc.StatusCode.UNAUTHENTICATED,
-                              "wrong admin token" if self.admin_token else
-                              "this coordinator has no admin token (--no-admin-token); send none")
+                              "wrong admin token")
         return True
 
     # -- Register ----------------------------------------------------------------

@@ -5,7 +5,8 @@ coordinator (the registry's /sparql, /things) add theirs by passing extra
 starlette routes or mounts to `build_app`.
 
 /api/* follows the auth of its gRPC twins (Admin.ListJobs, GetJob, ListDevices):
-the admin token as `Authorization: Bearer T` when the coordinator has one.
+the admin token as `Authorization: Bearer T` (auth.is_admin_token), failures counted
+in the coordinator's one limiter, 401/429 as problem+json (http_auth) like the registry's.
 /healthz stays open for probes; it reads only in-memory state (the registry's
 outbox lag comes from a snapshot its projector keeps), so it answers at once
 however busy the stores are.
@@ -27,12 +28,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 
-from tinyfleet.server.auth import FailedAuthLimiter, bearer_token, token_matches, too_many_failures
+from tinyfleet.server.auth import FailedAuthLimiter
 from tinyfleet.server.connections import ConnectionHub
+from tinyfleet.server.http_auth import problem, refuse_unless_admin
 from tinyfleet.server.job_views import device_dict, job_dict
 from tinyfleet.server.repository import Repository
-
-PROBLEM_JSON = "application/problem+json"
 
 
 class InsufficientStorage(Exception):
@@ -44,13 +44,8 @@ class StoredNotYetVisible(Exception):
     up, e.g. the registry projector while its store cannot write (HTTP 202)."""
 
 
-def _problem(status: int, title: str, detail: str) -> JSONResponse:
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail}
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
-
-
 async def _insufficient_storage(request: Request, exc: Exception) -> Response:
-    return _problem(507, "Insufficient Storage", str(exc))
+    return problem(507, "Insufficient Storage", str(exc))
 
 
 async def _stored_not_yet_visible(request: Request, exc: Exception) -> Response:
@@ -69,20 +64,7 @@ def build_app(
     limiter = auth_failures or FailedAuthLimiter()
 
     def unauthorized(request: Request) -> JSONResponse | None:
-        """401 unless the request carries the admin token (when one is configured); 429 for a
-        peer past its failed-auth limit, which a wrong token counts towards."""
-        peer = request.client.host if request.client else "unknown"
-        wait_s = limiter.retry_after(peer)
-        if wait_s > 0:
-            return JSONResponse({"error": too_many_failures(peer, wait_s)}, status_code=429,
-                                headers={"retry-after": f"{max(wait_s, 1):.0f}"})
-        if token_matches(bearer_token(tuple(request.headers.items())), admin_token):
-            return None
-        limiter.failed(peer)
-        return JSONResponse(
-            {"error": "admin token required (Authorization: Bearer <token>)"},
-            status_code=401, headers={"www-authenticate": 'Bearer realm="tinyfleet"'},
-        )
+        return refuse_unless_admin(request, admin_token, limiter, f"GET {request.url.path}")
 
     async def healthz(request: Request) -> JSONResponse:
         body: dict[str, Any] = {"status": "ok", "online_nodes": len(hub.online_nodes())}
@@ -101,10 +83,10 @@ def build_app(
         try:
             job_id = int(request.path_params["job_id"])
         except ValueError:
-            return JSONResponse({"error": "job id must be a number"}, status_code=400)
+            return problem(400, "Bad job id", "job id must be a number")
         found = repo.get_job(job_id)
         if found is None:
-            return JSONResponse({"error": f"no job {job_id}"}, status_code=404)
+            return problem(404, "Not found", f"no job {job_id}")
         return JSONResponse(job_dict(found, repo.get_rounds(job_id)))
 
     def devices(request: Request) -> JSONResponse:

@@ -24,8 +24,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tinyfleet.server.descriptions import iri_problem
+from tinyfleet.server.http_auth import problem
 from tinyfleet.server.registry.events import EVENT_TYPES, EventHub, sse_response
-from tinyfleet.server.registry.http_common import Access, problem
+from tinyfleet.server.registry.http_common import Access
 from tinyfleet.server.registry.query_workers import QueryWorkers
 from tinyfleet.server.registry.registry import Prepared, Registry
 from tinyfleet.server.registry.sparql_http import sparql_routes
@@ -238,8 +239,8 @@ def directory_routes(
         return problem(413, "Description too large", str(exc))
 
     async def create_anonymous(request: Request) -> Response:
-        if not access.is_admin(request):
-            return problem(401, "Unauthorized", "creating an anonymous Thing needs the admin token")
+        if (refused := access.refuse_admin(request, "creating an anonymous Thing")) is not None:
+            return refused
         try:
             body, media = await read_body(request)
         except BodyTooLarge as exc:

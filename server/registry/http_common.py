@@ -1,16 +1,15 @@
-"""What the registry's HTTP routes share: RFC 7807 problems, Accept negotiation, who may write."""
+"""What the registry's HTTP routes share: who may write (Access), Accept negotiation; RFC 7807
+problems and the failed-auth answers come from tinyfleet.server.http_auth, shared with /api."""
 
 from __future__ import annotations
 
-import hmac
-import logging
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import Response
 
 from tinyfleet.common.device_keys import AUTH_SCHEME, SignedRequest
 from tinyfleet.server.auth import (
@@ -18,56 +17,56 @@ from tinyfleet.server.auth import (
     FailedAuthLimiter,
     ReplayGuard,
     check_signed_request,
-    too_many_failures,
+    is_admin_token,
 )
-
-log = logging.getLogger(__name__)
-PROBLEM_JSON = "application/problem+json"
-
-
-def problem(status: int, title: str, detail: str, **extra: Any) -> JSONResponse:
-    body = {"type": "about:blank", "title": title, "status": status, "detail": detail, **extra}
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
-
-
-def bearer(request: Request) -> str:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else ""
+from tinyfleet.server.http_auth import (
+    client_peer,
+    presented_token,
+    problem,
+    refuse_unless_admin,
+    too_many_attempts,
+    unauthorized,
+)
 
 
 @dataclass(frozen=True)
 class Access:
-    """The admin token may do anything; a device may write only its own description, with a
-    request signed by its key (`Authorization: TinyFleet-Ed25519 device=..,ts=..,sig=..`, see
+    """The admin may do anything; a device may write only its own description, with a request
+    signed by its key (`Authorization: TinyFleet-Ed25519 device=..,ts=..,sig=..`, see
     tinyfleet.common.device_keys: method, path, timestamp and body hash, each signature once).
-    Failed write authentications count per client address; past the limit: 429 + Retry-After."""
+    Failed authentications count per client address in `auth_failures` (the coordinator passes
+    its one limiter); past the limit: 429 + Retry-After.
 
-    admin_token: str | None = None
+    Who the admin is: auth.is_admin_token. `admin_token=None` is the coordinator's
+    `--no-admin-token` (everyone is the admin); left out, the token is a random one nobody
+    knows, so a registry built without thought has no admin rather than an open one."""
+
+    admin_token: str | None = field(default_factory=lambda: secrets.token_urlsafe(32))
     verify_device: DeviceVerifier | None = None
     auth_failures: FailedAuthLimiter = field(default_factory=FailedAuthLimiter)
     replays: ReplayGuard = field(default_factory=ReplayGuard)
 
-    def is_admin(self, request: Request) -> bool:
-        token = bearer(request)
-        return bool(self.admin_token and token) and hmac.compare_digest(
-            token.encode(), self.admin_token.encode()
-        )
+    def refuse_admin(self, request: Request, action: str) -> Response | None:
+        """The 401/429 answering a request for an admin-only `action` that is not the admin's, or None."""
+        return refuse_unless_admin(request, self.admin_token, self.auth_failures, action)
 
     async def refuse_write(self, request: Request, thing_id: str, max_body_bytes: int) -> Response | None:
         """The problem (401, 429; 411/413 for a signed body it will not read) answering a write of
-        `thing_id` its sender may not make, or None. A signed body is read to check its hash only
-        when it declares a Content-Length within `max_body_bytes`; starlette keeps it for the handler."""
-        peer = request.client.host if request.client else "unknown"
-        wait_s = self.auth_failures.retry_after(peer)
-        if wait_s > 0:
-            refused = problem(429, "Too many failed attempts", too_many_failures(peer, wait_s))
-            refused.headers["retry-after"] = f"{max(wait_s, 1):.0f}"
-            return refused
+        `thing_id` its sender may not make, or None. A bearer token is checked as the admin's; a
+        device signature is checked even when everyone is the admin (credentials a request carries
+        are never ignored); a request with neither is the admin's only without an admin token.
+        A signed body is read to check its hash only when it declares a Content-Length within
+        `max_body_bytes`; starlette keeps it for the handler."""
+        peer = client_peer(request)
+        if (blocked := too_many_attempts(self.auth_failures, peer)) is not None:
+            return blocked
         reason: str | None
-        if bearer(request):
-            reason = None if self.is_admin(request) else "wrong admin token"
-        elif (signed := SignedRequest.from_authorization(request.headers.get("authorization", ""))) is None:
-            reason = (
+        signed = SignedRequest.from_authorization(request.headers.get("authorization", ""))
+        if signed is None:
+            token = presented_token(request)
+            if is_admin_token(token, self.admin_token):
+                return None
+            reason = "wrong admin token" if token else (
                 f"writing {thing_id!r} needs the admin token (Authorization: Bearer TOKEN) or a request "
                 f"signed by that device's key "
                 f"(Authorization: {AUTH_SCHEME} device=ID,ts=EPOCH_S,nonce=N,sig=SIG)"
@@ -88,9 +87,7 @@ class Access:
             reason = await self._signature_refusal(signed, request.method, request.url.path, body)
         if reason is None:
             return None
-        self.auth_failures.failed(peer)
-        log.warning("write of %s refused for %s: %s", thing_id, peer, reason)
-        return problem(401, "Unauthorized", reason)
+        return unauthorized(self.auth_failures, peer, reason)
 
     async def _signature_refusal(
         self, signed: SignedRequest, method: str, path: str, body: bytes

@@ -21,7 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tinyfleet.server.registry.http_common import Access, problem
+from tinyfleet.server.http_auth import problem
+from tinyfleet.server.registry.http_common import Access
 from tinyfleet.server.registry.importer import (
     Document,
     FileReport,
@@ -65,8 +66,8 @@ def import_routes(
     importer: DocumentImporter, *, access: Access, path: str = "/registry/imports"
 ) -> list[Route]:
     async def post(request: Request) -> Response:
-        if not access.is_admin(request):
-            return problem(403, "Forbidden", "importing needs the admin token (Authorization: Bearer TOKEN)")
+        if (refused := access.refuse_admin(request, "importing")) is not None:
+            return refused
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media not in TURTLE_TYPES:
             return problem(415, "Unsupported Media Type", f"send the file as text/turtle, not {media!r}")

@@ -25,7 +25,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tinyfleet.server.registry.http_common import Access, negotiate, problem
+from tinyfleet.server.http_auth import problem
+from tinyfleet.server.registry.http_common import Access, negotiate
 from tinyfleet.server.registry.query_workers import (
     QueryFailed,
     QueryRequest,
@@ -125,10 +126,8 @@ def sparql_routes(
     async def _update(request: Request, text: str) -> Response:
         if not allow_update:
             return problem(403, "Read-only endpoint", "this endpoint answers queries only")
-        if not access.is_admin(request):
-            return problem(
-                403, "Forbidden", "SPARQL Update needs the admin token (Authorization: Bearer TOKEN)"
-            )
+        if (refused := access.refuse_admin(request, "SPARQL Update")) is not None:
+            return refused
         try:
             await anyio.to_thread.run_sync(runner.services.check_update, text)
             await anyio.to_thread.run_sync(apply, text)
@@ -147,6 +146,11 @@ def sparql_routes(
             results=negotiate(accept, list(RESULTS_FORMATS), "application/sparql-results+json"),
             graph=negotiate(accept, list(GRAPH_FORMATS), "text/turtle"),
         )
+        if formats.results is None and formats.graph is None:  # no answer could be sent: don't run it
+            return problem(
+                406, "Not acceptable",
+                f"query results can be sent as: {', '.join([*RESULTS_FORMATS, *GRAPH_FORMATS])}",
+            )
         query = QueryRequest(text, max_rows, formats, runner.services)
         try:
             result = await runner.run(query, deadline=started + timeout_s)

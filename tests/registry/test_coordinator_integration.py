@@ -165,12 +165,13 @@ def test_query_and_import_commands_against_the_running_daemon(
     board = tmp_path / "board.ttl"
     board.write_text(QUIRKY_BOARD)
     assert main(["registry", "import", str(board), "--server", base, "--admin-token", "wrong"]) == 2
-    assert "403" in capsys.readouterr().err
+    assert "401" in capsys.readouterr().err
     token_file = tmp_path / "admin-token"
     from_file = ["registry", "import", str(board), "--server", base, "--admin-token-file", str(token_file)]
     assert main(from_file) == 2
     assert f"--admin-token-file {token_file}: cannot read" in capsys.readouterr().err
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)  # a token file others can read is refused
     assert main(from_file) == 0
     assert registry.registry.exists("https://example.org/boards/quirky-1")
     assert "malformed class name" in capsys.readouterr().err  # the daemon's repair report

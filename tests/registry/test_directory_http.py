@@ -14,6 +14,7 @@ import uvicorn
 from starlette.testclient import TestClient
 
 from tinyfleet.common.device_keys import DeviceKey, verify
+from tinyfleet.server.auth import MAX_FAILURES, FailedAuthLimiter
 from tinyfleet.server.registry.http_app import registry_app
 from tinyfleet.server.registry.http_common import Access
 from tinyfleet.server.registry.registry import Registry
@@ -105,6 +106,25 @@ def test_writes_need_the_admin_token_or_the_devices_own_signature(
     assert client.get(created.headers["location"]).json()["title"] == "pi-01"
     with_id = client.post("/things", content=make_td(), headers=ADMIN)
     assert with_id.status_code == 400
+
+
+def test_guessing_the_admin_token_on_post_things_is_limited_per_peer(
+    registry: Registry, make_td: Callable[..., bytes]
+) -> None:
+    """POST /things (admin only) counts wrong tokens in the limiter it is given, as PUT does."""
+    limiter = FailedAuthLimiter()
+    app = registry_app(registry, access=Access(admin_token=TOKEN, auth_failures=limiter))
+    anonymous = json.loads(make_td())
+    del anonymous["id"]
+    body = json.dumps(anonymous)
+    with TestClient(app) as client:
+        for n in range(MAX_FAILURES):
+            guess = client.post("/things", content=body, headers={**ADMIN, "authorization": f"Bearer g{n}"})
+            assert guess.status_code == 401 and "wrong admin token" in guess.json()["detail"]
+        blocked = client.post("/things", content=body, headers=ADMIN)
+        assert blocked.status_code == 429 and 1 <= int(blocked.headers["retry-after"]) <= 60
+        assert "too many failed authentication attempts" in blocked.json()["detail"]
+        assert client.get("/things").json() == []
 
 
 def test_listing_pages_with_link_next(client: TestClient, make_td: Callable[..., bytes]) -> None:

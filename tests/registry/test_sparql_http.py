@@ -13,6 +13,7 @@ import pytest
 from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
+from tinyfleet.server.auth import MAX_FAILURES, FailedAuthLimiter
 from tinyfleet.server.registry.http_app import registry_app
 from tinyfleet.server.registry.http_common import Access, negotiate
 from tinyfleet.server.registry.registry import Registry
@@ -86,9 +87,11 @@ def test_results_in_xml_csv_tsv_and_graphs_in_three_syntaxes(client: TestClient)
 def test_updates_need_the_admin_token(client: TestClient) -> None:
     update = "INSERT DATA { GRAPH <urn:g> { <urn:a> <urn:b> <urn:c> } }"
     headers = {"content-type": "application/sparql-update"}
-    assert client.post("/sparql", content=update, headers=headers).status_code == 403
+    missing = client.post("/sparql", content=update, headers=headers)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"].startswith("Bearer")
+    assert "SPARQL Update needs the admin token" in missing.json()["detail"]
     wrong = client.post("/sparql", content=update, headers={**headers, "authorization": "Bearer nope"})
-    assert wrong.status_code == 403
+    assert wrong.status_code == 401 and "wrong admin token" in wrong.json()["detail"]
     assert (
         client.post(
             "/sparql", content=update, headers={**headers, "authorization": f"Bearer {TOKEN}"}
@@ -103,6 +106,66 @@ def test_updates_need_the_admin_token(client: TestClient) -> None:
         "/search/sparql", data={"update": update}, headers={"authorization": f"Bearer {TOKEN}"}
     )
     assert read_only.status_code == 403
+
+
+def test_guessing_the_admin_token_on_sparql_update_is_limited_per_peer(registry: Registry) -> None:
+    """The limiter is the one the caller passes (the coordinator's, shared with gRPC and /api)."""
+    limiter = FailedAuthLimiter()
+    access = Access(admin_token=TOKEN, auth_failures=limiter)
+    app = Starlette(routes=sparql_routes(registry.store, access=access))
+    update = "INSERT DATA { <urn:a> <urn:b> <urn:c> }"
+    headers = {"content-type": "application/sparql-update"}
+    with TestClient(app) as client:
+        for n in range(MAX_FAILURES):
+            guessed = {**headers, "authorization": f"Bearer g{n}"}
+            guess = client.post("/sparql", content=update, headers=guessed)
+            assert guess.status_code == 401
+        right = {**headers, "authorization": f"Bearer {TOKEN}"}
+        blocked = client.post("/sparql", content=update, headers=right)
+    assert blocked.status_code == 429 and 1 <= int(blocked.headers["retry-after"]) <= 60
+    assert blocked.headers["content-type"] == "application/problem+json"
+    assert "too many failed authentication attempts" in blocked.json()["detail"]
+    assert limiter.retry_after("testclient") > 0  # counted under the peer key the limiter shares
+    assert not registry.store.query("ASK { <urn:a> <urn:b> <urn:c> }")
+
+
+@pytest.mark.parametrize("admin_token", [None, "unset"])
+def test_without_an_admin_token_updates_are_open_and_without_access_they_are_closed(
+    registry: Registry, admin_token: str | None
+) -> None:
+    """`--no-admin-token` (Access(admin_token=None)) opens SPARQL Update as it opens the admin API;
+    routes given no Access at all have an admin nobody can be."""
+    access = Access(admin_token=None) if admin_token is None else None
+    app = Starlette(routes=sparql_routes(registry.store, access=access))
+    update = "INSERT DATA { <urn:a> <urn:b> <urn:c> }"
+    with TestClient(app) as client:
+        answer = client.post("/sparql", content=update, headers={"content-type": "application/sparql-update"})
+    assert answer.status_code == (204 if admin_token is None else 401)
+    assert bool(registry.store.query("ASK { <urn:a> <urn:b> <urn:c> }")) is (admin_token is None)
+
+
+def test_an_unacceptable_accept_is_refused_before_the_query_runs(
+    tmp_path: Path, make_td: Callable[..., bytes]
+) -> None:
+    """Neither a results nor a graph format acceptable: 406 at once. The query would time out
+    (503) if it ran, so a 406 shows it did not. On disk, so the timed-out worker is killed."""
+    store = EmbeddedStore(tmp_path / "registry")
+    registry = Registry(store)
+    registry.put(registry.prepare(make_td("d0"), "application/td+json"))
+    queries = SparqlOptions().query_workers(store)
+    app = Starlette(routes=sparql_routes(store, timeout_s=0.5, max_rows=10**9, queries=queries))
+    slow = "SELECT * WHERE { ?a ?b ?c . ?d ?e ?f . ?g ?h ?i . ?j ?k ?l }"
+    try:
+        with TestClient(app) as client:
+            refused = client.get("/sparql", params={"query": slow}, headers={"accept": "image/png"})
+            ran = client.get("/sparql", params={"query": slow}, headers={"accept": "text/turtle"})
+    finally:
+        queries.close()
+        store.close()
+    assert refused.status_code == 406
+    assert "application/sparql-results+json" in refused.json()["detail"]
+    assert "text/turtle" in refused.json()["detail"]
+    assert ran.status_code == 503  # a graph format is acceptable: it ran (and here timed out)
 
 
 def test_syntax_errors_row_limit_and_bad_requests_are_clear(client: TestClient) -> None:

@@ -5,7 +5,9 @@ that prints a warning."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import stat
 from pathlib import Path
 
@@ -14,7 +16,8 @@ import httpx
 import pytest
 
 from tinyfleet.cli import main
-from tinyfleet.server.admin_client import AdminClient
+from tinyfleet.server.admin_client import AdminClient, admin_token_from
+from tinyfleet.server.daemon import LOCK_FILE
 from tinyfleet.server.registry.thing_description import device_thing_description
 from tinyfleet.simulations.local_fleet import LocalFleet
 
@@ -74,3 +77,43 @@ def test_no_admin_token_contradicting_a_token_is_refused(
     argv = ["server", "start", "--data-dir", str(tmp_path), "--no-admin-token", "--admin-token", "x"]
     assert main(argv) == 2
     assert "--no-admin-token contradicts" in capsys.readouterr().err
+
+
+def test_a_start_refused_for_a_held_data_dir_writes_no_admin_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data-dir lock comes before the token is generated: a second first start must not
+    write a token of its own over (or beside) the one the holder is using."""
+    monkeypatch.delenv("TINYFLEET_ADMIN_TOKEN", raising=False)
+    fd = os.open(tmp_path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)  # another holder's flock
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["server", "start", "--data-dir", str(tmp_path), "--listen", "127.0.0.1:0"]) == 1
+    finally:
+        os.close(fd)
+    assert "is in use by another coordinator" in capsys.readouterr().err
+    assert not (tmp_path / "admin-token").exists()
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_an_admin_token_file_others_can_read_or_change_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: int
+) -> None:
+    token_file = tmp_path / "admin-token"
+    token_file.write_text("secret\n")
+    token_file.chmod(mode)
+    with pytest.raises(OSError, match=rf"mode {mode:o}\); run chmod 600"):
+        admin_token_from(None, token_file)
+    assert main(["job", "list", "--server", "127.0.0.1:1", "--admin-token-file", str(token_file)]) == 2
+    assert f"{token_file}: the admin token is open to other users (mode {mode:o})" in capsys.readouterr().err
+    token_file.chmod(0o600)
+    assert admin_token_from(None, token_file) == "secret"
+
+
+def test_no_admin_token_help_says_what_it_opens(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["server", "start", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--no-admin-token lab only: no admin token; everyone who reaches the ports is the admin" \
+        in help_text
+    assert "SPARQL Update, directory writes and imports are all open" in help_text

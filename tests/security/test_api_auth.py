@@ -5,6 +5,7 @@ HTTP and gRPC on 127.0.0.1."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from server.harness import CoordinatorThread, settings_for
 
 from tinyfleet.server.admin_client import AdminClient
+from tinyfleet.server.registry.thing_description import device_thing_description
 
 TOKEN = "api-auth-admin-token"
 API = ("/api/devices", "/api/jobs", "/api/jobs/1")
@@ -43,7 +45,8 @@ def test_api_needs_the_admin_token_like_its_grpc_twins(coordinator: CoordinatorT
             refused = httpx.get(base + path, headers=headers)
             assert refused.status_code == 401, (path, headers)
             assert refused.headers["www-authenticate"].startswith("Bearer")
-            assert "admin token required" in refused.json()["error"]
+            assert refused.headers["content-type"] == "application/problem+json"
+            assert refused.json()["status"] == 401 and "admin token" in refused.json()["detail"]
     with AdminClient(coordinator.address) as anonymous, pytest.raises(grpc.RpcError) as twin:
         anonymous.devices()
     assert twin.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -51,6 +54,8 @@ def test_api_needs_the_admin_token_like_its_grpc_twins(coordinator: CoordinatorT
     # and the peer waits out the window even with the right token
     blocked = httpx.get(f"{base}/api/devices", headers=admin)
     assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) >= 1
+    assert blocked.headers["content-type"] == "application/problem+json"
+    assert "too many failed authentication attempts" in blocked.json()["detail"]
     health = httpx.get(f"{base}/healthz")  # probes need no token and are never blocked
     assert health.status_code == 200 and health.json()["status"] == "ok"
 
@@ -72,3 +77,44 @@ def test_without_an_admin_token_the_api_is_as_open_as_grpc(tmp_path: Path) -> No
             assert http == grpc_status == status
         finally:
             running.stop()
+
+
+def test_without_an_admin_token_every_admin_door_is_open_alike(tmp_path: Path) -> None:
+    """`--no-admin-token` (no token configured) opens everything the admin token guards, by the
+    one rule (auth.is_admin_token): /api, Admin gRPC, SPARQL Update, POST /things and imports; a
+    coordinator with a token refuses all five without it."""
+    from tinyfleet.server.registry.coordinator_hooks import CoordinatorRegistry
+
+    board = "@prefix ex: <https://example.org/> . ex:b ex:p ex:o .\n"
+    anonymous = device_thing_description("urn:tinyfleet:device:anonymous", title="a", ram_kb=64, flash_kb=64)
+    del anonymous["id"]
+    for token in (None, TOKEN):
+        data_dir = tmp_path / ("open" if token is None else "closed")
+        registry = CoordinatorRegistry.open(data_dir, admin_token=token)
+        settings = settings_for(data_dir, http="127.0.0.1:0", admin_token=token)
+        running = CoordinatorThread(settings, registry.hooks())
+        base = f"http://{running.coordinator.http_address}"
+        try:
+            answers = [
+                httpx.get(f"{base}/api/devices").status_code,
+                httpx.post(f"{base}/sparql", content="INSERT DATA { <urn:a> <urn:b> <urn:c> }",
+                           headers={"content-type": "application/sparql-update"}).status_code,
+                httpx.post(f"{base}/things", content=json.dumps(anonymous),
+                           headers={"content-type": "application/td+json"}).status_code,
+                httpx.post(f"{base}/registry/imports", params={"name": "b.ttl", "base": "https://example.org/"},
+                           content=board, headers={"content-type": "text/turtle"}).status_code,
+            ]
+            with AdminClient(running.address) as anyone:
+                try:
+                    anyone.devices()
+                    answers.append(200)
+                except grpc.RpcError as exc:
+                    answers.append(401 if exc.code() == grpc.StatusCode.UNAUTHENTICATED else 500)
+            if token is None:
+                assert answers[0] == answers[4] == 200 and answers[1] == 204 and answers[2] == 201, answers
+                assert answers[3] == 200, answers
+            else:
+                assert answers == [401] * 5
+        finally:
+            running.stop()
+            registry.registry.store.close()

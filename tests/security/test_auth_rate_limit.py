@@ -15,7 +15,7 @@ import pytest
 from server.harness import CoordinatorThread, FakeAgent, settings_for
 
 from tinyfleet.server.admin_client import AdminClient
-from tinyfleet.server.auth import MAX_FAILURES, FailedAuthLimiter, ReplayGuard
+from tinyfleet.server.auth import MAX_FAILURES, FailedAuthLimiter, ReplayGuard, peer_host, peer_key
 from tinyfleet.server.registry.coordinator_hooks import CoordinatorRegistry
 from tinyfleet.server.registry.thing_description import device_thing_description
 
@@ -139,3 +139,77 @@ def test_request_signatures_are_accepted_once_and_forgotten_only_when_their_time
     assert "too many" in (guard.refusal(third, timestamp=105, now=105.0) or "")  # full: refused
     assert guard.refusal(third, timestamp=111, now=111.0) is None  # the first one's time is out
     assert "already used" in (guard.refusal(second, timestamp=104, now=111.0) or "")
+
+
+def test_every_admin_door_counts_wrong_tokens_in_the_one_limit(tmp_path: Path) -> None:
+    """Wrong admin tokens on SPARQL Update, POST /things, imports, /api and Admin gRPC add up for
+    one peer; past the limit every door answers 429 (RESOURCE_EXHAUSTED), even to the right token."""
+    data_dir = tmp_path / "coord"
+    registry = CoordinatorRegistry.open(data_dir, admin_token=TOKEN)
+    settings = settings_for(data_dir, http="127.0.0.1:0", admin_token=TOKEN)
+    thread = CoordinatorThread(settings, registry.hooks())
+    base = f"http://{thread.coordinator.http_address}"
+
+    def doors(token: str) -> list[httpx.Response]:
+        bearer = {"authorization": f"Bearer {token}"}
+        return [
+            httpx.post(f"{base}/sparql", content="INSERT DATA { <urn:a> <urn:b> <urn:c> }",
+                       headers={**bearer, "content-type": "application/sparql-update"}),
+            httpx.post(f"{base}/things", content=json.dumps({"title": "t"}),
+                       headers={**bearer, "content-type": TD}),
+            httpx.post(f"{base}/registry/imports", params={"name": "x.ttl"}, content=b"",
+                       headers={**bearer, "content-type": "text/turtle"}),
+            httpx.get(f"{base}/api/devices", headers=bearer),
+        ]
+
+    try:
+        guesses = doors("guess-1") + doors("guess-2")  # 8 failures over the four HTTP doors
+        assert [r.status_code for r in guesses] == [401] * 8
+        assert all(r.headers["content-type"] == "application/problem+json" for r in guesses)
+        with AdminClient(thread.address, admin_token="guess-3") as guesser:
+            for _ in range(MAX_FAILURES - len(guesses)):
+                assert _code(guesser.jobs).code() == grpc.StatusCode.UNAUTHENTICATED
+        blocked = doors(TOKEN)
+        assert [r.status_code for r in blocked] == [429] * 4
+        assert all(1 <= int(r.headers["retry-after"]) <= 60 for r in blocked)
+        assert all("too many failed authentication attempts from 127.0.0.1" in r.json()["detail"]
+                   for r in blocked)
+        with AdminClient(thread.address, admin_token=TOKEN) as admin:
+            assert _code(admin.jobs).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        thread.stop()
+        registry.registry.store.close()
+
+
+def test_an_ipv6_client_is_one_peer_over_grpc_and_http(tmp_path: Path) -> None:
+    """grpc names IPv6 peers percent-encoded ("ipv6:%5B::1%5D:PORT"): the limiter must key them as
+    HTTP does ("::1"), so failures over both transports add up and messages name the address."""
+    # gRPC on "localhost" (both loopbacks; the daemon cannot bind "[::1]:0" yet), reached over ::1
+    settings = settings_for(tmp_path / "coord", listen="localhost:0", http="[::1]:0", admin_token=TOKEN)
+    thread = CoordinatorThread(settings)
+    try:
+        http_port = (thread.coordinator.http_address or "").rpartition(":")[2]  # given as "::1:PORT"
+        api = f"http://[::1]:{http_port}/api/jobs"
+        grpc_v6 = "[::1]:" + thread.address.rpartition(":")[2]
+        with AdminClient(grpc_v6, admin_token="guess") as guesser:
+            for _ in range(MAX_FAILURES // 2):
+                assert _code(guesser.jobs).code() == grpc.StatusCode.UNAUTHENTICATED
+        for _ in range(MAX_FAILURES - MAX_FAILURES // 2):
+            assert httpx.get(api, headers={"authorization": "Bearer guess"}).status_code == 401
+        blocked = httpx.get(api, headers={"authorization": f"Bearer {TOKEN}"})
+        assert blocked.status_code == 429
+        assert "too many failed authentication attempts from ::1;" in blocked.json()["detail"]
+        with AdminClient(grpc_v6, admin_token=TOKEN) as admin:
+            refused = _code(admin.jobs)
+        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "from ::1;" in refused.details()
+    finally:
+        thread.stop()
+
+
+def test_peer_keys_are_the_same_for_both_transports() -> None:
+    assert peer_host("ipv6:%5B::1%5D:50326") == peer_key("::1") == "::1"
+    assert peer_host("ipv6:[::1]:7") == "::1"
+    assert peer_host("ipv4:10.0.0.5:41000") == peer_key("10.0.0.5") == "10.0.0.5"
+    assert peer_key("::ffff:10.0.0.5") == "10.0.0.5"  # a dual-stack socket's view of an IPv4 client
+    assert peer_host("ipv6:%5B2001:DB8::1%5D:1") == peer_key("2001:db8::1") == "2001:db8::1"

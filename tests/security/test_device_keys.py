@@ -144,7 +144,8 @@ def test_a_crash_after_the_registration_commit_ends_with_the_agent_online_under_
 
 def test_a_device_writes_its_own_description_over_http_with_a_signed_request(tmp_path: Path) -> None:
     data_dir = tmp_path / "coord"
-    registry = CoordinatorRegistry.open(data_dir)
+    # With an admin token: without one (--no-admin-token) a request with no credential is the admin's.
+    registry = CoordinatorRegistry.open(data_dir, admin_token="device-keys-admin")
     thread = CoordinatorThread(settings_for(data_dir, http="127.0.0.1:0"), registry.hooks())
     try:
         agent = thread.agent(PI)

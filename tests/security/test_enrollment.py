@@ -133,6 +133,7 @@ def test_server_enroll_issues_lists_and_revokes(
 ) -> None:
     token_file = tmp_path / "admin-token"
     token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)  # a token file others can read is refused
     server = ["--server", coordinator.address, "--admin-token-file", str(token_file)]
     assert main(["server", "enroll", "--uses", "3", "--ttl", "2h", "--label", "shelf-3", *server]) == 0
     out, err = capsys.readouterr()
