@@ -35,6 +35,10 @@ DEFAULT_MAX_JSON_DEPTH: Final = 64
 #: Descriptions longer than this are validated in a lane of their own (FleetService, Registry):
 #: SHACL over a description of this size takes ~0.1 s; over one of the default limit's size, ~1 s.
 LARGE_DESCRIPTION_BYTES: Final = 32 * 1024
+#: Seconds a large description may take to validate in its worker process before it is killed and
+#: the description refused: one at the default size limit takes ~1 s (a few on a loaded machine),
+#: and one that takes this long holds up every large one behind it.
+LARGE_VALIDATION_TIMEOUT_S: Final = 20.0
 #: A refusal goes back in gRPC trailers (the status message and "validation-errors"), which
 #: clients accept up to 8 KiB in all by default: each is cut to fit well inside.
 MAX_REFUSAL_MESSAGE_CHARS: Final = 1000
@@ -57,6 +61,11 @@ class DescriptionError(ValueError):
     """A device description that cannot be registered; the message says why."""
 
 
+class ValidationUnavailable(Exception):
+    """Descriptions cannot be validated now (the coordinator is stopping): no verdict on the
+    description itself, so the caller may send it again."""
+
+
 @dataclass(frozen=True)
 class DescriptionLimits:
     """Bounds on one description, checked before it is parsed."""
@@ -64,6 +73,8 @@ class DescriptionLimits:
     max_bytes: int = DEFAULT_MAX_DESCRIPTION_BYTES
     max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
     large_bytes: int = LARGE_DESCRIPTION_BYTES
+    #: Deadline for validating one description over `large_bytes` (its worker is killed then).
+    validation_timeout_s: float = LARGE_VALIDATION_TIMEOUT_S
 
     def size_problem(self, size: int) -> str | None:
         if size <= self.max_bytes:

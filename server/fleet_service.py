@@ -59,6 +59,7 @@ from tinyfleet.server.descriptions import (
     DescribeDevices,
     DescriptionError,
     DescriptionLimits,
+    ValidationUnavailable,
     refusal_details,
     unprocessable,
 )
@@ -246,6 +247,8 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         try:
             # Off the event loop: SHACL validation takes milliseconds per description.
             device_id, normalized = await lane.submit((description, request.media_type))
+        except ValidationUnavailable as exc:  # stopping: no verdict on the description
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except Exception as exc:  # this description's own failure (the lanes isolate items)
             # The registry's validator lists every problem as {path, message}: sent as JSON
             # in the trailing metadata entry "validation-errors".

@@ -211,6 +211,12 @@ class CoordinatorRegistry:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*tasks, return_exceptions=True)
 
+    def stopping(self) -> None:
+        """First thing at the coordinator's stop: kill the SPARQL query workers and the
+        large-description worker, so neither a running query nor a validation holds it up."""
+        self.queries.close()
+        self.registry.large_descriptions.close()
+
     def hooks(self) -> Hooks:
         from tinyfleet.server.daemon import Hooks
 
@@ -223,7 +229,7 @@ class CoordinatorRegistry:
             recover=self.recover,
             background=self.background,
             health=lambda: self.projector.health() if self.projector is not None else {},
-            stopping=self.queries.close,
+            stopping=self.stopping,
             auth_failures=self.auth_failures,
         )
 

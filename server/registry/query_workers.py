@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import ctypes
 import math
 import multiprocessing
 import os
@@ -59,10 +57,10 @@ from tinyfleet.server.registry.sparql_results import (
     answer,
 )
 from tinyfleet.server.registry.store import EmbeddedStore, RegistryStore
+from tinyfleet.server.registry.worker_process import die_with_parent
 
 #: Workers yield the CPU to the coordinator (nice value added to theirs).
 WORKER_NICENESS = 10
-_PR_SET_PDEATHSIG = 1
 _OPEN_ATTEMPTS = 3
 
 
@@ -367,7 +365,7 @@ class _ThreadSlot:
 
 def _worker_main(conn: Connection, path: str, parent_pid: int) -> None:
     """A worker's life: answer one request at a time until the pipe closes or it is killed."""
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the coordinator, which kills us
     os.nice(WORKER_NICENESS)
     snapshot = _Snapshot(Path(path))
@@ -386,14 +384,6 @@ def _worker_main(conn: Connection, path: str, parent_pid: int) -> None:
             conn.send(reply)
         except (EOFError, OSError):
             return
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: SIGKILL this worker when the thread that spawned it (the coordinator's) ends."""
-    with contextlib.suppress(OSError, AttributeError):  # no prctl: an idle worker still ends on EOF
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # it died before the signal was armed
-        os._exit(0)
 
 
 class _Snapshot:

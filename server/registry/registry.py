@@ -12,19 +12,16 @@ the same update). Each thing's graph also holds its registration information
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import json
 import logging
-import multiprocessing
-import os
+import queue
 import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -32,7 +29,12 @@ import pyoxigraph as ox
 
 from tinyfleet.ontology import DISCOVERY, ONTOLOGY_PATH, RDF, TF, XSD
 from tinyfleet.ontology.catalog import render, resolve_query
-from tinyfleet.server.descriptions import DescriptionLimits, iri_problem, unprocessable
+from tinyfleet.server.descriptions import (
+    DescriptionLimits,
+    ValidationUnavailable,
+    iri_problem,
+    unprocessable,
+)
 from tinyfleet.server.registry import updates
 from tinyfleet.server.registry.normalize import model_subjects, normalize_device, normalize_models
 from tinyfleet.server.registry.store import RegistryStore
@@ -50,6 +52,12 @@ from tinyfleet.server.registry.validation import (
     check_td_json,
     is_inside,
     scope_problems,
+)
+from tinyfleet.server.registry.worker_process import (
+    KillableWorker,
+    WorkerClosed,
+    WorkerStopped,
+    WorkerTimeout,
 )
 
 _SCHEMA_HTTP: Final = "http://schema.org/"  # the WoT Discovery context maps registration terms here
@@ -125,6 +133,8 @@ class Registry:
         #: Size and nesting bounds on descriptions; the coordinator sets them from its options.
         self.limits = limits or DescriptionLimits()
         self._validator = validator or ShaclValidator.shared()
+        #: Where descriptions over `limits.large_bytes` are prepared; closed at the coordinator's stop.
+        self.large_descriptions = LargeDescriptions()
         self._write_lock = threading.Lock()
         self._prepared: OrderedDict[bytes, Prepared] = OrderedDict()
         self._prepared_lock = threading.Lock()
@@ -161,7 +171,8 @@ class Registry:
         failures are returned in place (or the first raised, when `raise_first`). Whatever
         goes wrong with one description (including an unexpected exception) fails it alone.
         Descriptions over `limits.large_bytes` are prepared, one at a time, in a worker
-        process with the fleet shapes (LargeDescriptions), never in this process's run.
+        process with the fleet shapes (LargeDescriptions), never in this process's run; once
+        that is closed (the coordinator stopping), ValidationUnavailable is raised for the batch.
 
         Accepted descriptions are remembered by their exact input (bounded LRU): the
         coordinator prepares a registration before its SQL commit and the projector the
@@ -180,12 +191,14 @@ class Registry:
                 continue
             try:
                 if self.limits.large_bytes < len(data) <= self.limits.max_bytes:
-                    large[number] = LARGE_DESCRIPTIONS.prepare(items[number], self.limits)
+                    large[number] = self.large_descriptions.prepare(items[number], self.limits)
                     parsed.append(large[number])
                 else:
                     parsed.append(self.prepare_unvalidated(data, media_type, thing_id, ttl_s))
             except DescriptionInvalid as exc:
                 parsed.append(exc)
+            except ValidationUnavailable:  # stopping: no verdict on anyone (the projector retries later)
+                raise
             except Exception as exc:  # a parser's limit or a bug: this description fails, not the batch
                 parsed.append(_unprocessable(exc))
         done = known | set(large)
@@ -589,28 +602,70 @@ class LargeDescriptions:
     coordinator that second competes for the GIL (and adds garbage-collector pauses) with
     everything else, gRPC's event loop and the small registrations' validation included; in a
     process of its own, at a lower CPU priority, it costs the coordinator a pipe round trip and
-    reading back the triples (N-Triples, parsed by Oxigraph). One worker, spawned at first use;
-    a description that kills it fails alone and the next one gets a new worker."""
+    reading back the triples (N-Triples, parsed by Oxigraph).
+
+    One worker (KillableWorker), spawned at first use, one description at a time, each with
+    `limits.validation_timeout_s`: past it the worker is killed, the description is refused
+    naming the deadline, and the next one gets a new worker; so does the next after one that
+    kills it. Calls are made from one thread of this object's own (the worker's parent-death
+    signal follows the thread that spawned it). `close` (the coordinator's stop) kills the
+    worker at once, so a stop never waits for a validation."""
 
     def __init__(self) -> None:
+        self._worker = KillableWorker(
+            _prepare_in_worker, setup=_start_worker, name="tinyfleet-large-descriptions"
+        )
         self._lock = threading.Lock()
-        self._pool: ProcessPoolExecutor | None = None
+        self._requests: queue.SimpleQueue[_LargeRequest | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._closed = False
 
     def prepare(
         self, item: tuple[bytes, str, str | None, int | None], limits: DescriptionLimits
     ) -> Prepared | DescriptionInvalid:
+        """The prepared description or its refusal; ValidationUnavailable once closed."""
+        request = _LargeRequest(item, limits, Future())
         with self._lock:
-            if self._pool is None:
-                self._pool = ProcessPoolExecutor(
-                    max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker
-                )
-            pool = self._pool
+            if self._closed:
+                raise ValidationUnavailable("the coordinator is stopping; try again")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="large-descriptions", daemon=True)
+                self._thread.start()
+            self._requests.put(request)
+        return request.result.result()
+
+    def close(self) -> None:
+        """Kill the worker; descriptions in flight or waiting fail with ValidationUnavailable."""
+        with self._lock:
+            self._closed = True
+            self._requests.put(None)
+        self._worker.close()
+
+    def _serve(self) -> None:
+        while (request := self._requests.get()) is not None:
+            try:
+                request.result.set_result(self._prepare(request.item, request.limits))
+            except BaseException as exc:  # delivered to the caller, who decides
+                request.result.set_exception(exc)
+        while not self._requests.empty():  # arrived before close: nothing will serve them
+            if (left := self._requests.get()) is not None:
+                left.result.set_exception(ValidationUnavailable("the coordinator is stopping; try again"))
+
+    def _prepare(
+        self, item: tuple[bytes, str, str | None, int | None], limits: DescriptionLimits
+    ) -> Prepared | DescriptionInvalid:
         try:
-            outcome = pool.submit(_prepare_in_worker, item, limits).result()
-        except BrokenProcessPool:
-            with self._lock:
-                if self._pool is pool:
-                    self._pool = None
+            outcome = self._worker.call((item, limits), limits.validation_timeout_s)
+        except WorkerClosed:
+            raise ValidationUnavailable("the coordinator is stopping; try again") from None
+        except WorkerTimeout:
+            log.warning("a large description took longer than %g s to validate; its worker was killed",
+                        limits.validation_timeout_s)
+            return DescriptionInvalid([Problem("", (
+                f"validation took longer than {limits.validation_timeout_s:g} s "
+                f"(a description over {limits.large_bytes} bytes gets that long); it was stopped"
+            ))])
+        except WorkerStopped:
             log.warning("the process validating a large description died; the next one gets a new one")
             return DescriptionInvalid(
                 [Problem("", "the description could not be processed (it stopped the process validating it)")]
@@ -622,22 +677,23 @@ class LargeDescriptions:
         return Prepared(thing_id=thing_id, triples=triples, document=document, ttl_s=ttl_s)
 
 
-#: The coordinator's one lane for large descriptions (Registry.prepare_many sends them there).
-LARGE_DESCRIPTIONS: Final = LargeDescriptions()
+@dataclass(frozen=True)
+class _LargeRequest:
+    item: tuple[bytes, str, str | None, int | None]
+    limits: DescriptionLimits
+    result: Future[Prepared | DescriptionInvalid]
 
 
 def _start_worker() -> None:
-    with contextlib.suppress(OSError):
-        os.nice(10)  # the coordinator's own work goes first
     ShaclValidator.shared()  # the shapes, parsed before the first description arrives
 
 
 def _prepare_in_worker(
-    item: tuple[bytes, str, str | None, int | None], limits: DescriptionLimits
+    request: tuple[tuple[bytes, str, str | None, int | None], DescriptionLimits],
 ) -> tuple[str, bytes, dict[str, Any] | None, int | None] | list[Problem]:
     """In the worker: (thing id, N-Triples, document, ttl) of an accepted description, or its
     problems (exceptions do not cross the pipe: DescriptionInvalid's constructor takes a list)."""
-    data, media_type, thing_id, ttl_s = item
+    (data, media_type, thing_id, ttl_s), limits = request
     try:
         prepared = parse_description(data, media_type, thing_id, ttl_s, limits)
         problems = ShaclValidator.shared().validate(prepared.triples)

@@ -7,11 +7,14 @@ sent after it is not held up; bad ids and deep JSON over HTTP are 400 problem+js
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import signal
 import statistics
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -39,6 +42,9 @@ MAX_DESCRIPTION_BYTES = 100_000
 #: process at lower priority (measured: the slowest small one 23-32 ms against 11-23 ms alone);
 #: before, the small one waited for the whole of the large one's validation (over a second).
 LATENCY_BOUND_S = 0.5
+#: Seconds from SIGTERM to the coordinator's exit while a large description is validated
+#: (gRPC's 2 s grace included): "within a few seconds", generous for a loaded machine.
+STOP_BOUND_S = 8.0
 
 
 def _td(device_id: str, **extra: Any) -> dict[str, Any]:
@@ -231,3 +237,47 @@ def test_a_large_description_does_not_hold_up_small_ones(tmp_path_factory: pytes
         assert during, "the large registration finished before a small one could be sent"
         assert max(during) <= alone + LATENCY_BOUND_S
         wait_for(lambda: any(d.device_id == "urn:tinyfleet:device:large" for d in running.admin().devices()))
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """Worker processes (multiprocessing spawn) of `pid`, from /proc."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            children += [int(c) for c in (task / "children").read_text().split()]
+    spawned = []
+    for child in children:
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                spawned.append(child)
+    return spawned
+
+
+def test_sigterm_while_a_large_description_is_validated_exits_within_seconds(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The coordinator's stop kills the large-description worker (before, a stop waited for the
+    validation to end, ~15 s for this description, and the interpreter's exit joined the pool);
+    the Register in flight is answered UNAVAILABLE and no worker outlives the coordinator."""
+    with coordinator(tmp_path_factory.mktemp("sigterm"), ["--max-description-bytes", "4000000"]) as running:
+        server = running.server
+        assert server is not None
+        large = _large("urn:tinyfleet:device:slow-to-validate", 3_500_000)
+        outcome: dict[str, Any] = {}
+        sender = threading.Thread(target=lambda: outcome.update(answer=register(running.address, large)))
+        sender.start()
+        wait_for(lambda: bool(_spawned_children(server.pid)), timeout=60)
+        [worker] = _spawned_children(server.pid)
+        time.sleep(1.0)  # the worker has the description and is validating it
+        assert server.poll() is None and outcome == {}, "the validation ended before the stop"
+        started = time.monotonic()
+        server.send_signal(signal.SIGTERM)
+        code = server.wait(30)
+        elapsed = time.monotonic() - started
+        sender.join(30)
+        print(f"coordinator exited {code} {elapsed:.1f} s after SIGTERM")
+        assert code == 0 and elapsed < STOP_BOUND_S
+        answer = outcome["answer"]
+        assert isinstance(answer, grpc.RpcError), answer
+        assert answer.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), answer
+        wait_for(lambda: not Path(f"/proc/{worker}").exists(), timeout=5)

@@ -17,6 +17,7 @@ import pytest
 from tinyfleet.server.descriptions import (
     DescriptionError,
     DescriptionLimits,
+    ValidationUnavailable,
     describe_device,
     json_depth_problem,
 )
@@ -214,6 +215,28 @@ def test_large_descriptions_are_validated_in_a_worker_process(
     assert prepared.document == expected.document
     with pytest.raises(DescriptionInvalid, match="tf:deviceClass must be one of"):
         registry.prepare(_large_td("urn:tinyfleet:device:large-bad", 400, deviceClass="toaster"), TD_JSON)
+
+
+def test_a_large_description_past_its_deadline_fails_alone_and_the_next_is_validated() -> None:
+    """The large lane's worker is killed at `validation_timeout_s` (before, a slow description
+    had no deadline and held up every large one behind it): that description is refused naming
+    the deadline, and the next one, in the same batch, gets a new worker and is validated."""
+    limits = DescriptionLimits(max_bytes=2_000_000, large_bytes=1_000, validation_timeout_s=1.0)
+    registry = Registry(EmbeddedStore(None), limits=limits)
+    try:
+        slow = _large_td("urn:tinyfleet:device:slow", 12_000)  # ~1.1 MB: several seconds of SHACL
+        quick = _large_td("urn:tinyfleet:device:quick", 10)  # over large_bytes: the same lane
+        assert len(quick) > limits.large_bytes
+        slow_result, quick_result = registry.prepare_many(
+            [(slow, TD_JSON, None, None), (quick, TD_JSON, None, None)], raise_first=False
+        )
+        assert isinstance(slow_result, DescriptionInvalid)
+        assert "validation took longer than 1 s" in str(slow_result)
+        assert isinstance(quick_result, Prepared) and quick_result.thing_id == "urn:tinyfleet:device:quick"
+    finally:
+        registry.large_descriptions.close()
+    with pytest.raises(ValidationUnavailable, match="stopping"):  # closed: no verdict, try again
+        registry.prepare(_large_td("urn:tinyfleet:device:late", 10), TD_JSON)
 
 
 BOARD = "https://example.org/boards/imported-1"
