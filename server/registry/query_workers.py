@@ -4,7 +4,7 @@ Oxigraph cannot interrupt a query, and a query left running in a thread of the
 coordinator keeps its CPU, its memory and the store busy long after the client
 got its 503. So on an on-disk store each query runs in one of `workers` worker
 processes that open the store read-only; at the deadline the worker is killed
-(SIGKILL, so its CPU stops at once) and a fresh one spawned. Only the answer's
+(SIGKILL, so its CPU stops at once) and the next query spawns a fresh one. Only the answer's
 bytes cross back over the pipe. Workers run at a lower CPU priority than the
 coordinator, so gRPC, /healthz and /things stay responsive while they work.
 
@@ -104,6 +104,8 @@ class _Slot(Protocol):
 
     def close(self) -> None: ...
 
+    def reap(self) -> None: ...
+
 
 class QueryWorkers:
     """Admission (running + waiting), the deadline, and the slots queries run in."""
@@ -188,7 +190,13 @@ class QueryWorkers:
                 waiter.set_exception(WorkersClosed())
         for slot in self._slots:
             slot.close()
+        # Killed workers are reaped off the loop: one that held GBs takes a while to go.
+        threading.Thread(target=self._reap, name="sparql-reaper", daemon=True).start()
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _reap(self) -> None:
+        for slot in self._slots:
+            slot.reap()
 
     async def _acquire(self, deadline: float) -> _Slot:
         if self._free:
@@ -235,31 +243,56 @@ class QueryWorkers:
 
 
 class _ProcessSlot:
-    """One worker process, spawned at the first query (a coordinator that is never queried
-    starts none) and replaced whenever it is killed or dies."""
+    """One worker process, spawned by the call that needs it: a coordinator never queried starts
+    none, and a killed worker is replaced by the next query, not at once.
+
+    The event loop only signals (`interrupt`, `close`: SIGKILL is one system call). The lock
+    guards the slot's fields and is never held while spawning, joining or waiting, so the loop
+    never waits behind one: spawning, and reaping a killed worker (which takes a while when it
+    held GBs), happen in the executor thread running the call, or in the reaper `close` starts."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._lock = threading.Lock()
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
-        self._serving: threading.Event | None = None  # the call using the pipe; only it closes it
+        self._serving: threading.Event | None = None  # the call using the worker, if any
         self._closed = False
 
     def call(self, request: QueryRequest, deadline: float, cancelled: threading.Event) -> Answer:
-        """Send, wait until the deadline, kill and replace the worker if it is still working.
+        """Send, wait until the deadline, kill and reap the worker if it is still working.
         Runs in the executor's threads, which live as long as the QueryWorkers: a worker's
         parent-death signal follows the thread that spawned it."""
-        with self._lock:
-            conn = self._spawn_locked()
-            self._serving = cancelled
+        conn = self._serve(cancelled)
         try:
             return self._exchange(conn, request, deadline, cancelled)
         finally:
             with self._lock:
                 self._serving = None
-                if self._closed:
-                    self._kill_locked()
+                closed = self._closed
+            if closed:
+                self._discard()
+
+    def _serve(self, cancelled: threading.Event) -> Connection:
+        """The live worker's pipe (spawned here, outside the lock, when there is none), with
+        `cancelled` marking the call it serves."""
+        with self._lock:
+            if self._closed:
+                raise WorkersClosed
+            if self._process is not None and self._conn is not None and self._process.is_alive():
+                self._serving = cancelled
+                return self._conn
+        self._discard()  # a worker that died while idle (e.g. the OOM killer's), or none
+        process, conn = _spawn_worker(self._path)
+        with self._lock:
+            self._process, self._conn = process, conn
+            closed = self._closed
+            if not closed:
+                self._serving = cancelled
+        if closed:  # `close` ran while it was spawning and found nothing to kill
+            self._discard()
+            raise WorkersClosed
+        return conn
 
     def _exchange(
         self, conn: Connection, request: QueryRequest, deadline: float, cancelled: threading.Event
@@ -267,11 +300,11 @@ class _ProcessSlot:
         try:
             conn.send(request)
             if not conn.poll(max(0.0, deadline - time.monotonic())):
-                self._replace()
+                self._discard()
                 raise QueryTimeout
             reply = conn.recv()
         except (EOFError, OSError):  # killed by `interrupt` or `close`, or it died
-            self._replace()
+            self._discard()
             if self._closed:
                 raise WorkersClosed from None
             if cancelled.is_set():
@@ -282,53 +315,52 @@ class _ProcessSlot:
         return reply  # type: ignore[no-any-return]
 
     def interrupt(self, cancelled: threading.Event) -> None:
-        """Kill the worker if it still serves that call (not a replacement serving the next)."""
+        """Kill the worker if it still serves that call (not a replacement serving the next);
+        the call sees its pipe close and reaps it."""
         with self._lock:
             if self._serving is cancelled and self._process is not None:
                 self._process.kill()
 
     def close(self) -> None:
+        """Kill the worker (a signal only); a call using it reaps it, else `reap` does."""
         with self._lock:
             self._closed = True
-            if self._serving is not None and self._process is not None:
-                self._process.kill()  # the call sees the pipe close and cleans up
-            else:
-                self._kill_locked()
+            if self._process is not None:
+                self._process.kill()
 
-    def _replace(self) -> None:
+    def reap(self) -> None:
+        """After `close`, from a thread that may wait: reap an idle worker."""
         with self._lock:
-            self._serving = None
-            self._kill_locked()
-            if not self._closed:
-                self._spawn_locked()
+            idle = self._serving is None
+        if idle:
+            self._discard()
 
-    def _spawn_locked(self) -> Connection:
-        if self._closed:
-            raise WorkersClosed
-        if self._process is not None and self._process.is_alive() and self._conn is not None:
-            return self._conn
-        self._kill_locked()
-        context = multiprocessing.get_context("spawn")
-        ours, theirs = context.Pipe()
-        process = context.Process(
-            target=_worker_main,
-            args=(theirs, str(self._path), os.getpid()),
-            name="tinyfleet-sparql-worker",
-            daemon=True,
-        )
-        process.start()
-        theirs.close()
-        self._process, self._conn = process, ours
-        return ours
+    def _discard(self) -> None:
+        """Kill the worker and wait for it to end: whoever takes it out of the slot reaps it."""
+        with self._lock:
+            process, conn = self._process, self._conn
+            self._process, self._conn = None, None
+            if process is not None:
+                process.kill()
+        if process is not None:
+            process.join()
+            process.close()
+        if conn is not None:
+            conn.close()
 
-    def _kill_locked(self) -> None:
-        if self._process is not None:
-            self._process.kill()
-            self._process.join()
-            self._process.close()
-        if self._conn is not None:
-            self._conn.close()
-        self._process, self._conn = None, None
+
+def _spawn_worker(path: Path) -> tuple[multiprocessing.process.BaseProcess, Connection]:
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    process = context.Process(
+        target=_worker_main,
+        args=(theirs, str(path), os.getpid()),
+        name="tinyfleet-sparql-worker",
+        daemon=True,
+    )
+    process.start()
+    theirs.close()
+    return process, ours
 
 
 class _ThreadSlot:
@@ -357,6 +389,9 @@ class _ThreadSlot:
         """Nothing to kill: the call stops at its next row (`cancelled`) or its HTTP timeout."""
 
     def close(self) -> None:
+        pass
+
+    def reap(self) -> None:
         pass
 
 

@@ -1,12 +1,14 @@
 """What the SPARQL sandbox tests observe a coordinator process with: a local listener that records
-every connection made to it, and a flood of concurrent queries sent from another process (the CPU
-time of its process tree comes from tinyfleet.simulations.benchmarks.process_cpu)."""
+every connection made to it, a flood of concurrent queries sent from another process, and a
+process's resident memory (the CPU time of its process tree comes from
+tinyfleet.simulations.benchmarks.process_cpu)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import socket
 import threading
+from pathlib import Path
 
 import httpx
 
@@ -94,3 +96,15 @@ def flood(url: str, query: str, clients: int) -> list[tuple[int, str, str | None
 
         with concurrent.futures.ThreadPoolExecutor(clients) as pool:
             return list(pool.map(one, range(clients)))
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a live process in MB (0 once it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0

@@ -9,9 +9,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import itertools
 import json
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -20,16 +23,22 @@ from pathlib import Path
 
 import grpc
 import httpx
+import pyoxigraph as ox
 import pytest
 
+from tinyfleet.server.registry.query_workers import QueryRequest, QueryTimeout, QueryWorkers
 from tinyfleet.server.registry.service_policy import ServiceNotAllowed, ServicePolicy
+from tinyfleet.server.registry.sparql_results import Formats
+from tinyfleet.server.registry.store import EmbeddedStore
 from tinyfleet.simulations.benchmarks.process_cpu import RUNAWAY, cpu_seconds, worker_pids
 from tinyfleet.simulations.local_fleet import LocalFleet
 
-from .sparql_probe import Listener, flood
+from .sparql_probe import Listener, flood, rss_mb
 
 TOKEN = "sandbox-admin-token"
 TRIPLES = 300  # a 4-way cartesian product of 300 triples runs for hours
+#: Materialises a 3-way cartesian product of the triples to sort it: GBs within seconds.
+HOARDER = "SELECT ?a ?d ?g WHERE { ?a ?b ?c . ?d ?e ?f . ?g ?h ?i } ORDER BY ?c ?f ?i"
 
 
 def _start(root: Path, *server_args: str) -> LocalFleet:
@@ -179,6 +188,79 @@ def test_a_runaway_query_stops_using_cpu_after_its_deadline(coordinator: LocalFl
     ).raise_for_status()
     assert _count(base, "urn:test:later") == 1
     assert _count(base) == TRIPLES
+
+
+def test_the_event_loop_is_not_held_while_a_killed_worker_is_reaped(tmp_path: Path) -> None:
+    """Killing a worker is a signal; reaping it (the kernel frees its GBs meanwhile) and spawning
+    its replacement must not happen where the event loop waits. The loop used to wait for both
+    whenever the query's thread saw the deadline first (0.5-0.9 s for a 2 GB worker): here the
+    loop is busy for 30 ms at the deadline (as under load), so the thread does."""
+    store = EmbeddedStore(tmp_path / "registry")
+    graph = ox.NamedNode("urn:test:filler")
+    predicate = ox.NamedNode("urn:p")
+    store.oxigraph.extend(
+        ox.Quad(ox.NamedNode(f"urn:s{i}"), predicate, ox.Literal(i), graph) for i in range(TRIPLES)
+    )
+    store.oxigraph.flush()
+    block_s, timeout_s = 0.030, 5.0
+    ticks: list[float] = []
+    reaped_at: list[float] = []
+    peak_mb = 0.0
+
+    def watch(worker: int, stop: threading.Event) -> None:
+        """The worker's peak memory, and when its /proc entry goes (it is reaped)."""
+        nonlocal peak_mb
+        while not stop.is_set():
+            mb = rss_mb(worker)
+            if mb == 0.0 and not Path(f"/proc/{worker}").exists():
+                reaped_at.append(time.monotonic())
+                return
+            peak_mb = max(peak_mb, mb)
+            time.sleep(0.002)
+
+    async def scenario() -> None:
+        workers = QueryWorkers.for_store(store, workers=1, queue=0)
+        stop = threading.Event()
+        try:
+            warm = await workers.run(_request("ASK { ?s ?p ?o }"), time.monotonic() + 30)
+            assert b"true" in warm.body
+            (worker,) = worker_pids(os.getpid())
+            watcher = threading.Thread(target=watch, args=(worker, stop), daemon=True)
+            watcher.start()
+            loop = asyncio.get_running_loop()
+            deadline = time.monotonic() + timeout_s
+            loop.call_at(deadline - 0.005, time.sleep, block_s)  # asyncio's clock is time.monotonic
+
+            async def tick() -> None:
+                while True:
+                    ticks.append(time.monotonic())
+                    await asyncio.sleep(0.002)
+
+            ticker = asyncio.create_task(tick())
+            with pytest.raises(QueryTimeout):
+                await workers.run(_request(HOARDER), deadline)
+            await asyncio.sleep(1.5)
+            ticker.cancel()
+            watcher.join(5)
+            assert reaped_at, "the killed worker was reaped within 1.5 s"
+            assert peak_mb > 1000, f"the query should have held GBs when killed, it held {peak_mb:.0f} MB"
+            # Every tick from a second before the deadline until the worker is gone: the loop ran
+            # throughout (apart from the block it was given), not only once it was reaped.
+            until = max(deadline + 1, reaped_at[0])
+            gaps = [b - a for a, b in itertools.pairwise(ticks) if deadline - 1 <= a <= until]
+            assert max(gaps) < block_s + 0.100, (
+                f"the event loop stalled {max(gaps) * 1000:.0f} ms around the deadline; the killed "
+                f"worker ({peak_mb:.0f} MB) was reaped {(reaped_at[0] - deadline) * 1000:.0f} ms after it"
+            )
+        finally:
+            stop.set()
+            workers.close()
+
+    asyncio.run(scenario())
+
+
+def _request(text: str) -> QueryRequest:
+    return QueryRequest(text=text, max_rows=1000, formats=Formats(), services=ServicePolicy())
 
 
 def test_healthz_stays_fast_under_50_slow_queries_and_a_full_queue_says_when_to_retry(tmp_path: Path) -> None:
