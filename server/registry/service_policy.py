@@ -23,6 +23,7 @@ contain it and is not parsed at all.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -78,9 +79,36 @@ class ServicePolicy:
 def _service_endpoints(text: str, update: bool) -> tuple[tuple[tuple[str, str, bool], ...], str | None]:
     """((keyword, endpoint, is_variable) of every SERVICE clause and LOAD, None), or ((), why)
     when the text mentions either but cannot be parsed. Cached: dashboards and retries send the
-    same text."""
+    same text.
+
+    The two parsers read \\u escapes differently: rdflib expands them before parsing, as the
+    SPARQL grammar says, while Oxigraph decodes them only inside strings and IRIs (anywhere
+    else they are a syntax error). So in `"\\u0022 ... SERVICE <x> ..."` rdflib closes the
+    string early where Oxigraph keeps it open, and one parser runs what the other read as a
+    comment. What Oxigraph will run is what counts: text with escapes is read with every escape
+    made a plain character (an escape is never a quote, brace or keyword to Oxigraph), and
+    refused if that reading does not parse; rdflib's own reading is checked as well, and an
+    endpoint found by either reading counts."""
     if not _may_call_out(text, update):
         return (), None
+    oxigraph_reading = _ESCAPE.sub("_", text)
+    readings = [oxigraph_reading] if oxigraph_reading == text else [oxigraph_reading, text]
+    found: list[tuple[str, str, bool]] = []
+    for number, reading in enumerate(readings):
+        if not _may_call_out(reading, update):
+            continue
+        unreadable = _collect_endpoints(reading, update, found)
+        if unreadable is not None and number == 0:
+            return (), unreadable
+    return tuple(dict.fromkeys(found)), None
+
+
+#: A SPARQL codepoint escape (\\uXXXX, \\UXXXXXXXX).
+_ESCAPE = re.compile(r"\\u[0-9A-Fa-f]{4}|\\U[0-9A-Fa-f]{8}")
+
+
+def _collect_endpoints(text: str, update: bool, found: list[tuple[str, str, bool]]) -> str | None:
+    """Add the endpoints rdflib's reading of `text` calls to `found`; why it cannot be read, or None."""
     from rdflib.plugins.sparql.algebra import translateQuery, translateUpdate
     from rdflib.plugins.sparql.parser import parseQuery, parseUpdate
 
@@ -88,11 +116,10 @@ def _service_endpoints(text: str, update: bool) -> tuple[tuple[tuple[str, str, b
         with _parse_lock:
             tree = translateUpdate(parseUpdate(text)) if update else translateQuery(parseQuery(text))
     except Exception as exc:  # any parse or translation failure: which endpoint it names is unknown
-        return (), str(exc).splitlines()[0][:200]
+        return str(exc).splitlines()[0][:200]
     root = tree.algebra if hasattr(tree, "algebra") else tree
-    found: list[tuple[str, str, bool]] = []
     _collect(root, found, set())
-    return tuple(found), None
+    return None
 
 
 def _may_call_out(text: str, update: bool) -> bool:
