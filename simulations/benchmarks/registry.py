@@ -29,9 +29,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
+import os
+import platform
 import random
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -694,7 +698,16 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print_table(results, args.rdflib_max)
     if args.json:
-        args.json.write_text(json.dumps({"rdflib_max_devices": args.rdflib_max, "sizes": results}, indent=2))
+        record = {
+            "command": " ".join([f"python -m {__spec__.name}", *(argv or sys.argv[1:])]),
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                        "load_average_at_end": os.getloadavg()},
+            "rdflib_max_devices": args.rdflib_max,
+            "sizes": results,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2))
     return 0
 
 
