@@ -3,8 +3,9 @@
 longer take the train deadline twice (issue 10, row 11).
 
 Real FleetGrid jobs: the coordinator in this process, fake agents over gRPC on 127.0.0.1.
-The durations asserted are the deadlines the issue states, with seconds of slack for a
-loaded machine.
+Each duration is asserted to be at least its deadline and closer to the deadline than to what
+the old behaviour took (configure + deadline, or the train deadline for both phases): the
+property holds with seconds of slack on a loaded machine, not against a tight absolute bound.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from server.test_job_runner import Fleet
 from tinyfleet.common.jobspec import JobSpecError, parse_job_spec
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
 
-CONFIGURE_S = 3.0
+CONFIGURE_S = 5.0
 
 
 class SlowConfigureFedAvg(FedAvg):
@@ -89,26 +90,29 @@ def _node(round_: dict[str, Any], phase: str, node_id: int) -> dict[str, Any]:
 def test_the_train_deadline_covers_the_configure_step(fleet: Fleet) -> None:
     ok = fleet.agent("ok")
     silent = fleet.agent("silent", _silent_in("train"))
-    job = fleet.run(_job(f"{__name__}:SlowConfigureFedAvg", "deadline_s = 8.0"))
+    deadline_s = 10.0
+    job = fleet.run(_job(f"{__name__}:SlowConfigureFedAvg", f"deadline_s = {deadline_s}"))
     assert job["state"] == "finished", job["reason"]
     [r] = job["rounds"]
     drop = _node(r, "train", silent.node_id)
-    assert drop["status"] == "timeout" and "8.0 s deadline" in drop["error"]
+    assert drop["status"] == "timeout" and f"{deadline_s} s deadline" in drop["error"]
     assert _node(r, "train", ok.node_id)["status"] == "replied"
-    # configure (3 s) and the wait for the silent node share the 8 s: not 3 + 8 = 11 s
-    assert 8.0 <= r["train_duration_s"] < 8.0 + 2.5
+    # configure (5 s) and the wait for the silent node share the 10 s: not 5 + 10 = 15 s
+    before = CONFIGURE_S + deadline_s
+    assert deadline_s <= r["train_duration_s"] < before - CONFIGURE_S / 2
 
 
 def test_the_evaluate_phase_has_its_own_deadline(fleet: Fleet) -> None:
     fleet.agent("ok")
     silent = fleet.agent("silent", _silent_in("evaluate"))
-    job = fleet.run(_job("fedavg", "deadline_s = 30.0\nevaluate_deadline_s = 1.0"))
+    deadline_s, evaluate_s = 30.0, 1.0
+    job = fleet.run(_job("fedavg", f"deadline_s = {deadline_s}\nevaluate_deadline_s = {evaluate_s}"))
     assert job["state"] == "finished", job["reason"]
     [r] = job["rounds"]
     assert _node(r, "train", silent.node_id)["status"] == "replied"
     drop = _node(r, "evaluate", silent.node_id)
-    assert drop["status"] == "timeout" and "1.0 s deadline" in drop["error"]
-    assert 1.0 <= r["eval_duration_s"] < 1.0 + 5.0  # not the train phase's 30 s
+    assert drop["status"] == "timeout" and f"{evaluate_s} s deadline" in drop["error"]
+    assert evaluate_s <= r["eval_duration_s"] < deadline_s / 2  # not the train phase's 30 s
     assert r["eval_metrics"]["eval_loss"] > 0  # the node that answered still counts
 
 
@@ -116,12 +120,16 @@ def test_a_round_with_silent_nodes_lasts_at_most_both_deadlines(fleet: Fleet) ->
     fleet.agent("ok")
     fleet.agent("silent", _silent_in("train"))
     fleet.agent("mute", _silent_in("evaluate"))
-    job = fleet.run(_job("fedavg", "deadline_s = 5.0\nevaluate_deadline_s = 1.0"))
+    deadline_s, evaluate_s = 8.0, 1.0
+    job = fleet.run(_job("fedavg", f"deadline_s = {deadline_s}\nevaluate_deadline_s = {evaluate_s}"))
     assert job["state"] == "finished", job["reason"]
     [r] = job["rounds"]
     assert r["dropped"] == 1
-    assert r["train_duration_s"] >= 5.0 and r["eval_duration_s"] >= 1.0
-    assert r["duration_s"] < 5.0 + 1.0 + 3.0  # not 2 x deadline_s = 10 s of waiting
+    assert r["train_duration_s"] >= deadline_s and r["eval_duration_s"] >= evaluate_s
+    # 9 s of waiting, not 2 x deadline_s = 16 s: halfway between leaves 3.5 s for a loaded machine
+    bounded, before = deadline_s + evaluate_s, 2 * deadline_s
+    assert r["eval_duration_s"] < (evaluate_s + deadline_s) / 2
+    assert r["duration_s"] < (bounded + before) / 2
 
 
 JOB_HEAD = 'strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 1\n[round]\ndeadline_s = 12\n'
