@@ -95,7 +95,7 @@ def test_a_start_refused_for_a_held_data_dir_writes_no_admin_token(
     assert not (tmp_path / "admin-token").exists()
 
 
-@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660], ids=lambda mode: f"{mode:o}")
 def test_an_admin_token_file_others_can_read_or_change_is_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: int
 ) -> None:
