@@ -12,11 +12,14 @@ Mounting needs root (CAP_SYS_ADMIN); where that is not allowed the tests skip, s
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import signal
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +27,7 @@ import httpx
 import pytest
 
 from tinyfleet.client.descriptions import minimal_thing_description
+from tinyfleet.simulations.benchmarks.process_cpu import descendants
 from tinyfleet.simulations.local_fleet import LocalFleet
 
 pytestmark = pytest.mark.slow
@@ -35,7 +39,7 @@ DISK_SIZE = "24m"
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A tmpfs of DISK_SIZE mounted under tmp_path (unmounted afterwards)."""
+    """A tmpfs of DISK_SIZE mounted under tmp_path (unmounted afterwards, see `_unmount`)."""
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
     if os.geteuid() != 0:
@@ -49,7 +53,46 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     try:
         yield mount_point
     finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
+        _unmount(mount_point)
+
+
+def _unmount(mount_point: Path) -> None:
+    """Stop the processes this test started that still use the disk, then unmount it; if that
+    fails, detach it lazily and warn. Never raises: the test's own failure must stay visible."""
+    holders = _holders(mount_point)
+    for pid in holders:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in holders:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)  # only our children can be reaped; the others go with them
+    unmounted = subprocess.run(["umount", str(mount_point)], capture_output=True, text=True, check=False)
+    if unmounted.returncode != 0:
+        lazy = subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, text=True, check=False)
+        warnings.warn(
+            f"umount {mount_point} failed ({unmounted.stderr.strip()}); stopped {holders or 'no'} "
+            f"processes first; lazy unmount: {'done' if lazy.returncode == 0 else lazy.stderr.strip()}",
+            stacklevel=1,
+        )
+
+
+def _holders(mount_point: Path) -> list[int]:
+    """This test's descendant processes with their working directory or an open file on the disk."""
+    inside = str(mount_point)
+    found = []
+    for pid in descendants(os.getpid()):
+        proc = Path(f"/proc/{pid}")
+        try:
+            links = [proc / "cwd", *(proc / "fd").iterdir()]
+        except OSError:  # gone meanwhile
+            continue
+        for link in links:
+            with contextlib.suppress(OSError):
+                target = os.readlink(link)
+                if target == inside or target.startswith(inside + "/"):
+                    found.append(pid)
+                    break
+    return found
 
 
 def fill(disk: Path) -> Path:
