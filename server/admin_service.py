@@ -21,6 +21,7 @@ from tinyfleet.common.jobspec import JobSpecError, parse_job_spec
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
 from tinyfleet.server.auth import (
     FailedAuthLimiter,
+    admin_guesses,
     bearer_token,
     hash_enrollment_token,
     is_admin_token,
@@ -85,13 +86,16 @@ class AdminService(fleet_pb2_grpc.AdminServicer):
         self.auth_failures = auth_failures or FailedAuthLimiter()
 
     async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
-        peer = peer_host(context.peer())
-        await refuse_if_blocked(self.auth_failures, context, peer)
-        if not is_admin_token(bearer_token(context.invocation_metadata()), self.admin_token):
+        peer = admin_guesses(peer_host(context.peer()))
+        token = bearer_token(context.invocation_metadata())
+        if token:  # a guess: none past the limit
+            await refuse_if_blocked(self.auth_failures, context, peer)
+        if not is_admin_token(token, self.admin_token):
             await refuse_auth(
                 self.auth_failures, context, peer, grpc.StatusCode.UNAUTHENTICATED,
                 "admin token required (metadata `authorization: Bearer <token>`; the coordinator "
-                "wrote a generated one to DATA_DIR/admin-token)",
+                "wrote a generated one to DATA_DIR/admin-token)" if not token else "wrong admin token",
+                presented=bool(token),
             )
 
     async def _follower(self, context: grpc.aio.ServicerContext, job_id: str) -> RoundsFollower:

@@ -98,6 +98,13 @@ def peer_key(address: str) -> str:
     return str(mapped or ip)
 
 
+def admin_guesses(peer: str) -> str:
+    """The key a peer's admin-token failures count under, apart from its other failures: only
+    those stop the peer's admin tokens from being compared, so forged device proofs from an
+    address never lock its operator out (wrong admin tokens from it do; that is the point)."""
+    return f"{peer} (admin token)"
+
+
 def peer_host(peer: str) -> str:
     """The `peer_key` of a gRPC peer ("ipv4:10.0.0.5:41000" -> "10.0.0.5"). grpc percent-encodes
     IPv6 peers ("ipv6:%5B::1%5D:50326"), so the text is unquoted first."""

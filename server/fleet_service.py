@@ -45,6 +45,7 @@ from tinyfleet.server.artifacts import ArtifactNotFoundError, ArtifactStore
 from tinyfleet.server.auth import (
     FailedAuthLimiter,
     ReplayGuard,
+    admin_guesses,
     bearer_token,
     check_signed_request,
     hash_enrollment_token,
@@ -124,7 +125,9 @@ def no_internal_errors(method: Handler) -> Handler:
 async def refuse_if_blocked(
     limiter: FailedAuthLimiter, context: grpc.aio.ServicerContext, peer: str
 ) -> None:
-    """RESOURCE_EXHAUSTED, before any check runs, for a peer past its failed-auth limit."""
+    """RESOURCE_EXHAUSTED for a peer past its failed-auth limit. Called before an admin token is
+    compared (the operator may have chosen a weak one: no guessing past the limit); device keys
+    and enrollment tokens cannot be guessed, so those are checked even for a blocked peer."""
     wait_s = limiter.retry_after(peer)
     if wait_s > 0:
         await context.abort(
@@ -139,9 +142,17 @@ async def refuse_auth(
     peer: str,
     code: grpc.StatusCode,
     message: str,
+    *,
+    presented: bool = True,
 ) -> None:
-    """Count a failed authentication against `peer`, log it, and abort with `message`."""
-    limiter.failed(peer)
+    """Abort a failed authentication with `message`. One that presented a credential counts
+    against `peer`, and once the peer is past its limit its failures are answered
+    RESOURCE_EXHAUSTED instead; a call that presented none guessed nothing and is not counted."""
+    if presented:
+        blocked = limiter.retry_after(peer) > 0
+        limiter.failed(peer)
+        if blocked:
+            await refuse_if_blocked(limiter, context, peer)
     log.warning("authentication refused for %s: %s", peer, message)
     await context.abort(code, message)
 
@@ -197,8 +208,10 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         token = bearer_token(context.invocation_metadata())
         if not token:
             return False
+        guesses = admin_guesses(peer)
+        await refuse_if_blocked(self.auth_failures, context, guesses)
         if not is_admin_token(token, self.admin_token):
-            await refuse_auth(self.auth_failures, context, peer, grpc.StatusCode.UNAUTHENTICATED,
+            await refuse_auth(self.auth_failures, context, guesses, grpc.StatusCode.UNAUTHENTICATED,
                               "wrong admin token")
         return True
 
@@ -210,7 +223,6 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         # Cheapest checks first: the size, the caller's signature, then whether it may join at all
         # (a SQL lookup), so neither an oversized body nor an unknown caller reaches validation.
         peer = peer_host(context.peer())
-        await refuse_if_blocked(self.auth_failures, context, peer)
         description = bytes(request.description)
         too_big = self.limits.size_problem(len(description))
         if too_big:
@@ -232,6 +244,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                 self.auth_failures, context, peer, grpc.StatusCode.UNAUTHENTICATED,
                 "Register needs the device's Ed25519 public key and its signature of the request "
                 "(tinyfleet.common.device_keys.register_message); this one has none or it does not verify",
+                presented=bool(signature),
             )
         token = request.enrollment_token
         enrollment_hash = hash_enrollment_token(token) if token else ""
@@ -239,9 +252,10 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             # Not the authority (register_devices decides, in the transaction that enrolls), only a
             # gate: a caller with neither a known key nor a usable token gets no validation.
             refusal = await asyncio.to_thread(self.repo.admission_precheck, public_key, enrollment_hash)
-            if refusal is not None:
+            if refusal is not None:  # a token that is no good counts; joining without one guesses nothing
                 await refuse_auth(
-                    self.auth_failures, context, peer, grpc.StatusCode.PERMISSION_DENIED, refusal
+                    self.auth_failures, context, peer, grpc.StatusCode.PERMISSION_DENIED, refusal,
+                    presented=bool(token),
                 )
         lane = self._large_validations if large else self._validations
         try:
@@ -298,7 +312,6 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         self, request_iterator: AsyncIterator[fleet_pb2.AgentFrame], context: grpc.aio.ServicerContext
     ) -> None:
         peer = peer_host(context.peer())
-        await refuse_if_blocked(self.auth_failures, context, peer)
         nonce = new_nonce()
         await context.write(fleet_pb2.CoordinatorFrame(challenge=fleet_pb2.Challenge(nonce=nonce)))
         try:
@@ -307,7 +320,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello frame received")
         if first is grpc.aio.EOF or first.WhichOneof("kind") != "hello":
             await refuse_auth(self.auth_failures, context, peer, grpc.StatusCode.UNAUTHENTICATED,
-                              "the first frame must be hello, signed over the challenge")
+                              "the first frame must be hello, signed over the challenge", presented=False)
         hello = first.hello
         device = await asyncio.to_thread(self.repo.get_device, hello.device_id)
         if (
@@ -404,10 +417,15 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         self, request: fleet_pb2.GetArtifactRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[fleet_pb2.ArtifactChunk]:
         peer = peer_host(context.peer())
-        await refuse_if_blocked(self.auth_failures, context, peer)
-        refusal = await self._download_refusal(context.invocation_metadata(), request)
+        metadata = context.invocation_metadata()
+        presented = bool(bearer_token(metadata)) or SignedRequest.from_metadata(metadata) is not None
+        if bearer_token(metadata):  # an admin token is a guess, counted apart
+            peer = admin_guesses(peer)
+            await refuse_if_blocked(self.auth_failures, context, peer)
+        refusal = await self._download_refusal(metadata, request)
         if refusal is not None:
-            await refuse_auth(self.auth_failures, context, peer, grpc.StatusCode.UNAUTHENTICATED, refusal)
+            await refuse_auth(self.auth_failures, context, peer, grpc.StatusCode.UNAUTHENTICATED, refusal,
+                              presented=presented)
         sha = request.sha256.lower()
         try:
             total = await asyncio.to_thread(self.store.size, sha)

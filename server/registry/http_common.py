@@ -16,6 +16,7 @@ from tinyfleet.server.auth import (
     DeviceVerifier,
     FailedAuthLimiter,
     ReplayGuard,
+    admin_guesses,
     check_signed_request,
     is_admin_token,
 )
@@ -58,14 +59,18 @@ class Access:
         A signed body is read to check its hash only when it declares a Content-Length within
         `max_body_bytes`; starlette keeps it for the handler."""
         peer = client_peer(request)
-        if (blocked := too_many_attempts(self.auth_failures, peer)) is not None:
-            return blocked
         reason: str | None
+        presented = True
         signed = SignedRequest.from_authorization(request.headers.get("authorization", ""))
         if signed is None:
             token = presented_token(request)
+            if token:  # an admin token is a guess, counted apart (auth.admin_guesses)
+                peer = admin_guesses(peer)
+                if (blocked := too_many_attempts(self.auth_failures, peer)) is not None:
+                    return blocked  # admin tokens may be weak: no guessing past the limit
             if is_admin_token(token, self.admin_token):
                 return None
+            presented = bool(token)
             reason = "wrong admin token" if token else (
                 f"writing {thing_id!r} needs the admin token (Authorization: Bearer TOKEN) or a request "
                 f"signed by that device's key "
@@ -87,7 +92,7 @@ class Access:
             reason = await self._signature_refusal(signed, request.method, request.url.path, body)
         if reason is None:
             return None
-        return unauthorized(self.auth_failures, peer, reason)
+        return unauthorized(self.auth_failures, peer, reason, presented=presented)
 
     async def _signature_refusal(
         self, signed: SignedRequest, method: str, path: str, body: bytes

@@ -15,6 +15,7 @@ import pytest
 from server.harness import CoordinatorThread, settings_for
 
 from tinyfleet.server.admin_client import AdminClient
+from tinyfleet.server.auth import MAX_FAILURES
 from tinyfleet.server.registry.thing_description import device_thing_description
 
 TOKEN = "api-auth-admin-token"
@@ -50,8 +51,12 @@ def test_api_needs_the_admin_token_like_its_grpc_twins(coordinator: CoordinatorT
     with AdminClient(coordinator.address) as anonymous, pytest.raises(grpc.RpcError) as twin:
         anonymous.devices()
     assert twin.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    # HTTP and gRPC failures count against this peer together: the tenth has used its budget,
-    # and the peer waits out the window even with the right token
+    # No token guesses nothing and is not counted; wrong ones over HTTP and gRPC add up, and past
+    # the limit the peer's admin tokens are not even compared until the window passes
+    with AdminClient(coordinator.address, admin_token="guess") as guesser:
+        for _ in range(MAX_FAILURES - len(API)):
+            with pytest.raises(grpc.RpcError):
+                guesser.devices()
     blocked = httpx.get(f"{base}/api/devices", headers=admin)
     assert blocked.status_code == 429 and int(blocked.headers["retry-after"]) >= 1
     assert blocked.headers["content-type"] == "application/problem+json"
@@ -118,3 +123,14 @@ def test_without_an_admin_token_every_admin_door_is_open_alike(tmp_path: Path) -
         finally:
             running.stop()
             registry.registry.store.close()
+
+
+def test_requests_without_a_token_never_lock_the_operator_out(coordinator: CoordinatorThread) -> None:
+    """A stranger at the operator's address (NAT, proxy) sending token-less requests guesses
+    nothing: however many, the operator's token is still served."""
+    base = f"http://{coordinator.coordinator.http_address}"
+    for _ in range(3 * MAX_FAILURES):
+        assert httpx.get(f"{base}/api/devices").status_code == 401
+    assert httpx.get(f"{base}/api/devices", headers={"authorization": f"Bearer {TOKEN}"}).status_code == 200
+    with AdminClient(coordinator.address, admin_token=TOKEN) as admin:
+        assert admin.devices() == []

@@ -206,10 +206,11 @@ def _recording_coordinator(tmp_path: Path, **hooks: Any) -> tuple[CoordinatorThr
 
 def test_a_caller_that_may_not_join_is_refused_before_its_description_is_validated(tmp_path: Path) -> None:
     """No token, an unknown, used-up or revoked one, the key of a revoked device: refused by
-    the admission pre-check, each naming why and each counted as a failed authentication, and
-    not one of those descriptions reaches validation (before, all did, and only the SQL
-    admission after validation refused them)."""
-    limiter = FailedAuthLimiter(max_failures=6)
+    the admission pre-check, each naming why, and not one of those descriptions reaches
+    validation (before, all did, and only the SQL admission after validation refused them).
+    The tokens that were no good count as failed authentications; joining without one guesses
+    nothing and is never limited."""
+    limiter = FailedAuthLimiter(max_failures=3)
     running, recorder = _recording_coordinator(tmp_path, auth_failures=limiter)
     try:
         one_use = running.enroll(uses=1)
@@ -235,10 +236,13 @@ def test_a_caller_that_may_not_join_is_refused_before_its_description_is_validat
             assert refused.code() == grpc.StatusCode.PERMISSION_DENIED, expected
             assert expected in refused.details(), refused.details()
         assert recorder.seen == allowed
-        assert limiter.retry_after("127.0.0.1") == 0  # five failures so far, the sixth blocks
-        assert _refusal(FakeAgent(running.address, "urn:dev:e")).code() == grpc.StatusCode.PERMISSION_DENIED
-        assert _refusal(member).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        for agent in (member, *cases.values()):
+        assert limiter.retry_after("127.0.0.1") > 0  # the three bad tokens used the budget
+        tokenless = FakeAgent(running.address, "urn:dev:e")
+        assert _refusal(tokenless).code() == grpc.StatusCode.PERMISSION_DENIED
+        guesser = FakeAgent(running.address, "urn:dev:f", enroll_token="tfe_y")
+        assert _refusal(guesser).code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert recorder.seen == allowed
+        for agent in (member, tokenless, guesser, *cases.values()):
             agent.channel.close()
     finally:
         running.stop()
