@@ -129,6 +129,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                        help="SPARQL queries that may wait for a worker; more get 503 + Retry-After")
     start.add_argument("--sparql-service-allow", action="append", default=[], metavar="URL",
                        help="an endpoint SPARQL SERVICE may call (repeatable; exact IRI); default: none")
+    start.add_argument("--sparql-memory-mb", type=int, default=None,
+                       help="memory one SPARQL query may allocate in its worker; past it the query "
+                       "fails with a message saying so (default: 1024)")
     start.set_defaults(func=_server_start)
 
     devices = server_sub.add_parser(
@@ -314,6 +317,7 @@ def _start_holding_data_dir(args: argparse.Namespace) -> int:
         sparql = SparqlOptions(
             timeout_s=args.sparql_timeout, workers=args.sparql_workers, queue=args.sparql_queue,
             service_allow=tuple(args.sparql_service_allow),
+            **({} if args.sparql_memory_mb is None else {"memory_mb": args.sparql_memory_mb}),
         )
         registry = CoordinatorRegistry.open(settings.data_dir, args.registry, settings.admin_token, sparql)
         registry.registry.limits = DescriptionLimits(max_bytes=args.max_description_bytes)

@@ -33,9 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
+import logging
 import math
 import multiprocessing
 import os
+import resource
 import signal
 import threading
 import time
@@ -59,8 +62,14 @@ from tinyfleet.server.registry.sparql_results import (
 from tinyfleet.server.registry.store import EmbeddedStore, RegistryStore
 from tinyfleet.server.registry.worker_process import die_with_parent
 
+log = logging.getLogger(__name__)
+
 #: Workers yield the CPU to the coordinator (nice value added to theirs).
 WORKER_NICENESS = 10
+#: What one query may allocate (`--sparql-memory-mb`): a cartesian ORDER BY grew ~320 MB/s.
+DEFAULT_WORKER_MEMORY_BYTES = 1 << 30
+_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWNET = 0x40000000
 _OPEN_ATTEMPTS = 3
 
 
@@ -135,15 +144,20 @@ class QueryWorkers:
         workers: int = 2,
         queue: int = 16,
         services: ServicePolicy | None = None,
+        memory_bytes: int | None = DEFAULT_WORKER_MEMORY_BYTES,
     ) -> QueryWorkers:
-        """Worker processes for an on-disk embedded store, threads for an in-memory or remote one."""
+        """Worker processes for an on-disk embedded store, threads for an in-memory or remote one.
+        A worker may allocate at most `memory_bytes` (None: no cap), and when no SERVICE
+        endpoint is allowed it leaves the network (see `_leave_the_network`)."""
+        services = services or ServicePolicy()
         path = store.path if isinstance(store, EmbeddedStore) else None
+        confinement = _Confinement(memory_bytes=memory_bytes, offline=not services.allowed)
         slots: list[_Slot] = (
-            [_ProcessSlot(path) for _ in range(workers)]
+            [_ProcessSlot(path, confinement) for _ in range(workers)]
             if path is not None
             else [_ThreadSlot(store) for _ in range(workers)]
         )
-        return cls(slots, queue=queue, services=services or ServicePolicy())
+        return cls(slots, queue=queue, services=services)
 
     async def run(self, request: QueryRequest, deadline: float) -> Answer:
         """The answer, or WorkersBusy / QueryTimeout / WorkersClosed / one of CLIENT_ERRORS."""
@@ -251,8 +265,9 @@ class _ProcessSlot:
     never waits behind one: spawning, and reaping a killed worker (which takes a while when it
     held GBs), happen in the executor thread running the call, or in the reaper `close` starts."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, confinement: _Confinement) -> None:
         self._path = path
+        self._confinement = confinement
         self._lock = threading.Lock()
         self._process: multiprocessing.process.BaseProcess | None = None
         self._conn: Connection | None = None
@@ -283,7 +298,7 @@ class _ProcessSlot:
                 self._serving = cancelled
                 return self._conn
         self._discard()  # a worker that died while idle (e.g. the OOM killer's), or none
-        process, conn = _spawn_worker(self._path)
+        process, conn = _spawn_worker(self._path, self._confinement)
         with self._lock:
             self._process, self._conn = process, conn
             closed = self._closed
@@ -309,7 +324,7 @@ class _ProcessSlot:
                 raise WorkersClosed from None
             if cancelled.is_set():
                 raise QueryTimeout from None
-            raise QueryFailed("the query's worker process stopped unexpectedly (out of memory?)") from None
+            raise QueryFailed(self._confinement.why_it_died()) from None
         if isinstance(reply, BaseException):
             raise reply
         return reply  # type: ignore[no-any-return]
@@ -349,12 +364,30 @@ class _ProcessSlot:
             conn.close()
 
 
-def _spawn_worker(path: Path) -> tuple[multiprocessing.process.BaseProcess, Connection]:
+@dataclass(frozen=True)
+class _Confinement:
+    """What a worker may use beyond the store: memory, and the network."""
+
+    memory_bytes: int | None
+    offline: bool
+
+    def why_it_died(self) -> str:
+        """A worker that died mid-query was almost always stopped by its memory cap (Oxigraph
+        aborts when an allocation fails) or by the kernel's OOM killer."""
+        if self.memory_bytes is None:
+            return "the query's worker process stopped unexpectedly (out of memory?)"
+        return (f"the query needed more memory than a query may use ({self.memory_bytes >> 20} MB, "
+                "--sparql-memory-mb); narrow it, or add LIMIT")
+
+
+def _spawn_worker(
+    path: Path, confinement: _Confinement
+) -> tuple[multiprocessing.process.BaseProcess, Connection]:
     context = multiprocessing.get_context("spawn")
     ours, theirs = context.Pipe()
     process = context.Process(
         target=_worker_main,
-        args=(theirs, str(path), os.getpid()),
+        args=(theirs, str(path), os.getpid(), confinement),
         name="tinyfleet-sparql-worker",
         daemon=True,
     )
@@ -398,11 +431,29 @@ class _ThreadSlot:
 # ---- inside a worker process --------------------------------------------------------------------
 
 
-def _worker_main(conn: Connection, path: str, parent_pid: int) -> None:
+def _leave_the_network() -> bool:
+    """Move this worker into a network namespace of its own, which has no interfaces: a SERVICE
+    clause that got past the text check (service_policy) then has nowhere to connect. Root
+    can make one directly; others through a user namespace of their own, where the kernel allows
+    unprivileged ones. Where neither works the text check stands alone, and the log says so."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for flags in (_CLONE_NEWNET, _CLONE_NEWUSER | _CLONE_NEWNET):
+        if libc.unshare(flags) == 0:
+            return True
+    log.warning("SPARQL query worker %d could not leave the network (unshare: %s); SERVICE is "
+                "kept out by the query check alone", os.getpid(), os.strerror(ctypes.get_errno()))
+    return False
+
+
+def _worker_main(conn: Connection, path: str, parent_pid: int, confinement: _Confinement) -> None:
     """A worker's life: answer one request at a time until the pipe closes or it is killed."""
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the coordinator, which kills us
     os.nice(WORKER_NICENESS)
+    if confinement.offline:
+        _leave_the_network()
+    if confinement.memory_bytes is not None:
+        resource.setrlimit(resource.RLIMIT_DATA, (confinement.memory_bytes, confinement.memory_bytes))
     snapshot = _Snapshot(Path(path))
     while True:
         try:

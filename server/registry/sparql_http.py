@@ -28,6 +28,7 @@ from starlette.routing import Route
 from tinyfleet.server.http_auth import problem
 from tinyfleet.server.registry.http_common import Access, negotiate
 from tinyfleet.server.registry.query_workers import (
+    DEFAULT_WORKER_MEMORY_BYTES,
     QueryFailed,
     QueryRequest,
     QueryTimeout,
@@ -55,6 +56,8 @@ class SparqlOptions:
     workers: int = 2
     queue: int = 16
     service_allow: tuple[str, ...] = ()
+    #: What one query's worker may allocate (None: no cap).
+    memory_mb: int | None = DEFAULT_WORKER_MEMORY_BYTES >> 20
 
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
@@ -64,6 +67,11 @@ class SparqlOptions:
                 "SPARQL limits: at least 1 row and 1 worker, and a queue of 0 or more "
                 f"(got max_rows={self.max_rows}, workers={self.workers}, queue={self.queue})"
             )
+        if self.memory_mb is not None and self.memory_mb < MIN_WORKER_MEMORY_MB:
+            raise ValueError(
+                f"a SPARQL query needs at least {MIN_WORKER_MEMORY_MB} MB to open the store, "
+                f"got --sparql-memory-mb {self.memory_mb}"
+            )
         for url in self.service_allow:
             parts = urllib.parse.urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -71,8 +79,14 @@ class SparqlOptions:
 
     def query_workers(self, store: RegistryStore) -> QueryWorkers:
         return QueryWorkers.for_store(
-            store, workers=self.workers, queue=self.queue, services=ServicePolicy.allowing(self.service_allow)
+            store, workers=self.workers, queue=self.queue,
+            services=ServicePolicy.allowing(self.service_allow),
+            memory_bytes=None if self.memory_mb is None else self.memory_mb << 20,
         )
+
+
+#: Opening the store read-only and answering a small query fit in well under this.
+MIN_WORKER_MEMORY_MB = 128
 
 
 class UpdateRefused(ValueError):

@@ -239,7 +239,7 @@ def test_the_event_loop_is_not_held_while_a_killed_worker_is_reaped(tmp_path: Pa
             time.sleep(0.002)
 
     async def scenario() -> None:
-        workers = QueryWorkers.for_store(store, workers=1, queue=0)
+        workers = QueryWorkers.for_store(store, workers=1, queue=0, memory_bytes=None)  # GBs, on purpose
         stop = threading.Event()
         try:
             warm = await workers.run(_request("ASK { ?s ?p ?o }"), time.monotonic() + 30)
