@@ -10,6 +10,7 @@ from typing import Any
 
 from tinyfleet.cli import HelpFormatter
 from tinyfleet.client.descriptions import DEVICE_CLASSES
+from tinyfleet.common.process_liveness import pid_alive
 
 RUN_EXAMPLES = """examples:
   tinyfleet agent run --server 127.0.0.1:7000 --state-dir ./agent1 --device pi.td.json \\
@@ -178,18 +179,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return agent.run()
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -209,7 +198,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             report["key"] = state_dir.device_key().fingerprint
         except StateDirError as exc:
             return _fail(str(exc))
-    running = status is not None and _pid_alive(int(status.get("pid", 0)))
+    running = status is not None and pid_alive(int(status.get("pid", 0)))
     report["running"] = running
     report["connected"] = bool(running and status and status.get("connected"))
     if running and status:

@@ -53,6 +53,7 @@ from starlette.routing import BaseRoute
 
 from tinyfleet.common.atomic_files import write_json_atomically
 from tinyfleet.common.flower_adapter import ensure_task_identity
+from tinyfleet.common.process_liveness import pid_alive
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2_grpc
 from tinyfleet.server.admin_service import AdminService
 from tinyfleet.server.artifacts import ArtifactStore
@@ -214,23 +215,6 @@ class DataDirLock:
             if self._holds == 0:
                 del self._held[self.path]
                 os.close(self._fd)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists and is not a zombie (a killed, unreaped child)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no procfs: existence is all we can tell
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def read_ready_file(data_dir: Path) -> dict[str, Any] | None:

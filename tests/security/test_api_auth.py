@@ -6,7 +6,6 @@ HTTP and gRPC on 127.0.0.1."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -20,15 +19,7 @@ from tinyfleet.server.registry.thing_description import device_thing_description
 
 TOKEN = "api-auth-admin-token"
 API = ("/api/devices", "/api/jobs", "/api/jobs/1")
-
-
-@pytest.fixture
-def coordinator(tmp_path: Path) -> Iterator[CoordinatorThread]:
-    running = CoordinatorThread(settings_for(tmp_path / "coord", http="127.0.0.1:0", admin_token=TOKEN))
-    try:
-        yield running
-    finally:
-        running.stop()
+COORDINATOR_OPTIONS = {"http": "127.0.0.1:0"}
 
 
 def test_api_needs_the_admin_token_like_its_grpc_twins(coordinator: CoordinatorThread) -> None:

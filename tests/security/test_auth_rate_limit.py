@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -24,15 +23,6 @@ from tinyfleet.server.registry.thing_description import device_thing_description
 
 TOKEN = "rate-limit-test-admin"
 TD = "application/td+json"
-
-
-@pytest.fixture
-def coordinator(tmp_path: Path) -> Iterator[CoordinatorThread]:
-    running = CoordinatorThread(settings_for(tmp_path / "coord", admin_token=TOKEN))
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 def _code(call, *args, **kwargs) -> grpc.RpcError:  # type: ignore[no-untyped-def]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,15 +43,6 @@ wait_for_nodes_s = 60.0
 [train]
 local_steps = 5
 """
-
-
-@pytest.fixture
-def coordinator(tmp_path: Path) -> Iterator[CoordinatorThread]:
-    running = CoordinatorThread(settings_for(tmp_path / "coord", admin_token=TOKEN))
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 def _refusal(agent: FakeAgent, **kwargs: object) -> grpc.RpcError:

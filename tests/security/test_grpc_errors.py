@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
-from server.harness import CoordinatorThread, FakeAgent, settings_for
+from server.harness import CoordinatorThread, FakeAgent
 
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
 from tinyfleet.server.admin_client import AdminClient
@@ -19,15 +17,6 @@ TOKEN = "errors-test-admin"
 INTERNALS = re.compile(
     r"<class |Traceback|\b[A-Z]\w*(Error|Exception)\b|\[SQL:|sqlite3|psycopg|\b(SELECT|INSERT|UPDATE)\b"
 )
-
-
-@pytest.fixture
-def coordinator(tmp_path: Path) -> Iterator[CoordinatorThread]:
-    running = CoordinatorThread(settings_for(tmp_path / "coord", admin_token=TOKEN))
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 def _details(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]

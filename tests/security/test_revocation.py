@@ -6,12 +6,11 @@ retrying forever. Only the admin token re-admits the device, with a new key."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from server.harness import CoordinatorThread, FakeAgent, settings_for
+from server.harness import CoordinatorThread, FakeAgent
 
 from tinyfleet.cli import main
 from tinyfleet.common.device_keys import DeviceKey
@@ -19,15 +18,6 @@ from tinyfleet.server.admin_client import AdminClient
 from tinyfleet.simulations.local_fleet import LocalFleet
 
 TOKEN = "revocation-test-admin"
-
-
-@pytest.fixture
-def coordinator(tmp_path: Path) -> Iterator[CoordinatorThread]:
-    running = CoordinatorThread(settings_for(tmp_path / "coord", admin_token=TOKEN))
-    try:
-        yield running
-    finally:
-        running.stop()
 
 
 @pytest.mark.slow
