@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -13,8 +13,10 @@ from tinyfleet.server.registry.thing_description import device_thing_description
 
 
 @pytest.fixture
-def registry() -> Registry:
-    return Registry(EmbeddedStore(None))
+def registry() -> Iterator[Registry]:
+    opened = Registry(EmbeddedStore(None))
+    yield opened
+    opened.large_descriptions.close()  # its worker process, if a test made it validate one
 
 
 @pytest.fixture
