@@ -14,10 +14,12 @@ from tinyfleet.simulations.benchmarks import train_step
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kept-buffers variant needs glibc")
 def test_benchmark_measures_each_variant_against_the_plain_setup(tmp_path: Path) -> None:
     out = tmp_path / "train_step.json"
-    assert train_step.main(["--repeats", "1", "--steps", "5", "--json", str(out)]) == 0
+    # 20 steps: a stray burst of faults in one step (seen in the full suite: 490 over 5 steps of
+    # the kept variant) cannot reach a tenth of the plain setup's ~850 per step
+    assert train_step.main(["--repeats", "1", "--steps", "20", "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
     variants = figures["variants"]
-    assert set(variants) == set(train_step.VARIANTS) and figures["config"]["steps"] == 5
+    assert set(variants) == set(train_step.VARIANTS) and figures["config"]["steps"] == 20
     assert variants[train_step.REFERENCE]["speedup_over_plain"] == 1.0
     assert all(v["ms_per_step_median"] > 0 for v in variants.values())
     plain, kept = variants[train_step.REFERENCE], variants["kept buffers"]
