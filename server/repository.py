@@ -267,6 +267,22 @@ def _job(row: Mapping[str, Any]) -> Job:
     return Job(**{k: row[k] for k in Job.__dataclass_fields__})
 
 
+def _precheck_verdict(owners: Sequence[Any], token: Any, enrollment_hash: str, now: float) -> str | None:
+    """One caller's admission pre-check from the rows found for its key and its token."""
+    if any(owner.revoked_at is None for owner in owners):
+        return None
+    if token is not None:
+        return _enrollment(token._mapping).refusal(now)
+    if owners:
+        owner = owners[0]
+        why = f": {owner.revoked_reason}" if owner.revoked_reason else ""
+        return f"device {owner.device_id!r} was revoked{why}; the coordinator refuses its key"
+    if enrollment_hash:
+        return UNKNOWN_ENROLLMENT_TOKEN
+    return ("registering a new device needs an enrollment token "
+            "(tinyfleet server enroll; agent run --enroll-token)")
+
+
 class Repository:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
@@ -327,31 +343,37 @@ class Repository:
     def admission_precheck(self, public_key: bytes, enrollment_hash: str) -> str | None:
         """Why a caller without the admin token (and not in open enrollment) cannot register
         anything, or None: it needs a key some unrevoked device already has, or an enrollment
-        token that is issued, unexpired, unrevoked and has uses left. Two indexed lookups, asked
-        before the description is validated so an unknown caller costs no SHACL run.
+        token that is issued, unexpired, unrevoked and has uses left. Asked before the
+        description is validated so an unknown caller costs no SHACL run.
         `register_devices` still decides (a token's last use may go to a concurrent call)."""
+        return self.admission_prechecks([(public_key, enrollment_hash)])[0][0]
+
+    def admission_prechecks(self, callers: Sequence[tuple[bytes, str]]) -> list[tuple[str | None, int]]:
+        """`admission_precheck` for concurrent callers (public key, enrollment token hash), in
+        two indexed lookups for all of them; with each verdict, the uses the caller's token had
+        left (0 without one), so a caller may let that many more through without asking."""
+        keys = sorted({key for key, _ in callers if key})
+        hashes = sorted({digest for _, digest in callers if digest})
+        owners: dict[bytes, list[Any]] = {}
+        tokens: dict[str, Any] = {}
         with self.engine.connect() as conn:
-            owners = conn.execute(
-                sa.select(devices.c.device_id, devices.c.revoked_at, devices.c.revoked_reason)
-                .where(devices.c.public_key == public_key)
-            ).all() if public_key else []
-            if any(owner.revoked_at is None for owner in owners):
-                return None
-            row = conn.execute(
-                sa.select(enrollments).where(enrollments.c.token_hash == enrollment_hash)
-            ).first() if enrollment_hash else None
-        if row is not None:
-            return _enrollment(row._mapping).refusal(time.time())
-        if owners:
-            owner = owners[0]
-            why = f": {owner.revoked_reason}" if owner.revoked_reason else ""
-            return f"device {owner.device_id!r} was revoked{why}; the coordinator refuses its key"
-        if enrollment_hash:
-            return UNKNOWN_ENROLLMENT_TOKEN
-        return (
-            "registering a new device needs an enrollment token "
-            "(tinyfleet server enroll; agent run --enroll-token)"
-        )
+            if keys:
+                for row in conn.execute(
+                    sa.select(devices.c.public_key, devices.c.device_id, devices.c.revoked_at,
+                              devices.c.revoked_reason).where(devices.c.public_key.in_(keys))
+                ):
+                    owners.setdefault(bytes(row.public_key), []).append(row)
+            if hashes:
+                for row in conn.execute(sa.select(enrollments).where(enrollments.c.token_hash.in_(hashes))):
+                    tokens[row.token_hash] = row
+        now = time.time()
+        return [
+            (
+                _precheck_verdict(owners.get(key, []), tokens.get(digest), digest, now),
+                int(tokens[digest].uses_left) if digest in tokens else 0,
+            )
+            for key, digest in callers
+        ]
 
     def register_devices(
         self, batch: Sequence[DeviceRegistration], *, attempts: int = 5

@@ -295,3 +295,24 @@ def test_an_admin_register_that_does_not_re_key_leaves_a_revocation_standing(tmp
         agent.close()
     finally:
         running.stop()
+
+
+def test_a_token_passes_the_pre_check_unasked_only_as_often_as_it_had_uses(tmp_path: Path) -> None:
+    """The pre-check remembers a token's spare uses for a moment (a burst enrolling with one
+    token asks SQL once), but never lets it through more often than it had uses: the caller
+    after the last use is refused before its description is validated."""
+    running, recorder = _recording_coordinator(tmp_path)
+    try:
+        token = running.enroll(uses=2)
+        first, second = (FakeAgent(running.address, f"urn:dev:t{n}", enroll_token=token) for n in (1, 2))
+        assert first.register().created and second.register().created
+        validated = list(recorder.seen)
+        third = FakeAgent(running.address, "urn:dev:t3", enroll_token=token)
+        refused = _refusal(third)
+        assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "no uses left" in refused.details()
+        assert recorder.seen == validated  # refused before validation
+        for agent in (first, second, third):
+            agent.channel.close()
+    finally:
+        running.stop()
