@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -339,20 +340,10 @@ def _server_devices(args: argparse.Namespace) -> int:
              "revoked": d.revoked, "revoked_reason": d.revoked_reason}
             for d in devices
         ]
-        if args.json:
-            print(json.dumps(rows, indent=2))
-            return 0
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"{len(rows)} devices")
-        for column in ("device", "node id", "online", "last seen", "revoked"):
-            table.add_column(column)
-        for row in rows:
-            table.add_row(row["device_id"], str(row["node_id"]), "yes" if row["online"] else "no",
-                          _when(row["last_seen"]),
-                          (row["revoked_reason"] or "yes") if row["revoked"] else "")
-        Console().print(table)
+        _print_rows(rows, args.json, "devices", ("device", "node id", "online", "last seen", "revoked"),
+                    lambda row: (row["device_id"], str(row["node_id"]), "yes" if row["online"] else "no",
+                                 _when(row["last_seen"]),
+                                 (row["revoked_reason"] or "yes") if row["revoked"] else ""))
         return 0
 
     return _with_client(args, show)
@@ -395,19 +386,10 @@ def _server_enroll(args: argparse.Namespace) -> int:
 
     def listing(client: Any) -> int:
         rows = [_enrollment_row(e) for e in client.enrollments()]
-        if args.json:
-            print(json.dumps(rows, indent=2))
-            return 0
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"{len(rows)} enrollment tokens")
-        for column in ("id", "label", "uses left", "expires", "revoked"):
-            table.add_column(column)
-        for row in rows:
-            table.add_row(row["enrollment_id"], row["label"], f"{row['uses_left']}/{row['uses_total']}",
-                          _when(row["expires_at"]), "yes" if row["revoked"] else "")
-        Console().print(table)
+        _print_rows(rows, args.json, "enrollment tokens", ("id", "label", "uses left", "expires", "revoked"),
+                    lambda row: (row["enrollment_id"], row["label"],
+                                 f"{row['uses_left']}/{row['uses_total']}",
+                                 _when(row["expires_at"]), "yes" if row["revoked"] else ""))
         return 0
 
     def revoke(client: Any) -> int:
@@ -470,22 +452,34 @@ def _job_list(args: argparse.Namespace) -> int:
 
     def show(client: Any) -> int:
         jobs = [job_info_dict(j) for j in client.jobs()]
-        if args.json:
-            print(json.dumps(jobs, indent=2))
-            return 0
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=f"{len(jobs)} jobs")
-        for column in ("id", "name", "strategy", "state", "rounds", "reason"):
-            table.add_column(column)
-        for job in jobs:
-            table.add_row(job["job_id"], job["name"], job["strategy"], job["state"],
-                          f"{job['rounds_done']}/{job['rounds_total']}", job["reason"])
-        Console().print(table)
+        _print_rows(jobs, args.json, "jobs", ("id", "name", "strategy", "state", "rounds", "reason"),
+                    lambda job: (job["job_id"], job["name"], job["strategy"], job["state"],
+                                 f"{job['rounds_done']}/{job['rounds_total']}", job["reason"]))
         return 0
 
     return _with_client(args, show)
+
+
+def _print_rows(
+    rows: list[dict[str, Any]],
+    as_json: bool,
+    what: str,
+    columns: tuple[str, ...],
+    cells: Callable[[dict[str, Any]], tuple[str, ...]],
+) -> None:
+    """A listing as JSON (`--json`) or as a table titled with its count."""
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(rows)} {what}")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*cells(row))
+    Console().print(table)
 
 
 def print_job(job: dict[str, Any]) -> None:
