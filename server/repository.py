@@ -340,18 +340,14 @@ class Repository:
             self._outbox(conn, "device.updated", device_id,
                          _described({"description": description, "media_type": media_type}))
 
-    def admission_precheck(self, public_key: bytes, enrollment_hash: str) -> str | None:
-        """Why a caller without the admin token (and not in open enrollment) cannot register
-        anything, or None: it needs a key some unrevoked device already has, or an enrollment
-        token that is issued, unexpired, unrevoked and has uses left. Asked before the
-        description is validated so an unknown caller costs no SHACL run.
-        `register_devices` still decides (a token's last use may go to a concurrent call)."""
-        return self.admission_prechecks([(public_key, enrollment_hash)])[0][0]
-
     def admission_prechecks(self, callers: Sequence[tuple[bytes, str]]) -> list[tuple[str | None, int]]:
-        """`admission_precheck` for concurrent callers (public key, enrollment token hash), in
-        two indexed lookups for all of them; with each verdict, the uses the caller's token had
-        left (0 without one), so a caller may let that many more through without asking."""
+        """Why each caller (public key, enrollment token hash) without the admin token (and not in
+        open enrollment) cannot register anything, or None: it needs a key some unrevoked device
+        already has, or an enrollment token that is issued, unexpired, unrevoked and has uses
+        left. Asked before descriptions are validated, so an unknown caller costs no SHACL run;
+        `register_devices` still decides (a token's last use may go to a concurrent call). Two
+        indexed lookups for all concurrent callers; with each verdict, the uses the caller's
+        token had left (0 without one), so that many more may pass without asking."""
         keys = sorted({key for key, _ in callers if key})
         hashes = sorted({digest for _, digest in callers if digest})
         owners: dict[bytes, list[Any]] = {}

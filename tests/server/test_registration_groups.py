@@ -167,19 +167,23 @@ def test_the_admission_precheck_needs_a_known_unrevoked_key_or_a_usable_token(en
     repo.register_devices([_item("urn:dev:k", 901, key=OLD_KEY)])
     repo.create_enrollment("e1", "h" * 64, label="one", uses=1, ttl_s=60)
     repo.create_enrollment("e2", "g" * 64, label="gone", uses=1, ttl_s=-1)
-    assert repo.admission_precheck(OLD_KEY, "") is None
-    assert repo.admission_precheck(NEW_KEY, "h" * 64) is None
-    assert "expired at" in (repo.admission_precheck(NEW_KEY, "g" * 64) or "")
-    assert "not one this coordinator issued" in (repo.admission_precheck(NEW_KEY, "f" * 64) or "")
-    assert "needs an enrollment token" in (repo.admission_precheck(NEW_KEY, "") or "")
+
+    def precheck(key: bytes, digest: str) -> str | None:  # one caller alone
+        return repo.admission_prechecks([(key, digest)])[0][0]
+
+    assert precheck(OLD_KEY, "") is None
+    assert precheck(NEW_KEY, "h" * 64) is None
+    assert "expired at" in (precheck(NEW_KEY, "g" * 64) or "")
+    assert "not one this coordinator issued" in (precheck(NEW_KEY, "f" * 64) or "")
+    assert "needs an enrollment token" in (precheck(NEW_KEY, "") or "")
     callers = [(OLD_KEY, ""), (NEW_KEY, "h" * 64), (NEW_KEY, "g" * 64), (NEW_KEY, "f" * 64), (b"", "")]
-    alone = [repo.admission_precheck(key, digest) for key, digest in callers]
+    alone = [precheck(key, digest) for key, digest in callers]
     together = repo.admission_prechecks(callers)  # concurrent callers, asked together
     assert [verdict for verdict, _ in together] == alone
     assert [uses for _, uses in together] == [0, 1, 1, 0, 0]  # the uses each caller's token had left
     assert [verdict is None for verdict in alone] == [True, True, False, False, False]
     repo.revoke_device("urn:dev:k", "stolen")
-    assert "'urn:dev:k' was revoked: stolen" in (repo.admission_precheck(OLD_KEY, "") or "")
+    assert "'urn:dev:k' was revoked: stolen" in (precheck(OLD_KEY, "") or "")
     assert repo.admission_prechecks([(OLD_KEY, "h" * 64)]) == [(None, 1)]  # a usable token still admits
     with engine.connect() as conn:  # the key lookup is indexed (migration 0004)
         assert "ix_devices_public_key" in {i["name"] for i in sa.inspect(conn).get_indexes("devices")}
