@@ -40,7 +40,7 @@ from tinyfleet.client.descriptions import Description
 from tinyfleet.client.handlers import HandlerRegistry, default_handlers
 from tinyfleet.client.session import Session
 from tinyfleet.client.state_dir import Identity, StateDir, StateDirError
-from tinyfleet.client.tasks import answer_task
+from tinyfleet.client.task_frames import answer_task
 from tinyfleet.common.device_keys import REQUEST_WINDOW_S, DeviceKey
 from tinyfleet.common.flower_adapter import make_context
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2

@@ -9,11 +9,13 @@ Map (one idea per module):
   job_runner      the round loop: quorum, deadlines, drops, checkpoints, resume
   job_strategy    job file -> Flower strategy, configs, initial model
   job_events      job change notifications for WatchJob
-  job_views       how jobs/devices look on the wire, over HTTP and in the CLI
-  http_api        starlette JSON API (extra routes pluggable)
+  job_json        how jobs/devices look on the wire, over HTTP and in the CLI
+  group_runner    concurrent callers' items handled in groups (group commit, group validation)
+  http/           every HTTP route: JSON API, auth answers, SPARQL, WoT directory, imports
   descriptions    device description check (hook the registry replaces)
   auth            credentials, node ids, admin token
   schema, database, migrations/, repository   SQL state (SQLAlchemy 2 + Alembic)
   artifacts       content-addressed blob store
-  admin_client, cli   `tinyfleet server ...` and `tinyfleet job ...`
+  admin_client    the Admin gRPC client the CLIs share
+  cli, job_cli    `tinyfleet server ...` and `tinyfleet job ...`
 """

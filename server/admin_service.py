@@ -32,9 +32,9 @@ from tinyfleet.server.auth import (
 from tinyfleet.server.connections import ConnectionHub
 from tinyfleet.server.fleet_service import no_internal_errors, refuse_auth, refuse_if_blocked
 from tinyfleet.server.job_events import JobEvents
+from tinyfleet.server.job_json import RoundsFollower, device_info, job_info
 from tinyfleet.server.job_runner import Eligibility
 from tinyfleet.server.job_strategy import build_strategy
-from tinyfleet.server.job_views import RoundsFollower, device_info, job_info
 from tinyfleet.server.repository import TERMINAL_STATES, Device, Enrollment, Repository
 
 log = logging.getLogger(__name__)

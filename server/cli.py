@@ -1,5 +1,5 @@
-"""`tinyfleet server ...` and `tinyfleet job ...`: run the coordinator, enroll and revoke
-devices, operate jobs.
+"""`tinyfleet server ...`: run the coordinator, enroll and revoke devices; the connection
+options and exit codes every admin command shares (`tinyfleet job ...` lives in job_cli).
 
 Exit codes of the client commands: 0 success (for `job wait`: the job finished),
 1 the job failed or the server refused, 2 a bad job file or argument (the message
@@ -142,7 +142,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "  tinyfleet server devices revoke urn:tinyfleet:device:pi-07 --reason 'stolen' "
         "--server 127.0.0.1:7000\n\n" + CLIENT_HELP,
     )
-    _client_args(devices)
+    client_args(devices)
     devices.add_argument("--json", action="store_true", help="print JSON instead of a table")
     devices.set_defaults(func=_server_devices)
     devices_sub = devices.add_subparsers(dest="devices_command", metavar="COMMAND")
@@ -155,7 +155,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     revoke.add_argument("device_id", help="the device id, as `server devices` lists it")
     revoke.add_argument("--reason", default="", help="told to the device and shown in the device list")
-    _client_args(revoke, inherit=True)
+    client_args(revoke, inherit=True)
     revoke.set_defaults(func=_server_devices_revoke)
 
     enroll = server_sub.add_parser(
@@ -172,54 +172,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                         help="how long the token is valid (default 24h)")
     enroll.add_argument("--label", default=None, help="a note for the list, e.g. where the devices go")
     enroll.add_argument("--json", action="store_true", help="print JSON")
-    _client_args(enroll)
+    client_args(enroll)
     enroll.set_defaults(func=_server_enroll)
 
-    job = subparsers.add_parser(
-        "job", help="submit and follow federated jobs", formatter_class=HelpFormatter,
-        epilog="example:\n  tinyfleet job submit examples/sine-fedavg.toml --server 127.0.0.1:7000\n",
-    )
-    job.set_defaults(group_parser=job)
-    job_sub = job.add_subparsers(dest="job_command", metavar="COMMAND")
 
-    submit = job_sub.add_parser(
-        "submit", help="queue a job file; prints the job id", formatter_class=HelpFormatter,
-        epilog="example:\n  JOB=$(tinyfleet job submit job.toml --server 127.0.0.1:7000)\n\n"
-        "A bad job file exits 2 with the offending field named.\n\n" + CLIENT_HELP,
-    )
-    submit.add_argument("job_file", type=Path, help="job TOML file")
-    _client_args(submit)
-    submit.set_defaults(func=_job_submit)
-
-    status = job_sub.add_parser(
-        "status", help="state and per-round table of a job", formatter_class=HelpFormatter,
-        epilog="example:\n  tinyfleet job status 3 --server 127.0.0.1:7000 --json\n\n" + CLIENT_HELP,
-    )
-    status.add_argument("job_id")
-    _client_args(status)
-    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    status.set_defaults(func=_job_status)
-
-    wait = job_sub.add_parser(
-        "wait", help="block until a job ends (exit 0 finished, 1 failed)",
-        formatter_class=HelpFormatter,
-        epilog="example:\n  tinyfleet job wait 3 --server 127.0.0.1:7000 && echo done\n\n" + CLIENT_HELP,
-    )
-    wait.add_argument("job_id")
-    _client_args(wait)
-    wait.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    wait.set_defaults(func=_job_wait)
-
-    listing = job_sub.add_parser(
-        "list", help="all jobs with their state", formatter_class=HelpFormatter,
-        epilog="example:\n  tinyfleet job list --server 127.0.0.1:7000\n\n" + CLIENT_HELP,
-    )
-    _client_args(listing)
-    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    listing.set_defaults(func=_job_list)
-
-
-def _client_args(parser: argparse.ArgumentParser, *, inherit: bool = False) -> None:
+def client_args(parser: argparse.ArgumentParser, *, inherit: bool = False) -> None:
     """--server, --admin-token(-file), --ca. `inherit`: a sub-command under a parser that has them
     too; its options then only override what was given before the sub-command name."""
     def default(value: object) -> object:
@@ -310,8 +267,8 @@ def _start_holding_data_dir(args: argparse.Namespace) -> int:
     from sqlalchemy.exc import SQLAlchemyError
 
     from tinyfleet.server.descriptions import DescriptionLimits
-    from tinyfleet.server.registry.coordinator_hooks import CoordinatorRegistry
-    from tinyfleet.server.registry.sparql_http import SparqlOptions
+    from tinyfleet.server.http.sparql import SparqlOptions
+    from tinyfleet.server.registry.daemon_plugin import CoordinatorRegistry
     from tinyfleet.server.registry.store import StoreError
 
     try:
@@ -340,13 +297,13 @@ def _server_devices(args: argparse.Namespace) -> int:
              "revoked": d.revoked, "revoked_reason": d.revoked_reason}
             for d in devices
         ]
-        _print_rows(rows, args.json, "devices", ("device", "node id", "online", "last seen", "revoked"),
+        print_rows(rows, args.json, "devices", ("device", "node id", "online", "last seen", "revoked"),
                     lambda row: (row["device_id"], str(row["node_id"]), "yes" if row["online"] else "no",
                                  _when(row["last_seen"]),
                                  (row["revoked_reason"] or "yes") if row["revoked"] else ""))
         return 0
 
-    return _with_client(args, show)
+    return with_client(args, show)
 
 
 def _server_devices_revoke(args: argparse.Namespace) -> int:
@@ -355,7 +312,7 @@ def _server_devices_revoke(args: argparse.Namespace) -> int:
         print(f"device {device.device_id} revoked: {device.revoked_reason}")
         return 0
 
-    return _with_client(args, revoke)
+    return with_client(args, revoke)
 
 
 def _enrollment_row(info: Any) -> dict[str, Any]:
@@ -386,7 +343,7 @@ def _server_enroll(args: argparse.Namespace) -> int:
 
     def listing(client: Any) -> int:
         rows = [_enrollment_row(e) for e in client.enrollments()]
-        _print_rows(rows, args.json, "enrollment tokens", ("id", "label", "uses left", "expires", "revoked"),
+        print_rows(rows, args.json, "enrollment tokens", ("id", "label", "uses left", "expires", "revoked"),
                     lambda row: (row["enrollment_id"], row["label"],
                                  f"{row['uses_left']}/{row['uses_total']}",
                                  _when(row["expires_at"]), "yes" if row["revoked"] else ""))
@@ -397,70 +354,10 @@ def _server_enroll(args: argparse.Namespace) -> int:
         print(f"enrollment {info.enrollment_id} revoked ({info.uses_left} unused)")
         return 0
 
-    return _with_client(args, listing if args.list else revoke if args.revoke else issue)
+    return with_client(args, listing if args.list else revoke if args.revoke else issue)
 
 
-# -- jobs --------------------------------------------------------------------------
-def _job_submit(args: argparse.Namespace) -> int:
-    from tinyfleet.common.jobspec import JobSpecError, load_job_spec
-    from tinyfleet.server.job_strategy import build_strategy
-
-    try:
-        build_strategy(load_job_spec(args.job_file))
-    except JobSpecError as exc:
-        print(f"error: {args.job_file}: {exc}", file=sys.stderr)
-        return EXIT_BAD_JOB
-    text = args.job_file.read_text(encoding="utf-8")
-    return _with_client(args, lambda client: print(client.submit(text).job_id) or 0)
-
-
-def _job_status(args: argparse.Namespace) -> int:
-    from tinyfleet.server.job_views import job_info_dict
-
-    def show(client: Any) -> int:
-        job = job_info_dict(client.job(args.job_id))
-        if args.json:
-            print(json.dumps(job, indent=2))
-        else:
-            print_job(job)
-        return 0
-
-    return _with_client(args, show)
-
-
-def _job_wait(args: argparse.Namespace) -> int:
-    from tinyfleet.server.job_views import job_info_dict
-
-    def follow(client: Any) -> int:
-        last = None
-        for info in client.watch(args.job_id):
-            if not args.quiet and (last is None or info.rounds_done != last.rounds_done):
-                print(f"job {info.job_id}: {info.state}, round {info.rounds_done}/"
-                      f"{info.rounds_total}", file=sys.stderr)
-            last = info
-        if last is None:
-            return EXIT_FAILED
-        if not args.quiet:
-            print_job(job_info_dict(last))
-        return 0 if last.state == "finished" else EXIT_FAILED
-
-    return _with_client(args, follow)
-
-
-def _job_list(args: argparse.Namespace) -> int:
-    from tinyfleet.server.job_views import job_info_dict
-
-    def show(client: Any) -> int:
-        jobs = [job_info_dict(j) for j in client.jobs()]
-        _print_rows(jobs, args.json, "jobs", ("id", "name", "strategy", "state", "rounds", "reason"),
-                    lambda job: (job["job_id"], job["name"], job["strategy"], job["state"],
-                                 f"{job['rounds_done']}/{job['rounds_total']}", job["reason"]))
-        return 0
-
-    return _with_client(args, show)
-
-
-def _print_rows(
+def print_rows(
     rows: list[dict[str, Any]],
     as_json: bool,
     what: str,
@@ -482,63 +379,6 @@ def _print_rows(
     Console().print(table)
 
 
-def print_job(job: dict[str, Any]) -> None:
-    """A job's state line and its per-round table (rich), one column per reported metric."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    if not console.is_terminal:
-        console.width = 200  # piped output: keep rows on one line
-    line = (f"job {job['job_id']} {job['name']!r} ({job['strategy']}): {job['state']}, "
-            f"{job['rounds_done']}/{job['rounds_total']} rounds")
-    console.print(line + (f" - {job['reason']}" if job["reason"] else ""))
-    if not job["rounds"]:
-        return
-    metric_columns = _metric_columns(job["rounds"])
-    table = Table()
-    for column in ("round", "participants", "dropped", *(c for _, c in metric_columns),
-                   "bytes down", "bytes up", "duration"):
-        table.add_column(column, justify="right")
-    for r in job["rounds"]:
-        values = [_number((r[kind] or {}).get(key)) for (kind, key), _ in metric_columns]
-        table.add_row(
-            str(r["round"]), str(r["participants"]), str(r["dropped"]), *values,
-            _bytes(r["bytes_down"]), _bytes(r["bytes_up"]), f"{r['duration_s']:.2f} s",
-        )
-    console.print(table)
-    for r in job["rounds"]:
-        for node in r.get("nodes", []):
-            if node["status"] != "replied":
-                console.print(f"  round {r['round']} {node['phase']}: node {node['node_id']} "
-                              f"{node['status']}: {node['error']}")
-
-
-def _metric_columns(rounds: list[dict[str, Any]]) -> list[tuple[tuple[str, str], str]]:
-    """((record, key), header) for every metric any round reported, except weights."""
-    columns: dict[tuple[str, str], str] = {}
-    for kind in ("train_metrics", "eval_metrics"):
-        for r in rounds:
-            for key in r[kind] or {}:
-                if key != "num-examples":
-                    columns.setdefault((kind, key), key)
-    return list(columns.items())
-
-
-def _number(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n:.1f} GiB"
-
-
 def _when(ts: float | None) -> str:
     if not ts:
         return "never"
@@ -547,7 +387,7 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
-def _with_client(args: argparse.Namespace, action: Any) -> int:
+def with_client(args: argparse.Namespace, action: Any) -> int:
     """Run `action(client)`; gRPC errors become a message and an exit code."""
     import grpc
 

@@ -70,7 +70,7 @@ from tinyfleet.server.descriptions import (
 )
 from tinyfleet.server.fleet_grid import FleetGrid
 from tinyfleet.server.fleet_service import FleetService
-from tinyfleet.server.http_api import build_app
+from tinyfleet.server.http.api import build_app
 from tinyfleet.server.job_events import JobEvents
 from tinyfleet.server.job_runner import Eligibility, JobRunner
 from tinyfleet.server.repository import Repository

@@ -2,7 +2,7 @@
 
 Runs on the coordinator's asyncio loop (grpc.aio); blocking SQL goes through
 `asyncio.to_thread`. Concurrent Register calls are validated as a group (each
-description judged on its own) and then group-committed (server/grouping.py): they
+description judged on its own) and then group-committed (server/group_runner.py): they
 share one SQL transaction, each with its device row and outbox row and its own answer.
 Bad input is answered with a status naming the problem and never takes the
 stream or the coordinator down: malformed descriptions
@@ -64,7 +64,7 @@ from tinyfleet.server.descriptions import (
     refusal_details,
     unprocessable,
 )
-from tinyfleet.server.grouping import GroupRunner
+from tinyfleet.server.group_runner import GroupRunner
 from tinyfleet.server.repository import (
     DeviceRegistration,
     Registered,

@@ -60,8 +60,8 @@ def run_demo(root: Path, agents: int, rounds: int) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tinyfleet.server.cli import print_job
-    from tinyfleet.server.job_views import job_info_dict
+    from tinyfleet.server.job_cli import print_job
+    from tinyfleet.server.job_json import job_info_dict
     from tinyfleet.simulations.local_fleet import LocalFleet
 
     console = Console()

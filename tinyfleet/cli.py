@@ -14,6 +14,7 @@ import sys
 
 COMMAND_MODULES = [
     "tinyfleet.server.cli",
+    "tinyfleet.server.job_cli",
     "tinyfleet.server.registry.cli",
     "tinyfleet.client.cli",
     "tinyfleet.simulations.cli",

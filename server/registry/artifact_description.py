@@ -24,7 +24,7 @@ from typing import Any
 import pyoxigraph as ox
 
 from tinyfleet.ontology import NNET, OM, PROV, RDF, SCHEMA, TF, XSD
-from tinyfleet.server.registry.updates import datetime_literal
+from tinyfleet.server.registry.sparql_updates import datetime_literal
 
 SPARSE_TOP_P = 0.1
 

@@ -171,8 +171,8 @@ def _open_store(args: argparse.Namespace) -> Any:
 
 
 def _open_registry(args: argparse.Namespace, *, create: bool = False) -> Any:
-    from tinyfleet.server.registry.registry import Registry
     from tinyfleet.server.registry.store import EmbeddedStore
+    from tinyfleet.server.registry.thing_graphs import Registry
 
     if create and getattr(args, "data_dir", None) and not (Path(args.data_dir) / "registry").exists():
         Path(args.data_dir).mkdir(parents=True, exist_ok=True)
@@ -283,8 +283,8 @@ def _import(args: argparse.Namespace) -> int:
 def _import_through_server(args: argparse.Namespace) -> int:
     import httpx
 
+    from tinyfleet.server.http.imports import report_from_json
     from tinyfleet.server.registry.importer import ImportFailed, read_document
-    from tinyfleet.server.registry.imports_http import report_from_json
 
     headers = {"content-type": "text/turtle"}
     try:
@@ -357,8 +357,8 @@ def _rebuild(args: argparse.Namespace) -> int:
 
     from tinyfleet.server.database import default_url, open_database
     from tinyfleet.server.registry.projector import rebuild
-    from tinyfleet.server.registry.registry import Registry
     from tinyfleet.server.registry.store import EmbeddedStore, RemoteStore, StoreError
+    from tinyfleet.server.registry.thing_graphs import Registry
     from tinyfleet.server.repository import Repository
 
     if not args.db and not (Path(args.data_dir) / "coordinator.db").exists():
@@ -409,8 +409,8 @@ def _rebuild(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from tinyfleet.server.registry.registry import Registry
     from tinyfleet.server.registry.store import EmbeddedStore
+    from tinyfleet.server.registry.thing_graphs import Registry
     from tinyfleet.server.registry.validation import DescriptionInvalid
 
     try:

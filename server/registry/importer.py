@@ -42,9 +42,9 @@ from typing import TYPE_CHECKING, Final, Protocol
 import pyoxigraph as ox
 
 from tinyfleet.ontology import NNET, RDF, S3N, S3N_HTTP, SSN_EXTEND, TD, TF
-from tinyfleet.server.registry import updates
+from tinyfleet.server.registry import sparql_updates
 from tinyfleet.server.registry.normalize import normalize_device, normalize_models
-from tinyfleet.server.registry.registry import Prepared, Registry
+from tinyfleet.server.registry.thing_graphs import Prepared, Registry
 from tinyfleet.server.registry.validation import Problem
 
 if TYPE_CHECKING:
@@ -239,17 +239,17 @@ def prepare_document(registry: Registry, document: Document) -> Imported:
     triples, report = repaired_triples(document)
     device_graphs, model_graphs, leftover = split_graphs(triples)
     prepared = [
-        Prepared(thing_id=d, triples=updates.skolemize(normalize_device(ts, d), d), document=None)
+        Prepared(thing_id=d, triples=sparql_updates.skolemize(normalize_device(ts, d), d), document=None)
         for d, ts in device_graphs.items()
     ]
-    models = {m: updates.skolemize(normalize_models(ts), m) for m, ts in model_graphs.items()}
+    models = {m: sparql_updates.skolemize(normalize_models(ts), m) for m, ts in model_graphs.items()}
     graphs = [p.triples for p in prepared] + list(models.values())
     problems = [p for found in registry.validate_many(graphs) for p in found]
     if problems:
         raise ImportFailed(document.name, problems)
     if leftover:
         report.other_graph = f"urn:tinyfleet:graph:import:{urllib.parse.quote(document.name)}"
-        models[report.other_graph] = updates.skolemize(leftover, report.other_graph)
+        models[report.other_graph] = sparql_updates.skolemize(leftover, report.other_graph)
     report.devices = sorted(device_graphs)
     report.models = sorted(model_graphs)
     return Imported(devices=prepared, graphs=models, report=report)

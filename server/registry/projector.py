@@ -41,10 +41,10 @@ from typing import Any, Protocol
 import pyoxigraph as ox
 import sqlalchemy as sa
 
-from tinyfleet.server.http_api import InsufficientStorage, StoredNotYetVisible
+from tinyfleet.server.http.api import InsufficientStorage, StoredNotYetVisible
 from tinyfleet.server.registry.importer import Document, FileReport, Imported, ImportFailed, prepare_document
-from tinyfleet.server.registry.registry import Prepared, Registry
 from tinyfleet.server.registry.store import EmbeddedStore
+from tinyfleet.server.registry.thing_graphs import Prepared, Registry
 from tinyfleet.server.registry.validation import DescriptionInvalid
 from tinyfleet.server.repository import REGISTRY_UPDATED
 
@@ -449,7 +449,7 @@ class ArtifactProjector:
     def catch_up(self) -> int:
         from tinyfleet.common.flower_adapter import array_record_from_bytes
         from tinyfleet.common.jobspec import parse_job_spec
-        from tinyfleet.server.registry import updates
+        from tinyfleet.server.registry import sparql_updates
         from tinyfleet.server.registry.artifact_description import artifact_iri, describe_round_artifact
         from tinyfleet.server.schema import artifacts, jobs, node_results, rounds
 
@@ -496,7 +496,7 @@ class ArtifactProjector:
                 )
                 stamp = ox.Literal(repr(float(row.finished_at)), datatype=ox.NamedNode(XSD_DOUBLE))
                 self.registry.put_graph(
-                    artifact_iri(row.artifact_sha), triples, also=updates.set_meta(WATERMARK, stamp)
+                    artifact_iri(row.artifact_sha), triples, also=sparql_updates.set_meta(WATERMARK, stamp)
                 )
                 described += 1
 

@@ -176,7 +176,7 @@ class RemoteStore:
     def load(self, data: bytes, rdf_format: ox.RdfFormat, *, bulk: bool = False) -> None:
         """Sent as INSERT DATA updates of bounded size (any SPARQL 1.1 server accepts them)."""
         del bulk
-        from tinyfleet.server.registry.updates import insert_data_chunks
+        from tinyfleet.server.registry.sparql_updates import insert_data_chunks
 
         for update in insert_data_chunks(ox.parse(data, format=rdf_format)):
             self.update(update)

@@ -49,11 +49,11 @@ from tinyfleet.common.device_keys import DeviceKey
 from tinyfleet.ontology import sparql_prologue
 from tinyfleet.ontology.catalog import parse_query_file, render
 from tinyfleet.server.database import default_url
-from tinyfleet.server.registry import updates
+from tinyfleet.server.registry import sparql_updates
 from tinyfleet.server.registry.normalize import normalize_models
-from tinyfleet.server.registry.registry import Registry
 from tinyfleet.server.registry.store import EmbeddedStore
 from tinyfleet.server.registry.thing_description import device_thing_description
+from tinyfleet.server.registry.thing_graphs import Registry
 from tinyfleet.simulations.benchmarks.process_cpu import RUNAWAY, deadline_to_cpu_stop
 
 SENSORS = ("Accelerometer", "Gyroscope", "Magnetometer", "Microphone", "Camera", "Thermometer", "Hygrometer")
@@ -182,7 +182,7 @@ def model_graphs(rng: random.Random) -> dict[str, list[ox.Triple]]:
           tf:requiresSensorType sosa_extend:{sensor} .
         """
         triples = [q.triple for q in ox.parse(turtle.encode(), format=ox.RdfFormat.TURTLE)]
-        graphs[iri] = updates.skolemize(normalize_models(triples), iri)
+        graphs[iri] = sparql_updates.skolemize(normalize_models(triples), iri)
     return graphs
 
 
@@ -526,7 +526,7 @@ async def _register_concurrently(
     with sql.connect() as conn:
         target = int(conn.execute(sa.text("SELECT max(seq) FROM outbox")).scalar() or 0)
     seq_query = (
-        f"SELECT ?seq WHERE {{ GRAPH <{updates.META_GRAPH}> {{ <{updates.REGISTRY_IRI}> "
+        f"SELECT ?seq WHERE {{ GRAPH <{sparql_updates.META_GRAPH}> {{ <{sparql_updates.REGISTRY_IRI}> "
         f"<https://w3id.org/tinyfleet#lastAppliedSeq> ?seq }} }}"
     )
     async with httpx.AsyncClient(base_url=f"http://{http}", timeout=30) as web:

@@ -76,7 +76,7 @@ def measure_fleet(agents: int, rounds: int, warmup: int) -> dict[str, Any]:
     much of a round the coordinator itself costs and how much CPU the agents need
     (on 2 cores, 32 agents queue for the CPU: that shows up as overhead too).
     """
-    from tinyfleet.server.job_views import job_info_dict
+    from tinyfleet.server.job_json import job_info_dict
     from tinyfleet.simulations.local_fleet import LocalFleet
 
     with tempfile.TemporaryDirectory(prefix="tinyfleet-bench-") as tmp, LocalFleet(Path(tmp)) as fleet:

@@ -31,7 +31,7 @@ from registry.coordinator_process import (
 )
 
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
-from tinyfleet.server.grouping import GroupRunner
+from tinyfleet.server.group_runner import GroupRunner
 from tinyfleet.server.registry.thing_description import device_thing_description
 from tinyfleet.simulations.local_fleet import LocalFleet
 

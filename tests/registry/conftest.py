@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tinyfleet.server.registry.registry import Registry
 from tinyfleet.server.registry.store import EmbeddedStore
 from tinyfleet.server.registry.thing_description import device_thing_description
+from tinyfleet.server.registry.thing_graphs import Registry
 
 
 @pytest.fixture

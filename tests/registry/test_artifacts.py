@@ -13,7 +13,7 @@ from tinyfleet.server.artifacts import ArtifactStore
 from tinyfleet.server.database import default_url, open_database
 from tinyfleet.server.registry.artifact_description import artifact_iri
 from tinyfleet.server.registry.projector import ArtifactProjector, Projector
-from tinyfleet.server.registry.registry import Registry
+from tinyfleet.server.registry.thing_graphs import Registry
 from tinyfleet.server.repository import ArtifactRecord, NodeResult, Repository, RoundRecord
 
 JOB = 'name = "sine"\nstrategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 2\n'

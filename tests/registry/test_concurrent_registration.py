@@ -19,7 +19,7 @@ from server.harness import CoordinatorThread, settings_for, signed_register
 
 from tinyfleet.common.device_keys import DeviceKey
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
-from tinyfleet.server.registry.coordinator_hooks import CoordinatorRegistry
+from tinyfleet.server.registry.daemon_plugin import CoordinatorRegistry
 from tinyfleet.server.schema import outbox
 
 TD_JSON = "application/td+json"

@@ -17,7 +17,7 @@ from tinyfleet.common.device_keys import DeviceKey
 from tinyfleet.common.jobspec import JobSpecError, parse_job_spec
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2_grpc
 from tinyfleet.server.database import default_url, open_database
-from tinyfleet.server.registry.coordinator_hooks import CoordinatorRegistry
+from tinyfleet.server.registry.daemon_plugin import CoordinatorRegistry
 from tinyfleet.server.repository import Repository
 
 from .test_importer import QUIRKY_BOARD
@@ -98,8 +98,8 @@ def test_eligibility_is_checked_at_submission_and_re_evaluated_each_call(
     tmp_path: Path, make_td: Callable[..., bytes]
 ) -> None:
     from tinyfleet.server.registry.projector import Projector
-    from tinyfleet.server.registry.registry import Registry
     from tinyfleet.server.registry.store import EmbeddedStore
+    from tinyfleet.server.registry.thing_graphs import Registry
 
     repo = Repository(open_database(default_url(tmp_path)))
     hooks = CoordinatorRegistry(Registry(EmbeddedStore(None)))

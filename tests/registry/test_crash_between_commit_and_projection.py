@@ -18,8 +18,8 @@ from tinyfleet.common.device_keys import DeviceKey
 from tinyfleet.common.failpoints import ENV
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2_grpc
 from tinyfleet.server.database import default_url, open_database
-from tinyfleet.server.registry.registry import Registry
 from tinyfleet.server.registry.store import open_store
+from tinyfleet.server.registry.thing_graphs import Registry
 from tinyfleet.server.repository import Repository
 from tinyfleet.simulations.local_fleet import LocalFleet
 

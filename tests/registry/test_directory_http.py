@@ -15,9 +15,9 @@ from starlette.testclient import TestClient
 
 from tinyfleet.common.device_keys import DeviceKey, verify
 from tinyfleet.server.auth import MAX_FAILURES, FailedAuthLimiter
-from tinyfleet.server.registry.http_app import registry_app
-from tinyfleet.server.registry.http_common import Access
-from tinyfleet.server.registry.registry import Registry
+from tinyfleet.server.http.registry_access import Access
+from tinyfleet.server.http.registry_routes import registry_app
+from tinyfleet.server.registry.thing_graphs import Registry
 
 TOKEN = "admin-secret"
 ADMIN = {"authorization": f"Bearer {TOKEN}", "content-type": "application/td+json"}

@@ -12,10 +12,10 @@ from starlette.testclient import TestClient
 
 from tinyfleet.cli import main
 from tinyfleet.server.database import default_url, open_database
-from tinyfleet.server.registry.coordinator_hooks import CoordinatorRegistry
+from tinyfleet.server.registry.daemon_plugin import CoordinatorRegistry
 from tinyfleet.server.registry.projector import rebuild
-from tinyfleet.server.registry.registry import Registry
 from tinyfleet.server.registry.store import EmbeddedStore
+from tinyfleet.server.registry.thing_graphs import Registry
 from tinyfleet.server.repository import Repository
 from tinyfleet.server.schema import imported_documents, outbox
 

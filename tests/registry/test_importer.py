@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from tinyfleet.server.registry.http_app import registry_app
+from tinyfleet.server.http.registry_routes import registry_app
 from tinyfleet.server.registry.importer import ImportFailed, import_file, import_files
-from tinyfleet.server.registry.registry import Registry
+from tinyfleet.server.registry.thing_graphs import Registry
 
 QUIRKY_BOARD = """# baseURI: https://example.org/boards/quirky-1
 @prefix rdfs: <http://www.w3.org/2000/01/rdf-schema#> .

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from tinyfleet.server.database import default_url, open_database
 from tinyfleet.server.registry.projector import Projector, rebuild
-from tinyfleet.server.registry.registry import Registry
 from tinyfleet.server.registry.store import EmbeddedStore
+from tinyfleet.server.registry.thing_graphs import Registry
 from tinyfleet.server.registry.validation import ShaclValidator
 from tinyfleet.server.repository import Repository
 

@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tinyfleet.server.registry.registry import Registry
 from tinyfleet.server.registry.store import EmbeddedStore, StoreBusyError
+from tinyfleet.server.registry.thing_graphs import Registry
 from tinyfleet.server.registry.validation import DescriptionInvalid
 
 TD_JSON = "application/td+json"

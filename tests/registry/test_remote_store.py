@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tinyfleet.server.registry.registry import Registry
 from tinyfleet.server.registry.store import RemoteStore
+from tinyfleet.server.registry.thing_graphs import Registry
 
 OXIGRAPH = shutil.which("oxigraph") or str(Path(sys.executable).parent / "oxigraph")
 

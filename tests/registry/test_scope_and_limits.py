@@ -22,9 +22,9 @@ from tinyfleet.server.descriptions import (
     json_depth_problem,
 )
 from tinyfleet.server.registry.importer import ImportFailed, import_document, import_file, read_document
-from tinyfleet.server.registry.registry import Prepared, Registry
 from tinyfleet.server.registry.store import EmbeddedStore
 from tinyfleet.server.registry.thing_description import device_thing_description
+from tinyfleet.server.registry.thing_graphs import Prepared, Registry
 from tinyfleet.server.registry.validation import DescriptionInvalid, ShaclValidator
 
 TD_JSON = "application/td+json"

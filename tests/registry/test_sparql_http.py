@@ -14,11 +14,11 @@ from starlette.applications import Starlette
 from starlette.testclient import TestClient
 
 from tinyfleet.server.auth import MAX_FAILURES, FailedAuthLimiter, admin_guesses
-from tinyfleet.server.registry.http_app import registry_app
-from tinyfleet.server.registry.http_common import Access, negotiate
-from tinyfleet.server.registry.registry import Registry
-from tinyfleet.server.registry.sparql_http import SparqlOptions, sparql_routes
+from tinyfleet.server.http.registry_access import Access, negotiate
+from tinyfleet.server.http.registry_routes import registry_app
+from tinyfleet.server.http.sparql import SparqlOptions, sparql_routes
 from tinyfleet.server.registry.store import EmbeddedStore
+from tinyfleet.server.registry.thing_graphs import Registry
 
 TOKEN = "admin-secret"
 DEVICES = (

@@ -79,7 +79,7 @@ def test_without_an_admin_token_every_admin_door_is_open_alike(tmp_path: Path) -
     """`--no-admin-token` (no token configured) opens everything the admin token guards, by the
     one rule (auth.is_admin_token): /api, Admin gRPC, SPARQL Update, POST /things and imports; a
     coordinator with a token refuses all five without it."""
-    from tinyfleet.server.registry.coordinator_hooks import CoordinatorRegistry
+    from tinyfleet.server.registry.daemon_plugin import CoordinatorRegistry
 
     board = "@prefix ex: <https://example.org/> . ex:b ex:p ex:o .\n"
     anonymous = device_thing_description("urn:tinyfleet:device:anonymous", title="a", ram_kb=64, flash_kb=64)

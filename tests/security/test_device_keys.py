@@ -25,7 +25,7 @@ from tinyfleet.common.device_keys import DeviceKey
 from tinyfleet.common.failpoints import ENV
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
 from tinyfleet.server.database import default_url, open_database
-from tinyfleet.server.registry.coordinator_hooks import CoordinatorRegistry
+from tinyfleet.server.registry.daemon_plugin import CoordinatorRegistry
 from tinyfleet.server.registry.thing_description import device_thing_description
 from tinyfleet.server.repository import Repository
 from tinyfleet.simulations.local_fleet import LocalFleet

@@ -26,7 +26,7 @@ from tinyfleet.common.flower_adapter import (
 )
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
 from tinyfleet.server.admin_client import AdminClient
-from tinyfleet.server.job_views import job_info_dict
+from tinyfleet.server.job_json import job_info_dict
 
 from .harness import CoordinatorThread, FakeAgent, answer, reply_frame, settings_for
 
@@ -286,7 +286,7 @@ def test_graceful_stop_keeps_the_job_running_and_a_restart_resumes_it(tmp_path: 
 
 
 def job_info_dict_from_repo(repo, job_id: int) -> dict[str, Any]:
-    from tinyfleet.server.job_views import job_dict
+    from tinyfleet.server.job_json import job_dict
 
     return job_dict(repo.get_job(job_id), repo.get_rounds(job_id))
 

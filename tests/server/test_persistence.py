@@ -168,7 +168,7 @@ def test_artifact_store_leaves_no_partial_blob_when_a_write_fails(
 def test_a_rounds_follower_reads_each_round_once_and_matches_a_full_read(
     engine: sa.Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tinyfleet.server.job_views import RoundsFollower, job_info
+    from tinyfleet.server.job_json import RoundsFollower, job_info
 
     repo = Repository(engine)
     job = repo.create_job("long", "fedreptile", "x = 1", rounds_total=3)

@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from tinyfleet.common.device_keys import DeviceKey
-from tinyfleet.server.grouping import GroupRunner
+from tinyfleet.server.group_runner import GroupRunner
 from tinyfleet.server.repository import (
     DeviceRegistration,
     Registered,

@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator, Callable
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from tinyfleet.server.registry.directory_http import ThingWriter, directory_routes, purge_loop
+from tinyfleet.server.http.directory import ThingWriter, directory_routes, purge_loop
+from tinyfleet.server.http.registry_access import Access
+from tinyfleet.server.http.sparql import SparqlOptions, sparql_routes
 from tinyfleet.server.registry.events import EventHub
-from tinyfleet.server.registry.http_common import Access
 from tinyfleet.server.registry.query_workers import QueryWorkers
-from tinyfleet.server.registry.registry import Registry
-from tinyfleet.server.registry.sparql_http import SparqlOptions, sparql_routes
+from tinyfleet.server.registry.thing_graphs import Registry
 
 
 def registry_routes(

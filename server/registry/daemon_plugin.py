@@ -30,22 +30,22 @@ from tinyfleet.common.jobspec import JobSpecError
 from tinyfleet.ontology.catalog import QueryError, resolve_query
 from tinyfleet.server.auth import FailedAuthLimiter
 from tinyfleet.server.descriptions import DescriptionError
-from tinyfleet.server.registry.directory_http import purge_loop
+from tinyfleet.server.http.directory import purge_loop
+from tinyfleet.server.http.imports import import_routes
+from tinyfleet.server.http.registry_access import Access
+from tinyfleet.server.http.registry_routes import registry_routes
+from tinyfleet.server.http.sparql import SparqlOptions, UpdateRefused
 from tinyfleet.server.registry.events import EventHub
-from tinyfleet.server.registry.http_app import registry_routes
-from tinyfleet.server.registry.http_common import Access
 from tinyfleet.server.registry.importer import Document, FileReport, import_document
-from tinyfleet.server.registry.imports_http import import_routes
 from tinyfleet.server.registry.projector import (
     ArtifactProjector,
     LivenessMirror,
     Projector,
     refused_when_disk_full,
 )
-from tinyfleet.server.registry.registry import Prepared, Registry
 from tinyfleet.server.registry.service_policy import ServiceNotAllowed
-from tinyfleet.server.registry.sparql_http import SparqlOptions, UpdateRefused
 from tinyfleet.server.registry.store import open_store
+from tinyfleet.server.registry.thing_graphs import Prepared, Registry
 from tinyfleet.server.registry.validation import DescriptionInvalid
 
 if TYPE_CHECKING:

@@ -35,7 +35,7 @@ from tinyfleet.server.descriptions import (
     iri_problem,
     unprocessable,
 )
-from tinyfleet.server.registry import updates
+from tinyfleet.server.registry import sparql_updates
 from tinyfleet.server.registry.normalize import model_subjects, normalize_device, normalize_models
 from tinyfleet.server.registry.store import RegistryStore
 from tinyfleet.server.registry.thing_description import (
@@ -290,17 +290,19 @@ class Registry:
                     ttl_s=prepared.ttl_s,
                 )
                 operations.append(
-                    updates.replace_graph(prepared.thing_id, self._graph_triples(prepared, registration))
+                    sparql_updates.replace_graph(
+                        prepared.thing_id, self._graph_triples(prepared, registration)
+                    )
                 )
             for graph, triples in (extra_graphs or {}).items():
-                operations.append(updates.replace_graph(graph, triples))
+                operations.append(sparql_updates.replace_graph(graph, triples))
             if liveness:
-                operations.append(updates.liveness(liveness))
+                operations.append(sparql_updates.liveness(liveness))
             if deletes:
-                operations += [updates.drop_graphs(deletes), updates.forget_liveness(deletes)]
+                operations += [sparql_updates.drop_graphs(deletes), sparql_updates.forget_liveness(deletes)]
             if seq is not None:
-                operations.append(updates.set_last_seq(seq))
-            self.store.update(updates.combine(*operations))
+                operations.append(sparql_updates.set_last_seq(seq))
+            self.store.update(sparql_updates.combine(*operations))
         for prepared, is_new in zip(items, created, strict=True):
             self._emit("thing_created" if is_new else "thing_updated", prepared.thing_id)
         for thing_id in deletes:
@@ -317,7 +319,7 @@ class Registry:
         if seq is None:
             joins = [update]
         else:
-            recorded = updates.set_last_seq(seq)
+            recorded = sparql_updates.set_last_seq(seq)
             joins = [f"{update}\n;\n{recorded}", f"{update}\n{recorded}"]
         with self._write_lock:
             for number, text in enumerate(joins):
@@ -354,11 +356,11 @@ class Registry:
         node = ox.NamedNode(f"urn:uuid:{uuid.uuid5(_REG_NS, prepared.thing_id)}")
         extra = [
             ox.Triple(thing, _REGISTRATION, node),
-            ox.Triple(node, _CREATED, updates.datetime_literal(registration.created)),
-            ox.Triple(node, _MODIFIED, updates.datetime_literal(registration.modified)),
+            ox.Triple(node, _CREATED, sparql_updates.datetime_literal(registration.created)),
+            ox.Triple(node, _MODIFIED, sparql_updates.datetime_literal(registration.modified)),
         ]
         if registration.expires is not None:
-            extra.append(ox.Triple(node, _EXPIRES, updates.datetime_literal(registration.expires)))
+            extra.append(ox.Triple(node, _EXPIRES, sparql_updates.datetime_literal(registration.expires)))
         if registration.ttl_s is not None:
             extra.append(
                 ox.Triple(
@@ -377,24 +379,24 @@ class Registry:
     ) -> None:
         """Replace a graph the coordinator itself describes (artifacts, rounds, deployments),
         SHACL-validated, in one update with `also` (e.g. a projection watermark)."""
-        triples = updates.skolemize(list(triples), graph)
+        triples = sparql_updates.skolemize(list(triples), graph)
         problems = self._validator.validate(triples)
         if problems:
             raise DescriptionInvalid(problems)
-        operations = [updates.replace_graph(graph, triples), also]
+        operations = [sparql_updates.replace_graph(graph, triples), also]
         if seq is not None:
-            operations.append(updates.set_last_seq(seq))
+            operations.append(sparql_updates.set_last_seq(seq))
         with self._write_lock:
-            self.store.update(updates.combine(*operations))
+            self.store.update(sparql_updates.combine(*operations))
 
     def delete(self, thing_id: str, *, seq: int | None = None) -> bool:
         """Remove a thing's graph and its liveness; False when there was nothing to remove."""
         with self._write_lock:
             existed = self.exists(thing_id)
-            operations = [updates.drop_graphs([thing_id]), updates.forget_liveness([thing_id])]
+            operations = [sparql_updates.drop_graphs([thing_id]), sparql_updates.forget_liveness([thing_id])]
             if seq is not None:
-                operations.append(updates.set_last_seq(seq))
-            self.store.update(updates.combine(*operations))
+                operations.append(sparql_updates.set_last_seq(seq))
+            self.store.update(sparql_updates.combine(*operations))
         if existed:
             self._emit("thing_deleted", thing_id)
         return existed
@@ -403,23 +405,22 @@ class Registry:
         self, changes: Mapping[str, tuple[bool, dt.datetime | None]], *, seq: int | None = None
     ) -> None:
         """Mirror online/last-seen for many devices in one update (batched by the caller)."""
-        operations = [updates.liveness(changes)]
+        operations = [sparql_updates.liveness(changes)]
         if seq is not None:
-            operations.append(updates.set_last_seq(seq))
+            operations.append(sparql_updates.set_last_seq(seq))
         if any(operations):
             with self._write_lock:
-                self.store.update(updates.combine(*operations))
+                self.store.update(sparql_updates.combine(*operations))
 
     def meta_value(self, prop: str) -> ox.Literal | None:
-        query = (
-            f"SELECT ?v WHERE {{ GRAPH <{updates.META_GRAPH}> {{ <{updates.REGISTRY_IRI}> <{prop}> ?v }} }}"
-        )
+        meta, registry = sparql_updates.META_GRAPH, sparql_updates.REGISTRY_IRI
+        query = f"SELECT ?v WHERE {{ GRAPH <{meta}> {{ <{registry}> <{prop}> ?v }} }}"
         rows = self.select(query)
         return rows[0]["v"] if rows else None
 
     def last_applied_seq(self) -> int:
-        pattern = f"<{updates.REGISTRY_IRI}> <{TF}lastAppliedSeq> ?seq"
-        query = f"SELECT ?seq WHERE {{ GRAPH <{updates.META_GRAPH}> {{ {pattern} }} }}"
+        pattern = f"<{sparql_updates.REGISTRY_IRI}> <{TF}lastAppliedSeq> ?seq"
+        query = f"SELECT ?seq WHERE {{ GRAPH <{sparql_updates.META_GRAPH}> {{ {pattern} }} }}"
         rows = list(self.store.query(query))  # type: ignore[arg-type]
         return int(rows[0]["seq"].value) if rows else 0
 
@@ -497,7 +498,7 @@ class Registry:
         return [row["g"].value for row in self.store.query(query)], total  # type: ignore[union-attr]
 
     def expired(self, now: dt.datetime | None = None) -> list[str]:
-        stamp = updates.datetime_literal(now or _now())
+        stamp = sparql_updates.datetime_literal(now or _now())
         query = f"""SELECT DISTINCT ?g WHERE {{ GRAPH ?g {{ ?g {_REGISTRATION} ?r . ?r {_EXPIRES} ?e }}
                     FILTER(?e <= {stamp}) }}"""
         return [row["g"].value for row in self.store.query(query)]  # type: ignore[union-attr]
@@ -534,11 +535,13 @@ class Registry:
     # ---- setup ------------------------------------------------------------------------------
 
     def _ensure_ontology(self) -> None:
-        graph = ox.NamedNode(updates.ONTOLOGY_GRAPH)
+        graph = ox.NamedNode(sparql_updates.ONTOLOGY_GRAPH)
         if not self.store.query(f"ASK {{ GRAPH {graph} {{ ?s ?p ?o }} }}"):
             triples = [q.triple for q in ox.parse(path=str(ONTOLOGY_PATH), format=ox.RdfFormat.TURTLE)]
             self.store.update(
-                updates.replace_graph(updates.ONTOLOGY_GRAPH, updates.skolemize(triples, "ontology"))
+                sparql_updates.replace_graph(
+                    sparql_updates.ONTOLOGY_GRAPH, sparql_updates.skolemize(triples, "ontology")
+                )
             )
 
 
@@ -591,7 +594,7 @@ def parse_description(
         raise DescriptionInvalid(outside)
     triples = normalize_models(normalize_device(triples, thing))
     return Prepared(
-        thing_id=thing, triples=updates.skolemize(triples, thing), document=document, ttl_s=ttl_s
+        thing_id=thing, triples=sparql_updates.skolemize(triples, thing), document=document, ttl_s=ttl_s
     )
 
 

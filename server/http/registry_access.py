@@ -1,5 +1,5 @@
 """What the registry's HTTP routes share: who may write (Access), Accept negotiation; RFC 7807
-problems and the failed-auth answers come from tinyfleet.server.http_auth, shared with /api."""
+problems and the failed-auth answers come from tinyfleet.server.http.auth, shared with /api."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from tinyfleet.server.auth import (
     check_signed_request,
     is_admin_token,
 )
-from tinyfleet.server.http_auth import (
+from tinyfleet.server.http.auth import (
     client_peer,
     presented_token,
     problem,

@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tinyfleet.server.http_auth import problem
-from tinyfleet.server.registry.http_common import Access
+from tinyfleet.server.http.auth import problem
+from tinyfleet.server.http.registry_access import Access
 from tinyfleet.server.registry.importer import (
     Document,
     FileReport,

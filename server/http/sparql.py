@@ -25,8 +25,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from tinyfleet.server.http_auth import problem
-from tinyfleet.server.registry.http_common import Access, negotiate
+from tinyfleet.server.http.auth import problem
+from tinyfleet.server.http.registry_access import Access, negotiate
 from tinyfleet.server.registry.query_workers import (
     DEFAULT_WORKER_MEMORY_BYTES,
     QueryFailed,

@@ -8,7 +8,7 @@ enrollment tokens cannot be guessed, so a credential of those kinds that verifie
 from a blocked peer: token-less or forged requests from an address do not lock out the devices
 and operators that share it.
 
-/api/* (http_api) and the registry's writes (registry.http_common: SPARQL Update, /things,
+/api/* (http.api) and the registry's writes (http.registry_access: SPARQL Update, /things,
 imports) answer the same way because they call the same functions here, and they count
 failures in the coordinator's one FailedAuthLimiter, keyed as gRPC keys them (auth.peer_key),
 so one client's HTTP and gRPC failures add up.

@@ -4,7 +4,7 @@
 /things/{id} (GET, PUT 201/204, PATCH JSON merge patch, DELETE), /search/sparql
 (read-only SPARQL), /.well-known/wot (the directory's own TD) and /events
 (SSE). Writes need the admin token, or a request signed by the device's key for
-the device's own description (see http_common.Access). Registrations with a `ttl`
+the device's own description (see registry_access.Access). Registrations with a `ttl`
 expire; `purge_loop` removes them.
 """
 
@@ -24,18 +24,18 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tinyfleet.server.descriptions import iri_problem
-from tinyfleet.server.http_auth import problem
+from tinyfleet.server.http.auth import problem
+from tinyfleet.server.http.registry_access import Access
+from tinyfleet.server.http.sparql import sparql_routes
 from tinyfleet.server.registry.events import EVENT_TYPES, EventHub, sse_response
-from tinyfleet.server.registry.http_common import Access
 from tinyfleet.server.registry.query_workers import QueryWorkers
-from tinyfleet.server.registry.registry import Prepared, Registry
-from tinyfleet.server.registry.sparql_http import sparql_routes
 from tinyfleet.server.registry.thing_description import (
     JSON_MEDIA_TYPES,
     TURTLE_MEDIA_TYPES,
     DescriptionSyntaxError,
     parse_json,
 )
+from tinyfleet.server.registry.thing_graphs import Prepared, Registry
 from tinyfleet.server.registry.validation import DescriptionInvalid
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ starlette routes or mounts to `build_app`.
 
 /api/* follows the auth of its gRPC twins (Admin.ListJobs, GetJob, ListDevices):
 the admin token as `Authorization: Bearer T` (auth.is_admin_token), failures counted
-in the coordinator's one limiter, 401/429 as problem+json (http_auth) like the registry's.
+in the coordinator's one limiter, 401/429 as problem+json (http.auth) like the registry's.
 /healthz stays open for probes; it reads only in-memory state (the registry's
 outbox lag comes from a snapshot its projector keeps), so it answers at once
 however busy the stores are.
@@ -30,8 +30,8 @@ from starlette.routing import BaseRoute, Route
 
 from tinyfleet.server.auth import FailedAuthLimiter
 from tinyfleet.server.connections import ConnectionHub
-from tinyfleet.server.http_auth import problem, refuse_unless_admin
-from tinyfleet.server.job_views import device_dict, job_dict
+from tinyfleet.server.http.auth import problem, refuse_unless_admin
+from tinyfleet.server.job_json import device_dict, job_dict
 from tinyfleet.server.repository import Repository
 
 
