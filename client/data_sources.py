@@ -142,6 +142,6 @@ class SineStream:
 @register_source("omniglot")
 def omniglot_source(**params: str) -> DataSource:
     """`omniglot:device=D,devices=N,ways=5,seed=S[,dir=DATA]`: one device of a non-IID Omniglot fleet."""
-    from tinyfleet.simulations.omniglot import OmniglotDeviceStream
+    from tinyfleet.client.omniglot import OmniglotDeviceStream
 
     return OmniglotDeviceStream.from_spec(**params)

@@ -7,8 +7,6 @@ config from "config" and reply with "arrays" and "metrics" carrying
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
@@ -17,6 +15,7 @@ from tinyfleet.client.data_sources import DataSource, shared_source
 from tinyfleet.client.handlers import HandlerRegistry
 from tinyfleet.common.arrays import load_array_record, to_array_record
 from tinyfleet.common.flower_adapter import reply_with_content
+from tinyfleet.common.learning import loss_fn, make_optimizer
 from tinyfleet.common.models import build_model, get_model_spec
 
 ARRAYS_KEY = "arrays"
@@ -42,19 +41,6 @@ def received_model(message: Message) -> tuple[nn.Module, ConfigRecord]:
         raise ValueError(f"message carries no ArrayRecord under {ARRAYS_KEY!r}")
     load_array_record(model, arrays)
     return model, config
-
-
-def loss_fn(model_name: str) -> nn.Module:
-    return nn.MSELoss() if get_model_spec(model_name).task == "regression" else nn.CrossEntropyLoss()
-
-
-def make_optimizer(kind: str, params: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    """"sgd", or "adam" as Reptile uses it: no momentum (beta1 = 0), so steps stay task-local."""
-    if kind == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999))
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=lr)
-    raise ValueError(f"optimizer must be 'sgd' or 'adam', got {kind!r}")
 
 
 def train(message: Message, context: Context) -> Message:

@@ -13,14 +13,14 @@ compressed with top-P and int8 when asked; the part not sent stays in
 too, as Reptile keeps it across tasks. A device keeps one Context for its life,
 so this state spans rounds.
 
-`adapt` is the one K-shot adaptation routine: the handlers use it, and so does
-the meta-test harness (tinyfleet.simulations.meta_eval), so training and
-evaluation adapt the same way.
+Adaptation and scoring are tinyfleet.common.learning's, shared with the
+meta-test harness (tinyfleet.simulations.meta_eval), so training and evaluation
+adapt the same way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -29,11 +29,12 @@ from torch import nn
 
 from tinyfleet.client.data_sources import DataSource
 from tinyfleet.client.handlers import HandlerRegistry
-from tinyfleet.client.learners import loss_fn, make_optimizer, node_source
-from tinyfleet.client.optimizer_memory import OptimizerMemory
+from tinyfleet.client.learners import node_source
 from tinyfleet.common import codec
 from tinyfleet.common.flower_adapter import reply_with_content
-from tinyfleet.common.models import build_model, get_model_spec
+from tinyfleet.common.learning import Sampler, adapt, episode_metrics, loss_fn, reset_local
+from tinyfleet.common.models import build_model
+from tinyfleet.common.optimizer_memory import OptimizerMemory
 from tinyfleet.common.reptile_protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -56,7 +57,6 @@ CONFIG_STATE = "fedreptile.config"  # the static config of the sync the device h
 OPTIMIZER_STATE = "fedreptile.optimizer"  # the inner optimizer's state, kept across rounds
 MODEL_KWARG_PREFIX = "model."
 
-Sampler = Callable[[int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def model_from_config(config: ConfigRecord) -> tuple[str, nn.Module]:
@@ -64,55 +64,6 @@ def model_from_config(config: ConfigRecord) -> tuple[str, nn.Module]:
     name = str(config.get("model", "sine-mlp"))
     kwargs = {k[len(MODEL_KWARG_PREFIX) :]: v for k, v in config.items() if k.startswith(MODEL_KWARG_PREFIX)}
     return name, build_model(name, **kwargs)
-
-
-def reset_local(model: nn.Module, local_layers: Sequence[str]) -> None:
-    """Local layers restart from zero: a new task's head owes nothing to the last one."""
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if is_local(name, local_layers):
-                param.zero_()
-
-
-def adapt(
-    model: nn.Module,
-    sample: Sampler,
-    *,
-    steps: int,
-    lr: float,
-    batch: int,
-    criterion: nn.Module,
-    optimizer: str = "sgd",
-    local_layers: Sequence[str] = (),
-    reconstruct_steps: int = 0,
-    memory: OptimizerMemory | None = None,
-) -> list[float]:
-    """Reconstruct local layers (global frozen), then `steps` steps on all parameters; returns losses.
-
-    With `memory`, the optimizer of the main phase starts from the state the last
-    adaptation left there and leaves its own (Reptile keeps Adam's moments across tasks).
-    """
-    model.train()
-    losses: list[float] = []
-    phases: list[tuple[list[nn.Parameter], int, OptimizerMemory | None]] = []
-    if local_layers and reconstruct_steps > 0:
-        local = [p for n, p in model.named_parameters() if is_local(n, local_layers)]
-        phases.append((local, reconstruct_steps, None))
-    phases.append((list(model.parameters()), steps, memory))
-    for params, count, kept in phases:
-        opt = make_optimizer(optimizer, params, lr)
-        if kept is not None:
-            kept.restore(opt, model.named_parameters())
-        for _ in range(count):
-            x, y = sample(batch)
-            opt.zero_grad()
-            loss = criterion(model(x), y)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        if kept is not None:
-            kept.capture(opt, model.named_parameters())
-    return losses
 
 
 def recent_samples(source: DataSource, samples: int) -> Sampler:
@@ -130,25 +81,6 @@ def recent_samples(source: DataSource, samples: int) -> Sampler:
         return x[index], y[index]
 
     return sample
-
-
-def predict(model: nn.Module, support_x: torch.Tensor, query_x: torch.Tensor) -> torch.Tensor:
-    """Outputs for the queries. With batch-statistics normalisation each query is
-    evaluated together with the support set alone (non-transductive), so one
-    query never informs another's prediction."""
-    model.train()  # batch norm without running stats always uses batch statistics
-    with torch.no_grad():
-        if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            return model(query_x)
-        outs = [model(torch.cat([support_x, q[None]]))[-1] for q in query_x]
-        return torch.stack(outs)
-
-
-def task_loss(model_name: str, out: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    values = {"loss": float(loss_fn(model_name)(out, y))}
-    if get_model_spec(model_name).task == "classification":
-        values["acc"] = float((out.argmax(dim=1) == y).float().mean())
-    return values
 
 
 def train(message: Message, context: Context) -> Message:
@@ -224,35 +156,6 @@ def evaluate(message: Message, context: Context) -> Message:
     )
     metrics["num-examples"] = int(len(x) - shots)
     return reply_with_content(message, RecordDict({METRICS_KEY: MetricRecord(metrics)}))
-
-
-def episode_metrics(
-    model: nn.Module,
-    model_name: str,
-    support: tuple[torch.Tensor, torch.Tensor],
-    query: tuple[torch.Tensor, torch.Tensor],
-    *,
-    steps: int,
-    lr: float,
-    optimizer: str,
-    local_layers: Sequence[str],
-    reconstruct_steps: int,
-) -> dict[str, float]:
-    """Query loss/accuracy before and after full-batch adaptation on the support set."""
-    before = task_loss(model_name, predict(model, support[0], query[0]), query[1])
-    adapt(
-        model,
-        lambda _n: support,
-        steps=steps,
-        lr=lr,
-        batch=len(support[0]),
-        criterion=loss_fn(model_name),
-        optimizer=optimizer,
-        local_layers=local_layers,
-        reconstruct_steps=reconstruct_steps,
-    )
-    after = task_loss(model_name, predict(model, support[0], query[0]), query[1])
-    return {**{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()}}
 
 
 def register_all(registry: HandlerRegistry) -> None:

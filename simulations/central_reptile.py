@@ -14,10 +14,9 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from tinyfleet.client.learners import loss_fn
-from tinyfleet.client.meta_learners import Sampler, adapt, reset_local
-from tinyfleet.client.optimizer_memory import OptimizerMemory
+from tinyfleet.common.learning import Sampler, adapt, loss_fn, reset_local
 from tinyfleet.common.models import build_model
+from tinyfleet.common.optimizer_memory import OptimizerMemory
 from tinyfleet.common.reptile_protocol import is_local
 
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from flwr.serverapp.strategy import Strategy
 
-from tinyfleet.client.optimizer_memory import OptimizerMemory
 from tinyfleet.common.atomic_files import write_atomically
+from tinyfleet.common.optimizer_memory import OptimizerMemory
 from tinyfleet.simulations.sim_grid import GridState
 
 FORMAT = "tinyfleet-sim-checkpoint/1"

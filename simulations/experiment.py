@@ -35,10 +35,10 @@ from tinyfleet.client import learners
 from tinyfleet.client.data_sources import close_shared_sources
 from tinyfleet.client.handlers import HandlerRegistry, default_handlers
 from tinyfleet.client.meta_learners import recent_samples
-from tinyfleet.client.optimizer_memory import OptimizerMemory
 from tinyfleet.common.arrays import to_array_record
 from tinyfleet.common.flower_adapter import array_record_from_bytes, array_record_to_bytes
 from tinyfleet.common.models import build_model
+from tinyfleet.common.optimizer_memory import OptimizerMemory
 from tinyfleet.common.reptile_protocol import parse_layers
 from tinyfleet.server.strategies import FedReptile
 from tinyfleet.server.strategies.fedreptile import epsilon_at

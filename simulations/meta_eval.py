@@ -4,7 +4,7 @@ Each task gives a support set (the K shots) and a query set. The model starts
 from the weights under test (local layers from zero, rebuilt on the support set
 when the job keeps layers local), adapts with a fixed number of full-batch steps
 and learning rate, and is scored on the queries before and after. The
-adaptation is `client.meta_learners.adapt`, the very routine devices run.
+adaptation is `common.learning.adapt`, the very routine devices run.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
-from tinyfleet.client.meta_learners import episode_metrics, reset_local
+from tinyfleet.common.learning import episode_metrics, reset_local
 from tinyfleet.common.models import build_model
 
 Episode = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -41,21 +41,6 @@ class MetaTestProtocol:
     optimizer: str = "sgd"
     local_layers: tuple[str, ...] = ()
     reconstruct_steps: int = 0
-
-
-def meta_test(
-    model_name: str,
-    arrays: ArrayRecord,
-    tasks: TaskSet,
-    protocol: MetaTestProtocol,
-    *,
-    model_kwargs: dict[str, object] | None = None,
-    limit: int | None = None,
-) -> dict[str, float]:
-    """Mean query loss (and accuracy) before/after adaptation, with a 95 % interval half-width."""
-    return summarize(
-        adapt_on_tasks(model_name, arrays, tasks, protocol, model_kwargs=model_kwargs, limit=limit)
-    )
 
 
 def adapt_on_tasks(

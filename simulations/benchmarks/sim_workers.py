@@ -27,10 +27,10 @@ from rich.console import Console
 from rich.table import Table
 
 from tinyfleet.client.data_sources import close_shared_sources
+from tinyfleet.client.omniglot import data_root
 from tinyfleet.common.flower_adapter import ensure_task_identity
 from tinyfleet.common.jobspec import load_job_spec
 from tinyfleet.server.job_strategy import build_strategy, initial_arrays, train_config
-from tinyfleet.simulations.omniglot import data_root
 from tinyfleet.simulations.rounds import run_rounds
 from tinyfleet.simulations.sim_grid import SimGrid
 

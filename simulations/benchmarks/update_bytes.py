@@ -25,10 +25,9 @@ from rich.console import Console
 from rich.table import Table
 
 from tinyfleet.client.data_sources import SineStream
-from tinyfleet.client.learners import loss_fn
-from tinyfleet.client.meta_learners import adapt
 from tinyfleet.common import codec
 from tinyfleet.common.flower_adapter import message_to_bytes, new_instruction, reply_with_content, stamp
+from tinyfleet.common.learning import adapt, loss_fn
 from tinyfleet.common.models import build_model
 
 ENCODINGS = (

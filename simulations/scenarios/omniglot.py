@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from tinyfleet.simulations.omniglot import OmniglotTaskSet, central_task, data_root, load_split
+from tinyfleet.client.omniglot import data_root, load_split
+from tinyfleet.simulations.omniglot import OmniglotTaskSet, central_task
 from tinyfleet.simulations.scenarios import Scenario
 
 DEFAULTS: dict[str, Any] = {

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from tinyfleet.client import omniglot
 from tinyfleet.client.data_sources import open_source
-from tinyfleet.simulations import omniglot
+from tinyfleet.simulations.omniglot import OmniglotTaskSet
 
 ALPHABETS = (("A", 3), ("B", 4), ("C", 5), ("D", 3))  # 15 characters
 
@@ -68,7 +69,7 @@ def test_holdout_is_fixed_class_interleaved_and_from_held_back_drawers(data_dir:
 
 
 def test_meta_test_tasks_use_evaluation_characters_and_repeat(data_dir: Path) -> None:
-    tasks = omniglot.OmniglotTaskSet(data_dir, count=3, ways=3, shots=1, queries=2, seed=0)
+    tasks = OmniglotTaskSet(data_dir, count=3, ways=3, shots=1, queries=2, seed=0)
     sx, sy, qx, qy = tasks.episode(1)
     assert sx.shape == (3, 1, 28, 28) and qx.shape == (6, 1, 28, 28)
     assert sorted(sy.tolist()) == [0, 1, 2] and sorted(qy.tolist()) == [0, 0, 1, 1, 2, 2]

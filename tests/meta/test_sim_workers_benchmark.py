@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tinyfleet.client.omniglot import data_root
 from tinyfleet.simulations.benchmarks import sim_workers
-from tinyfleet.simulations.omniglot import data_root
 
 DATA = data_root()
 pytestmark = pytest.mark.skipif(

@@ -5,8 +5,8 @@ import torch
 from flwr.app import Array, ArrayRecord
 from torch import nn
 
-from tinyfleet.client.learners import make_optimizer
-from tinyfleet.client.optimizer_memory import OptimizerMemory
+from tinyfleet.common.learning import make_optimizer
+from tinyfleet.common.optimizer_memory import OptimizerMemory
 
 
 def _steps(model: nn.Module, optimizer: torch.optim.Optimizer, batches: list[torch.Tensor]) -> None:
