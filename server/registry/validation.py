@@ -246,29 +246,14 @@ class ShaclValidator:
 
     def __init__(self) -> None:
         import rdflib
-        from pyshacl.shapes_graph import ShapesGraph
+
+        from tinyfleet.server.registry.shacl_adapter import PreparedShapes
 
         graph = rdflib.Graph()
         graph.parse(SHAPES_PATH, format="turtle")
-        self._shapes = ShapesGraph(graph)
-        self._targeted = [s for s in self._shapes.shapes if any(any(True for _ in t) for t in s.target())]
-        # A targeted node shape whose only constraints are sh:property is evaluated by running each
-        # property shape once over all its focus nodes: pyshacl itself runs every property shape
-        # once per focus node, rebuilding its constraint components each time, which was most of
-        # the cost of a group of registrations. Same results (the property shapes' own reports).
-        from pyshacl.constraints import ALL_CONSTRAINT_PARAMETERS
-
-        self._property_shapes: dict[Any, list[Any]] = {}
-        for shape in self._targeted:
-            declared = {p for p, _ in graph.predicate_objects(shape.node)}
-            constraints = declared.intersection(ALL_CONSTRAINT_PARAMETERS)
-            if constraints == {rdflib.SH.property} and not shape.deactivated:
-                self._property_shapes[shape] = [
-                    shape.get_other_shape(node) for node in graph.objects(shape.node, rdflib.SH.property)
-                ]
+        self._shapes = PreparedShapes(graph)
         looks_across = {rdflib.SH.targetObjectsOf, rdflib.SH.inversePath, rdflib.SH.sparql, rdflib.SH.target}
         self._groups_are_exact = not any(p in looks_across for p in set(graph.predicates()))
-        self._lock = threading.Lock()
         self._verdicts: OrderedDict[bytes, tuple[Problem, ...]] = OrderedDict()
         self._verdicts_lock = threading.Lock()
 
@@ -329,8 +314,6 @@ class ShaclValidator:
     def _run(self, descriptions: Sequence[Sequence[ox.Triple]]) -> list[list[Problem]]:
         """One pyshacl run over all the descriptions, problems attributed by focus node."""
         import rdflib
-        from pyshacl import Validator
-        from pyshacl.graph_abstraction import DataGraph
 
         graph = rdflib.Graph(bind_namespaces="none")
         owner: dict[str, list[int]] = {}
@@ -340,31 +323,9 @@ class ShaclValidator:
                 owner.setdefault(t.subject.value, [])
                 if not owner[t.subject.value] or owner[t.subject.value][-1] != number:
                     owner[t.subject.value].append(number)
-        with self._lock:  # pyshacl keeps per-run caches on the shapes
-            validator = Validator(
-                DataGraph.from_rdflib(graph),
-                shacl_graph=rdflib.Graph(bind_namespaces="none"),
-                options={"inference": "none"},
-            )
-            validator.shacl_graph = self._shapes
-            executor = validator.make_executor()
-            conforms, results = True, []
-            for shape in self._targeted:
-                properties = self._property_shapes.get(shape)
-                if properties is None:
-                    shape_conforms, shape_results = shape.validate(executor, validator.data_graph)
-                    conforms = conforms and shape_conforms
-                    results += shape_results
-                    continue
-                focus = list(shape.focus_nodes(validator.data_graph))
-                for prop in properties if focus else ():
-                    shape_conforms, shape_results = prop.validate(executor, validator.data_graph, focus=focus)
-                    conforms = conforms and shape_conforms
-                    results += shape_results
-            if not conforms:
-                report, _ = validator.create_validation_report(self._shapes, False, results)
+        report = self._shapes.run(graph)
         problems: list[list[Problem]] = [[] for _ in descriptions]
-        if conforms:
+        if report is None:
             return problems
         for problem, focus in _problems(report):
             for number in owner.get(focus, range(len(descriptions))):
