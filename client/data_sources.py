@@ -141,7 +141,8 @@ class SineStream:
 
 @register_source("omniglot")
 def omniglot_source(**params: str) -> DataSource:
-    """`omniglot:device=D,devices=N,ways=5,seed=S[,dir=DATA]`: one device of a non-IID Omniglot fleet."""
+    """`omniglot:device=D,devices=N,ways=5,seed=S[,dir=DATA][,split=alphabets|characters]`: one device
+    of a non-IID Omniglot fleet."""
     from tinyfleet.client.omniglot import OmniglotDeviceStream
 
     return OmniglotDeviceStream.from_spec(**params)

@@ -1,19 +1,31 @@
-"""Omniglot as a device's data source: loading, and one device's stream of a non-IID fleet.
+"""Omniglot as a device's data source: loading, the two train/test splits, and one device's stream.
 
 Images come from ``omniglot/images_{background,evaluation}.npz`` under the data
 folder (``--data-dir``, else ``$TINYFLEET_DATA``, else ``../shared/data`` next to
-the project), downsampled to 28x28 with ink = 1. Background characters train:
-the 30 alphabets are dealt round-robin to the devices (each sees a few
-alphabets), and each character's four 90° rotations are distinct classes.
+the project), downsampled to 28x28 with ink = 1. Two splits (`OmniglotSplit`):
+
+- "alphabets" (Lake et al.'s own): train on the 964 characters of the 30
+  background alphabets, test on the 659 of the 20 evaluation alphabets, so test
+  alphabets are unseen; test classes without rotations.
+- "characters" (Vinyals et al. 2016, https://arxiv.org/abs/1606.04080, as used by
+  MAML, Reptile and Prototypical Networks): all 1623 characters, 1200 train and
+  423 test, drawn by a fixed seeded shuffle as MAML's and Reptile's code do (their
+  own lists are not shipped with the data, so the characters differ from theirs;
+  the sizes and the protocol are the same), test classes with rotations.
+
+Training alphabets (the characters of an alphabet that fall into the training
+part) are dealt round-robin to the devices, so each device sees a few alphabets
+(non-IID), and each character's four 90° rotations are distinct classes.
 Drawers 0-14 feed a device's stream and 15-19 are its held-back samples.
-Meta-test tasks (tinyfleet.simulations.omniglot) use the evaluation characters,
-which no device ever sees.
+Meta-test tasks (tinyfleet.simulations.omniglot) use the test characters, which
+no device ever sees.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +67,33 @@ BACKGROUND_ALPHABETS: tuple[tuple[str, int], ...] = (
     ("Tagalog", 17),
     ("Tifinagh", 55),
 )
+#: The evaluation alphabets, numbered after the background ones in the combined numbering.
+EVALUATION_ALPHABETS: tuple[tuple[str, int], ...] = (
+    ("Angelic", 20),
+    ("Atemayar_Qelisayer", 26),
+    ("Atlantean", 26),
+    ("Aurek-Besh", 26),
+    ("Avesta", 26),
+    ("Ge_ez", 26),
+    ("Glagolitic", 45),
+    ("Gurmukhi", 45),
+    ("Kannada", 41),
+    ("Keble", 26),
+    ("Malayalam", 47),
+    ("Manipuri", 40),
+    ("Mongolian", 30),
+    ("Old_Church_Slavonic_(Cyrillic)", 45),
+    ("Oriya", 46),
+    ("Sylheti", 28),
+    ("Syriac_(Serto)", 23),
+    ("Tengwar", 25),
+    ("Tibetan", 42),
+    ("ULOG", 26),
+)
+SPLITS = ("alphabets", "characters")
+#: Training characters of the "characters" split (Vinyals et al. 2016); the rest are the test set.
+CHARACTER_SPLIT_TRAIN = 1200
+CHARACTER_SPLIT_SEED = 1
 SIZE = 28
 DRAWERS = 20
 STREAM_DRAWERS = tuple(range(15))
@@ -87,22 +126,72 @@ def load_split(split: str, root: str) -> torch.Tensor:
         block = torch.from_numpy(~images[start : start + 64]).float().reshape(-1, 1, 105, 105)
         small = F.interpolate(block, size=(SIZE, SIZE), mode="area")
         out[start : start + 64] = small.reshape(-1, DRAWERS, 1, SIZE, SIZE)
-    if split == "background" and chars != sum(n for _, n in BACKGROUND_ALPHABETS):
+    alphabets = BACKGROUND_ALPHABETS if split == "background" else EVALUATION_ALPHABETS
+    if chars != sum(n for _, n in alphabets):
         raise ValueError(
-            f"{path} holds {chars} characters; the background alphabets add up to "
-            f"{sum(n for _, n in BACKGROUND_ALPHABETS)}"
+            f"{path} holds {chars} characters; the {split} alphabets add up to {sum(n for _, n in alphabets)}"
         )
     return out
 
 
+@functools.lru_cache(maxsize=2)
+def load_all(root: str) -> torch.Tensor:
+    """Background then evaluation characters in one tensor: the combined numbering (cached)."""
+    return torch.cat([load_split("background", root), load_split("evaluation", root)])
+
+
 def alphabet_characters(alphabet: int) -> range:
-    start = sum(n for _, n in BACKGROUND_ALPHABETS[:alphabet])
-    return range(start, start + BACKGROUND_ALPHABETS[alphabet][1])
+    """Character ids of one alphabet (background alphabets first) in the combined numbering."""
+    sizes = [n for _, n in BACKGROUND_ALPHABETS + EVALUATION_ALPHABETS]
+    start = sum(sizes[:alphabet])
+    return range(start, start + sizes[alphabet])
 
 
-def device_alphabets(device: int, devices: int) -> list[int]:
+def device_alphabets(device: int, devices: int, alphabets: int | None = None) -> list[int]:
     """Alphabets dealt round-robin: device d sees alphabets d, d+devices, ..."""
-    return list(range(device, len(BACKGROUND_ALPHABETS), devices))
+    return list(range(device, len(BACKGROUND_ALPHABETS) if alphabets is None else alphabets, devices))
+
+
+@dataclass(frozen=True)
+class OmniglotSplit:
+    """Which characters train and which test; ids index the tensor `images` returns for that part."""
+
+    name: str = "alphabets"
+
+    def __post_init__(self) -> None:
+        if self.name not in SPLITS:
+            raise DataSpecError(f"omniglot: split must be one of {', '.join(SPLITS)}, got {self.name!r}")
+
+    def images(self, part: str, root: str) -> torch.Tensor:
+        if self.name == "characters":
+            return load_all(root)
+        return load_split("background" if part == "train" else "evaluation", root)
+
+    def _character_order(self) -> np.ndarray:
+        total = sum(n for _, n in BACKGROUND_ALPHABETS + EVALUATION_ALPHABETS)
+        return np.random.default_rng(CHARACTER_SPLIT_SEED).permutation(total)
+
+    def train_alphabets(self) -> list[list[int]]:
+        """Per alphabet with training characters, those characters (the unit devices are dealt)."""
+        if self.name == "alphabets":
+            return [list(alphabet_characters(a)) for a in range(len(BACKGROUND_ALPHABETS))]
+        train = set(self._character_order()[:CHARACTER_SPLIT_TRAIN].tolist())
+        alphabets = len(BACKGROUND_ALPHABETS) + len(EVALUATION_ALPHABETS)
+        groups = [[c for c in alphabet_characters(a) if c in train] for a in range(alphabets)]
+        return [g for g in groups if g]
+
+    def train_classes(self) -> np.ndarray:
+        """Every training class: character * 4 + rotation."""
+        chars = [c for group in self.train_alphabets() for c in group]
+        return np.array([c * 4 + r for c in chars for r in range(4)])
+
+    def test_classes(self) -> np.ndarray:
+        """Test classes (character * 4 + rotation): evaluation characters unrotated, or the
+        characters split's 423 with their rotations."""
+        if self.name == "alphabets":
+            return np.arange(sum(n for _, n in EVALUATION_ALPHABETS)) * 4
+        chars = np.sort(self._character_order()[CHARACTER_SPLIT_TRAIN:])
+        return np.array([c * 4 + r for c in chars for r in range(4)])
 
 
 def images_of(
@@ -141,16 +230,20 @@ class TaskStream:
 class OmniglotDeviceStream(TaskStream):
     """One device of a non-IID fleet: tasks from its own alphabets, held-back drawers for evaluation."""
 
-    def __init__(self, device: int, devices: int, ways: int, seed: int, root: Path) -> None:
-        if not 0 <= device < devices <= len(BACKGROUND_ALPHABETS):
+    def __init__(
+        self, device: int, devices: int, ways: int, seed: int, root: Path, split: str = "alphabets"
+    ) -> None:
+        self.split = OmniglotSplit(split)
+        alphabets = self.split.train_alphabets()
+        if not 0 <= device < devices <= len(alphabets):
             raise DataSpecError(
-                f"omniglot: need 0 <= device < devices <= {len(BACKGROUND_ALPHABETS)}, "
-                f"got device={device}, devices={devices}"
+                f"omniglot: need 0 <= device < devices <= {len(alphabets)} (training alphabets of the "
+                f"{split} split), got device={device}, devices={devices}"
             )
-        chars = [c for a in device_alphabets(device, devices) for c in alphabet_characters(a)]
+        chars = [c for a in device_alphabets(device, devices, len(alphabets)) for c in alphabets[a]]
         pool = np.array([c * 4 + r for c in chars for r in range(4)])
         super().__init__(
-            load_split("background", str(root)), pool, ways, np.random.default_rng([seed, device])
+            self.split.images("train", str(root)), pool, ways, np.random.default_rng([seed, device])
         )
         held = np.random.default_rng([seed, device, 1])
         self._holdout_classes = held.choice(pool, ways, replace=False)
@@ -162,17 +255,23 @@ class OmniglotDeviceStream(TaskStream):
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
-        self.images = load_split("background", self._root)
+        self.images = self.split.images("train", self._root)
 
     @classmethod
     def from_spec(
-        cls, device: str = "0", devices: str = "10", ways: str = "5", seed: str = "0", dir: str | None = None
+        cls,
+        device: str = "0",
+        devices: str = "10",
+        ways: str = "5",
+        seed: str = "0",
+        dir: str | None = None,
+        split: str = "alphabets",
     ) -> OmniglotDeviceStream:
         try:
             numbers = int(device), int(devices), int(ways), int(seed)
         except ValueError:
             raise DataSpecError("omniglot: device, devices, ways and seed must be integers") from None
-        return cls(*numbers, root=data_root(dir))
+        return cls(*numbers, root=data_root(dir), split=split)
 
     def holdout(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A fixed task on held-back drawers, class-interleaved: the first `ways * k` are a k-shot support."""

@@ -13,12 +13,16 @@ from tinyfleet.client.data_sources import open_source
 from tinyfleet.simulations.omniglot import OmniglotTaskSet
 
 ALPHABETS = (("A", 3), ("B", 4), ("C", 5), ("D", 3))  # 15 characters
+EVALUATION = (("E", 5), ("F", 3))  # 8 characters
 
 
 @pytest.fixture
 def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(omniglot, "BACKGROUND_ALPHABETS", ALPHABETS)
+    monkeypatch.setattr(omniglot, "EVALUATION_ALPHABETS", EVALUATION)
+    monkeypatch.setattr(omniglot, "CHARACTER_SPLIT_TRAIN", 16)
     omniglot.load_split.cache_clear()
+    omniglot.load_all.cache_clear()
     rng = np.random.default_rng(0)
     folder = tmp_path / "omniglot"
     folder.mkdir()
@@ -28,6 +32,7 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         np.savez(folder / f"images_{split}.npz", images=images, labels=labels)
     yield tmp_path
     omniglot.load_split.cache_clear()
+    omniglot.load_all.cache_clear()
 
 
 def test_missing_data_names_the_path(tmp_path: Path) -> None:
@@ -74,6 +79,54 @@ def test_meta_test_tasks_use_evaluation_characters_and_repeat(data_dir: Path) ->
     assert sx.shape == (3, 1, 28, 28) and qx.shape == (6, 1, 28, 28)
     assert sorted(sy.tolist()) == [0, 1, 2] and sorted(qy.tolist()) == [0, 0, 1, 1, 2, 2]
     assert torch.equal(tasks.episode(1)[2], qx)
+
+
+def test_the_alphabet_split_tests_unseen_alphabets_without_rotations(data_dir: Path) -> None:
+    split = omniglot.OmniglotSplit("alphabets")
+    assert set(split.train_classes() // 4) == set(range(15))
+    assert set(split.test_classes() % 4) == {0}
+    assert len(split.test_classes()) == 8
+    assert split.images("train", str(data_dir)).shape[0] == 15
+    assert split.images("test", str(data_dir)).shape[0] == 8
+
+
+def test_the_character_split_is_disjoint_complete_and_rotated(data_dir: Path) -> None:
+    split = omniglot.OmniglotSplit("characters")
+    train, test = set(split.train_classes() // 4), set(split.test_classes() // 4)
+    assert len(train) == 16 and len(test) == 7
+    assert train.isdisjoint(test) and train | test == set(range(23))
+    assert len(split.test_classes()) == 4 * 7 and set(split.test_classes() % 4) == {0, 1, 2, 3}
+    assert split.images("test", str(data_dir)).shape[0] == 23  # one numbering over both files
+    # Devices deal the training characters of every alphabet that has some, and see no test character.
+    streams = [
+        open_source(f"omniglot:device={d},devices=3,ways=3,seed=1,split=characters,dir={data_dir}")
+        for d in range(3)
+    ]
+    pools = [set(s.pool // 4) for s in streams]
+    assert set().union(*pools) == train
+    assert all(a.isdisjoint(b) for i, a in enumerate(pools) for b in pools[i + 1 :])
+    # Meta-test episodes draw only test classes, rotations included.
+    tasks = OmniglotTaskSet(data_dir, count=20, ways=3, shots=1, queries=2, seed=0, split="characters")
+    images = omniglot.load_all(str(data_dir))
+    seen: set[int] = set()
+    for index in range(len(tasks)):
+        sx, _, _, _ = tasks.episode(index)
+        for x in sx:
+            matches = {
+                c * 4 + r
+                for c in range(23)
+                for r in range(4)
+                for d in range(20)
+                if torch.equal(torch.rot90(images[c, d], r, dims=(1, 2)), x)
+            }
+            assert matches and matches <= set(split.test_classes().tolist())
+            seen |= matches
+    assert {c % 4 for c in seen} - {0}, "no rotated test class was ever drawn"
+
+
+def test_an_unknown_split_is_refused_by_name(data_dir: Path) -> None:
+    with pytest.raises(ValueError, match="split must be one of alphabets, characters, got 'vinyals'"):
+        open_source(f"omniglot:device=0,devices=2,split=vinyals,dir={data_dir}")
 
 
 def test_bad_device_spec_is_refused(data_dir: Path) -> None:
