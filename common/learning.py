@@ -3,7 +3,8 @@ adapt, predict and score the same way.
 
 `adapt` is the one K-shot adaptation routine (partial local reconstruction first, then every
 parameter); `predict` is non-transductive for batch-statistics models; `episode_metrics` scores a
-support/query episode before and after adaptation.
+support/query episode before and after adaptation. `prototypical_loss` trains an embedding the way
+Prototypical Networks do, for devices that then classify by nearest class mean.
 """
 
 from __future__ import annotations
@@ -128,3 +129,23 @@ def episode_metrics(
     )
     after = task_loss(model_name, predict(model, support[0], query[0]), query[1])
     return {**{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in after.items()}}
+
+
+def prototypical_loss(
+    support: torch.Tensor, support_y: torch.Tensor, query: torch.Tensor, query_y: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """Cross-entropy of queries over negative squared distances to the support's class means
+    (Snell et al. 2017, https://arxiv.org/abs/1703.05175), and the queries' accuracy.
+
+    Labels are 0..N-1; each class needs at least one support embedding.
+    """
+    ways = int(support_y.max()) + 1
+    counts = torch.bincount(support_y, minlength=ways)
+    if bool((counts == 0).any()):
+        raise ValueError(f"every class 0..{ways - 1} needs a support example; missing: "
+                         f"{torch.nonzero(counts == 0).flatten().tolist()}")
+    sums = torch.zeros(ways, support.shape[1], dtype=support.dtype).index_add_(0, support_y, support)
+    prototypes = sums / counts[:, None].to(support.dtype)
+    logits = -torch.cdist(query, prototypes).pow(2)
+    loss = nn.functional.cross_entropy(logits, query_y)
+    return loss, float((logits.argmax(dim=1) == query_y).float().mean())

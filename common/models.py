@@ -72,6 +72,30 @@ class OmniglotConv4(nn.Module):
         return self.head(self.features(x))
 
 
+class ProtoConv4(nn.Module):
+    """Prototypical Networks' Omniglot embedding: 4 blocks (conv3x3, batch norm, ReLU, 2x2 max-pool).
+
+    Snell et al. 2017 (https://arxiv.org/abs/1703.05175): 28x28 -> 64 values, no head; classes are
+    the nearest mean embedding. Batch norm keeps running statistics, so in eval mode a device can
+    embed one sample at a time, as an online learner must.
+    """
+
+    def __init__(self, channels: int = 64) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        in_ch = 1
+        for block in range(4):
+            conv = _ChannelsLastConv2d if block == 0 else nn.Conv2d
+            blocks += [
+                conv(in_ch, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2)
+            ]
+            in_ch = channels
+        self.features = nn.Sequential(*blocks, nn.Flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
 MODELS: dict[str, ModelSpec] = {
     "sine-mlp": ModelSpec(
         name="sine-mlp",
@@ -86,6 +110,13 @@ MODELS: dict[str, ModelSpec] = {
         input_shape=(1, 28, 28),
         task="classification",
         description="4x64-channel conv net for 28x28 few-shot character classification",
+    ),
+    "omniglot-protonet": ModelSpec(
+        name="omniglot-protonet",
+        build=ProtoConv4,
+        input_shape=(1, 28, 28),
+        task="embedding",
+        description="4x64-channel conv embedding (64 values) for nearest-prototype classification, 28x28",
     ),
 }
 

@@ -136,3 +136,22 @@ def test_bad_prototypes_are_refused_by_name() -> None:
         PrototypeSet(DIM, {"a": np.zeros(DIM)}, {"a": -1})
     with pytest.raises(PrototypeError, match="no class has been learned"):
         PrototypeSet(DIM).classify(np.ones((1, DIM)))
+
+
+def test_prototypical_loss_prefers_embeddings_near_their_class_mean() -> None:
+    import torch
+
+    from tinyfleet.common.learning import prototypical_loss
+    from tinyfleet.common.models import build_model
+
+    support_y = torch.tensor([0, 0, 1, 1, 2, 2])
+    query_y = torch.tensor([0, 1, 2])
+    centres = torch.eye(3) * 4
+    support = centres[support_y] + 0.1
+    good, good_acc = prototypical_loss(support, support_y, centres[query_y], query_y)
+    bad, bad_acc = prototypical_loss(support, support_y, centres[torch.tensor([1, 2, 0])], query_y)
+    assert good_acc == 1.0 and bad_acc == 0.0 and float(good) < 0.01 < float(bad)
+    with pytest.raises(ValueError, match=r"missing: \[1\]"):
+        prototypical_loss(support[:2], torch.tensor([0, 2]), support[:1], torch.tensor([0]))
+    embedding = build_model("omniglot-protonet", seed=0).eval()
+    assert embedding(torch.zeros(1, 1, 28, 28)).shape == (1, 64)  # one sample at a time, as on a device
