@@ -146,3 +146,19 @@ def omniglot_source(**params: str) -> DataSource:
     from tinyfleet.client.omniglot import OmniglotDeviceStream
 
     return OmniglotDeviceStream.from_spec(**params)
+
+
+@register_source("occupancy")
+def occupancy_source(**params: str) -> DataSource:
+    """`occupancy:room=N,rooms=R[,time_of_day=1][,dir=DATA]`: one room's sensor rows in time order."""
+    from tinyfleet.client.occupancy import OccupancyRoomStream
+
+    return OccupancyRoomStream.from_spec(**params)
+
+
+@register_source("keywords")
+def keywords_source(**params: str) -> DataSource:
+    """`keywords:words=yes+no+up,seed=S[,holdout=3][,dir=DATA]`: spoken words as log-mel clips."""
+    from tinyfleet.client.keywords import KeywordStream
+
+    return KeywordStream.from_spec(**params)
