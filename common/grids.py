@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from tinyfleet.common.flower_adapter import empty_run, ensure_task_identity, new_instruction
+from tinyfleet.common.flower_adapter import Run, empty_run, ensure_task_identity, new_instruction
 
 REPLIED = "replied"
 ERROR = "error"
@@ -51,11 +51,11 @@ class TrackingGrid(Grid):
         self._lock = threading.Lock()
         self._deliveries: dict[str, Delivery] = {}
 
-    def set_run(self, run: object) -> None:  # Flower passes a Run; only its id matters here
-        self._run = run  # type: ignore[assignment]
+    def set_run(self, run: Run) -> None:
+        self._run = run
 
     @property
-    def run(self):
+    def run(self) -> Run:
         return self._run
 
     def create_message(

@@ -40,7 +40,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +116,7 @@ class Hooks:
     #: the registry catches up with what SQL committed before a crash.
     recover: Callable[[Repository], None] | None = None
     #: Runs for the daemon's lifetime once SQL is open (the registry's projector); cancelled at stop.
-    background: Callable[[Repository], Awaitable[None]] | None = None
+    background: Callable[[Repository], Coroutine[Any, Any, None]] | None = None
     #: Called first at stop, before the servers drain: ends work that would hold a request open
     #: (the registry kills its SPARQL query workers, so running queries answer at once).
     stopping: Callable[[], None] | None = None
@@ -144,7 +144,7 @@ def is_loopback(host: str) -> bool:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
     except OSError:
         return False
-    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+    return bool(addresses) and all(ipaddress.ip_address(str(a).split("%")[0]).is_loopback for a in addresses)
 
 
 def check_transport(settings: ServerSettings) -> None:
@@ -286,7 +286,7 @@ class _EmbeddedUvicorn(uvicorn.Server):
     """uvicorn on our loop: the daemon, not uvicorn, owns SIGINT/SIGTERM."""
 
     @contextmanager
-    def capture_signals(self):
+    def capture_signals(self) -> Iterator[None]:
         yield
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -49,7 +49,7 @@ def adapt_on_tasks(
     tasks: TaskSet,
     protocol: MetaTestProtocol,
     *,
-    model_kwargs: dict[str, object] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
     limit: int | None = None,
 ) -> list[dict[str, float]]:
     """Per-task query metrics before/after adaptation, for the first `limit` tasks (all by default)."""

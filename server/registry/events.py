@@ -34,7 +34,7 @@ class EventHub:
             loop.call_soon_threadsafe(_offer, queue, (event, thing_id))
 
     def subscribe(self) -> tuple[asyncio.AbstractEventLoop, asyncio.Queue[tuple[str, str]]]:
-        entry = (asyncio.get_running_loop(), asyncio.Queue(self._queue_size))
+        entry = (asyncio.get_running_loop(), asyncio.Queue[tuple[str, str]](self._queue_size))
         with self._lock:
             self._subscribers.add(entry)
         return entry

@@ -52,17 +52,29 @@ log = logging.getLogger(__name__)
 
 
 class DeviceRow(Protocol):
-    device_id: str
-    description: bytes
-    media_type: str
-    last_seen: float | None
-    online: bool
+    """Read-only, as the repository's frozen rows are."""
+
+    @property
+    def device_id(self) -> str: ...
+    @property
+    def description(self) -> bytes: ...
+    @property
+    def media_type(self) -> str: ...
+    @property
+    def last_seen(self) -> float | None: ...
+    @property
+    def online(self) -> bool: ...
 
 
 class DocumentRow(Protocol):
-    name: str
-    base_iri: str
-    content: bytes
+    """Read-only, as the repository's frozen rows are."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def base_iri(self) -> str: ...
+    @property
+    def content(self) -> bytes: ...
 
 
 def _document(row: DocumentRow) -> Document:
@@ -107,7 +119,7 @@ NO_SPACE_TEXT = "No space left on device"
 def is_disk_full(exc: BaseException) -> bool:
     """Whether `exc` says the disk (or quota) is full: SQLite's SQLITE_FULL, PostgreSQL's disk_full,
     ENOSPC/EDQUOT, or the embedded store's wording of ENOSPC."""
-    if isinstance(exc, sa.exc.DBAPIError):
+    if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None:
         exc = exc.orig
     if isinstance(exc, sqlite3.Error):
         return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
