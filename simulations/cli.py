@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -205,6 +204,7 @@ def run_command(args: argparse.Namespace) -> int:
         args.out,
         lambda progress, on_rows: Experiment(settings, progress, on_rows, checkpoint=args.out / FILE_NAME),
         console,
+        args.command_line,
     )
 
 
@@ -220,18 +220,23 @@ def resume_command(args: argparse.Namespace) -> int:
             args.out, progress, on_rows, budget_minutes=args.budget_minutes
         ),
         Console(stderr=True),
+        args.command_line,
     )
 
 
 def _execute(
-    out: Path, start: Callable[[Progress, Callable[[list[Row]], None]], Experiment], console: Console
+    out: Path,
+    start: Callable[[Progress, Callable[[list[Row]], None]], Experiment],
+    console: Console,
+    command: str,
 ) -> int:
     """Run (or go on with) an experiment with a progress bar, then write and print its outputs."""
+    from tinyfleet.simulations.benchmarks.results_file import RunWatch
     from tinyfleet.simulations.checkpoint import FILE_NAME, CheckpointError
     from tinyfleet.simulations.experiment import progress_bar
     from tinyfleet.simulations.report import write_csv, write_outputs
 
-    started = time.perf_counter()
+    watch = RunWatch()  # summary.json records the machine's load and other processes meanwhile
     try:
         with progress_bar() as progress:
             experiment = start(progress, lambda rows: write_csv(rows, out / "metrics.csv"))
@@ -243,7 +248,7 @@ def _execute(
     except (CheckpointError, ValueError, KeyError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2
-    summary = write_outputs(experiment, out, time.perf_counter() - started)
+    summary = write_outputs(experiment, out, command, watch)
     (out / FILE_NAME).unlink(missing_ok=True)  # the run is complete: its outputs replace the checkpoint
     metric = summary["main_metric"]
     for arm, entry in summary["arms"].items():

@@ -1,5 +1,7 @@
 """What a simulation run leaves behind: metrics.csv, summary.json, PNG plots and the learned models.
 
+summary.json is also the run's results file: it starts with the command, date and machine (as
+every benchmark's JSON does), so a copy in benchmarks/results/ can feed the README's table.
 Each arm's final model is written as `models/<arm>.arrays`: a Flower ArrayRecord
 in Flower's serde, the same encoding the coordinator stores round artifacts in,
 so a model learned in simulation can be read back with
@@ -9,9 +11,6 @@ so a model learned in simulation can be read back with
 from __future__ import annotations
 
 import csv
-import json
-import os
-import platform
 import statistics
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -22,19 +21,22 @@ import torch
 from tinyfleet.common.atomic_files import write_atomically
 from tinyfleet.common.flower_adapter import array_record_to_bytes
 from tinyfleet.server.artifacts import sha256_hex
+from tinyfleet.simulations.benchmarks.results_file import RunWatch, write_results
 from tinyfleet.simulations.experiment import Experiment, Row
 
 MODELS_DIR = "models"
 
 
-def write_outputs(experiment: Experiment, out: Path, wall_seconds: float) -> dict[str, Any]:
+def write_outputs(experiment: Experiment, out: Path, command: str, watch: RunWatch) -> dict[str, Any]:
+    """Every output; `command` is the run's command line and `watch` was started with it."""
     out.mkdir(parents=True, exist_ok=True)
     write_csv(experiment.rows, out / "metrics.csv")
     models = write_models(experiment, out / MODELS_DIR)
-    summary = summarize(experiment, wall_seconds)
+    summary = watch.record(command, summarize(experiment))
+    summary["machine"].update(torch=torch.__version__, torch_threads=torch.get_num_threads())
     for arm, model in models.items():
         summary["arms"][arm]["model"] = model
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_results(out / "summary.json", summary)
     plot(experiment, out)
     return summary
 
@@ -68,7 +70,7 @@ def final_rows(experiment: Experiment) -> dict[str, dict[str, Row]]:
     return last
 
 
-def summarize(experiment: Experiment, wall_seconds: float) -> dict[str, Any]:
+def summarize(experiment: Experiment) -> dict[str, Any]:
     scenario = experiment.scenario
     metric = scenario.main_metric
     finals = final_rows(experiment)
@@ -104,13 +106,6 @@ def summarize(experiment: Experiment, wall_seconds: float) -> dict[str, Any]:
             "tasks": {n: len(t) for n, t in scenario.meta_tests.items()},
         },
         "arms": arms,
-        "wall_seconds": round(wall_seconds, 1),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        },
     }
     if "fedreptile" in arms and "fedreptile-dense" in arms:
         summary["communication"] = communication(arms["fedreptile"], arms["fedreptile-dense"], metric)

@@ -18,6 +18,8 @@ def test_benchmark_measures_each_variant_against_the_plain_setup(tmp_path: Path)
     # the kept variant) cannot reach a tenth of the plain setup's ~850 per step
     assert train_step.main(["--repeats", "1", "--steps", "20", "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
+    assert figures["command"].endswith(f"train_step --repeats 1 --steps 20 --json {out}")
+    assert figures["machine"]["cpus"] and figures["date"]
     variants = figures["variants"]
     assert set(variants) == set(train_step.VARIANTS) and figures["config"]["steps"] == 20
     assert variants[train_step.REFERENCE]["speedup_over_plain"] == 1.0

@@ -29,13 +29,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
+import functools
 import json
-import os
-import platform
 import random
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -45,6 +42,7 @@ from typing import Any, TypeVar
 import pyoxigraph as ox
 import sqlalchemy as sa
 
+from tinyfleet.common.device_description import device_thing_description
 from tinyfleet.common.device_keys import DeviceKey
 from tinyfleet.ontology import sparql_prologue
 from tinyfleet.ontology.catalog import parse_query_file, render
@@ -52,9 +50,9 @@ from tinyfleet.server.database import default_url
 from tinyfleet.server.registry import sparql_updates
 from tinyfleet.server.registry.normalize import normalize_models
 from tinyfleet.server.registry.store import EmbeddedStore
-from tinyfleet.server.registry.thing_description import device_thing_description
 from tinyfleet.server.registry.thing_graphs import Registry
 from tinyfleet.simulations.benchmarks.process_cpu import RUNAWAY, deadline_to_cpu_stop
+from tinyfleet.simulations.benchmarks.results_file import RunWatch, module_command, write_results
 
 SENSORS = ("Accelerometer", "Gyroscope", "Magnetometer", "Microphone", "Camera", "Thermometer", "Hygrometer")
 MODELS = 50
@@ -237,6 +235,10 @@ RDFLIB_QUADRATIC = {
 RDFLIB_QUADRATIC_MAX = 1000
 
 
+def _same_text(text: str, _run: int) -> str:
+    return text
+
+
 def queries(devices: int, rng: random.Random) -> dict[str, Forms]:
     picks = [rng.randrange(devices) for _ in range(64)]
     gateways = " ".join(f"urn:tinyfleet:device:gw-{g}" for g in range(0, max(1, devices // 200), 2))
@@ -264,7 +266,7 @@ def queries(devices: int, rng: random.Random) -> dict[str, Forms]:
         },
         "GROUP BY: devices and online per gateway": {"named query": lambda i: render("per-gateway-counts")},
         "anti-join: devices without a deployment": {
-            form: (lambda i, t=text: t) for form, text in ANTI_JOINS.items()
+            form: functools.partial(_same_text, text) for form, text in ANTI_JOINS.items()
         },
     }
 
@@ -296,6 +298,10 @@ def rdflib_answers(read: Read) -> Answers:
     )
 
 
+def _read_form(read: Callable[[str], Read], form: Callable[[int], str], run: int) -> Read:
+    return read(form(run))
+
+
 def time_engine(
     texts: dict[str, Forms],
     read: Callable[[str], Read],
@@ -318,7 +324,7 @@ def time_engine(
                 failed.setdefault(name, {})[form] = "not run: quadratic in this engine at this size"
                 continue
             try:
-                ms, first = median_ms(lambda i, t=text: read(t(i)), repeats)
+                ms, first = median_ms(functools.partial(_read_form, read, text), repeats)
             except Exception as exc:  # the engine's own failure, kept in the results
                 failed.setdefault(name, {})[form] = f"{type(exc).__name__}: {exc}"
                 continue
@@ -681,6 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", default=None, help="the coordinator's SQL URL (default: SQLite in its dir)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
+    watch = RunWatch()
     sizes = [int(s) for s in args.devices.split(",") if s.strip()]
     levels = [int(c) for c in args.clients.split(",") if c.strip()]
     results = [
@@ -698,16 +705,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print_table(results, args.rdflib_max)
     if args.json:
-        record = {
-            "command": " ".join([f"python -m {__spec__.name}", *(argv or sys.argv[1:])]),
-            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                        "load_average_at_end": os.getloadavg()},
-            "rdflib_max_devices": args.rdflib_max,
-            "sizes": results,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(record, indent=2))
+        figures = {"rdflib_max_devices": args.rdflib_max, "sizes": results}
+        write_results(args.json, watch.record(module_command(__spec__.name, argv), figures))
     return 0
 
 

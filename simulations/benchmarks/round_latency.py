@@ -17,13 +17,13 @@ is the floor that serialization and aggregation alone impose; the ratio column
 says how far the real transport is from it. Target: overhead <= 50 ms median at
 32 agents.
 
-    python -m tinyfleet.simulations.benchmarks.round_latency [--agents 2,8,32] [--rounds 20] [--json PATH]
+    python -m tinyfleet.simulations.benchmarks.round_latency --agents 2,8,32 \
+        --json benchmarks/results/round_latency.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from tinyfleet.simulations.benchmarks.results_file import RunWatch, module_command, write_results
 
 TARGET_OVERHEAD_MS = 50.0
 
@@ -122,7 +124,10 @@ def measure_simgrid(agents: int, rounds: int, warmup: int) -> dict[str, Any]:
     for server_round in range(1, rounds + warmup + 1):
         started = time.perf_counter()
         replies = grid.send_and_receive(strategy.configure_train(server_round, arrays, config, grid))
-        arrays, _ = strategy.aggregate_train(server_round, replies)
+        aggregated, _ = strategy.aggregate_train(server_round, replies)
+        if aggregated is None:
+            raise RuntimeError(f"FedAvg on SimGrid aggregated no model in round {server_round}")
+        arrays = aggregated
         elapsed = time.perf_counter() - started
         deliveries = grid.take_deliveries()
         if server_round > warmup:
@@ -157,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.agents.split(",") if s.strip()]
+    watch = RunWatch()
     console = Console(width=max(Console().width, 140))
     results = []
     for agents in sizes:
@@ -187,16 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     console.print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end")
     if args.json:
-        payload = {
-            "benchmark": "round_latency",
+        figures = {
             "target_overhead_ms_median": TARGET_OVERHEAD_MS,
             "rounds_measured": args.rounds,
             "warmup_rounds": args.warmup,
-            "cpu_count": os.cpu_count(),
-            "load_average_1min_at_end": os.getloadavg()[0],
             "sizes": results,
         }
-        args.json.write_text(json.dumps(payload, indent=2))
+        write_results(args.json, watch.record(module_command(__spec__.name, argv), figures))
         console.print(f"figures written to {args.json}")
     return 0
 

@@ -10,14 +10,14 @@ sum in a different order with more threads). The table shows wall seconds per ro
 (this process plus the workers) and the speed-up over in-process measured in the
 same run.
 
-    python -m tinyfleet.simulations.benchmarks.sim_workers --data-dir ../shared/data --json workers.json
+    python -m tinyfleet.simulations.benchmarks.sim_workers --data-dir ../shared/data \
+        --json benchmarks/results/sim_workers.json
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from tinyfleet.client.omniglot import data_root
 from tinyfleet.common.flower_adapter import ensure_task_identity
 from tinyfleet.common.jobspec import load_job_spec
 from tinyfleet.server.job_strategy import build_strategy, initial_arrays, train_config
+from tinyfleet.simulations.benchmarks.results_file import RunWatch, module_command, write_results
 from tinyfleet.simulations.rounds import run_rounds
 from tinyfleet.simulations.sim_grid import SimGrid
 
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-round", type=int, default=5, help="devices training each round")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args(argv)
+    watch = RunWatch()
     ensure_task_identity()
     torch.set_num_threads(1)  # as in every worker
     data_dir = data_root(args.data_dir)
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     console.print(table)
     if args.json:
         config = {"rounds": args.rounds, "per_round": args.per_round, "devices": DEVICES, "workers": counts}
-        args.json.write_text(json.dumps({"config": config, "settings": results}, indent=2) + "\n")
+        record = watch.record(module_command(__spec__.name, argv), {"config": config, "settings": results})
+        write_results(args.json, record)
     return 0
 
 

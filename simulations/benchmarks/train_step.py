@@ -14,7 +14,7 @@ Variants run in turn, several times, so a busy machine slows them alike; the
 table shows the median CPU time per step, page faults per step and the speed-up
 over the plain setup measured in the same run.
 
-    python -m tinyfleet.simulations.benchmarks.train_step --json train_step.json
+    python -m tinyfleet.simulations.benchmarks.train_step --json benchmarks/results/train_step.json
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+
+from tinyfleet.simulations.benchmarks.results_file import RunWatch, module_command, write_results
 
 VARIANTS = {  # name -> (channels-last activations, keep freed buffers)
     "plain (NCHW, default malloc)": (False, False),
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=10, help="images per step (FedReptile's inner batch)")
     parser.add_argument("--json", type=Path, help="write the figures to this file")
     args = parser.parse_args(argv)
+    watch = RunWatch()
     figures = run(args.repeats, args.steps, args.threads, args.batch)
     table = Table(title=f"Omniglot conv net, one Adam step on {args.batch} images, {args.threads} thread(s)")
     for column in ("variant", "CPU ms / step (median)", "min", "page faults / step", "vs plain"):
@@ -128,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     Console().print(table)
     if args.json:
         config = {"repeats": args.repeats, "steps": args.steps, "threads": args.threads, "batch": args.batch}
-        args.json.write_text(json.dumps({"config": config, "variants": figures}, indent=2) + "\n")
+        record = watch.record(module_command(__spec__.name, argv), {"config": config, "variants": figures})
+        write_results(args.json, record)
     return 0
 
 

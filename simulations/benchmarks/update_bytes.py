@@ -1,20 +1,21 @@
 """Benchmark: bytes of one device update per encoding, against dense fp32 measured in the same run.
 
-For each zoo model a real update is made (a few inner steps of adaptation on a
-task) and encoded dense, int8, top-P sparse and top-P sparse + int8. The table
+For each zoo model a real update is made (5 inner steps of adaptation on one task:
+a sine stream, or a 5-way task of real Omniglot characters as a device of the
+Omniglot scenario sees it) and encoded dense, int8, top-P sparse and top-P sparse + int8. The table
 shows the record bytes (the Arrays' data: .npy files for dense, one raw packed
 buffer otherwise), the whole reply message on the wire (Flower serde, with its
 metadata and metrics) and the ratio to dense, plus encode/decode time. It is the
 uplink alone; the bytes of whole rounds, both ways, are what `tinyfleet sim run`
 measures on SimGrid.
 
-    python -m tinyfleet.simulations.benchmarks.update_bytes --top-p 0.1 --json update_bytes.json
+    python -m tinyfleet.simulations.benchmarks.update_bytes --data-dir ../shared/data \
+        --json benchmarks/results/update_bytes.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -24,11 +25,13 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from rich.console import Console
 from rich.table import Table
 
-from tinyfleet.client.data_sources import SineStream
+from tinyfleet.client.data_sources import SineStream, open_source
+from tinyfleet.client.omniglot import data_root
 from tinyfleet.common import codec
 from tinyfleet.common.flower_adapter import message_to_bytes, new_instruction, reply_with_content, stamp
 from tinyfleet.common.learning import adapt, loss_fn
 from tinyfleet.common.models import build_model
+from tinyfleet.simulations.benchmarks.results_file import RunWatch, module_command, write_results
 
 ENCODINGS = (
     ("dense fp32", 1.0, "none"),
@@ -38,8 +41,9 @@ ENCODINGS = (
 )
 
 
-def real_update(model_name: str, seed: int) -> dict[str, np.ndarray]:
-    """θ' - θ after 5 inner steps on one task (sine stream, or random 5-way images)."""
+def real_update(model_name: str, seed: int, data_dir: Path) -> dict[str, np.ndarray]:
+    """θ' - θ after 5 inner steps on one task: a sine stream, or steps cycling over 50 images of
+    one 5-way Omniglot task (the Omniglot scenario's inner loop: Adam, batch 10)."""
     torch.manual_seed(seed)
     model = build_model(model_name, seed=seed)
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -47,7 +51,7 @@ def real_update(model_name: str, seed: int) -> dict[str, np.ndarray]:
         sample = SineStream(seed=seed).next
         optimizer, lr = "sgd", 0.02
     else:
-        x, y = torch.rand(50, 1, 28, 28), torch.arange(50) % 5
+        x, y = open_source(f"omniglot:device=0,devices=10,seed={seed},dir={data_dir}").next(50)
 
         def sample(n: int) -> tuple[torch.Tensor, torch.Tensor]:
             index = torch.randint(0, 50, (n,))
@@ -69,8 +73,8 @@ def wire_bytes(record: ArrayRecord) -> int:
     return len(message_to_bytes(reply))
 
 
-def measure(model_name: str, top_p: float, seed: int) -> list[dict[str, object]]:
-    update = real_update(model_name, seed)
+def measure(model_name: str, top_p: float, seed: int, data_dir: Path) -> list[dict[str, object]]:
+    update = real_update(model_name, seed, data_dir)
     layout = codec.Layout.of(update)
     rows: list[dict[str, object]] = []
     for label, p, quantize in ENCODINGS:
@@ -106,9 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--top-p", type=float, default=0.1, help="fraction sent by the sparse encodings")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", help="folder holding omniglot/ (default: as sim run finds it)")
     parser.add_argument("--json", type=Path, help="write the rows to this file")
     args = parser.parse_args(argv)
-    rows = [r for name in ("sine-mlp", "omniglot-conv4") for r in measure(name, args.top_p, args.seed)]
+    watch, data_dir = RunWatch(), data_root(args.data_dir)
+    rows = [
+        r for name in ("sine-mlp", "omniglot-conv4") for r in measure(name, args.top_p, args.seed, data_dir)
+    ]
     table = Table(title=f"one device update, top-P = {args.top_p:g} (ratios: dense fp32 / this)")
     for column in (
         "model",
@@ -134,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     Console(width=120).print(table)
     if args.json:
-        args.json.write_text(json.dumps({"top_p": args.top_p, "rows": rows}, indent=2) + "\n")
+        command = module_command(__spec__.name, argv)
+        figures = {"top_p": args.top_p, "seed": args.seed, "rows": rows}
+        write_results(args.json, watch.record(command, figures))
     return 0
 
 

@@ -25,6 +25,7 @@ def test_benchmark_runs_in_process_and_over_workers_with_the_same_model(tmp_path
     code = sim_workers.main(["--workers", "0,2", "--rounds", "2", "--per-round", "2", "--json", str(out)])
     assert code == 0  # it exits otherwise: the two settings' models differ
     figures = json.loads(out.read_text())
+    assert figures["command"].startswith("python -m tinyfleet.simulations.benchmarks.sim_workers --workers")
     assert set(figures["settings"]) == {"workers_0", "workers_2"}
     assert figures["settings"]["workers_0"]["speedup_over_first"] == 1.0
     assert all(f["wall_s_per_round"] > 0 and f["cpu_s_per_round"] > 0 for f in figures["settings"].values())
