@@ -406,7 +406,7 @@ def with_client(args: argparse.Namespace, action: Any) -> int:
         with AdminClient(args.server, admin_token=token, ca=args.ca) as client:
             return int(action(client))
     except grpc.RpcError as exc:
-        code, detail = exc.code(), exc.details()  # type: ignore[attr-defined]
+        code, detail = exc.code(), exc.details()
         print(f"error: {detail} ({code.name})", file=sys.stderr)
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return EXIT_BAD_JOB

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, TypeGuard
 
 import pyoxigraph as ox
 
@@ -48,7 +48,7 @@ MODEL_CLASSES: Final = (ox.NamedNode(NNET + "NeuralNetwork"), ox.NamedNode(TF + 
 _TF_SENSORS: Final = frozenset(TF + name for name in ("Hygrometer", "LightSensor", "CO2Sensor"))
 
 
-def is_sensor_class(term: object) -> bool:
+def is_sensor_class(term: object) -> TypeGuard[ox.NamedNode]:
     return isinstance(term, ox.NamedNode) and (
         term.value.startswith(SOSA_EXTEND) or term.value in _TF_SENSORS
     )
@@ -110,10 +110,10 @@ def normalize_device(triples: list[ox.Triple], device: str) -> list[ox.Triple]:
     sensor_type = ox.NamedNode(TF + "sensorType")
     stated = set(index.objects(subject, sensor_type))
     for part in index.objects(subject, _HAS_SUBSYSTEM):
-        for cls in index.objects(part, _TYPE):
-            if is_sensor_class(cls) and cls not in stated:
-                stated.add(cls)
-                added.append(ox.Triple(subject, sensor_type, cls))
+        for kind in index.objects(part, _TYPE):
+            if is_sensor_class(kind) and kind not in stated:
+                stated.add(kind)
+                added.append(ox.Triple(subject, sensor_type, kind))
     return triples + added
 
 
@@ -146,8 +146,8 @@ def normalize_models(triples: list[ox.Triple]) -> list[ox.Triple]:
         stated = set(index.objects(model, requires))
         for model_input in index.objects(model, _HAS_INPUT):
             for sensor in index.into.get((_PROVIDE_INPUT, model_input), []):
-                for cls in index.objects(sensor, _TYPE):
-                    if is_sensor_class(cls) and cls not in stated:
-                        stated.add(cls)
-                        added.append(ox.Triple(model, requires, cls))
+                for kind in index.objects(sensor, _TYPE):
+                    if is_sensor_class(kind) and kind not in stated:
+                        stated.add(kind)
+                        added.append(ox.Triple(model, requires, kind))
     return triples + added
