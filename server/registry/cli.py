@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import shutil
 import sys
@@ -209,7 +210,9 @@ def _query(args: argparse.Namespace) -> int:
         print("true" if bool(result) else "false")
         return 0
     if not isinstance(result, ox.QuerySolutions):
-        sys.stdout.write(ox.serialize(list(result), format=ox.RdfFormat.TURTLE).decode())
+        turtle = io.BytesIO()
+        ox.serialize(list(result), turtle, format=ox.RdfFormat.TURTLE)
+        sys.stdout.write(turtle.getvalue().decode())
         return 0
     names = [v.value for v in result.variables]
     rows = [[row[name].value if row[name] is not None else "" for name in names] for row in result]
@@ -336,19 +339,20 @@ def _export(args: argparse.Namespace) -> int:
     from tinyfleet.server.registry.store import EmbeddedStore, StoreError
 
     fmt = ox.RdfFormat.TRIG if args.format == "trig" else ox.RdfFormat.N_QUADS
+    dump = io.BytesIO()
     try:
         store = _open_store(args)
         if isinstance(store, EmbeddedStore):
-            data = store.oxigraph.dump(format=fmt)
+            store.oxigraph.dump(dump, format=fmt)
         else:
             rows = store.query("SELECT ?s ?p ?o ?g WHERE { GRAPH ?g { ?s ?p ?o } }")
-            data = ox.serialize([ox.Quad(r["s"], r["p"], r["o"], r["g"]) for r in rows], format=fmt)
+            ox.serialize([ox.Quad(r["s"], r["p"], r["o"], r["g"]) for r in rows], dump, format=fmt)
     except (StoreError, FileNotFoundError, ValueError) as exc:
         return _fail(str(exc))
     if args.output:
-        args.output.write_bytes(data)
+        args.output.write_bytes(dump.getvalue())
     else:
-        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.write(dump.getvalue())
     return 0
 
 
@@ -372,7 +376,7 @@ def _rebuild(args: argparse.Namespace) -> int:
             progress.update(task, completed=done, total=total)
 
         if args.registry:
-            store = RemoteStore(args.registry)
+            store: RemoteStore | EmbeddedStore = RemoteStore(args.registry)
             try:
                 store.update("DROP ALL")
                 applied = rebuild(Registry(store), repo, progress=step, reports=reports)
