@@ -4,6 +4,9 @@ Flower's public Message API is what jobs and handlers are written against; what
 follows is what a *grid* needs beyond it: building messages outside Flower's own
 runtime, stamping ids, the protobuf serde that carries a whole message across our
 own transport, and Arrays that carry raw bytes instead of Flower's .npy files.
+It also holds what tinyfleet knows of how Flower's strategies work inside: how
+`sample_nodes` waits and draws, the metric average FedAvg uses, and where the
+stateful strategies keep their server-side state between rounds.
 Keep this module small; its tests (tests/test_flower_adapter.py) fail loudly when
 a Flower upgrade moves any of it.
 """
@@ -11,12 +14,14 @@ a Flower upgrade moves any of it.
 from __future__ import annotations
 
 import math
+import random
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Error, Message, Metadata, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Error, Message, Metadata, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, SType
 from flwr.common.serde import (
     array_record_from_proto,
@@ -26,6 +31,7 @@ from flwr.common.serde import (
 )
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
 from flwr.proto.recorddict_pb2 import ArrayRecord as ProtoArrayRecord  # pylint: disable=E0611
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi, strategy_utils
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -40,6 +46,9 @@ ERR_HANDLER_FAILED: Final = 101
 ERR_MESSAGE_TOO_LARGE: Final = 102
 ERR_INVALID_UPDATE: Final = 103
 ERR_DEADLINE: Final = 104
+#: Seconds Flower's `sample_nodes` sleeps between polls of `Grid.get_node_ids` while fewer nodes
+#: than it needs are online; it polls until they are, so only the grid can end that wait.
+SAMPLE_NODES_POLL_S: Final = 1.0
 
 
 class MessageDecodeError(ValueError):
@@ -84,7 +93,8 @@ def new_instruction(
         message_type=message_type,
         src_task_id=1,
     )
-    return Message(content=content, metadata=metadata)
+    # `metadata` is in Flower's constructor but none of its public overloads.
+    return Message(content=content, metadata=metadata)  # type: ignore[call-overload]
 
 
 def stamp(message: Message, *, run_id: int, message_id: str | None = None) -> str:
@@ -199,7 +209,7 @@ def array_values(array: Array) -> np.ndarray:
     return array.numpy()
 
 
-def make_context(node_id: int, node_config: dict[str, str | int | float | bool]) -> Context:
+def make_context(node_id: int, node_config: Mapping[str, str | int | float | bool]) -> Context:
     """A Flower Context for running ClientApp-style handlers outside a SuperNode."""
     return Context(
         run_id=0,
@@ -213,3 +223,81 @@ def make_context(node_id: int, node_config: dict[str, str | int | float | bool])
 def empty_run(run_id: int) -> Run:
     """The Run record a Grid reports; only `run_id` is meaningful outside Flower's runtime."""
     return Run.create_empty(run_id)
+
+
+def seed_node_sampling(seed: int | str) -> None:
+    """Make the nodes Flower's stock strategies sample repeatable.
+
+    `sample_nodes` draws with the process-wide `random` module, not a generator of
+    the strategy's own, so the only handle on its choice is that module's seed.
+    """
+    random.seed(seed)
+
+
+def aggregate_metricrecords(contents: Sequence[RecordDict], weighted_by_key: str) -> MetricRecord:
+    """The average of the replies' MetricRecords weighted by `weighted_by_key`, as FedAvg forms it.
+
+    Flower's own function (not in its public API), so strategies of ours report
+    metrics exactly as the stock ones do.
+    """
+    return strategy_utils.aggregate_metricrecords(list(contents), weighted_by_key)
+
+
+#: Where Flower's stateful strategies keep, between rounds, server-side state that the round's
+#: model does not hold: the first and second moments of FedAdam, FedYogi and FedAdagrad (dicts
+#: keyed like the model's arrays) and FedAvgM's momentum (a list in the model's order). Their
+#: `current_arrays` is not state: FedOpt sets it from the arrays of every `configure_train`, and
+#: FedAvgM's equals the last aggregated model, which the job's checkpoint holds.
+_STATE_ATTRIBUTES: Final[tuple[tuple[tuple[type, ...], dict[str, type]], ...]] = (
+    ((FedAdam, FedYogi, FedAdagrad), {"m_t": dict, "v_t": dict}),
+    ((FedAvgM,), {"momentum_vector": list}),
+)
+
+
+def _state_attributes(strategy: object) -> dict[str, type]:
+    for classes, attributes in _STATE_ATTRIBUTES:
+        if isinstance(strategy, classes):
+            return attributes
+    return {}
+
+
+def has_array_state(strategy: object) -> bool:
+    """True for a strategy whose server-side state `strategy_arrays` can save."""
+    return bool(_state_attributes(strategy))
+
+
+def strategy_arrays(strategy: object) -> ArrayRecord:
+    """A stateful Flower strategy's server-side state as one ArrayRecord, exact to the bit.
+
+    Keys are "attribute/key" for dict state and "attribute/index" for list state;
+    state not set yet (before the first aggregation) has no keys. A strategy
+    without such state gives an empty record.
+    """
+    record = ArrayRecord()
+    for name, kind in _state_attributes(strategy).items():
+        value = getattr(strategy, name)
+        if not value:
+            continue
+        items = value.items() if kind is dict else enumerate(value)
+        for key, array in items:
+            record[f"{name}/{key}"] = raw_array(np.asarray(array))
+    return record
+
+
+def load_strategy_arrays(strategy: object, record: ArrayRecord) -> None:
+    """Give a freshly built strategy the state `strategy_arrays` took from its predecessor."""
+    attributes = _state_attributes(strategy)
+    found: dict[str, dict[str, np.ndarray]] = {}
+    for full_key in record:
+        name, sep, key = full_key.partition("/")
+        if not sep or name not in attributes:
+            raise ValueError(
+                f"state key {full_key!r} is not one of {type(strategy).__name__}'s "
+                f"({', '.join(attributes) or 'it keeps no array state'})"
+            )
+        found.setdefault(name, {})[key] = np.array(array_values(record[full_key]))
+    for name, values in found.items():
+        if attributes[name] is dict:
+            setattr(strategy, name, values)
+        else:
+            setattr(strategy, name, [values[str(i)] for i in range(len(values))])

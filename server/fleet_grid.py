@@ -33,6 +33,7 @@ from tinyfleet.common.arrays import InvalidUpdateError, check_compatible, check_
 from tinyfleet.common.flower_adapter import (
     ERR_INVALID_UPDATE,
     ERR_MESSAGE_TOO_LARGE,
+    SAMPLE_NODES_POLL_S,
     MessageDecodeError,
     message_from_bytes,
     message_to_bytes,
@@ -54,9 +55,9 @@ from tinyfleet.server.update_guard import UpdateGuard
 log = logging.getLogger(__name__)
 
 ARRAYS_KEY = "arrays"
-#: Flower's `sample_nodes` polls get_node_ids every second while it waits for nodes; calls
-#: this far apart past the wait window are that loop, not one configure step asking twice.
-POLL_GAP_S = 0.5
+#: Calls of get_node_ids this far apart past the wait window are Flower's `sample_nodes` polling
+#: for nodes (every SAMPLE_NODES_POLL_S), not one configure step asking twice.
+POLL_GAP_S = SAMPLE_NODES_POLL_S / 2
 
 
 class GridClosedError(RuntimeError):

@@ -20,7 +20,6 @@ job at its last finished round.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from tinyfleet.common.flower_adapter import (
     array_record_from_bytes,
     array_record_to_bytes,
     empty_run,
+    seed_node_sampling,
 )
 from tinyfleet.common.grids import REPLIED, Delivery
 from tinyfleet.common.jobspec import JobSpec, parse_job_spec
@@ -53,6 +53,7 @@ from tinyfleet.server.repository import (
     Repository,
     RoundRecord,
 )
+from tinyfleet.server.strategy_state import restore_state, save_state
 from tinyfleet.server.update_guard import guard_for
 
 log = logging.getLogger(__name__)
@@ -185,8 +186,7 @@ class JobRunner:
         if artifact is None:
             raise JobFailedError(f"cannot resume: no checkpoint for round {job.rounds_done}")
         arrays = array_record_from_bytes(self.store.get(artifact.sha256))
-        if job.strategy_state is not None and hasattr(strategy, "load_state_dict"):
-            strategy.load_state_dict(job.strategy_state)
+        restore_state(strategy, job.strategy_state, self.store)
         log.info("job %d resumes after round %d from artifact %s", job.id, job.rounds_done,
                  artifact.sha256[:12])
         return arrays, artifact.sha256
@@ -210,9 +210,8 @@ class JobRunner:
             )
         started = time.time()  # the round's clock starts once its quorum is online
         self.grid.reference_arrays = arrays
-        # Flower's strategies sample nodes with the global `random`: seed it per round so a
-        # job samples the same way on the same fleet (and again after a resume).
-        random.seed(f"{spec.seed}:{server_round}")
+        # Seeded per round so a job samples the same way on the same fleet (and again after a resume).
+        seed_node_sampling(f"{spec.seed}:{server_round}")
         train_started = time.monotonic()
         try:
             replies = self._exchange(
@@ -281,7 +280,7 @@ class JobRunner:
             artifact_sha=sha,
             nodes=nodes,
         )
-        state = strategy.state_dict() if hasattr(strategy, "state_dict") else None
+        state = save_state(strategy, self.store)
         artifact = None if blob is None else ArtifactRecord(
             sha, len(blob), ARRAY_RECORD_ENCODING, job_id, server_round, parent_sha, finished
         )

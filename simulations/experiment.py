@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from tinyfleet.client.data_sources import close_shared_sources
 from tinyfleet.client.handlers import HandlerRegistry, default_handlers
 from tinyfleet.client.meta_learners import recent_samples
 from tinyfleet.common.arrays import to_array_record
-from tinyfleet.common.flower_adapter import array_record_from_bytes, array_record_to_bytes
+from tinyfleet.common.flower_adapter import array_record_from_bytes, array_record_to_bytes, seed_node_sampling
 from tinyfleet.common.models import build_model
 from tinyfleet.common.optimizer_memory import OptimizerMemory
 from tinyfleet.common.reptile_protocol import parse_layers
@@ -270,7 +269,7 @@ class Experiment:
         s = self.settings
         per_round = 1 if s.serial else self._parallel_count()
         if not self._resuming("fedavg"):
-            random.seed(s.seed)  # Flower's FedAvg samples with the global `random` (checkpoints keep it)
+            seed_node_sampling(s.seed)  # a checkpoint keeps the process-wide `random` it draws from
         strategy = FedAvg(
             fraction_train=per_round / s.devices,
             fraction_evaluate=0.0,

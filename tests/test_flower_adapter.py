@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import random
+import time
+from typing import cast
+
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedYogi, Strategy
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore.task_identity import TaskIdentity
 
 from tinyfleet.common import flower_adapter as fa
@@ -184,3 +191,114 @@ def test_raw_arrays_that_do_not_fit_their_dtype_and_shape_are_refused(
 
     with pytest.raises(ValueError, match=problem):
         fa.array_values(Array(dtype=dtype, shape=shape, stype=fa.RAW_STYPE, data=data))
+
+
+class _Nodes:
+    """All a Flower strategy's configure step asks of a grid: the online node ids, as each poll sees them."""
+
+    def __init__(self, *polls: list[int]) -> None:
+        self.polls = list(polls)
+        self.times: list[float] = []
+
+    def get_node_ids(self) -> list[int]:
+        self.times.append(time.monotonic())
+        return self.polls.pop(0) if len(self.polls) > 1 else self.polls[0]
+
+
+def test_sample_nodes_polls_at_the_pinned_rhythm_until_enough_nodes_are_online() -> None:
+    grid = _Nodes([1], [1, 2])
+    sampled, online = sample_nodes(cast(Grid, grid), 2, 2)
+    assert sorted(sampled) == [1, 2] and online == [1, 2]
+    [gap] = np.diff(grid.times)
+    assert fa.SAMPLE_NODES_POLL_S * 0.9 <= gap < fa.SAMPLE_NODES_POLL_S * 1.5
+
+
+def test_seed_node_sampling_decides_what_flower_samples() -> None:
+    nodes = list(range(100, 120))
+    draws = []
+    for seed in ("7:1", "7:2", "7:1"):
+        fa.seed_node_sampling(seed)
+        sampled, _ = sample_nodes(cast(Grid, _Nodes(nodes)), 2, 5)
+        assert sampled == random.Random(seed).sample(nodes, 5)  # the global `random`, drawn by sample()
+        draws.append(sampled)
+    assert draws[0] == draws[2] != draws[1]
+
+
+def test_aggregate_metricrecords_is_the_weighted_average_fedavg_reports() -> None:
+    contents = [
+        RecordDict({"metrics": MetricRecord({"loss": 1.0, "num-examples": 1})}),
+        RecordDict({"metrics": MetricRecord({"loss": 3.0, "num-examples": 3})}),
+    ]
+    averaged = fa.aggregate_metricrecords(contents, "num-examples")
+    assert averaged["loss"] == pytest.approx(2.5)
+    assert FedAvg().train_metrics_aggr_fn(contents, "num-examples") == averaged
+
+
+def _targets(node: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(node)
+    return {
+        "w": rng.standard_normal((3, 2)).astype(np.float32),
+        "b": rng.standard_normal(2).astype(np.float32),
+    }
+
+
+def _train_round(strategy: Strategy, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+    """One round with two deterministic nodes that each step a tenth of the way to a target of their own."""
+    fa.ensure_task_identity()
+    replies = []
+    for message in strategy.configure_train(server_round, arrays, ConfigRecord(), cast(Grid, _Nodes([1, 2]))):
+        node = message.metadata.dst_node_id
+        received = {k: a.numpy() for k, a in message.content.array_records["arrays"].items()}
+        stepped = {k: v + 0.1 * (_targets(node)[k] - v) for k, v in received.items()}
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord({k: Array(v) for k, v in stepped.items()}),
+                "metrics": MetricRecord({"num-examples": node * 10}),
+            }
+        )
+        replies.append(fa.reply_with_content(message, content))
+    new, _ = strategy.aggregate_train(server_round, replies)
+    assert new is not None
+    return new
+
+
+STATEFUL = {
+    "FedAdam": (lambda: FedAdam(eta=0.05), {"m_t/w", "m_t/b", "v_t/w", "v_t/b"}),
+    "FedYogi": (lambda: FedYogi(eta=0.05), {"m_t/w", "m_t/b", "v_t/w", "v_t/b"}),
+    "FedAdagrad": (lambda: FedAdagrad(eta=0.05), {"m_t/w", "m_t/b", "v_t/w", "v_t/b"}),
+    "FedAvgM": (lambda: FedAvgM(server_momentum=0.9), {"momentum_vector/0", "momentum_vector/1"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+def test_a_strategy_given_its_arrays_back_continues_as_if_never_stopped(name: str) -> None:
+    make, keys = STATEFUL[name]
+    start = ArrayRecord({"w": Array(np.zeros((3, 2), np.float32)), "b": Array(np.ones(2, np.float32))})
+
+    never_stopped = make()
+    assert len(fa.strategy_arrays(never_stopped)) == 0  # no state before the first aggregation
+    arrays = start
+    for server_round in range(1, 5):
+        arrays = _train_round(never_stopped, server_round, arrays)
+        if server_round == 2:
+            after_two, saved = arrays, fa.array_record_to_bytes(fa.strategy_arrays(never_stopped))
+
+    assert set(fa.array_record_from_bytes(saved)) == keys  # the attributes Flower keeps its state in
+    for restored in (True, False):
+        resumed = make()
+        if restored:
+            fa.load_strategy_arrays(resumed, fa.array_record_from_bytes(saved))
+        again = after_two
+        for server_round in (3, 4):
+            again = _train_round(resumed, server_round, again)
+        same = fa.array_record_to_bytes(again) == fa.array_record_to_bytes(arrays)
+        assert same == restored, f"{name}: restored={restored}"
+
+
+def test_load_strategy_arrays_refuses_state_of_another_kind() -> None:
+    state = ArrayRecord({"momentum_vector/0": fa.raw_array(np.zeros(2))})
+    with pytest.raises(ValueError, match="'momentum_vector/0' is not one of FedAdam's"):
+        fa.load_strategy_arrays(FedAdam(), state)
+    with pytest.raises(ValueError, match="keeps no array state"):
+        fa.load_strategy_arrays(FedAvg(), state)
+    assert not fa.has_array_state(FedAvg()) and fa.has_array_state(FedAvgM())

@@ -39,9 +39,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from tinyfleet.common import codec
+from tinyfleet.common.flower_adapter import aggregate_metricrecords
 from tinyfleet.common.reptile_protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,

@@ -65,7 +65,6 @@ def test_server_step_is_theta_plus_epsilon_times_weighted_mean_difference(reply_
         )
         content = RecordDict({reply_key: payload, "metrics": MetricRecord({"num-examples": weight})})
         reply = reply_with_content(message, content)
-        reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
         replies.append(reply)
     new_theta, metrics = strategy.aggregate_train(1, replies)
     assert new_theta is not None and metrics is not None and metrics["nodes"] == 3
@@ -314,7 +313,6 @@ def test_bad_updates_are_skipped_not_aggregated(case: str, caplog: pytest.LogCap
         stamp(message, run_id=0)
         content = RecordDict({"update": update, "metrics": MetricRecord({"num-examples": 1})})
         reply = reply_with_content(message, content)
-        reply.metadata.__dict__["_src_node_id"] = message.metadata.dst_node_id
         replies.append(reply)
     new_theta, metrics = strategy.aggregate_train(1, replies)
     assert metrics is not None and (metrics["nodes"], metrics["skipped"]) == (1, 1)
