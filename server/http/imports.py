@@ -46,6 +46,7 @@ def report_json(report: FileReport) -> dict[str, Any]:
         "otherGraph": report.other_graph,
         "triples": report.triples,
         "repairs": [asdict(r) for r in report.repairs],
+        "skolemizedBlankNodes": report.skolemized,
     }
 
 
@@ -59,6 +60,7 @@ def report_from_json(data: dict[str, Any]) -> FileReport:
         other_graph=data.get("otherGraph"),
         triples=int(data["triples"]),
         repairs=[Repair(**r) for r in data["repairs"]],
+        skolemized=int(data["skolemizedBlankNodes"]),
     )
 
 

@@ -1,9 +1,14 @@
 """SPARQL 1.1 Protocol endpoint (starlette routes) over the registry's store.
 
 GET ?query=, POST application/sparql-query, POST form query= (and update=, POST
-application/sparql-update, only with the admin token). SELECT/ASK results as
-SPARQL JSON, XML, CSV or TSV; CONSTRUCT/DESCRIBE as Turtle, N-Triples or
-JSON-LD, by Accept.
+application/sparql-update, only with the admin token); other POST bodies are 415,
+and a request carrying both a query and an update is 400. default-graph-uri /
+named-graph-uri name a query's dataset and override its FROM / FROM NAMED; with
+neither, the default graph is the union of every named graph (query_dataset).
+An update's graphs are named in its text: using-graph-uri is refused, not ignored.
+A GET without parameters answers the Service Description (sparql_description).
+SELECT/ASK results as SPARQL JSON, XML, CSV or TSV; CONSTRUCT/DESCRIBE as Turtle,
+N-Triples or JSON-LD, by Accept; DESCRIBE follows skolem IRIs (concise_description).
 
 Queries come from anyone, so they run sandboxed (query_workers): in worker
 processes killed at the deadline (503), a fixed number at a time with a bounded
@@ -15,18 +20,22 @@ process; they are checked for SERVICE and LOAD too.
 
 from __future__ import annotations
 
+import io
 import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
+import pyoxigraph as ox
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from tinyfleet.server.http.auth import problem
 from tinyfleet.server.http.registry_access import Access, negotiate
+from tinyfleet.server.http.sparql_description import service_description
+from tinyfleet.server.registry.query_dataset import QueryDataset
 from tinyfleet.server.registry.query_workers import (
     DEFAULT_WORKER_MEMORY_BYTES,
     QueryFailed,
@@ -129,13 +138,29 @@ def sparql_routes(
     apply = apply_update or into_store
 
     async def endpoint(request: Request) -> Response:
+        if request.method == "GET" and not request.query_params:
+            return _describe_service(request)
         try:
-            operation, text = await _operation(request)
+            operation = await _operation(request)
+        except UnsupportedMediaType as exc:
+            return problem(415, "Unsupported Media Type", str(exc))
         except ValueError as exc:
             return problem(400, "Bad SPARQL request", str(exc))
-        if operation == "update":
-            return await _update(request, text)
-        return await _answer(request, text)
+        if operation.kind == "update":
+            return await _update(request, operation.text)
+        return await _answer(request, operation.text, operation.dataset)
+
+    def _describe_service(request: Request) -> Response:
+        media = negotiate(request.headers.get("accept"), list(GRAPH_FORMATS), "text/turtle")
+        if media is None:
+            return problem(406, "Not acceptable", f"the service description can be sent as: "
+                           f"{', '.join(GRAPH_FORMATS)}")
+        triples = service_description(
+            str(request.url.replace(query="")), update=allow_update, federated=bool(runner.services.allowed)
+        )
+        body = io.BytesIO()
+        ox.serialize(triples, body, format=GRAPH_FORMATS[media])
+        return Response(body.getvalue(), media_type=media)
 
     async def _update(request: Request, text: str) -> Response:
         if not allow_update:
@@ -153,7 +178,7 @@ def sparql_routes(
             return problem(400, "Update refused", str(exc))
         return Response(status_code=204)
 
-    async def _answer(request: Request, text: str) -> Response:
+    async def _answer(request: Request, text: str, dataset: QueryDataset) -> Response:
         started = time.monotonic()
         accept = request.headers.get("accept")
         formats = Formats(
@@ -165,7 +190,7 @@ def sparql_routes(
                 406, "Not acceptable",
                 f"query results can be sent as: {', '.join([*RESULTS_FORMATS, *GRAPH_FORMATS])}",
             )
-        query = QueryRequest(text, max_rows, formats, runner.services)
+        query = QueryRequest(text, max_rows, formats, runner.services, dataset)
         try:
             result = await runner.run(query, deadline=started + timeout_s)
         except WorkersBusy as busy:
@@ -207,29 +232,64 @@ def sparql_routes(
     return [Route(path, endpoint, methods=["GET", "POST"])]
 
 
-async def _operation(request: Request) -> tuple[str, str]:
-    """('query'|'update', text) from any of the protocol's request forms."""
-    if request.method == "GET":
-        if "update" in request.query_params:
-            raise ValueError("SPARQL Update must be sent with POST")
-        query = request.query_params.get("query")
-        if not query:
-            raise ValueError("missing 'query' parameter")
-        return "query", query
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "application/sparql-query":
-        return "query", (await request.body()).decode("utf-8")
-    if content_type == "application/sparql-update":
-        return "update", (await request.body()).decode("utf-8")
-    if content_type == "application/x-www-form-urlencoded":
-        # The protocol's form is plain urlencoding; no multipart parser needed.
-        form = urllib.parse.parse_qs((await request.body()).decode("utf-8"))
-        if "query" in form:
-            return "query", form["query"][0]
-        if "update" in form:
-            return "update", form["update"][0]
-        raise ValueError("form needs a 'query' or 'update' field")
-    raise ValueError(
-        f"unsupported content type {content_type!r}; use application/sparql-query, "
-        "application/sparql-update or application/x-www-form-urlencoded"
+@dataclass(frozen=True)
+class _Operation:
+    kind: str  # "query" or "update"
+    text: str
+    dataset: QueryDataset
+
+
+class UnsupportedMediaType(ValueError):
+    """A POST body in a media type the protocol does not define (415)."""
+
+
+#: The protocol's ways to name a dataset: for a query, and (not supported here) for an update.
+_QUERY_DATASET = ("default-graph-uri", "named-graph-uri")
+_UPDATE_DATASET = ("using-graph-uri", "using-named-graph-uri")
+
+
+async def _operation(request: Request) -> _Operation:
+    """The operation of any of the protocol's request forms: GET ?query=, POST
+    application/sparql-query or application/sparql-update (parameters in the URL), POST
+    application/x-www-form-urlencoded (parameters in the body, or the URL)."""
+    fields = list(request.query_params.multi_items())
+    if request.method == "POST":
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "application/x-www-form-urlencoded":
+            # The protocol's form is plain urlencoding; no multipart parser needed.
+            body = (await request.body()).decode("utf-8")
+            fields += urllib.parse.parse_qsl(body, keep_blank_values=True)
+        elif content_type in ("application/sparql-query", "application/sparql-update"):
+            kind = "query" if content_type == "application/sparql-query" else "update"
+            fields.append((kind, (await request.body()).decode("utf-8")))
+        else:
+            raise UnsupportedMediaType(
+                f"unsupported content type {content_type or 'none'!r}; use application/sparql-query, "
+                "application/sparql-update or application/x-www-form-urlencoded"
+            )
+    texts = {kind: [value for name, value in fields if name == kind] for kind in ("query", "update")}
+    if texts["query"] and texts["update"]:
+        raise ValueError("the request carries both a query and an update; send one operation per request")
+    kind = "update" if texts["update"] else "query"
+    if len(texts[kind]) > 1:
+        raise ValueError(f"the request carries {len(texts[kind])} {kind} texts; send one per request")
+    if kind == "update" and request.method == "GET":
+        raise ValueError("SPARQL Update must be sent with POST")
+    if not texts[kind] or not texts[kind][0]:
+        raise ValueError(f"missing {kind!r} parameter")
+    names = {name for name, _ in fields}
+    if kind == "update":
+        if names & {*_QUERY_DATASET, *_UPDATE_DATASET}:
+            raise ValueError(
+                f"{', '.join(sorted(names & {*_QUERY_DATASET, *_UPDATE_DATASET}))}: an update's graphs "
+                "are named in its text here (USING, USING NAMED, WITH, GRAPH), not by request parameters"
+            )
+        return _Operation("update", texts["update"][0], QueryDataset())
+    if names & set(_UPDATE_DATASET):
+        raise ValueError(f"{', '.join(sorted(names & set(_UPDATE_DATASET)))} applies to updates; "
+                         "a query's dataset is named by default-graph-uri and named-graph-uri")
+    dataset = QueryDataset(
+        default_graphs=tuple(value for name, value in fields if name == "default-graph-uri"),
+        named_graphs=tuple(value for name, value in fields if name == "named-graph-uri"),
     )
+    return _Operation("query", texts["query"][0], dataset)

@@ -241,6 +241,9 @@ def _print_report(path: Path, report: Any) -> None:
     )
     for repair in report.repairs:
         print(f"  repaired {repair.kind} x{repair.count}: {repair.detail}", file=sys.stderr)
+    if report.skolemized:
+        print(f"  skolemized {report.skolemized} blank node(s): stored as IRIs, which DESCRIBE follows",
+              file=sys.stderr)
 
 
 def _import(args: argparse.Namespace) -> int:

@@ -79,6 +79,9 @@ class FileReport:
     other_graph: str | None = None
     triples: int = 0
     repairs: list[Repair] = field(default_factory=list)
+    #: Blank nodes stored as skolem IRIs (sparql_updates; one per graph a node lands in):
+    #: SPARQL sees IRIs there, and DESCRIBE follows them as it follows blank nodes.
+    skolemized: int = 0
 
 
 class ImportFailed(ValueError):
@@ -238,11 +241,13 @@ def prepare_document(registry: Registry, document: Document) -> Imported:
     """Repair, split, normalize and SHACL-validate a document; ImportFailed lists every problem."""
     triples, report = repaired_triples(document)
     device_graphs, model_graphs, leftover = split_graphs(triples)
+    devices = {d: normalize_device(ts, d) for d, ts in device_graphs.items()}
+    normalized_models = {m: normalize_models(ts) for m, ts in model_graphs.items()}
     prepared = [
-        Prepared(thing_id=d, triples=sparql_updates.skolemize(normalize_device(ts, d), d), document=None)
-        for d, ts in device_graphs.items()
+        Prepared(thing_id=d, triples=sparql_updates.skolemize(ts, d), document=None)
+        for d, ts in devices.items()
     ]
-    models = {m: sparql_updates.skolemize(normalize_models(ts), m) for m, ts in model_graphs.items()}
+    models = {m: sparql_updates.skolemize(ts, m) for m, ts in normalized_models.items()}
     graphs = [p.triples for p in prepared] + list(models.values())
     problems = [p for found in registry.validate_many(graphs) for p in found]
     if problems:
@@ -250,9 +255,16 @@ def prepare_document(registry: Registry, document: Document) -> Imported:
     if leftover:
         report.other_graph = f"urn:tinyfleet:graph:import:{urllib.parse.quote(document.name)}"
         models[report.other_graph] = sparql_updates.skolemize(leftover, report.other_graph)
+    report.skolemized = sum(
+        _blank_nodes(ts) for ts in [*devices.values(), *normalized_models.values(), leftover]
+    )
     report.devices = sorted(device_graphs)
     report.models = sorted(model_graphs)
     return Imported(devices=prepared, graphs=models, report=report)
+
+
+def _blank_nodes(triples: list[ox.Triple]) -> int:
+    return len({term for t in triples for term in (t.subject, t.object) if isinstance(term, ox.BlankNode)})
 
 
 def import_file(

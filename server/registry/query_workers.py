@@ -43,13 +43,14 @@ import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Protocol
 
 import pyoxigraph as ox
 
+from tinyfleet.server.registry.query_dataset import QueryDataset
 from tinyfleet.server.registry.service_policy import ServiceNotAllowed, ServicePolicy
 from tinyfleet.server.registry.sparql_results import (
     Answer,
@@ -59,7 +60,7 @@ from tinyfleet.server.registry.sparql_results import (
     RowLimitExceeded,
     answer,
 )
-from tinyfleet.server.registry.store import EmbeddedStore, RegistryStore
+from tinyfleet.server.registry.store import EmbeddedStore, RegistryStore, query_oxigraph
 from tinyfleet.server.registry.worker_process import die_with_parent
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,8 @@ class QueryRequest:
     max_rows: int
     formats: Formats
     services: ServicePolicy
+    #: The protocol request's dataset (default-graph-uri, named-graph-uri); empty: the query's own.
+    dataset: QueryDataset = field(default_factory=QueryDataset)
 
 
 class _Slot(Protocol):
@@ -317,7 +320,7 @@ class _ProcessSlot:
             if not conn.poll(max(0.0, deadline - time.monotonic())):
                 self._discard()
                 raise QueryTimeout
-            reply = conn.recv()
+            reply: Answer | BaseException = conn.recv()
         except (EOFError, OSError):  # killed by `interrupt` or `close`, or it died
             self._discard()
             if self._closed:
@@ -327,7 +330,7 @@ class _ProcessSlot:
             raise QueryFailed(self._confinement.why_it_died()) from None
         if isinstance(reply, BaseException):
             raise reply
-        return reply  # type: ignore[no-any-return]
+        return reply
 
     def interrupt(self, cancelled: threading.Event) -> None:
         """Kill the worker if it still serves that call (not a replacement serving the next);
@@ -408,7 +411,11 @@ class _ThreadSlot:
             # No reference to the result outlives `answer`: pyoxigraph results must be dropped
             # in the thread that made them.
             return answer(
-                self._store.query(request.text, timeout_s=max(0.001, deadline - time.monotonic())),
+                self._store.query(
+                    request.text,
+                    timeout_s=max(0.001, deadline - time.monotonic()),
+                    dataset=request.dataset,
+                ),
                 max_rows=request.max_rows,
                 formats=request.formats,
                 cancelled=cancelled,
@@ -492,7 +499,7 @@ class _Snapshot:
 
     def _answer(self, request: QueryRequest) -> Answer:
         return answer(
-            self._current().query(request.text, use_default_graph_as_union=True),
+            query_oxigraph(self._current(), request.text, request.dataset, limit=request.max_rows),
             max_rows=request.max_rows,
             formats=request.formats,
         )

@@ -9,6 +9,7 @@ a query is becomes known only when it is evaluated.
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 from dataclasses import dataclass
@@ -92,7 +93,9 @@ def answer(
             return Answer(formats.results, _results(formats.results, variables, rows, None))
         if formats.graph is None:
             raise NotAcceptable("graph")
-        return Answer(formats.graph, ox.serialize(rows, format=GRAPH_FORMATS[formats.graph]))
+        body = io.BytesIO()
+        ox.serialize(rows, body, format=GRAPH_FORMATS[formats.graph])
+        return Answer(formats.graph, body.getvalue())
     finally:
         del result
 
@@ -122,4 +125,6 @@ def _results(media_type: str, variables: list[str], rows: list[Any], boolean: bo
     fmt = RESULTS_FORMATS[media_type]
     if fmt == ox.QueryResultsFormat.JSON:
         return data
-    return ox.parse_query_results(data, format=ox.QueryResultsFormat.JSON).serialize(format=fmt)
+    body = io.BytesIO()
+    ox.parse_query_results(data, format=ox.QueryResultsFormat.JSON).serialize(body, format=fmt)
+    return body.getvalue()

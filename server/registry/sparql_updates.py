@@ -3,7 +3,9 @@
 Blank nodes never reach a store: `skolemize` replaces them with IRIs derived from
 the graph they belong to and their order of appearance, so the same description
 always yields the same IRIs, a remote server cannot rename them, and a later
-change can address them.
+change can address them. Skolem IRIs share one prefix (SKOLEM_PREFIX), so readers
+can still treat them as the blank nodes they were: a DESCRIBE follows them
+(concise_description).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Final
+from typing import Final, TypeGuard
 
 import pyoxigraph as ox
 
@@ -22,28 +24,38 @@ LIVENESS_GRAPH: Final = "urn:tinyfleet:graph:liveness"
 ONTOLOGY_GRAPH: Final = "urn:tinyfleet:graph:ontology"
 REGISTRY_IRI: Final = "urn:tinyfleet:registry"
 _GENID_NS: Final = uuid.UUID("6f1c7a52-3d7e-4d0a-9a59-1f0c1c0f7e11")
-
-Term = ox.NamedNode | ox.BlankNode | ox.Literal
+#: Every skolem IRI starts so; nothing else the registry names does.
+SKOLEM_PREFIX: Final = "urn:tinyfleet:genid:"
 
 
 def skolemize(triples: Iterable[ox.Triple | ox.Quad], graph: str) -> list[ox.Triple]:
-    """Triples with every blank node replaced by urn:uuid IRIs stable for (graph, position)."""
+    """Triples with every blank node replaced by a skolem IRI stable for (graph, position)."""
     names: dict[str, ox.NamedNode] = {}
 
-    def fix(term: Term) -> Term:
-        if isinstance(term, ox.BlankNode):
-            named = names.get(term.value)
-            if named is None:
-                key = f"{graph}#{len(names)}"
-                named = names[term.value] = ox.NamedNode(f"urn:uuid:{uuid.uuid5(_GENID_NS, key)}")
-            return named
-        return term
+    def name(blank: ox.BlankNode) -> ox.NamedNode:
+        named = names.get(blank.value)
+        if named is None:
+            key = f"{graph}#{len(names)}"
+            named = names[blank.value] = ox.NamedNode(f"{SKOLEM_PREFIX}{uuid.uuid5(_GENID_NS, key)}")
+        return named
 
     result = []
     for item in triples:
         triple = item.triple if isinstance(item, ox.Quad) else item
-        result.append(ox.Triple(fix(triple.subject), triple.predicate, fix(triple.object)))
+        subject, obj = triple.subject, triple.object
+        result.append(
+            ox.Triple(
+                name(subject) if isinstance(subject, ox.BlankNode) else subject,
+                triple.predicate,
+                name(obj) if isinstance(obj, ox.BlankNode) else obj,
+            )
+        )
     return result
+
+
+def is_skolem(term: object) -> TypeGuard[ox.NamedNode]:
+    """A skolem IRI: a blank node of the description it came from."""
+    return isinstance(term, ox.NamedNode) and term.value.startswith(SKOLEM_PREFIX)
 
 
 def _body(triples: Iterable[ox.Triple]) -> str:
@@ -122,11 +134,11 @@ def insert_data_chunks(quads: Iterable[ox.Quad], max_triples: int = 5000) -> Ite
         graph = quad.graph_name
         key = graph.value if isinstance(graph, ox.NamedNode) else ""
         by_graph.setdefault(key, []).append(quad)
-    for graph, items in by_graph.items():
-        triples = skolemize(items, graph or "default")
+    for graph_iri, items in by_graph.items():
+        triples = skolemize(items, graph_iri or "default")
         for start in range(0, len(triples), max_triples):
             body = _body(triples[start : start + max_triples])
-            if graph:
-                yield f"INSERT DATA {{ GRAPH {ox.NamedNode(graph)} {{\n{body}\n}} }}"
+            if graph_iri:
+                yield f"INSERT DATA {{ GRAPH {ox.NamedNode(graph_iri)} {{\n{body}\n}} }}"
             else:
                 yield f"INSERT DATA {{\n{body}\n}}"

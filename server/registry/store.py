@@ -1,15 +1,22 @@
 """Where the registry's RDF lives: an embedded on-disk Oxigraph store, or any SPARQL 1.1 server.
 
 Both backends answer the same three calls (query, update, load) with pyoxigraph
-result objects, so everything above them is backend-agnostic. Queries see the
-union of all named graphs as their default graph (one graph per device and per
-artifact). The embedded store runs SPARQL in Oxigraph (Rust), never in rdflib's
-pure-Python engine; `rdflib_dataset()` gives an rdflib view of the same store
-(through oxrdflib) for code that wants the rdflib API.
+result objects, so everything above them is backend-agnostic. A query without
+FROM / FROM NAMED (or a protocol dataset, `QueryDataset`) sees the union of all
+named graphs as its default graph (one graph per device and per artifact); one
+with them reads the graphs it names (query_dataset). DESCRIBE answers concise
+bounded descriptions through skolem IRIs (concise_description). The embedded
+store runs SPARQL in Oxigraph (Rust), never in rdflib's pure-Python engine;
+`rdflib_dataset()` gives an rdflib view of the same store (through oxrdflib) for
+code that wants the rdflib API.
 
 A remote store must treat its default graph as the union of named graphs
-(`oxigraph serve --union-default-graph`, Fuseki `unionDefaultGraph`); its
-endpoints are BASE/query and BASE/update (the layout of both servers).
+(`oxigraph serve --union-default-graph`, Fuseki `unionDefaultGraph`) when a query
+names no dataset. A protocol dataset is sent on as the request's default-graph-uri /
+named-graph-uri, and so are a query's FROM / FROM NAMED (as the same parameters,
+which the protocol gives the same meaning): a server in union mode reads the union
+whatever FROM says (`oxigraph serve --union-default-graph` does) but applies the
+parameters. Its endpoints are BASE/query and BASE/update (the layout of both servers).
 """
 
 from __future__ import annotations
@@ -18,6 +25,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import pyoxigraph as ox
+
+from tinyfleet.server.registry.concise_description import with_concise_descriptions
+from tinyfleet.server.registry.query_dataset import (
+    QueryDataset,
+    declared_dataset,
+    oxigraph_options,
+    read_head,
+)
 
 if TYPE_CHECKING:
     import rdflib
@@ -37,7 +52,9 @@ class StoreBusyError(StoreError):
 class RegistryStore(Protocol):
     location: str
 
-    def query(self, sparql: str, *, timeout_s: float | None = None) -> QueryResult: ...
+    def query(
+        self, sparql: str, *, timeout_s: float | None = None, dataset: QueryDataset | None = None
+    ) -> QueryResult: ...
 
     def update(self, sparql: str) -> None: ...
 
@@ -82,11 +99,13 @@ class EmbeddedStore:
         self._store = ox.Store.read_only(str(self.path))
         self._store = ox.Store(str(self.path))
 
-    def query(self, sparql: str, *, timeout_s: float | None = None) -> QueryResult:
+    def query(
+        self, sparql: str, *, timeout_s: float | None = None, dataset: QueryDataset | None = None
+    ) -> QueryResult:
         # Oxigraph cannot interrupt a query in-process: this is for trusted server-side queries.
         # Client queries with a deadline run in worker processes that can be killed (query_workers).
         del timeout_s
-        return self._store.query(sparql, use_default_graph_as_union=True)
+        return query_oxigraph(self._store, sparql, dataset)
 
     def update(self, sparql: str) -> None:
         self._store.update(sparql)
@@ -139,13 +158,24 @@ class RemoteStore:
     def endpoint(cls, url: str, token: str | None = None, *, timeout_s: float = 30.0) -> RemoteStore:
         return cls(url, query_url=url, update_url=url, token=token, timeout_s=timeout_s)
 
-    def query(self, sparql: str, *, timeout_s: float | None = None) -> QueryResult:
+    def query(
+        self, sparql: str, *, timeout_s: float | None = None, dataset: QueryDataset | None = None
+    ) -> QueryResult:
+        head = read_head(sparql)
+        if head.dataset_clauses and not (dataset and dataset.given):
+            dataset = declared_dataset(head)  # a server in union mode reads the union whatever FROM says
+        return with_concise_descriptions(head, sparql, lambda text: self._query(text, timeout_s, dataset))
+
+    def _query(self, sparql: str, timeout_s: float | None, dataset: QueryDataset | None) -> QueryResult:
         import httpx
 
         accept = "application/sparql-results+json, application/n-triples;q=0.9"
+        graphs = dataset or QueryDataset()
+        params = {"default-graph-uri": graphs.default_graphs, "named-graph-uri": graphs.named_graphs}
         try:
             response = self._client.post(
                 self._query_url,
+                params=params,
                 content=sparql.encode("utf-8"),
                 headers={"content-type": "application/sparql-query", "accept": accept},
                 timeout=timeout_s or self._timeout_s,
@@ -191,6 +221,16 @@ class RemoteStore:
             if status == 400:
                 raise SyntaxError(f"the SPARQL server rejected the {what}: {detail}")
             raise StoreError(f"the SPARQL server at {self.location} answered {status} to a {what}: {detail}")
+
+
+def query_oxigraph(
+    store: ox.Store, sparql: str, dataset: QueryDataset | None = None, *, limit: int | None = None
+) -> QueryResult:
+    """A query on an Oxigraph store, reading the dataset `query_dataset` chooses; a DESCRIBE
+    stops following skolem IRIs past `limit` triples."""
+    head = read_head(sparql)
+    options = oxigraph_options(head, dataset)
+    return with_concise_descriptions(head, sparql, lambda text: store.query(text, **options), limit=limit)
 
 
 def _triples(data: bytes) -> list[ox.Triple]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pyoxigraph as ox
 import pytest
 from starlette.testclient import TestClient
 
 from tinyfleet.server.http.registry_routes import registry_app
 from tinyfleet.server.registry.importer import ImportFailed, import_file, import_files
+from tinyfleet.server.registry.sparql_updates import SKOLEM_PREFIX
 from tinyfleet.server.registry.thing_graphs import Registry
 
 QUIRKY_BOARD = """# baseURI: https://example.org/boards/quirky-1
@@ -80,6 +82,32 @@ def test_quirks_are_repaired_and_reported(registry: Registry, tmp_path: Path) ->
     assert [row["name"].value for row in fits] == ["fits"]
     assert registry.store.query("ASK { ?s a <https://w3id.org/s3n/SmartSensor> }")
     assert not registry.store.query("ASK { ?s ?p ?o FILTER(STRSTARTS(STR(?o), 'http://w3id.org/s3n/')) }")
+
+
+def test_skolemized_blank_nodes_are_reported_and_describe_follows_them(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """The board's two sensors, its microcontroller, the capability and the RAM and flash
+    properties are blank nodes: stored as skolem IRIs, counted in the report, and a DESCRIBE
+    of the board reaches the RAM and flash values four nodes down."""
+    board = tmp_path / "dev_quirky.ttl"
+    board.write_text(QUIRKY_BOARD)
+    models = tmp_path / "models.ttl"
+    models.write_text(QUIRKY_MODELS)
+    board_report, model_report = import_files(registry, [board, models])
+    assert (board_report.skolemized, model_report.skolemized) == (6, 0)
+    assert not registry.store.query("ASK { GRAPH ?g { ?s ?p ?o FILTER(isBlank(?s) || isBlank(?o)) } }")
+    with TestClient(registry_app(registry)) as client:
+        response = client.get(
+            "/sparql", params={"query": "DESCRIBE <https://example.org/boards/quirky-1>"},
+            headers={"accept": "application/n-triples"},
+        )
+    assert response.status_code == 200, response.text
+    triples = list(ox.parse(response.content, format=ox.RdfFormat.N_TRIPLES))
+    values = {t.object.value for t in triples if t.predicate.value == "https://schema.org/value"}
+    assert values == {"700", "200"}
+    assert sum(t.subject.value.startswith(SKOLEM_PREFIX) for t in triples) >= 6 + 3  # types, links, values
+    assert len({t.subject for t in triples}) == 1 + 6
 
 
 def test_a_file_that_fails_the_shapes_writes_nothing(registry: Registry, tmp_path: Path) -> None:
