@@ -1,16 +1,22 @@
-"""Type-check the code under the module names it is installed as.
+"""Type-check the code under the module names it is imported as.
 
 pyproject.toml maps `tinyfleet.server` to server/ (and so on: [tool.setuptools] package-dir), and the
-editable install resolves that with an import hook, which mypy does not run. So mypy reads a tree of
-links laid out as the installed package (build/typecheck/tinyfleet/server -> server/), and the files it
-reports are named back as they are in the repository.
+editable install resolves that with an import hook, which mypy does not run. So mypy runs in a tree of
+links laid out as the installed package (build/typecheck/tinyfleet/server -> server/), and the files
+it reports are named back as they are in the repository.
 
-Run: `python .ci/typecheck.py [PATH ...]` (default: every package; PATHs, files or folders in the
-repository, check those and what they import).
+The tests are checked as pytest imports them: a folder without __init__.py is a top-level path, so
+tests/server/harness.py is `server.harness` and tests/client/fake_fleet.py is `fake_fleet`. The tree
+has no `server` of its own to shadow that (the repository root does). tests/client has a conftest of
+its own, so it is checked in a second run.
+
+Run: `python .ci/typecheck.py [PATH ...]` (default: every package and every test; PATHs, files or
+folders of the repository, check those and what they import).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -19,7 +25,10 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-TREE = Path("build/typecheck")
+TREE = ROOT / "build" / "typecheck"
+TESTS = ROOT / "tests"
+#: Test folders pytest puts on sys.path itself (no __init__.py), each a run of its own.
+APART = (TESTS / "client",)
 
 
 def package_dirs() -> dict[str, str]:
@@ -29,12 +38,12 @@ def package_dirs() -> dict[str, str]:
 
 
 def lay_out_tree(dirs: dict[str, str]) -> dict[str, str]:
-    """Links every mapped folder at its installed place; returns tree path prefix -> repository prefix."""
-    tree = ROOT / TREE
-    shutil.rmtree(tree, ignore_errors=True)  # links only: rmtree does not follow them
+    """Links every mapped folder at its installed place; returns tree prefix -> repository prefix
+    (tinyfleet/server/ -> server/)."""
+    shutil.rmtree(TREE, ignore_errors=True)  # links only: rmtree does not follow them
     prefixes = {}
     for name, folder in sorted(dirs.items(), key=lambda item: item[0].count(".")):
-        place = tree / name.replace(".", "/")
+        place = TREE / name.replace(".", "/")
         mapped_children = {other.rsplit(".", 1)[1] for other in dirs if other.startswith(name + ".")}
         if mapped_children:
             # A package whose children live elsewhere: a real folder holding links to its own files.
@@ -45,29 +54,47 @@ def lay_out_tree(dirs: dict[str, str]) -> dict[str, str]:
         else:
             place.parent.mkdir(parents=True, exist_ok=True)
             place.symlink_to(ROOT / folder, target_is_directory=True)
-        prefixes[f"{TREE}/{name.replace('.', '/')}/"] = f"{folder}/"
+        prefixes[f"{place.relative_to(TREE)}/"] = f"{folder}/"
     return prefixes
 
 
-def in_tree(path: str, prefixes: dict[str, str]) -> str:
-    """The tree path of a repository path (server/x.py -> build/typecheck/tinyfleet/server/x.py)."""
-    relative = Path(path).resolve().relative_to(ROOT).as_posix().rstrip("/") + "/"
+def target(path: Path, prefixes: dict[str, str]) -> str:
+    """What mypy is given for a repository path: its place in the tree, or (tests) its own path."""
+    if path.is_relative_to(TESTS):
+        return os.path.relpath(path, TREE)
+    relative = path.relative_to(ROOT).as_posix() + ("/" if path.is_dir() else "")
     for tree_prefix, repo_prefix in sorted(prefixes.items(), key=lambda item: -len(item[1])):
         if relative.startswith(repo_prefix):
-            return (tree_prefix + relative.removeprefix(repo_prefix)).rstrip("/")
-    raise SystemExit(f"{path} is in no package of [tool.setuptools] package-dir")
+            return tree_prefix + relative.removeprefix(repo_prefix)
+    raise SystemExit(f"{path} is in no package of [tool.setuptools] package-dir, nor in tests/")
 
 
-def main(paths: list[str]) -> int:
+def runs(paths: list[Path], prefixes: dict[str, str]) -> list[list[str]]:
+    """mypy's targets, one list per run."""
+    if not paths:
+        tests = [p for p in sorted(TESTS.glob("*")) if p.suffix == ".py" or (p / "__init__.py").is_file()]
+        groups = [["tinyfleet", *(target(p, prefixes) for p in tests)]]
+        return groups + [[target(folder, prefixes)] for folder in APART]
+    apart = [[target(p, prefixes) for p in paths if p.is_relative_to(folder)] for folder in APART]
+    rest = [target(p, prefixes) for p in paths if not any(p.is_relative_to(folder) for folder in APART)]
+    return [group for group in [rest, *apart] if group]
+
+
+def main(arguments: list[str]) -> int:
     prefixes = lay_out_tree(package_dirs())
-    targets = [in_tree(path, prefixes) for path in paths] if paths else ["-p", "tinyfleet"]
-    run = subprocess.run(
-        [sys.executable, "-m", "mypy", *targets], cwd=ROOT, capture_output=True, text=True, check=False
-    )
-    pattern = re.compile("^(" + "|".join(re.escape(p) for p in sorted(prefixes, key=len, reverse=True)) + ")")
-    for line in (run.stdout + run.stderr).splitlines():
-        print(pattern.sub(lambda match: prefixes[match.group(1)], line))
-    return run.returncode
+    paths = [Path(argument).resolve() for argument in arguments]
+    back = {**prefixes, f"{os.path.relpath(ROOT, TREE)}/": ""}
+    pattern = re.compile("^(" + "|".join(re.escape(p) for p in sorted(back, key=len, reverse=True)) + ")")
+    code = 0
+    for targets in runs(paths, prefixes):
+        run = subprocess.run(
+            [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"), *targets],
+            cwd=TREE, capture_output=True, text=True, check=False,
+        )
+        for line in (run.stdout + run.stderr).splitlines():
+            print(pattern.sub(lambda match: back[match.group(1)], line))
+        code = max(code, run.returncode)
+    return code
 
 
 if __name__ == "__main__":
