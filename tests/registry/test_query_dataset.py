@@ -1,7 +1,9 @@
-"""Which dataset a query reads, on both backends: the query's head read without a parser, the
-embedded store's datasets, a remote server's (or its refusal), and DESCRIBE through skolem IRIs."""
+"""Which dataset a query reads, on both backends (the query's head read without a parser; FROM,
+FROM NAMED and the protocol's dataset), and DESCRIBE through skolem IRIs within it."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pyoxigraph as ox
 import pytest
@@ -10,7 +12,7 @@ from tinyfleet.server.registry.query_dataset import QueryDataset, QueryHead, rea
 from tinyfleet.server.registry.sparql_updates import insert_data_chunks, is_skolem
 from tinyfleet.server.registry.store import EmbeddedStore, RegistryStore, RemoteStore
 
-from .test_remote_store import oxigraph_server  # noqa: F401  (the fixture)
+from .test_remote_store import oxigraph_server  # noqa: F401  (the remote store's server)
 
 
 @pytest.mark.parametrize(
@@ -66,49 +68,43 @@ def _described(store: RegistryStore, text: str, dataset: QueryDataset | None = N
     return list(result)
 
 
-def test_the_embedded_store_reads_the_dataset_asked_for() -> None:
-    store = EmbeddedStore(None)
+@pytest.fixture(params=["embedded", "remote"])
+def store(request: pytest.FixtureRequest) -> Iterator[RegistryStore]:
+    """The remote one is `oxigraph serve --union-default-graph`, which reads the union whatever
+    FROM says but applies default-graph-uri / named-graph-uri: FROM reaches it as those."""
+    opened: RegistryStore = (
+        EmbeddedStore(None)
+        if request.param == "embedded"
+        else RemoteStore(request.getfixturevalue("oxigraph_server"))
+    )
     try:
-        _load(store)
-        select = "SELECT ?s WHERE { ?s <urn:p> ?o }"
-        assert _subjects(store, select) == ["urn:a", "urn:a", "urn:b"]
-        assert _subjects(store, "SELECT ?s FROM <urn:g2> WHERE { ?s <urn:p> ?o }") == ["urn:b"]
-        assert _subjects(store, select, QueryDataset(default_graphs=("urn:g2",))) == ["urn:b"]
-        overridden = "SELECT ?s FROM <urn:g1> WHERE { ?s <urn:p> ?o }"
-        assert _subjects(store, overridden, QueryDataset(default_graphs=("urn:g2",))) == ["urn:b"]
-        in_graph = "SELECT ?s WHERE { GRAPH ?g { ?s <urn:p> ?o } }"
-        assert _subjects(store, in_graph, QueryDataset(named_graphs=("urn:g2",))) == ["urn:b"]
-        assert _subjects(store, select, QueryDataset(named_graphs=("urn:g2",))) == []
-        described = _described(store, "DESCRIBE <urn:a>")
-        assert "deep" in {t.object.value for t in described if isinstance(t.object, ox.Literal)}
-        assert sum(is_skolem(t.subject) for t in described) == 2
-        assert _described(store, "DESCRIBE <urn:a>", QueryDataset(default_graphs=("urn:g2",))) == []
-        assert _described(store, "DESCRIBE <urn:a> FROM <urn:g2>") == []
+        _load(opened)
+        yield opened
     finally:
-        store.close()
+        opened.close()
 
 
-def test_a_remote_store_passes_the_dataset_on_and_describe_follows_skolem_iris_there(
-    oxigraph_server: str,  # noqa: F811
-) -> None:
-    """The protocol dataset goes to the server as request parameters, and so does FROM: `oxigraph
-    serve --union-default-graph` reads the union whatever FROM says, but applies the parameters.
-    DESCRIBE's follow-up queries go to the server as well."""
-    store = RemoteStore(oxigraph_server)
-    try:
-        _load(store)
-        select = "SELECT ?s WHERE { ?s <urn:p> ?o }"
-        assert _subjects(store, select) == ["urn:a", "urn:a", "urn:b"]
-        assert _subjects(store, "SELECT ?s FROM <urn:g2> WHERE { ?s <urn:p> ?o }") == ["urn:b"]
-        prefixed = "BASE <urn:> PREFIX g: <urn:g>\nSELECT ?s FROM g:2 FROM NAMED <g1> WHERE { ?s <urn:p> ?o }"
-        assert _subjects(store, prefixed) == ["urn:b"]
-        named = "SELECT ?s FROM NAMED <urn:g2> WHERE { GRAPH ?g { ?s <urn:p> ?o } }"
-        assert _subjects(store, named) == ["urn:b"]
-        assert _subjects(store, select, QueryDataset(default_graphs=("urn:g2",))) == ["urn:b"]
-        assert _subjects(store, select, QueryDataset(named_graphs=("urn:g2",))) == []
-        described = _described(store, "DESCRIBE <urn:a>")
-        assert "deep" in {t.object.value for t in described if isinstance(t.object, ox.Literal)}
-        assert sum(is_skolem(t.subject) for t in described) == 2
-        assert _described(store, "DESCRIBE <urn:a> FROM <urn:g2>") == []
-    finally:
-        store.close()
+def test_the_store_reads_the_dataset_asked_for(store: RegistryStore) -> None:
+    select = "SELECT ?s WHERE { ?s <urn:p> ?o }"
+    assert _subjects(store, select) == ["urn:a", "urn:a", "urn:b"]
+    assert _subjects(store, "SELECT ?s FROM <urn:g2> WHERE { ?s <urn:p> ?o }") == ["urn:b"]
+    prefixed = "BASE <urn:> PREFIX g: <urn:g>\nSELECT ?s FROM g:2 FROM NAMED <g1> WHERE { ?s <urn:p> ?o }"
+    assert _subjects(store, prefixed) == ["urn:b"]
+    named = "SELECT ?s FROM NAMED <urn:g2> WHERE { GRAPH ?g { ?s <urn:p> ?o } }"
+    assert _subjects(store, named) == ["urn:b"]
+    assert _subjects(store, select, QueryDataset(default_graphs=("urn:g2",))) == ["urn:b"]
+    overridden = "SELECT ?s FROM <urn:g1> WHERE { ?s <urn:p> ?o }"
+    assert _subjects(store, overridden, QueryDataset(default_graphs=("urn:g2",))) == ["urn:b"]
+    in_graph = "SELECT ?s WHERE { GRAPH ?g { ?s <urn:p> ?o } }"
+    assert _subjects(store, in_graph, QueryDataset(named_graphs=("urn:g2",))) == ["urn:b"]
+    assert _subjects(store, select, QueryDataset(named_graphs=("urn:g2",))) == []
+
+
+def test_describe_follows_skolem_iris_within_the_dataset(store: RegistryStore) -> None:
+    """DESCRIBE's follow-up queries carry the original's dataset (on a remote store they go to
+    the server too)."""
+    described = _described(store, "DESCRIBE <urn:a>")
+    assert "deep" in {t.object.value for t in described if isinstance(t.object, ox.Literal)}
+    assert sum(is_skolem(t.subject) for t in described) == 2
+    assert _described(store, "DESCRIBE <urn:a>", QueryDataset(default_graphs=("urn:g2",))) == []
+    assert _described(store, "DESCRIBE <urn:a> FROM <urn:g2>") == []
