@@ -167,6 +167,7 @@ def test_raw_arrays_cross_flower_serde_and_object_store_unchanged(values: np.nda
     # what a SuperLink/SuperNode does: the message as content-addressed objects, inflated again
     contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(message).items()}
     via_store = inflate_object_from_contents(message.object_id, contents)
+    assert isinstance(via_store, Message)
     for back in (via_serde, via_store):
         received = back.content.array_records["update"]["payload"]
         assert isinstance(received, Array)

@@ -72,7 +72,7 @@ class Doors:
         try:
             call(tuple(headers.items()))
         except grpc.RpcError as exc:
-            assert exc.code() in REFUSALS_GRPC, (exc.code(), exc.details())  # type: ignore[attr-defined]
+            assert exc.code() in REFUSALS_GRPC, (exc.code(), exc.details())
             return REFUSED
         return ADMIN
 
