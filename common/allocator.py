@@ -2,9 +2,9 @@
 
 glibc serves allocations above its mmap threshold (128 kB to start with) by
 mapping fresh pages and unmaps them again on free, so every training step of a
-conv net faults its activation buffers in anew: about 2,200-2,600 page faults a
-step for the Omniglot net, which costs it 1.16x in CPU time on a 2-core VM
-(`simulations/benchmarks/train_step.py`). Raising the
+conv net faults its activation buffers in anew (for the Omniglot net, the page
+faults per step and the CPU time they cost are in benchmarks/results/train_step.json,
+made by `simulations/benchmarks/train_step.py`). Raising the
 mmap and trim thresholds lets freed buffers be reused from the heap. The cost
 is that memory freed after a peak stays with the process until it exits.
 """

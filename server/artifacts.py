@@ -74,7 +74,8 @@ class ArtifactStore:
         return data
 
     def read_range(self, sha: str, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset+length) for chunked downloads (the client verifies the whole)."""
+        """Bytes [offset, offset+length) for GetArtifact's chunks, not verified here: every chunk
+        names the sha256 a downloader checks the whole against (no tinyfleet agent downloads yet)."""
         try:
             with self.path(sha).open("rb") as handle:
                 handle.seek(offset)
