@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -39,22 +38,34 @@ def package_dirs() -> dict[str, str]:
 
 def lay_out_tree(dirs: dict[str, str]) -> dict[str, str]:
     """Links every mapped folder at its installed place; returns tree prefix -> repository prefix
-    (tinyfleet/server/ -> server/)."""
-    shutil.rmtree(TREE, ignore_errors=True)  # links only: rmtree does not follow them
+    (tinyfleet/server/ -> server/). Links are replaced one by one, atomically, and the tree is never
+    removed: another run may be checking inside it."""
+    links: dict[Path, Path] = {}
     prefixes = {}
     for name, folder in sorted(dirs.items(), key=lambda item: item[0].count(".")):
         place = TREE / name.replace(".", "/")
         mapped_children = {other.rsplit(".", 1)[1] for other in dirs if other.startswith(name + ".")}
         if mapped_children:
             # A package whose children live elsewhere: a real folder holding links to its own files.
-            place.mkdir(parents=True, exist_ok=True)
             for entry in (ROOT / folder).iterdir():
                 if entry.name not in mapped_children and entry.name != "__pycache__":
-                    (place / entry.name).symlink_to(entry)
+                    links[place / entry.name] = entry
         else:
-            place.parent.mkdir(parents=True, exist_ok=True)
-            place.symlink_to(ROOT / folder, target_is_directory=True)
+            links[place] = ROOT / folder
         prefixes[f"{place.relative_to(TREE)}/"] = f"{folder}/"
+    for link, to in links.items():
+        if link.is_symlink() and link.readlink() == to:
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        fresh = link.with_name(f".{link.name}.{os.getpid()}")
+        fresh.unlink(missing_ok=True)
+        fresh.symlink_to(to)
+        os.replace(fresh, link)
+    for folder, subfolders, files in os.walk(TREE):  # links of files since removed
+        for name in subfolders + files:
+            path = Path(folder) / name
+            if path.is_symlink() and path not in links:
+                path.unlink(missing_ok=True)
     return prefixes
 
 
