@@ -2,13 +2,17 @@
 
 These answer stock Flower strategies too: they read arrays from "arrays" and the
 config from "config" and reply with "arrays" and "metrics" carrying
-"num-examples", which is what Flower's FedAvg family expects.
+"num-examples", which is what Flower's FedAvg family expects. Flower's FedProx
+adds "proximal-mu" to the config; training then applies its proximal term.
+The config's options and their defaults are `LocalLearnerOptions`.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
 from tinyfleet.client.data_sources import DataSource, shared_source
@@ -16,11 +20,14 @@ from tinyfleet.client.handlers import HandlerRegistry
 from tinyfleet.common.arrays import load_array_record, to_array_record
 from tinyfleet.common.flower_adapter import reply_with_content
 from tinyfleet.common.learning import loss_fn, make_optimizer
+from tinyfleet.common.message_keys import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, MODEL_KEY, NUM_EXAMPLES_KEY
 from tinyfleet.common.models import build_model, get_model_spec
+from tinyfleet.common.strategy_options import LocalLearnerOptions
 
-ARRAYS_KEY = "arrays"
-CONFIG_KEY = "config"
-METRICS_KEY = "metrics"
+DEFAULT_MODEL = "sine-mlp"
+#: What a MetricRecord holds (its constructor wants exactly this dict type).
+Metrics = dict[str, int | float | list[int] | list[float]]
+MODEL_KWARG_PREFIX = "model."
 
 
 def node_source(context: Context) -> DataSource:
@@ -30,54 +37,76 @@ def node_source(context: Context) -> DataSource:
     return shared_source(spec)
 
 
-def received_model(message: Message) -> tuple[nn.Module, ConfigRecord]:
-    """The model named in the config, loaded with the arrays the message carries."""
+def model_from_config(config: ConfigRecord) -> tuple[str, nn.Module]:
+    """The zoo model the config names; keys "model.<kw>" (e.g. "model.ways") become build kwargs."""
+    name = str(config.get(MODEL_KEY, DEFAULT_MODEL))
+    kwargs: dict[str, Any] = {
+        k[len(MODEL_KWARG_PREFIX) :]: v for k, v in config.items() if k.startswith(MODEL_KWARG_PREFIX)
+    }
+    return name, build_model(name, **kwargs)
+
+
+def received_model(message: Message) -> tuple[str, nn.Module, ConfigRecord]:
+    """The model named in the config (its name, the module), loaded with the arrays the message carries."""
     content = message.content
     config = content.config_records.get(CONFIG_KEY, ConfigRecord())
-    model_name = str(config.get("model", "sine-mlp"))
-    model = build_model(model_name)
+    name, model = model_from_config(config)
     arrays = content.array_records.get(ARRAYS_KEY)
     if arrays is None:
         raise ValueError(f"message carries no ArrayRecord under {ARRAYS_KEY!r}")
     load_array_record(model, arrays)
-    return model, config
+    return name, model, config
 
 
 def train(message: Message, context: Context) -> Message:
-    """FedAvg-style local training: `local_steps` steps ("optimizer": sgd or adam) on fresh stream batches."""
-    model, config = received_model(message)
+    """FedAvg-style local training: `local_steps` steps on fresh stream batches.
+
+    With μ = "proximal-mu" > 0 (Flower's FedProx) the loss minimised is FedProx's,
+    loss + μ/2 · ||w - w_global||², w_global being the weights received; the
+    reported train_loss is the task loss alone, comparable across μ.
+    """
+    name, model, config = received_model(message)
+    options = LocalLearnerOptions.from_config(config)
     source = node_source(context)
-    steps = int(config.get("local_steps", 10))
-    batch = int(config.get("batch_size", 16))
-    lr = float(config.get("lr", 0.01))
-    criterion = loss_fn(str(config.get("model", "sine-mlp")))
-    optimizer = make_optimizer(str(config.get("optimizer", "sgd")), model.parameters(), lr)
+    criterion = loss_fn(name)
+    optimizer = make_optimizer(options.optimizer, model.parameters(), options.lr)
+    anchor = [p.detach().clone() for p in model.parameters()] if options.proximal_mu > 0 else []
     model.train()
     total = 0.0
-    for _ in range(steps):
-        x, y = source.next(batch)
+    for _ in range(options.local_steps):
+        x, y = source.next(options.batch_size)
         optimizer.zero_grad()
         loss = criterion(model(x), y)
-        loss.backward()
+        objective = loss + _proximal_term(model, anchor, options.proximal_mu) if anchor else loss
+        objective.backward()
         optimizer.step()
         total += loss.item()
-    metrics = MetricRecord({"train_loss": total / max(steps, 1), "num-examples": steps * batch})
+    metrics = MetricRecord(
+        {
+            "train_loss": total / max(options.local_steps, 1),
+            NUM_EXAMPLES_KEY: options.local_steps * options.batch_size,
+        }
+    )
     return reply_with_content(
         message, RecordDict({ARRAYS_KEY: to_array_record(model), METRICS_KEY: metrics})
     )
 
 
+def _proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """μ/2 · ||w - w_global||² over every parameter (FedProx, Li et al. 2020)."""
+    squares = [((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)]
+    return mu / 2 * torch.stack(squares).sum()
+
+
 def evaluate(message: Message, context: Context) -> Message:
     """Loss (and accuracy for classifiers) of the received model on held-back local samples."""
-    model, config = received_model(message)
-    source = node_source(context)
-    n = int(config.get("eval_samples", 100))
-    model_name = str(config.get("model", "sine-mlp"))
-    x, y = source.holdout(n)
+    model_name, model, config = received_model(message)
+    n = LocalLearnerOptions.from_config(config).eval_samples
+    x, y = node_source(context).holdout(n)
     model.eval()
     with torch.no_grad():
         out = model(x)
-        values = {"eval_loss": float(loss_fn(model_name)(out, y)), "num-examples": n}
+        values: Metrics = {"eval_loss": float(loss_fn(model_name)(out, y)), NUM_EXAMPLES_KEY: n}
         if get_model_spec(model_name).task == "classification":
             values["eval_acc"] = float((out.argmax(dim=1) == y).float().mean())
     return reply_with_content(message, RecordDict({METRICS_KEY: MetricRecord(values)}))
@@ -96,5 +125,3 @@ def register_all(registry: HandlerRegistry) -> None:
     registry.register("evaluate", "evaluate.fedavg")(evaluate)
     registry.register("query")(query)
 
-
-__all__ = ["ARRAYS_KEY", "CONFIG_KEY", "METRICS_KEY", "ArrayRecord", "register_all"]

@@ -21,33 +21,36 @@ adapt the same way.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from tinyfleet.client.data_sources import DataSource
 from tinyfleet.client.handlers import HandlerRegistry
-from tinyfleet.client.learners import node_source
+from tinyfleet.client.learners import Metrics, model_from_config, node_source
 from tinyfleet.common import codec
+from tinyfleet.common.arrays import check_compatible, from_numpy_dict, to_numpy_dict
 from tinyfleet.common.flower_adapter import reply_with_content
 from tinyfleet.common.learning import Sampler, adapt, episode_metrics, loss_fn, reset_local
-from tinyfleet.common.models import build_model
-from tinyfleet.common.optimizer_memory import OptimizerMemory
-from tinyfleet.common.reptile_protocol import (
+from tinyfleet.common.message_keys import (
     ARRAYS_KEY,
     CONFIG_KEY,
-    DELTA_KEY,
     METRICS_KEY,
+    NUM_EXAMPLES_KEY,
+    SERVER_ROUND_KEY,
+)
+from tinyfleet.common.optimizer_memory import OptimizerMemory
+from tinyfleet.common.reptile_protocol import (
+    DELTA_KEY,
     PER_MESSAGE_KEYS,
     REPLICA_BASE,
-    SERVER_ROUND,
     SYNC_KEY,
     UPDATE_KEY,
     is_local,
-    parse_layers,
 )
+from tinyfleet.common.strategy_options import ReptileEvalOptions, ReptileTrainOptions
 
 RESIDUAL_STATE = "fedreptile.residual"
 REPLICA_STATE = "fedreptile.replica"
@@ -55,18 +58,15 @@ REPLICA_META_STATE = "fedreptile.replica-meta"  # the sync id and round of the r
 REPLICA_ROUND = "round"
 CONFIG_STATE = "fedreptile.config"  # the static config of the sync the device holds
 OPTIMIZER_STATE = "fedreptile.optimizer"  # the inner optimizer's state, kept across rounds
-MODEL_KWARG_PREFIX = "model."
 
 
+class Stream(Protocol):
+    """What `recent_samples` draws from: a stream of (x, y) batches (every DataSource is one)."""
 
-def model_from_config(config: ConfigRecord) -> tuple[str, nn.Module]:
-    """The zoo model the config names; keys "model.<kw>" (e.g. "model.ways") become build kwargs."""
-    name = str(config.get("model", "sine-mlp"))
-    kwargs = {k[len(MODEL_KWARG_PREFIX) :]: v for k, v in config.items() if k.startswith(MODEL_KWARG_PREFIX)}
-    return name, build_model(name, **kwargs)
+    def next(self, n: int) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def recent_samples(source: DataSource, samples: int) -> Sampler:
+def recent_samples(source: Stream, samples: int) -> Sampler:
     """Steps on the device's `samples` most recent samples, cycling through them in minibatches;
     with samples <= 0 every step takes a fresh batch from the stream instead."""
     if samples <= 0:
@@ -87,44 +87,44 @@ def train(message: Message, context: Context) -> Message:
     """One FedReptile round on this device: adapt from the received weights, return the update."""
     config, start = _round_inputs(message.content, context)
     model_name, model = model_from_config(config)
-    local_layers = parse_layers(config.get("local_layers"))  # type: ignore[arg-type]
-    _check_layout(model, start, local_layers)
-    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in start.items()}, strict=False)
-    reset_local(model, local_layers)
+    options = ReptileTrainOptions.from_config(config)
+    _load_global_part(model, start, options.local_layers)
     source = node_source(context)
     new_task = getattr(source, "new_task", None)
     if callable(new_task):  # episodic sources (e.g. omniglot) start a fresh task each round
         new_task()
-    steps, batch = int(config.get("inner_steps", 5)), int(config.get("inner_batch", 10))
     memory = (
         OptimizerMemory.from_record(context.state.array_records.get(OPTIMIZER_STATE))
-        if config.get("keep_optimizer_state", False)
+        if options.keep_optimizer_state
         else None
     )
     losses = adapt(
         model,
-        recent_samples(source, int(config.get("inner_samples", 0))),
-        steps=steps,
-        lr=float(config.get("inner_lr", 0.02)),
-        batch=batch,
+        recent_samples(source, options.inner_samples),
+        steps=options.inner_steps,
+        lr=options.inner_lr,
+        batch=options.inner_batch,
         criterion=loss_fn(model_name),
-        optimizer=str(config.get("inner_optimizer", "sgd")),
-        local_layers=local_layers,
-        reconstruct_steps=int(config.get("reconstruct_steps", 0)),
+        optimizer=options.inner_optimizer,
+        local_layers=options.local_layers,
+        reconstruct_steps=options.reconstruct_steps,
         memory=memory,
     )
     if memory is not None and memory.values:
         context.state[OPTIMIZER_STATE] = memory.to_record()
     adapted = {k: v.detach().numpy() for k, v in model.state_dict().items() if k in start}
     update = {k: adapted[k] - start[k] for k in start}
-    top_p, quantize = float(config.get("top_p", 1.0)), str(config.get("quantize", "none"))
-    if codec.kind_for(top_p, quantize) == codec.DENSE:
+    if codec.kind_for(options.top_p, options.quantize) == codec.DENSE:
         record = codec.encode(update)
     else:
         residual = _stored(context, RESIDUAL_STATE, codec.Layout.of(update))
-        record, _, residual = codec.compress(update, residual, top_p=top_p, quantize=quantize)
-        context.state[RESIDUAL_STATE] = _to_record(residual)
-    metrics = MetricRecord({"train_loss": float(np.mean(losses)), "num-examples": steps * batch})
+        record, _, residual = codec.compress(
+            update, residual, top_p=options.top_p, quantize=options.quantize
+        )
+        context.state[RESIDUAL_STATE] = from_numpy_dict(residual, dtype=np.float32)
+    metrics = MetricRecord(
+        {"train_loss": float(np.mean(losses)), NUM_EXAMPLES_KEY: options.inner_steps * options.inner_batch}
+    )
     return reply_with_content(message, RecordDict({UPDATE_KEY: record, METRICS_KEY: metrics}))
 
 
@@ -133,29 +133,26 @@ def evaluate(message: Message, context: Context) -> Message:
     content = message.content
     config = content.config_records.get(CONFIG_KEY, ConfigRecord())
     model_name, model = model_from_config(config)
-    local_layers = parse_layers(config.get("local_layers"))  # type: ignore[arg-type]
+    options = ReptileEvalOptions.from_config(config)
     arrays = content.array_records.get(ARRAYS_KEY)
     if arrays is None:
         raise ValueError(f"evaluate message carries no ArrayRecord under {ARRAYS_KEY!r}")
-    weights = {k: v.numpy() for k, v in arrays.items()}
-    _check_layout(model, weights, local_layers)
-    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()}, strict=False)
-    reset_local(model, local_layers)
-    shots, queries = int(config.get("eval_shots", 10)), int(config.get("eval_queries", 50))
+    _load_global_part(model, to_numpy_dict(arrays), options.local_layers)
+    shots, queries = options.eval_shots, options.eval_queries
     x, y = node_source(context).holdout(shots + queries)
     metrics = episode_metrics(
         model,
         model_name,
         (x[:shots], y[:shots]),
         (x[shots:], y[shots:]),
-        steps=int(config.get("eval_steps", 32)),
-        lr=float(config.get("eval_lr", 0.02)),
-        optimizer=str(config.get("inner_optimizer", "sgd")),
-        local_layers=local_layers,
-        reconstruct_steps=int(config.get("reconstruct_steps", 0)),
+        steps=options.eval_steps,
+        lr=options.adapt_lr,
+        optimizer=options.inner_optimizer,
+        local_layers=options.local_layers,
+        reconstruct_steps=options.reconstruct_steps,
     )
-    metrics["num-examples"] = int(len(x) - shots)
-    return reply_with_content(message, RecordDict({METRICS_KEY: MetricRecord(metrics)}))
+    values: Metrics = {**metrics, NUM_EXAMPLES_KEY: int(len(x) - shots)}
+    return reply_with_content(message, RecordDict({METRICS_KEY: MetricRecord(values)}))
 
 
 def register_all(registry: HandlerRegistry) -> None:
@@ -176,13 +173,15 @@ def _round_inputs(content: RecordDict, context: Context) -> tuple[ConfigRecord, 
     the coordinator resyncs the device next time.
     """
     received = content.config_records.get(CONFIG_KEY, ConfigRecord())
-    sync, server_round = received.get(SYNC_KEY), received.get(SERVER_ROUND)
+    sync, server_round = received.get(SYNC_KEY), received.get(SERVER_ROUND_KEY)
     if sync is not None and not isinstance(server_round, int):
-        raise ValueError(f"message of sync {sync!r} needs an integer {SERVER_ROUND!r}, got {server_round!r}")
+        raise ValueError(
+            f"message of sync {sync!r} needs an integer {SERVER_ROUND_KEY!r}, got {server_round!r}"
+        )
     arrays, state = content.array_records, context.state
     if ARRAYS_KEY in arrays:
         config = received
-        start = {k: v.numpy() for k, v in arrays[ARRAYS_KEY].items()}
+        start = to_numpy_dict(arrays[ARRAYS_KEY])
         if sync is not None:
             static = {k: v for k, v in received.items() if k not in PER_MESSAGE_KEYS}
             state[CONFIG_STATE] = ConfigRecord(static)
@@ -197,37 +196,31 @@ def _round_inputs(content: RecordDict, context: Context) -> tuple[ConfigRecord, 
                 f"the delta is against sync {wanted[0]!r}, round {wanted[1]!r}"
             )
         config = ConfigRecord({**state.config_records[CONFIG_STATE], **received})
-        replica = {k: v.numpy() for k, v in state.array_records[REPLICA_STATE].items()}
+        replica = to_numpy_dict(state.array_records[REPLICA_STATE])
         decoded = codec.decode(arrays[DELTA_KEY], codec.Layout.of(replica))
         start = {k: replica[k] + decoded[k] for k in replica}
     else:
         raise ValueError(f"train message carries neither {ARRAYS_KEY!r} nor {DELTA_KEY!r}")
-    if sync is not None:
-        state[REPLICA_STATE] = _to_record(start)
+    if sync is not None and isinstance(server_round, int):  # (a sync without a round was refused)
+        state[REPLICA_STATE] = from_numpy_dict(start, dtype=np.float32)
         state[REPLICA_META_STATE] = ConfigRecord({SYNC_KEY: str(sync), REPLICA_ROUND: server_round})
     return config, start
 
 
-def _check_layout(model: nn.Module, received: dict[str, np.ndarray], local_layers: Sequence[str]) -> None:
+def _load_global_part(model: nn.Module, received: dict[str, np.ndarray], local_layers: Sequence[str]) -> None:
+    """Load the received global part (exactly the model's tensors but the local layers, same
+    shapes) and restart the local layers from zero."""
     state = model.state_dict()
-    expected = {k for k in state if not is_local(k, local_layers)}
-    if set(received) != expected:
-        raise ValueError(
-            f"received arrays do not match the global part of the model: missing "
-            f"{sorted(expected - set(received))}, unexpected {sorted(set(received) - expected)}"
-        )
-    for key, values in received.items():
-        if tuple(values.shape) != tuple(state[key].shape):
-            raise ValueError(f"array {key!r} has shape {values.shape}, model has {tuple(state[key].shape)}")
+    check_compatible(
+        received, {k: v for k, v in state.items() if not is_local(k, local_layers)}, what="received arrays"
+    )
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in received.items()}, strict=False)
+    reset_local(model, local_layers)
 
 
 def _stored(context: Context, key: str, layout: codec.Layout) -> dict[str, np.ndarray] | None:
     record = context.state.array_records.get(key)
     if record is None:
         return None
-    values = {k: v.numpy() for k, v in record.items()}
+    values = to_numpy_dict(record)
     return values if codec.Layout.of(values) == layout else None
-
-
-def _to_record(values: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in values.items()})

@@ -1,13 +1,24 @@
-"""Moving weights between torch modules and Flower ArrayRecords, and checking them."""
+"""Moving weights between torch modules, numpy and Flower ArrayRecords, and checking them.
+
+Every module that turns numpy arrays into a record, reads a record back, or checks
+a record against the model it belongs to does it here, so a record is built and
+checked the same way on the devices, the coordinator and in the simulations.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import Array, ArrayRecord
+from numpy.typing import DTypeLike
 from torch import nn
 
 from tinyfleet.common.flower_adapter import array_values
+
+#: Anything with a shape: a tensor, a numpy array, a Flower Array, or the shape itself.
+Shaped = np.ndarray | torch.Tensor | Array | tuple[int, ...]
 
 
 class InvalidUpdateError(ValueError):
@@ -26,11 +37,13 @@ def load_array_record(module: nn.Module, record: ArrayRecord, *, strict: bool = 
 
 
 def to_numpy_dict(record: ArrayRecord) -> dict[str, np.ndarray]:
+    """The record's arrays as writable numpy arrays."""
     return {k: v.numpy() for k, v in record.items()}
 
 
-def from_numpy_dict(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+def from_numpy_dict(arrays: Mapping[str, np.ndarray], dtype: DTypeLike | None = None) -> ArrayRecord:
+    """A record of Flower's own (.npy) Arrays holding the values in C order, converted to `dtype` if given."""
+    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=dtype)) for k, v in arrays.items()})
 
 
 def check_finite(record: ArrayRecord) -> None:
@@ -45,16 +58,28 @@ def check_finite(record: ArrayRecord) -> None:
             raise InvalidUpdateError(f"array {key!r} holds {bad} NaN/Inf value(s)")
 
 
-def check_compatible(record: ArrayRecord, reference: ArrayRecord) -> None:
-    """Raise InvalidUpdateError when keys or shapes differ from the global model's."""
-    missing = set(reference.keys()) - set(record.keys())
-    extra = set(record.keys()) - set(reference.keys())
+def check_compatible(
+    found: Mapping[str, Shaped], expected: Mapping[str, Shaped], *, what: str = "update"
+) -> None:
+    """Raise InvalidUpdateError unless `found` holds exactly the tensors of `expected`, same shapes;
+    `what` names the record in the message ("update", "'arrays'", ...)."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or extra:
         raise InvalidUpdateError(
-            f"update keys differ from the model: missing {sorted(missing)}, unexpected {sorted(extra)}"
+            f"{what} does not match the global model's tensors: "
+            f"missing {_some(missing)}, unexpected {_some(extra)}"
         )
-    for key, array in record.items():
-        if tuple(array.shape) != tuple(reference[key].shape):
-            raise InvalidUpdateError(
-                f"array {key!r} has shape {tuple(array.shape)}, model has {tuple(reference[key].shape)}"
-            )
+    for key, reference in expected.items():
+        shape, wanted = _shape(found[key]), _shape(reference)
+        if shape != wanted:
+            raise InvalidUpdateError(f"{what} array {key!r} has shape {shape}, the model's is {wanted}")
+
+
+def _shape(value: Shaped) -> tuple[int, ...]:
+    return tuple(int(d) for d in (value if isinstance(value, tuple) else value.shape))
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    """A few names of a possibly long list (a reply may carry thousands of keys)."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{names[:shown]}{more}"

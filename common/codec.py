@@ -49,8 +49,9 @@ from typing import Final
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
+from tinyfleet.common.arrays import InvalidUpdateError, check_compatible, from_numpy_dict
 from tinyfleet.common.flower_adapter import RAW_STYPE, array_values, raw_array
 
 PAYLOAD_KEY: Final = "payload"
@@ -142,9 +143,7 @@ def encode(
     kind = kind_for(top_p, quantize)
     layout = Layout.of(update)
     if kind == DENSE:
-        return ArrayRecord(
-            {n: Array(_as_numpy(update[n]).astype(np.float32, copy=False)) for n in layout.names}
-        )
+        return from_numpy_dict({n: _as_numpy(update[n]) for n in layout.names}, dtype=np.float32)
     flat = layout.flatten(update)
     if not np.isfinite(flat).all():
         raise CodecError("update holds NaN/Inf values; refusing to encode it")
@@ -470,17 +469,13 @@ def _read_header(data: bytes) -> tuple[int, int, int, int, int, int]:
 
 
 def _decode_dense(record: ArrayRecord, layout: Layout) -> dict[str, np.ndarray]:
-    got = set(record.keys())
-    if got != set(layout.names):
-        raise CodecError(
-            f"dense update keys differ from the model: missing {sorted(set(layout.names) - got)}, "
-            f"unexpected {sorted(got - set(layout.names))}"
-        )
+    try:
+        check_compatible(record, dict(zip(layout.names, layout.shapes, strict=True)), what="dense update")
+    except InvalidUpdateError as exc:
+        raise CodecError(str(exc)) from exc
     out: dict[str, np.ndarray] = {}
-    for name, shape in zip(layout.names, layout.shapes, strict=True):
+    for name in layout.names:
         array = record[name].numpy()
-        if tuple(array.shape) != shape:
-            raise CodecError(f"dense update {name!r} has shape {tuple(array.shape)}, model has {shape}")
         if array.dtype.kind != "f" or not np.isfinite(array).all():
             raise CodecError(f"dense update {name!r} must hold finite floats")
         out[name] = array.astype(np.float32, copy=False)

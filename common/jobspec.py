@@ -8,8 +8,8 @@ A job file is TOML::
     rounds = 5
     seed = 0
 
-    [options]                      # keyword arguments of the strategy
-    fraction_evaluate = 0.5
+    [options]                      # keyword arguments of the strategy: for FedReptile the
+    fraction_evaluate = 0.5        # fields of common.strategy_options.FedReptileOptions
 
     [round]
     deadline_s = 30.0              # bounds the whole train phase: configure, send, replies
@@ -47,7 +47,6 @@ from tinyfleet.common.models import MODELS
 STRATEGY_ALIASES: dict[str, str] = {
     "fedavg": "flwr.serverapp.strategy:FedAvg",
     "fedreptile": "tinyfleet.server.strategies:FedReptile",
-    "fedproto": "tinyfleet.server.strategies:FedProto",
 }
 
 ConfigValue = int | float | str | bool

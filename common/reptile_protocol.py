@@ -1,7 +1,8 @@
 """What FedReptile's server and devices agree on: message types, record keys, local layers.
 
 Both sides import this module, so neither the device code depends on the
-server package nor the server on device code.
+server package nor the server on device code. Flower's own keys ("arrays",
+"config", "metrics", "server-round") are `tinyfleet.common.message_keys`'.
 
 With a compressed downlink the train messages are *stateful*. A **sync** is one
 dense copy of θ (the device's replica) plus the static config (everything in the
@@ -19,17 +20,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final
 
+from tinyfleet.common.message_keys import SERVER_ROUND_KEY
+
 TRAIN_TYPE: Final = "train.fedreptile"
 EVALUATE_TYPE: Final = "evaluate.fedreptile"
-ARRAYS_KEY: Final = "arrays"  # dense global weights (down) or adapted weights (up, stock handlers)
-UPDATE_KEY: Final = "update"  # codec payload of θᵢ - θ_start (up)
-DELTA_KEY: Final = "delta"  # codec payload of θ - replica (down, compressed downlink)
-CONFIG_KEY: Final = "config"
-METRICS_KEY: Final = "metrics"
-SERVER_ROUND: Final = "server-round"  # config: the round; also names the replica it leaves behind
+UPDATE_KEY: Final = "update"  # codec payload of θᵢ - θ_start (up), instead of "arrays"
+DELTA_KEY: Final = "delta"  # codec payload of θ - replica (down, compressed downlink), instead of "arrays"
 SYNC_KEY: Final = "sync"  # config: the sync (static config + replica lineage) a stateful message belongs to
 REPLICA_BASE: Final = "replica-base"  # config: the round whose replica a delta applies to
-PER_MESSAGE_KEYS: Final = (SERVER_ROUND, SYNC_KEY, REPLICA_BASE)
+#: config keys that change every message; SERVER_ROUND_KEY also names the replica a round leaves behind
+PER_MESSAGE_KEYS: Final = (SERVER_ROUND_KEY, SYNC_KEY, REPLICA_BASE)
 
 
 def is_local(name: str, local_layers: Sequence[str]) -> bool:

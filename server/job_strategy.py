@@ -16,6 +16,8 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import Strategy
 
 from tinyfleet.common.jobspec import JobSpec, JobSpecError, resolve_strategy_class
+from tinyfleet.common.message_keys import MODEL_KEY
+from tinyfleet.common.strategy_options import Options, OptionsError
 
 
 def round_defaults(spec: JobSpec) -> dict[str, Any]:
@@ -32,10 +34,37 @@ def round_defaults(spec: JobSpec) -> dict[str, Any]:
 
 
 def build_strategy(spec: JobSpec) -> Strategy:
-    """Instantiate the job's strategy; bad [options] raise JobSpecError naming the field."""
+    """Instantiate the job's strategy; bad [options] raise JobSpecError naming the field.
+
+    A strategy with an `options_model` (tinyfleet's, e.g. FedReptile) has its options
+    validated by that model; any other (Flower's stock strategies) by its constructor's
+    signature.
+    """
     cls = resolve_strategy_class(spec.strategy_path)
     if not (isinstance(cls, type) and issubclass(cls, Strategy)):
         raise JobSpecError("strategy", f"{spec.strategy_path!r} is not a Flower Strategy class")
+    model = getattr(cls, "options_model", None)
+    if isinstance(model, type) and issubclass(model, Options):
+        kwargs = _with_round_defaults(spec, set(model.model_fields))
+        try:
+            model.parse(kwargs)
+        except OptionsError as exc:
+            raise JobSpecError(f"options.{exc.option}", exc.reason) from None
+    else:
+        kwargs = _with_round_defaults(spec, _checked_parameters(cls, spec))
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise JobSpecError("options", f"{cls.__name__}({kwargs}) failed: {exc}") from exc
+
+
+def _with_round_defaults(spec: JobSpec, parameters: set[str]) -> dict[str, Any]:
+    """[options], plus the round defaults the strategy takes and [options] leaves unset."""
+    return {**{k: v for k, v in round_defaults(spec).items() if k in parameters}, **spec.options}
+
+
+def _checked_parameters(cls: type, spec: JobSpec) -> set[str]:
+    """The constructor's named arguments; an [options] key that is none of them raises JobSpecError."""
     accepts_any = _takes_var_keyword(cls)
     parameters = _init_parameters(cls, through_bases=accepts_any)
     if not accepts_any:
@@ -43,15 +72,9 @@ def build_strategy(spec: JobSpec) -> Strategy:
         if unknown:
             raise JobSpecError(
                 f"options.{unknown[0]}",
-                f"{cls.__name__} has no argument {unknown[0]!r}; it takes: "
-                + ", ".join(sorted(parameters)),
+                f"{cls.__name__} has no argument {unknown[0]!r}; it takes: " + ", ".join(sorted(parameters)),
             )
-    kwargs = {k: v for k, v in round_defaults(spec).items() if k in parameters}
-    kwargs.update(spec.options)
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise JobSpecError("options", f"{cls.__name__}({kwargs}) failed: {exc}") from exc
+    return parameters
 
 
 def _init_parameters(cls: type, *, through_bases: bool) -> set[str]:
@@ -82,11 +105,11 @@ def _takes_var_keyword(cls: type) -> bool:
 
 
 def train_config(spec: JobSpec) -> ConfigRecord:
-    return ConfigRecord({**spec.train, "model": spec.model})
+    return ConfigRecord({**spec.train, MODEL_KEY: spec.model})
 
 
 def evaluate_config(spec: JobSpec) -> ConfigRecord:
-    return ConfigRecord({**spec.evaluate, "model": spec.model})
+    return ConfigRecord({**spec.evaluate, MODEL_KEY: spec.model})
 
 
 def initial_arrays(spec: JobSpec) -> ArrayRecord:

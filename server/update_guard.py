@@ -47,12 +47,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 from tinyfleet.common import codec
-from tinyfleet.common.arrays import InvalidUpdateError
+from tinyfleet.common.arrays import InvalidUpdateError, check_compatible
 from tinyfleet.common.flower_adapter import array_values
-from tinyfleet.common.reptile_protocol import ARRAYS_KEY, UPDATE_KEY, is_local, parse_layers
+from tinyfleet.common.message_keys import ARRAYS_KEY
+from tinyfleet.common.reptile_protocol import UPDATE_KEY, is_local, parse_layers
 from tinyfleet.server.strategies.fedreptile import FedReptile
 
 
@@ -89,7 +90,7 @@ class UpdateGuard:
                 raise InvalidUpdateError(f"update {UPDATE_KEY!r} cannot be measured: {exc}") from exc
         else:
             weights = {k: v for k, v in record.items() if not is_local(k, self.local_layers)}
-            _check_covers(name, weights, theta)
+            check_compatible(weights, theta, what=repr(name))  # what is not measured must not be aggregated
             update = {k: array_values(weights[k]).astype(np.float64) - theta[k] for k in theta}
         return _ratio(_norm(update.values()), _norm(theta[k] for k in update))
 
@@ -103,29 +104,6 @@ class UpdateGuard:
                 f"train reply must carry exactly one ArrayRecord, {wanted}; it carries {found}"
             )
         return names[0], content.array_records[names[0]]
-
-
-def _check_covers(name: str, weights: dict[str, Array], theta: dict[str, np.ndarray]) -> None:
-    """Weights must be the global model's tensors, all of them and nothing else, same shapes:
-    what is not measured must not be aggregated."""
-    missing, extra = sorted(set(theta) - set(weights)), sorted(set(weights) - set(theta))
-    if missing or extra:
-        raise InvalidUpdateError(
-            f"{name!r} does not match the global model's tensors: "
-            f"missing {_some(missing)}, unexpected {_some(extra)}"
-        )
-    for key, values in theta.items():
-        if tuple(weights[key].shape) != values.shape:
-            raise InvalidUpdateError(
-                f"{name!r} array {key!r} has shape {tuple(weights[key].shape)}, "
-                f"the model's is {values.shape}"
-            )
-
-
-def _some(names: list[str], shown: int = 5) -> str:
-    """A few names of a possibly long list (a reply may carry thousands of keys)."""
-    more = f" and {len(names) - shown} more" if len(names) > shown else ""
-    return f"{names[:shown]}{more}"
 
 
 def _norm(arrays: Iterable[np.ndarray]) -> float:

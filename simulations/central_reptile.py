@@ -8,16 +8,18 @@ costs: fixed, non-IID devices and compressed updates.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
+from tinyfleet.common.arrays import from_numpy_dict, to_numpy_dict
 from tinyfleet.common.learning import Sampler, adapt, loss_fn, reset_local
 from tinyfleet.common.models import build_model
 from tinyfleet.common.optimizer_memory import OptimizerMemory
 from tinyfleet.common.reptile_protocol import is_local
+from tinyfleet.common.strategy_options import FedReptileOptions
 
 
 def central_reptile(
@@ -25,22 +27,17 @@ def central_reptile(
     arrays: ArrayRecord,
     task: Callable[[int], Sampler],
     rounds: int,
+    options: FedReptileOptions,
     *,
-    epsilon: Callable[[int], float],
     tasks_per_round: int = 1,
-    inner_steps: int,
-    inner_lr: float,
-    inner_batch: int,
-    inner_optimizer: str = "sgd",
     memory: OptimizerMemory | None = None,
     first_round: int = 1,
-    local_layers: Sequence[str] = (),
-    reconstruct_steps: int = 0,
-    model_kwargs: dict[str, object] | None = None,
+    model_kwargs: dict[str, Any] | None = None,
     on_round: Callable[[int, Callable[[], ArrayRecord]], bool | None] | None = None,
 ) -> ArrayRecord:
-    """Run rounds `first_round`..`rounds` of Reptile from `arrays`; `task(i)` returns the sampler
-    of the i-th training task. Returns the model.
+    """Run rounds `first_round`..`rounds` of Reptile from `arrays` with FedReptile's inner loop,
+    local layers and ε schedule (`options`); `task(i)` returns the sampler of the i-th training
+    task. Returns the model.
 
     With `memory` the one learner's inner optimizer state spans tasks (Reptile keeps
     Adam's moments); the caller holds it, so it can checkpoint it between rounds.
@@ -48,7 +45,8 @@ def central_reptile(
     model's ArrayRecord only when the caller needs it (e.g. to evaluate).
     """
     model = build_model(model_name, **(model_kwargs or {}))
-    theta = {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
+    local_layers = options.local_layers
+    theta = {k: torch.from_numpy(v) for k, v in to_numpy_dict(arrays).items()}
     keys = [k for k in theta if not is_local(k, local_layers)]
     criterion = loss_fn(model_name)
     counter = (first_round - 1) * tasks_per_round  # task i is the same task whenever it is drawn
@@ -60,20 +58,20 @@ def central_reptile(
             adapt(
                 model,
                 task(counter),
-                steps=inner_steps,
-                lr=inner_lr,
-                batch=inner_batch,
+                steps=options.inner_steps,
+                lr=options.inner_lr,
+                batch=options.inner_batch,
                 criterion=criterion,
-                optimizer=inner_optimizer,
+                optimizer=options.inner_optimizer,
                 local_layers=local_layers,
-                reconstruct_steps=reconstruct_steps,
+                reconstruct_steps=options.reconstruct_steps,
                 memory=memory,
             )
             counter += 1
             adapted = model.state_dict()
             for k in keys:
                 step[k] += adapted[k].detach() - theta[k]
-        eps = epsilon(server_round)
+        eps = options.epsilon_for(server_round)
         for k in keys:
             theta[k] = theta[k] + eps * step[k] / tasks_per_round
         if on_round is not None and on_round(server_round, lambda: _record(theta)):
@@ -82,4 +80,4 @@ def central_reptile(
 
 
 def _record(theta: dict[str, torch.Tensor]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v.numpy())) for k, v in theta.items()})
+    return from_numpy_dict({k: v.numpy() for k, v in theta.items()})

@@ -29,7 +29,7 @@ from tinyfleet.common.atomic_files import write_atomically
 from tinyfleet.common.optimizer_memory import OptimizerMemory
 from tinyfleet.simulations.sim_grid import GridState
 
-FORMAT = "tinyfleet-sim-checkpoint/1"
+FORMAT = "tinyfleet-sim-checkpoint/2"  # 2: RunSettings hold FedReptile options as one table
 FILE_NAME = "checkpoint.pkl"
 
 

@@ -22,9 +22,10 @@ RUN_EXAMPLES = """examples:
 
 A run checkpoints itself into --out every --checkpoint-every rounds (default: at every
 meta-test); a run that was stopped goes on with `tinyfleet sim resume runs/omni`.
-Scenario defaults (rounds, ε schedule, inner loop, evaluation) apply to every option left out;
-summary.json records the full configuration used. Omniglot reads omniglot/images_*.npz from
---data-dir, else $TINYFLEET_DATA, else ../shared/data next to the project.
+FedReptile options left out take the scenario's values (its OPTIONS: ε schedule, inner loop),
+else FedReptileOptions' defaults; --option NAME=VALUE sets any of them (e.g. --option
+visit_order=random). summary.json records the full configuration used. Omniglot reads
+omniglot/images_*.npz from --data-dir, else $TINYFLEET_DATA, else ../shared/data next to the project.
 """
 
 
@@ -49,40 +50,58 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         epilog=RUN_EXAMPLES,
         formatter_class=HelpFormatter,
     )
-    run.add_argument("scenario", choices=["sine-reptile", "omniglot-reptile"])
+    run.add_argument(
+        "scenario", choices=["sine-reptile", "omniglot-reptile", "omniglot-protonet", "omniglot-recon"]
+    )
     run.add_argument("--out", required=True, type=Path, help="output directory")
     run.add_argument("--rounds", type=int, help="training rounds per arm")
     run.add_argument("--seed", type=int, default=0, help="seed of data, sampling and initial weights")
     run.add_argument("--devices", type=int, help="simulated devices")
-    run.add_argument("--epsilon", type=float, help="meta step size ε (initial value when linear)")
-    run.add_argument("--epsilon-final", type=float, help="ε at the end of a linear schedule")
-    run.add_argument("--epsilon-schedule", choices=["constant", "linear"])
-    run.add_argument("--parallel", action="store_true", help="sample --fraction of devices per round")
-    run.add_argument("--fraction", type=float, default=0.25, help="share of devices per parallel round")
-    run.add_argument("--visit-order", choices=["round-robin", "random"], default="round-robin")
-    run.add_argument("--inner-steps", type=int, help="device SGD steps per round")
-    run.add_argument("--inner-lr", type=float, help="device learning rate")
-    run.add_argument("--inner-batch", type=int, help="samples per device step")
-    run.add_argument("--inner-optimizer", choices=["sgd", "adam"])
+    # FedReptile options (FedReptileOptions: each is checked there, named in any error)
+    run.add_argument("--epsilon", help="meta step size ε (initial value when linear)")
+    run.add_argument("--epsilon-final", help="ε at the end of a linear schedule")
+    run.add_argument("--epsilon-schedule", help="constant or linear")
     run.add_argument(
-        "--inner-samples",
-        type=int,
-        help="steps cycle over this many recent samples (0: a fresh batch every step)",
+        "--parallel",
+        dest="serial",
+        action="store_const",
+        const=False,
+        help="sample --fraction of devices per round (default: one device per round, serial)",
+    )
+    run.add_argument("--fraction", dest="fraction_train", help="share of devices per parallel round")
+    run.add_argument("--visit-order", help="serial rounds: round-robin or random")
+    run.add_argument("--inner-steps", help="device optimizer steps per round")
+    run.add_argument("--inner-lr", help="device learning rate")
+    run.add_argument("--inner-batch", help="samples per device step")
+    run.add_argument("--inner-optimizer", help="sgd or adam")
+    run.add_argument(
+        "--inner-samples", help="steps cycle over this many recent samples (0: a fresh batch every step)"
     )
     run.add_argument(
         "--fresh-optimizer",
-        action="store_true",
+        dest="keep_optimizer_state",
+        action="store_const",
+        const=False,
         help="start the inner optimizer afresh every round (default: keep Adam's moments, as Reptile does)",
     )
     run.add_argument("--local-layers", help="comma-separated layer names kept on the devices (e.g. head)")
-    run.add_argument("--reconstruct-steps", type=int, help="steps rebuilding local layers before adapting")
-    run.add_argument("--top-p", type=float, default=1.0, help="fraction of the update sent (0.1 = top 10 %%)")
-    run.add_argument("--quantize", choices=["none", "int8"], default="none")
+    run.add_argument("--reconstruct-steps", help="steps rebuilding local layers before adapting")
+    run.add_argument("--top-p", help="fraction of the update sent (0.1 = top 10 %%)")
+    run.add_argument("--quantize", help="none or int8")
     run.add_argument(
         "--compress-downlink",
-        action="store_true",
+        action="store_const",
+        const=True,
         help="also send devices compressed deltas against their copy of the model, and the static "
         "config only when (re)syncing that copy",
+    )
+    run.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="any other FedReptile option (a field of FedReptileOptions, e.g. visit_order=random); "
+        "repeatable",
     )
     run.add_argument("--eval-every", type=int, help="rounds between meta-tests")
     run.add_argument("--eval-tasks", type=int, help="tasks per intermediate meta-test")
@@ -92,6 +111,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "--budget-minutes", type=float, help="stop an arm once its training CPU time exceeds this"
     )
     run.add_argument("--data-dir", help="folder holding omniglot/ (omniglot-reptile)")
+    run.add_argument(
+        "--split",
+        choices=["alphabets", "characters"],
+        help="Omniglot scenarios: train on 30 background alphabets and test on the 20 others (default), "
+        "or the papers' split of 1200 training characters and the rest with rotations",
+    )
+    run.add_argument(
+        "--backbone",
+        help="a trained model (.arrays): the embedding omniglot-recon uses, or one omniglot-protonet "
+        "tests beside its arms (e.g. a FedReptile model of omniglot-reptile)",
+    )
     run.add_argument("--ways", type=int, help="classes per task (omniglot-reptile)")
     run.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     run.add_argument(
@@ -132,7 +162,7 @@ def _prepare(threads: int | None) -> None:
 
     from tinyfleet.common.allocator import keep_freed_memory
 
-    keep_freed_memory()  # a conv step page-faulted its activations in anew (~2,400 faults)
+    keep_freed_memory()  # a conv step faulted its activations in anew (benchmarks/results/train_step.json)
     if threads:
         torch.set_num_threads(threads)
 
@@ -141,56 +171,46 @@ def run_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from tinyfleet.simulations.checkpoint import FILE_NAME
-    from tinyfleet.simulations.experiment import ARMS, Experiment, RunSettings
+    from tinyfleet.simulations.experiment import ARMS, Experiment, RunSettings, fedreptile_options
     from tinyfleet.simulations.scenarios import scenario_module
 
     console = Console(stderr=True)
     _prepare(args.threads)
-    defaults = scenario_module(args.scenario).DEFAULTS
+    module = scenario_module(args.scenario)
+    if hasattr(module, "run"):  # not a FedReptile experiment: the scenario runs itself
+        from tinyfleet.simulations.prototype_runs import run_scenario
 
-    def pick(name: str) -> object:
+        return run_scenario(module, args, console, _options)
+    defaults = module.DEFAULTS
+
+    def pick(name: str) -> int:
         value = getattr(args, name)
-        return defaults[name] if value is None else value
+        return int(defaults[name] if value is None else value)
 
     arms = tuple(a.strip() for a in args.arms.split(",")) if args.arms else ARMS
     extra = {"ways": args.ways} if args.ways else {}
+    if args.split:
+        extra["split"] = args.split
     try:
         settings = RunSettings(
             scenario=args.scenario,
-            rounds=int(pick("rounds")),
+            rounds=pick("rounds"),
             seed=args.seed,
-            devices=int(pick("devices")),
-            epsilon=float(pick("epsilon")),
-            epsilon_final=float(pick("epsilon_final")),
-            epsilon_schedule=str(pick("epsilon_schedule")),
-            serial=not args.parallel,
-            visit_order=args.visit_order,
-            fraction=args.fraction,
-            inner_steps=int(pick("inner_steps")),
-            inner_lr=float(pick("inner_lr")),
-            inner_batch=int(pick("inner_batch")),
-            inner_optimizer=str(pick("inner_optimizer")),
-            inner_samples=int(pick("inner_samples")),
-            keep_optimizer_state=not args.fresh_optimizer,
-            local_layers=str(pick("local_layers")),
-            reconstruct_steps=int(pick("reconstruct_steps")),
-            top_p=args.top_p,
-            quantize=args.quantize,
-            compress_downlink=args.compress_downlink,
-            eval_every=int(pick("eval_every")),
-            eval_tasks=int(pick("eval_tasks")),
-            final_eval_tasks=int(pick("final_eval_tasks")),
+            devices=pick("devices"),
+            options=_options(args),
+            eval_every=pick("eval_every"),
+            eval_tasks=pick("eval_tasks"),
+            final_eval_tasks=pick("final_eval_tasks"),
             arms=arms,
             budget_minutes=args.budget_minutes,
             workers=args.workers,
-            checkpoint_every=int(
-                pick("eval_every") if args.checkpoint_every is None else args.checkpoint_every
-            ),
+            checkpoint_every=pick("eval_every") if args.checkpoint_every is None else args.checkpoint_every,
             data_dir=str(Path(args.data_dir).resolve()) if args.data_dir else None,  # resumable elsewhere
             extra=extra,
         )
+        fedreptile_options(settings)  # a bad option fails here, naming it, before anything runs
     except (ValueError, KeyError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         return 2
     if (args.out / FILE_NAME).is_file():
         console.print(
@@ -206,6 +226,43 @@ def run_command(args: argparse.Namespace) -> int:
         console,
         args.command_line,
     )
+
+
+#: `sim run` flags that set a FedReptile option, by the option's name (their argparse dest).
+OPTION_FLAGS = (
+    "epsilon",
+    "epsilon_final",
+    "epsilon_schedule",
+    "serial",
+    "fraction_train",
+    "visit_order",
+    "inner_steps",
+    "inner_lr",
+    "inner_batch",
+    "inner_optimizer",
+    "inner_samples",
+    "keep_optimizer_state",
+    "local_layers",
+    "reconstruct_steps",
+    "top_p",
+    "quantize",
+    "compress_downlink",
+)
+
+
+def _options(args: argparse.Namespace) -> dict[str, object]:
+    """The FedReptile options the command line sets: flags, then --option NAME=VALUE. Values stay
+    text; FedReptileOptions converts and checks them."""
+    options: dict[str, object] = {n: getattr(args, n) for n in OPTION_FLAGS if getattr(args, n) is not None}
+    for item in args.option:
+        name, equals, value = item.partition("=")
+        name = name.strip()
+        if not equals or not name:
+            raise ValueError(f"--option {item!r}: expected NAME=VALUE")
+        if name in options:
+            raise ValueError(f"option {name!r} is set twice (a flag and --option, or two --option)")
+        options[name] = value.strip()
+    return options
 
 
 def resume_command(args: argparse.Namespace) -> int:

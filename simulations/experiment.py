@@ -28,7 +28,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp.strategy import FedAvg, Strategy
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from tinyfleet.client import learners
 from tinyfleet.client.data_sources import close_shared_sources
@@ -38,9 +38,8 @@ from tinyfleet.common.arrays import to_array_record
 from tinyfleet.common.flower_adapter import array_record_from_bytes, array_record_to_bytes, seed_node_sampling
 from tinyfleet.common.models import build_model
 from tinyfleet.common.optimizer_memory import OptimizerMemory
-from tinyfleet.common.reptile_protocol import parse_layers
+from tinyfleet.common.strategy_options import FedReptileOptions
 from tinyfleet.server.strategies import FedReptile
-from tinyfleet.server.strategies.fedreptile import epsilon_at
 from tinyfleet.simulations.central_reptile import central_reptile
 from tinyfleet.simulations.checkpoint import (
     FILE_NAME,
@@ -62,29 +61,19 @@ ARMS = ("fedreptile", "fedreptile-dense", "fedavg", "central", "random")
 
 @dataclass
 class RunSettings:
-    """Every knob of a run; written into summary.json so a run can be repeated."""
+    """Every knob of a run; written into summary.json so a run can be repeated.
+
+    `options` are the FedReptile options this run sets (`FedReptileOptions` fields);
+    the rest come from the scenario's `OPTIONS`, then the model's defaults (see
+    `fedreptile_options`). The baselines follow them: FedAvg and centralised
+    Reptile train with the same inner loop, central with the same ε schedule.
+    """
 
     scenario: str
     rounds: int
     seed: int = 0
     devices: int = 20
-    epsilon: float = 0.1
-    epsilon_final: float = 0.0
-    epsilon_schedule: str = "linear"
-    serial: bool = True
-    visit_order: str = "round-robin"
-    fraction: float = 0.25
-    inner_steps: int = 5
-    inner_lr: float = 0.02
-    inner_batch: int = 10
-    inner_optimizer: str = "sgd"
-    inner_samples: int = 0
-    keep_optimizer_state: bool = True
-    local_layers: str = ""
-    reconstruct_steps: int = 0
-    top_p: float = 1.0
-    quantize: str = "none"
-    compress_downlink: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
     eval_every: int = 1000
     eval_tasks: int = 50
     final_eval_tasks: int = 200
@@ -95,9 +84,15 @@ class RunSettings:
     data_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # scenario-specific knobs (e.g. ways)
 
-    @property
-    def compressed(self) -> bool:
-        return self.top_p < 1.0 or self.quantize != "none"
+
+def fedreptile_options(settings: RunSettings) -> FedReptileOptions:
+    """The run's FedReptile options: the model's defaults, overridden by the scenario's `OPTIONS`,
+    then by the run's own; the schedule spans the run and sampling follows its seed.
+    A bad or unknown option raises OptionsError naming it."""
+    scenario = scenario_module(settings.scenario)
+    return FedReptileOptions.parse(
+        {**scenario.OPTIONS, "num_rounds": settings.rounds, "seed": settings.seed, **settings.options}
+    )
 
 
 @dataclass
@@ -143,14 +138,14 @@ class Experiment:
         if unknown:
             raise ValueError(f"unknown arm(s) {sorted(unknown)}; known: {', '.join(ARMS)}")
         self.settings = settings
-        self.scenario: Scenario = scenario_module(settings.scenario).build(settings)
-        self.local_layers = parse_layers(settings.local_layers)
+        self.options = fedreptile_options(settings)
+        self.scenario: Scenario = scenario_module(settings.scenario).build(settings, self.options)
         self.protocol = MetaTestProtocol(
             steps=self.scenario.eval_steps,
             lr=self.scenario.eval_lr,
-            optimizer=settings.inner_optimizer,
-            local_layers=self.local_layers,
-            reconstruct_steps=settings.reconstruct_steps,
+            optimizer=self.options.inner_optimizer,
+            local_layers=self.options.local_layers,
+            reconstruct_steps=self.options.reconstruct_steps,
         )
         self.initial = to_array_record(
             build_model(self.scenario.model, seed=settings.seed, **self.scenario.model_kwargs)
@@ -187,7 +182,7 @@ class Experiment:
     def run(self) -> None:
         logging.getLogger("flwr").setLevel(logging.WARNING)
         arms = [a for a in ARMS if a in self.settings.arms]
-        if "fedreptile-dense" in arms and not self.settings.compressed:
+        if "fedreptile-dense" in arms and not self.compressed:
             arms.remove("fedreptile-dense")  # fedreptile is already dense
         for arm in arms:
             if arm in self.results:
@@ -248,26 +243,24 @@ class Experiment:
             self.on_rows(self.rows)
 
     # -- arms -------------------------------------------------------------------
+    @property
+    def compressed(self) -> bool:
+        return self.options.top_p < 1.0 or self.options.quantize != "none"
+
     def _run_fedreptile(self) -> None:
-        s = self.settings
-        self._federated(
-            "fedreptile",
-            self._fedreptile(s.top_p, s.quantize, s.compress_downlink),
-            default_handlers,
-            self._reptile_config(),
-        )
+        self._reptile_arm("fedreptile", self.options)
 
     def _run_fedreptile_dense(self) -> None:
-        self._federated(
-            "fedreptile-dense",
-            self._fedreptile(1.0, "none", False),
-            default_handlers,
-            self._reptile_config(),
-        )
+        dense = self.options.replace(top_p=1.0, quantize="none", compress_downlink=False)
+        self._reptile_arm("fedreptile-dense", dense)
+
+    def _reptile_arm(self, arm: str, options: FedReptileOptions) -> None:
+        strategy = FedReptile(**options.model_dump())
+        self._federated(arm, strategy, default_handlers, ConfigRecord(self._model_config()))
 
     def _run_fedavg(self) -> None:
-        s = self.settings
-        per_round = 1 if s.serial else self._parallel_count()
+        s, o = self.settings, self.options
+        per_round = 1 if o.serial else self._parallel_count()
         if not self._resuming("fedavg"):
             seed_node_sampling(s.seed)  # a checkpoint keeps the process-wide `random` it draws from
         strategy = FedAvg(
@@ -279,10 +272,10 @@ class Experiment:
         config = ConfigRecord(
             {
                 **self._model_config(),
-                "local_steps": s.inner_steps,
-                "lr": s.inner_lr,
-                "optimizer": s.inner_optimizer,
-                "batch_size": s.inner_batch,
+                "local_steps": o.inner_steps,
+                "lr": o.inner_lr,
+                "optimizer": o.inner_optimizer,
+                "batch_size": o.inner_batch,
             }
         )
         handlers = functools.partial(fedavg_handlers, self.scenario.episodic)
@@ -293,7 +286,7 @@ class Experiment:
         resumed = self._take_resumed("central")
         if resumed is None:
             result, arrays = ArmResult("central", 0, 0.0), self.initial
-            memory = OptimizerMemory() if s.keep_optimizer_state else None  # one learner: Adam spans tasks
+            memory = OptimizerMemory() if self.options.keep_optimizer_state else None  # Adam spans tasks
             self.evaluate("central", 0, self.initial, result, final=False)
         else:
             result, arrays, memory = resumed.result, array_record_from_bytes(resumed.arrays), resumed.memory
@@ -317,18 +310,12 @@ class Experiment:
             arrays = central_reptile(
                 self.scenario.model,
                 arrays,
-                lambda i: recent_samples(self.scenario.central_task(i), s.inner_samples),
+                lambda i: recent_samples(self.scenario.central_task(i), self.options.inner_samples),
                 s.rounds,
-                epsilon=lambda r: epsilon_at(r, s.epsilon, s.epsilon_final, s.epsilon_schedule, s.rounds),
-                tasks_per_round=1 if s.serial else self._parallel_count(),
-                inner_steps=s.inner_steps,
-                inner_lr=s.inner_lr,
-                inner_batch=s.inner_batch,
-                inner_optimizer=s.inner_optimizer,
+                self.options,
+                tasks_per_round=1 if self.options.serial else self._parallel_count(),
                 memory=memory,
                 first_round=result.rounds_done + 1,
-                local_layers=self.local_layers,
-                reconstruct_steps=s.reconstruct_steps,
                 model_kwargs=self.scenario.model_kwargs,
                 on_round=on_round,
             )
@@ -342,42 +329,14 @@ class Experiment:
         self.results["random"] = result
 
     # -- helpers ----------------------------------------------------------------
-    def _fedreptile(self, top_p: float, quantize: str, compress_downlink: bool) -> FedReptile:
-        s = self.settings
-        return FedReptile(
-            epsilon=s.epsilon,
-            epsilon_final=s.epsilon_final,
-            epsilon_schedule=s.epsilon_schedule,
-            num_rounds=s.rounds,
-            serial=s.serial,
-            visit_order=s.visit_order,
-            fraction_train=s.fraction,
-            fraction_evaluate=0.0,
-            inner_steps=s.inner_steps,
-            inner_lr=s.inner_lr,
-            inner_batch=s.inner_batch,
-            inner_optimizer=s.inner_optimizer,
-            inner_samples=s.inner_samples,
-            keep_optimizer_state=s.keep_optimizer_state,
-            local_layers=self.local_layers,
-            reconstruct_steps=s.reconstruct_steps,
-            top_p=top_p,
-            quantize=quantize,
-            compress_downlink=compress_downlink,
-            seed=s.seed,
-        )
-
     def _model_config(self) -> dict[str, Any]:
         return {
             "model": self.scenario.model,
             **{f"model.{k}": v for k, v in self.scenario.model_kwargs.items()},
         }
 
-    def _reptile_config(self) -> ConfigRecord:
-        return ConfigRecord(self._model_config())
-
     def _parallel_count(self) -> int:
-        return max(1, int(self.settings.devices * self.settings.fraction))
+        return max(1, int(self.settings.devices * self.options.fraction_train))
 
     def _federated(
         self,
@@ -458,12 +417,12 @@ class Experiment:
         every = self.settings.checkpoint_every
         return self.checkpoint is not None and every > 0 and server_round % every == 0
 
-    def _bar(self, arm: str, done: int = 0) -> int | None:
+    def _bar(self, arm: str, done: int = 0) -> TaskID | None:
         if self.progress is None:
             return None
         return self.progress.add_task(arm, total=self.settings.rounds, completed=done)
 
-    def _advance(self, task: int | None) -> None:
+    def _advance(self, task: TaskID | None) -> None:
         """Advance the bar; where stderr is no terminal (nohup, CI logs) the bar cannot redraw,
         so every 5 % of an arm is also printed as a line."""
         if self.progress is None or task is None:
@@ -484,8 +443,10 @@ class Experiment:
         return budget is not None and train_seconds >= budget * 60.0
 
     def settings_dict(self) -> dict[str, Any]:
+        """The run's knobs, its options as set, and every FedReptile option as used (`options_used`)."""
         data = asdict(self.settings)
         data["arms"] = list(self.settings.arms)
+        data["options_used"] = self.options.model_dump(mode="json")
         return data
 
 

@@ -40,6 +40,8 @@ def test_import_path_of_a_stock_strategy() -> None:
         ('strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 0', "rounds", "at least 1"),
         ('strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = "3"', "rounds", "integer"),
         ('strategy = "nope"\nmodel = "sine-mlp"\nrounds = 1', "strategy", "unknown strategy"),
+        # nothing named fedproto exists yet, so no job may name it
+        ('strategy = "fedproto"\nmodel = "sine-mlp"\nrounds = 1', "strategy", "unknown strategy"),
         ('strategy = "os:path"\nmodel = "sine-mlp"\nrounds = 1', "strategy", "not a flwr"),
         ('strategy = "no.such.mod:X"\nmodel = "sine-mlp"\nrounds = 1', "strategy", "cannot import"),
         ('strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 1\n[round]\ndeadline_s = -1',
@@ -60,12 +62,24 @@ def test_errors_name_the_field(text: str, field: str, words: str) -> None:
     assert words in str(info.value) and f"'{field}'" in str(info.value)
 
 
-def test_example_job_files_parse() -> None:
+def test_example_job_files_parse_and_their_options_are_valid() -> None:
     from pathlib import Path
 
     from tinyfleet.common.jobspec import load_job_spec
+    from tinyfleet.server.job_strategy import build_strategy
 
     examples = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.toml"))
     assert examples
     for path in examples:
-        assert load_job_spec(path).rounds >= 1
+        spec = load_job_spec(path)
+        assert spec.rounds >= 1
+        build_strategy(spec)
+
+
+def test_a_stock_strategy_refuses_an_argument_its_constructor_lacks() -> None:
+    from tinyfleet.server.job_strategy import build_strategy
+
+    spec = parse_job_spec('strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 1\n[options]\nproximal_mu = 0.1')
+    with pytest.raises(JobSpecError) as info:
+        build_strategy(spec)
+    assert info.value.field == "options.proximal_mu" and "FedAvg has no argument" in str(info.value)

@@ -32,143 +32,54 @@ import hashlib
 import logging
 import random
 import uuid
-from collections.abc import Iterable, Sequence
-from typing import Any, Final
+from collections.abc import Iterable
+from typing import Any, ClassVar, Final
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from tinyfleet.common import codec
+from tinyfleet.common.arrays import from_numpy_dict, to_numpy_dict
 from tinyfleet.common.flower_adapter import aggregate_metricrecords
+from tinyfleet.common.message_keys import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, SERVER_ROUND_KEY
 from tinyfleet.common.reptile_protocol import (
-    ARRAYS_KEY,
-    CONFIG_KEY,
     DELTA_KEY,
     EVALUATE_TYPE,
-    METRICS_KEY,
     PER_MESSAGE_KEYS,
     REPLICA_BASE,
-    SERVER_ROUND,
     SYNC_KEY,
     TRAIN_TYPE,
     UPDATE_KEY,
     is_local,
-    parse_layers,
 )
+from tinyfleet.common.strategy_options import FedReptileOptions
 
 log = logging.getLogger(__name__)
 
-SCHEDULES: Final = ("constant", "linear")
-VISIT_ORDERS: Final = ("round-robin", "random")
 STATE_VERSION: Final = 1
 
 
-def epsilon_at(
-    server_round: int, epsilon: float, epsilon_final: float, schedule: str, num_rounds: int | None
-) -> float:
-    """Meta step size of a round (1-based); linear decay goes from ε towards ε_final as in Reptile."""
-    if schedule == "constant":
-        return epsilon
-    assert num_rounds is not None
-    done = min(max(server_round - 1, 0), num_rounds) / num_rounds
-    return epsilon + (epsilon_final - epsilon) * done
-
-
 class FedReptile(Strategy):
-    """Federated Reptile; constructor arguments mirror the job file's [options] keys."""
+    """Federated Reptile (Nichol et al. 2018, https://arxiv.org/abs/1803.02999), online and serial
+    as TinyReptile (https://arxiv.org/abs/2304.05201), with the communication options of
+    TinyMetaFed (https://arxiv.org/abs/2307.06822).
 
-    def __init__(
-        self,
-        *,
-        epsilon: float = 1.0,
-        epsilon_final: float = 0.0,
-        epsilon_schedule: str = "constant",
-        num_rounds: int | None = None,
-        serial: bool = True,
-        visit_order: str = "round-robin",
-        fraction_train: float = 1.0,
-        min_train_nodes: int = 1,
-        fraction_evaluate: float = 1.0,
-        min_evaluate_nodes: int = 1,
-        min_available_nodes: int = 1,
-        evaluate_every: int = 1,
-        inner_steps: int = 5,
-        inner_lr: float = 0.02,
-        inner_batch: int = 10,
-        inner_optimizer: str = "sgd",
-        inner_samples: int = 0,
-        keep_optimizer_state: bool = True,
-        local_layers: str | Sequence[str] | None = None,
-        reconstruct_steps: int = 0,
-        top_p: float = 1.0,
-        quantize: str | bool = "none",
-        compress_downlink: bool = False,
-        eval_shots: int = 10,
-        eval_queries: int = 50,
-        eval_steps: int = 32,
-        eval_lr: float | None = None,
-        seed: int = 0,
-        weighted_by_key: str = "num-examples",
-    ) -> None:
-        if epsilon_schedule not in SCHEDULES:
-            raise ValueError(f"epsilon_schedule must be one of {SCHEDULES}, got {epsilon_schedule!r}")
-        if epsilon_schedule == "linear" and (num_rounds is None or num_rounds < 1):
-            raise ValueError("epsilon_schedule 'linear' needs num_rounds (the job's total rounds)")
-        if not 0.0 < epsilon <= 1.0 or not 0.0 <= epsilon_final <= 1.0:
-            raise ValueError(
-                f"epsilon must lie in (0, 1] and epsilon_final in [0, 1], got {epsilon}, {epsilon_final}"
-            )
-        if visit_order not in VISIT_ORDERS:
-            raise ValueError(f"visit_order must be one of {VISIT_ORDERS}, got {visit_order!r}")
-        for name, value in (("fraction_train", fraction_train), ("fraction_evaluate", fraction_evaluate)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {value}")
-        for name, value in (
-            ("inner_steps", inner_steps),
-            ("inner_batch", inner_batch),
-            ("evaluate_every", evaluate_every),
-            ("min_train_nodes", min_train_nodes),
-        ):
-            if int(value) != value or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if inner_optimizer not in ("sgd", "adam"):
-            raise ValueError(f"inner_optimizer must be 'sgd' or 'adam', got {inner_optimizer!r}")
-        quantize = "int8" if quantize is True else "none" if quantize is False else quantize
-        codec.check_options(top_p, quantize)
-        self.epsilon, self.epsilon_final = float(epsilon), float(epsilon_final)
-        self.epsilon_schedule, self.num_rounds = epsilon_schedule, num_rounds
-        self.serial, self.visit_order = bool(serial), visit_order
-        self.fraction_train, self.min_train_nodes = float(fraction_train), int(min_train_nodes)
-        self.fraction_evaluate, self.min_evaluate_nodes = float(fraction_evaluate), int(min_evaluate_nodes)
-        self.min_available_nodes, self.evaluate_every = int(min_available_nodes), int(evaluate_every)
-        self.local_layers = parse_layers(local_layers)
-        self.top_p, self.quantize, self.compress_downlink = float(top_p), quantize, bool(compress_downlink)
-        self.seed, self.weighted_by_key = int(seed), weighted_by_key
-        self.client_options: dict[str, int | float | str | list[str]] = {
-            "inner_steps": int(inner_steps),
-            "inner_lr": float(inner_lr),
-            "inner_batch": int(inner_batch),
-            "inner_optimizer": inner_optimizer,
-            "inner_samples": int(inner_samples),
-            "keep_optimizer_state": bool(keep_optimizer_state),
-            "reconstruct_steps": int(reconstruct_steps),
-            "top_p": self.top_p,
-            "quantize": self.quantize,
-        }
-        if self.local_layers:
-            self.client_options["local_layers"] = list(self.local_layers)
-        self.eval_options: dict[str, int | float | str | list[str]] = {
-            "eval_shots": int(eval_shots),
-            "eval_queries": int(eval_queries),
-            "eval_steps": int(eval_steps),
-            "eval_lr": float(eval_lr if eval_lr is not None else inner_lr),
-            "inner_optimizer": inner_optimizer,
-            "reconstruct_steps": int(reconstruct_steps),
-        }
-        if self.local_layers:
-            self.eval_options["local_layers"] = list(self.local_layers)
+    Parameters
+    ----------
+    **options
+        The fields of `tinyfleet.common.strategy_options.FedReptileOptions`, each documented
+        there; a job file's [options] table holds the same keys. An unknown or invalid option
+        raises `OptionsError` (a ValueError) naming it.
+    """
+
+    options_model: ClassVar[type[FedReptileOptions]] = FedReptileOptions
+
+    def __init__(self, **options: Any) -> None:
+        self.options = FedReptileOptions.parse(options)
+        self._train_config = self.options.train_options().to_config()
+        self._eval_config = self.options.eval_options().to_config()
         # Round bookkeeping (checkpointed) and per-exchange state (not checkpointed).
         self.rounds_done = 0
         self.last_node: int | None = None
@@ -180,25 +91,30 @@ class FedReptile(Strategy):
         self._pending: dict[int, tuple[str, int, dict[str, np.ndarray]]] = {}
         self._replicas: dict[int, tuple[str, int, dict[str, np.ndarray]]] = {}
 
+    @property
+    def local_layers(self) -> tuple[str, ...]:
+        """Layers that stay on the devices (read by the update guard, as of any strategy)."""
+        return self.options.local_layers
+
     # -- Flower Strategy API ------------------------------------------------
     def summary(self) -> None:
         log.info(
             "FedReptile: ε=%s→%s (%s), %s, inner %s, local layers %s, top_p=%s, quantize=%s, downlink %s",
-            self.epsilon,
-            self.epsilon_final,
-            self.epsilon_schedule,
-            f"serial ({self.visit_order})" if self.serial else f"parallel (fraction {self.fraction_train})",
-            self.client_options,
+            self.options.epsilon,
+            self.options.epsilon_final,
+            self.options.epsilon_schedule,
+            f"serial ({self.options.visit_order})"
+            if self.options.serial
+            else f"parallel (fraction {self.options.fraction_train})",
+            self._train_config,
             list(self.local_layers) or "none",
-            self.top_p,
-            self.quantize,
-            "compressed" if self.compress_downlink else "dense",
+            self.options.top_p,
+            self.options.quantize,
+            "compressed" if self.options.compress_downlink else "dense",
         )
 
     def epsilon_for(self, server_round: int) -> float:
-        return epsilon_at(
-            server_round, self.epsilon, self.epsilon_final, self.epsilon_schedule, self.num_rounds
-        )
+        return self.options.epsilon_for(server_round)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -210,20 +126,20 @@ class FedReptile(Strategy):
         if not nodes:
             return []
         static = {
-            k: v for k, v in {**dict(config), **self.client_options}.items() if k not in PER_MESSAGE_KEYS
+            k: v for k, v in {**dict(config), **self._train_config}.items() if k not in PER_MESSAGE_KEYS
         }
-        sync = self._sync_id(static) if self.compress_downlink else None
-        theta = {k: v.numpy() for k, v in global_part.items()}
+        sync = self._sync_id(static) if self.options.compress_downlink else None
+        theta = to_numpy_dict(global_part)
         messages = []
         for node in nodes:
-            cfg: dict[str, Any] = {SERVER_ROUND: server_round}
+            cfg: dict[str, Any] = {SERVER_ROUND_KEY: server_round}
             content = RecordDict()
             start = theta
             held = self._replicas.get(node) if sync is not None else None
             if held is not None and held[0] == sync:
                 _, base_round, base = held
                 delta = {k: theta[k] - base[k] for k in theta}
-                record = codec.encode(delta, top_p=self.top_p, quantize=self.quantize)
+                record = codec.encode(delta, top_p=self.options.top_p, quantize=self.options.quantize)
                 decoded = codec.decode(record, codec.Layout.of(theta))
                 start = {k: base[k] + decoded[k] for k in theta}
                 cfg.update({SYNC_KEY: sync, REPLICA_BASE: base_round})
@@ -267,7 +183,7 @@ class FedReptile(Strategy):
             deltas.append(delta)
             weights.append(weight)
             contents.append(reply.content)
-        if self.compress_downlink:
+        if self.options.compress_downlink:
             for node, replica in self._pending.items():
                 if node in answered:
                     self._replicas[node] = replica
@@ -287,22 +203,23 @@ class FedReptile(Strategy):
                 step = sum(f * d[key].astype(np.float64) for f, d in zip(factors, deltas, strict=True))
                 values = (values.astype(np.float64) + eps * step).astype(values.dtype)
             new[key] = values
-        metrics = aggregate_metricrecords(contents, self.weighted_by_key)
+        metrics = aggregate_metricrecords(contents, self.options.weighted_by_key)
         metrics["epsilon"] = eps
         metrics["nodes"] = len(deltas)
         metrics["skipped"] = skipped
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()}), metrics
+        return from_numpy_dict(new), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.fraction_evaluate == 0.0 or server_round % self.evaluate_every:
+        if self.options.fraction_evaluate == 0.0 or server_round % self.options.evaluate_every:
             return []
         nodes = sorted(grid.get_node_ids())
-        count = min(len(nodes), max(int(len(nodes) * self.fraction_evaluate), self.min_evaluate_nodes))
+        wanted = max(int(len(nodes) * self.options.fraction_evaluate), self.options.min_evaluate_nodes)
+        count = min(len(nodes), wanted)
         chosen = self._rng(server_round, "evaluate").sample(nodes, count)
         global_part = self._global_part(arrays)
-        cfg = {**dict(config), **self.eval_options, "server-round": server_round}
+        cfg = {**dict(config), **self._eval_config, SERVER_ROUND_KEY: server_round}
         return [
             Message(
                 content=RecordDict({ARRAYS_KEY: global_part, CONFIG_KEY: ConfigRecord(dict(cfg))}),
@@ -322,9 +239,9 @@ class FedReptile(Strategy):
                     reply.metadata.src_node_id,
                     reply.error.reason,
                 )
-            elif self.weighted_by_key in reply.content.metric_records.get(METRICS_KEY, {}):
+            elif self.options.weighted_by_key in reply.content.metric_records.get(METRICS_KEY, {}):
                 contents.append(RecordDict({METRICS_KEY: reply.content.metric_records[METRICS_KEY]}))
-        return aggregate_metricrecords(contents, self.weighted_by_key) if contents else None
+        return aggregate_metricrecords(contents, self.options.weighted_by_key) if contents else None
 
     # -- checkpointing --------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -360,23 +277,24 @@ class FedReptile(Strategy):
         return hashlib.sha256(text.encode()).hexdigest()[:8]
 
     def _rng(self, server_round: int, purpose: str) -> random.Random:
-        return random.Random(f"{self.seed}:{purpose}:{server_round}")
+        return random.Random(f"{self.options.seed}:{purpose}:{server_round}")
 
     def _sample_train(self, server_round: int, nodes: list[int]) -> list[int]:
-        if len(nodes) < self.min_available_nodes or not nodes:
+        if len(nodes) < self.options.min_available_nodes or not nodes:
             log.warning(
                 "round %d: %d node(s) available, %d needed; nobody trains",
                 server_round,
                 len(nodes),
-                self.min_available_nodes,
+                self.options.min_available_nodes,
             )
             return []
-        if not self.serial:
-            if self.fraction_train == 0.0:
+        if not self.options.serial:
+            if self.options.fraction_train == 0.0:
                 return []
-            count = min(len(nodes), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
+            wanted = max(int(len(nodes) * self.options.fraction_train), self.options.min_train_nodes)
+            count = min(len(nodes), wanted)
             return sorted(self._rng(server_round, "train").sample(nodes, count))
-        if self.visit_order == "random":
+        if self.options.visit_order == "random":
             node = self._rng(server_round, "train").choice(nodes)
         else:
             later = [n for n in nodes if self.last_node is not None and n > self.last_node]
@@ -389,12 +307,12 @@ class FedReptile(Strategy):
         self, reply: Message, node: int, layout: codec.Layout
     ) -> tuple[dict[str, np.ndarray], float]:
         content = reply.content
-        metrics = content.metric_records.get(METRICS_KEY)
-        if metrics is None or self.weighted_by_key not in metrics:
-            raise ValueError(f"reply has no MetricRecord {METRICS_KEY!r} with {self.weighted_by_key!r}")
-        weight = float(metrics[self.weighted_by_key])  # type: ignore[arg-type]
+        metrics, key = content.metric_records.get(METRICS_KEY), self.options.weighted_by_key
+        if metrics is None or key not in metrics:
+            raise ValueError(f"reply has no MetricRecord {METRICS_KEY!r} with {key!r}")
+        weight = float(metrics[key])  # type: ignore[arg-type]
         if not np.isfinite(weight) or weight < 0:
-            raise ValueError(f"{self.weighted_by_key} must be a non-negative number, got {weight}")
+            raise ValueError(f"{key} must be a non-negative number, got {weight}")
         if node not in self._starts:
             raise ValueError("node was not asked to train this round")
         start = self._starts[node]

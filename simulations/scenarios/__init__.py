@@ -1,7 +1,9 @@
 """Simulation scenarios: a fleet of devices, a model, and the meta-test that scores it.
 
-`tinyfleet sim run NAME` looks scenarios up here. Each module defines the
-defaults of its knobs (`DEFAULTS`) and `build(settings)`, returning a `Scenario`.
+`tinyfleet sim run NAME` looks scenarios up here. Each module defines where its
+FedReptile options depart from `FedReptileOptions`' defaults (`OPTIONS`), the
+defaults of the run's own knobs (`DEFAULTS`: rounds, devices, meta-tests) and
+`build(settings, options)`, returning a `Scenario`.
 """
 
 from __future__ import annotations
@@ -11,13 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tinyfleet.client.data_sources import DataSource
+from tinyfleet.client.meta_learners import Stream
 from tinyfleet.simulations.meta_eval import TaskSet
 
 #: scenario name -> module (imported on demand: omniglot loads data, sine does not)
 SCENARIOS: dict[str, str] = {
     "sine-reptile": "tinyfleet.simulations.scenarios.sine",
     "omniglot-reptile": "tinyfleet.simulations.scenarios.omniglot",
+    # scenarios with their own `run` (tinyfleet.simulations.prototype_runs), not FedReptile experiments
+    "omniglot-protonet": "tinyfleet.simulations.scenarios.omniglot_protonet",
+    "omniglot-recon": "tinyfleet.simulations.scenarios.omniglot_recon",
 }
 
 
@@ -29,7 +34,7 @@ class Scenario:
     meta_tests: dict[str, TaskSet]  # name (e.g. "1-shot") -> fixed unseen tasks
     eval_steps: int
     eval_lr: float
-    central_task: Callable[[int], DataSource]  # i -> stream of the i-th fresh training task
+    central_task: Callable[[int], Stream]  # i -> stream of the i-th fresh training task
     episodic: bool = False  # devices start a new task each round (new_task())
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     main_metric: str = "loss_after"  # what the headline and targets read

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from tinyfleet.client.data_sources import SineStream, SineTask
+from tinyfleet.common.strategy_options import FedReptileOptions
 from tinyfleet.simulations.meta_eval import Episode
 from tinyfleet.simulations.scenarios import Scenario
 
@@ -21,22 +22,20 @@ DEVICE_SEED_BASE = 0
 META_TEST_SEED_BASE = 10_000_000
 CENTRAL_SEED_BASE = 20_000_000
 
-DEFAULTS: dict[str, Any] = {
-    "rounds": 30000,
-    "devices": 20,
+#: Where this scenario departs from FedReptileOptions' defaults (TinyReptile's sine setting).
+OPTIONS: dict[str, Any] = {
     "epsilon": 0.5,
     "epsilon_final": 0.0,
     "epsilon_schedule": "linear",
-    "inner_steps": 5,
-    "inner_lr": 0.02,
-    "inner_batch": 10,
-    "inner_optimizer": "sgd",
-    "inner_samples": 0,
+    "fraction_train": 0.25,  # parallel rounds (--parallel) train a quarter of the devices
+}
+#: The run's own knobs (RunSettings) when `sim run` leaves them out.
+DEFAULTS: dict[str, Any] = {
+    "rounds": 30000,
+    "devices": 20,
     "eval_every": 5000,
     "eval_tasks": 50,
     "final_eval_tasks": 200,
-    "local_layers": "",
-    "reconstruct_steps": 0,
 }
 
 
@@ -65,7 +64,7 @@ class SineTaskSet:
         return self._episodes[index]
 
 
-def build(settings: Any) -> Scenario:
+def build(settings: Any, options: FedReptileOptions) -> Scenario:
     seed = settings.seed
     return Scenario(
         name="sine-reptile",

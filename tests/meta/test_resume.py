@@ -29,23 +29,26 @@ def _settings() -> RunSettings:
         scenario="sine-reptile",
         rounds=40,
         devices=20,
-        epsilon=0.5,
+        options={
+            "top_p": 0.1,
+            "quantize": "int8",
+            "compress_downlink": True,
+            "local_layers": "4",  # the head stays on the devices: their Contexts hold it
+            "reconstruct_steps": 2,
+        },
         eval_every=20,
         eval_tasks=4,
         final_eval_tasks=6,
-        top_p=0.1,
-        quantize="int8",
-        compress_downlink=True,
-        local_layers="4",  # the head stays on the devices: their Contexts hold it
-        reconstruct_steps=2,
         checkpoint_every=10,
         arms=ARMS,
     )
 
 
 def _outcome(experiment: Experiment) -> tuple[list[dict[str, object]], dict[str, tuple[object, ...]]]:
-    rows = [{k: v for k, v in asdict(r).items() if k != "train_cpu_seconds"} for r in experiment.rows]
-    results = {
+    rows: list[dict[str, object]] = [
+        {k: v for k, v in asdict(r).items() if k != "train_cpu_seconds"} for r in experiment.rows
+    ]
+    results: dict[str, tuple[object, ...]] = {
         arm: (r.rounds_done, r.round_bytes, r.up_bytes, array_record_to_bytes(r.model))
         for arm, r in experiment.results.items()
         if r.model is not None
@@ -64,13 +67,13 @@ def _kill_during(
     original = getattr(experiment_module, loop)
     calls = 0
 
-    def wrapper(*args: object, on_round, **kwargs: object):  # type: ignore[no-untyped-def]
+    def wrapper(*args: object, on_round, **kwargs: object):
         nonlocal calls
         calls += 1
         if calls != call:
             return original(*args, on_round=on_round, **kwargs)
 
-        def hooked(done, *rest):  # type: ignore[no-untyped-def]
+        def hooked(done, *rest):
             if (done if isinstance(done, int) else done.round) == at_round:
                 raise error
             return on_round(done, *rest)
@@ -162,7 +165,8 @@ def test_sim_run_stopped_by_ctrl_c_goes_on_with_sim_resume(
     assert main(command) == 130
     assert f"go on with: tinyfleet sim resume {out}" in capsys.readouterr().err
     monkeypatch.undo()
-    assert load_checkpoint(out).progress.result.rounds_done == 15  # checkpoints come with the meta-tests
+    stopped = load_checkpoint(out).progress
+    assert stopped is not None and stopped.result.rounds_done == 15  # checkpoints come with the meta-tests
 
     assert main(command) == 2  # a new run would overwrite the stopped one
     assert "holds a stopped run's checkpoint" in capsys.readouterr().err
@@ -184,7 +188,7 @@ def test_devices_in_worker_processes_give_the_same_run_and_resume_there(
 ) -> None:
     def parallel(workers: int) -> RunSettings:
         settings = _settings()
-        settings.serial, settings.fraction, settings.rounds, settings.eval_every = False, 0.25, 20, 10
+        settings.options["serial"], settings.rounds, settings.eval_every = False, 20, 10
         settings.workers, settings.arms = workers, ("fedreptile", "fedavg")
         return settings
 

@@ -15,10 +15,6 @@ def _small(seed: int = 0) -> Experiment:
         rounds=800,
         seed=seed,
         devices=20,
-        epsilon=0.5,
-        epsilon_final=0.0,
-        epsilon_schedule="linear",
-        inner_steps=5,
         eval_every=800,
         eval_tasks=20,
         final_eval_tasks=30,
@@ -86,7 +82,8 @@ def test_sim_run_writes_metrics_summary_and_plots(tmp_path: Path, capsys) -> Non
         "bytes_per_round.png",
     }
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["config"]["top_p"] == 0.1 and summary["config"]["rounds"] == 60
+    assert summary["config"]["options"] == {"top_p": "0.1", "quantize": "int8", "compress_downlink": True}
+    assert summary["config"]["options_used"]["top_p"] == 0.1 and summary["config"]["rounds"] == 60
     assert set(summary["arms"]) == {"fedreptile", "fedreptile-dense", "fedavg", "central", "random"}
     assert summary["communication"]["uplink_bytes_ratio"] > 10
     lines = (out / "metrics.csv").read_text().splitlines()
