@@ -57,7 +57,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--rounds", type=int, help="training rounds per arm")
     run.add_argument("--seed", type=int, default=0, help="seed of data, sampling and initial weights")
     run.add_argument("--devices", type=int, help="simulated devices")
-    # FedReptile options (FedReptileOptions: each is checked there, named in any error)
+    # FedReptile options: each dest is a FedReptileOptions field, checked there and named in any error
     run.add_argument("--epsilon", help="meta step size ε (initial value when linear)")
     run.add_argument("--epsilon-final", help="ε at the end of a linear schedule")
     run.add_argument("--epsilon-schedule", help="constant or linear")
@@ -228,32 +228,14 @@ def run_command(args: argparse.Namespace) -> int:
     )
 
 
-#: `sim run` flags that set a FedReptile option, by the option's name (their argparse dest).
-OPTION_FLAGS = (
-    "epsilon",
-    "epsilon_final",
-    "epsilon_schedule",
-    "serial",
-    "fraction_train",
-    "visit_order",
-    "inner_steps",
-    "inner_lr",
-    "inner_batch",
-    "inner_optimizer",
-    "inner_samples",
-    "keep_optimizer_state",
-    "local_layers",
-    "reconstruct_steps",
-    "top_p",
-    "quantize",
-    "compress_downlink",
-)
-
-
 def _options(args: argparse.Namespace) -> dict[str, object]:
-    """The FedReptile options the command line sets: flags, then --option NAME=VALUE. Values stay
-    text; FedReptileOptions converts and checks them."""
-    options: dict[str, object] = {n: getattr(args, n) for n in OPTION_FLAGS if getattr(args, n) is not None}
+    """The FedReptile options the command line sets: the flags named (as their dest) after an
+    option, then --option NAME=VALUE. Values stay text; FedReptileOptions converts and checks them.
+    `--seed` is the run's (RunSettings.seed), which FedReptile's sampling follows."""
+    from tinyfleet.common.strategy_options import FedReptileOptions
+
+    flags = set(FedReptileOptions.model_fields) - {"seed"}
+    options: dict[str, object] = {n: v for n, v in vars(args).items() if n in flags and v is not None}
     for item in args.option:
         name, equals, value = item.partition("=")
         name = name.strip()

@@ -40,8 +40,6 @@ def test_import_path_of_a_stock_strategy() -> None:
         ('strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 0', "rounds", "at least 1"),
         ('strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = "3"', "rounds", "integer"),
         ('strategy = "nope"\nmodel = "sine-mlp"\nrounds = 1', "strategy", "unknown strategy"),
-        # nothing named fedproto exists yet, so no job may name it
-        ('strategy = "fedproto"\nmodel = "sine-mlp"\nrounds = 1', "strategy", "unknown strategy"),
         ('strategy = "os:path"\nmodel = "sine-mlp"\nrounds = 1', "strategy", "not a flwr"),
         ('strategy = "no.such.mod:X"\nmodel = "sine-mlp"\nrounds = 1', "strategy", "cannot import"),
         ('strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 1\n[round]\ndeadline_s = -1',
@@ -60,6 +58,17 @@ def test_errors_name_the_field(text: str, field: str, words: str) -> None:
         parse_job_spec(text)
     assert info.value.field == field
     assert words in str(info.value) and f"'{field}'" in str(info.value)
+
+
+def test_every_strategy_alias_names_a_strategy_that_exists() -> None:
+    """A short name is a claim: it used to include fedproto before any FedProto existed."""
+    from flwr.serverapp.strategy import Strategy
+
+    from tinyfleet.common.jobspec import STRATEGY_ALIASES, resolve_strategy_class
+
+    for alias, path in STRATEGY_ALIASES.items():
+        cls = resolve_strategy_class(path)
+        assert isinstance(cls, type) and issubclass(cls, Strategy), alias
 
 
 def test_example_job_files_parse_and_their_options_are_valid() -> None:
