@@ -98,14 +98,16 @@ def test_fedavg_trainer_takes_reptiles_adam_or_names_a_bad_optimizer() -> None:
     assert moved.max() <= 0.01 * (1 + 1e-5) and np.median(moved) == pytest.approx(0.01, rel=1e-3)
     assert np.median(np.abs(first_step("sgd"))) != pytest.approx(0.01, rel=1e-1)
     reply = app(_message("train", {"local_steps": 1, "optimizer": "lion"}), _context())
-    assert reply.has_error() and "optimizer must be 'sgd' or 'adam', got 'lion'" in reply.error.reason
+    assert reply.has_error()
+    assert "option 'optimizer': Input should be 'sgd' or 'adam', got 'lion'" in str(reply.error.reason)
 
 
 def test_evaluate_and_query_use_the_supernode_node_config() -> None:
     app = make_client_app()
     evaluated = app(_message("evaluate", {"eval_samples": 10}), _context())
     assert evaluated.content.metric_records["metrics"]["num-examples"] == 10
-    assert evaluated.content.metric_records["metrics"]["eval_loss"] > 0
+    loss = evaluated.content.metric_records["metrics"]["eval_loss"]
+    assert isinstance(loss, float) and loss > 0
     info = app(_message("query", {}, arrays=False), _context("sine:seed=9"))
     assert info.content.config_records["info"]["data"] == "sine:seed=9"
     assert info.content.config_records["info"]["node_id"] == "7"
@@ -125,7 +127,7 @@ def test_fedreptile_actions_are_routed_to_the_meta_learners() -> None:
 def test_a_failing_handler_answers_with_tinyfleets_error_reply() -> None:
     reply = make_client_app()(_message("train", {"local_steps": 1}), _context(data=None))
     assert reply.has_error() and reply.error.code == ERR_HANDLER_FAILED
-    assert "no data source" in reply.error.reason
+    assert "no data source" in str(reply.error.reason)
 
 
 def test_only_the_registry_types_are_registered_with_flower() -> None:

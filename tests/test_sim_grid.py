@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from typing import cast
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ def test_stock_fedavg_runs_unchanged_and_learns() -> None:
     result = FedAvg(min_available_nodes=4, min_train_nodes=4).start(
         grid, initial, num_rounds=3, train_config=TRAIN, evaluate_config=EVAL
     )
-    losses = [result.evaluate_metrics_clientapp[r]["eval_loss"] for r in (1, 2, 3)]
+    losses = [cast(float, result.evaluate_metrics_clientapp[r]["eval_loss"]) for r in (1, 2, 3)]
     assert losses[-1] < losses[0], losses
     trained = result.arrays["0.weight"].numpy()
     assert not np.allclose(trained, initial["0.weight"].numpy())
@@ -78,7 +79,7 @@ def test_unknown_message_type_is_an_error_reply_not_a_crash() -> None:
         RecordDict(), "train", 1000, "g"
     )
     (reply,) = grid.send_and_receive([msg], timeout=1)
-    assert reply.has_error() and "ArrayRecord" in reply.error.reason
+    assert reply.has_error() and "ArrayRecord" in str(reply.error.reason)
 
 
 def _dies(message: Message, context: Context) -> Message:

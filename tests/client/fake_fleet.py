@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 
@@ -35,7 +36,7 @@ class Connection:
         self.ended = threading.Event()
         self._changed = threading.Condition()
 
-    def send(self, **kind: object) -> None:
+    def send(self, **kind: Any) -> None:  # one CoordinatorFrame field, by name
         self.outbox.put(fleet_pb2.CoordinatorFrame(**kind))
 
     def end(self) -> None:

@@ -22,6 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -145,7 +146,7 @@ class Coordinator:
     def in_sql(self, device_id: str) -> bool:
         return device_id in {d.device_id for d in self.fleet.admin().devices()}
 
-    def outbox(self) -> dict[str, object]:
+    def outbox(self) -> dict[str, Any]:
         return httpx.get(f"{self.base}/healthz", timeout=30).json()["outbox"]
 
     def still_the_same_process(self) -> bool:

@@ -55,7 +55,7 @@ def register(
 
 def validation_errors(error: grpc.RpcError) -> list[dict[str, str]]:
     """The {path, message} list a refused registration carries in its trailer."""
-    trailer = dict(error.trailing_metadata() or ())  # type: ignore[attr-defined]
+    trailer = {entry.key: entry.value for entry in error.trailing_metadata() or ()}
     return json.loads(trailer.get("validation-errors", "[]"))
 
 

@@ -22,7 +22,8 @@ def test_every_named_query_parses_and_runs_on_an_empty_store() -> None:
     for name, query in catalog.catalog().items():
         values = {p.name: "urn:tinyfleet:x" for p in query.params if p.required}
         assert query.summary, name
-        assert list(store.query(query.render(values), use_default_graph_as_union=True)) == []
+        result = store.query(query.render(values), use_default_graph_as_union=True)
+        assert isinstance(result, ox.QuerySolutions) and list(result) == []
 
 
 def test_values_are_typed_and_cannot_change_the_query() -> None:

@@ -95,7 +95,8 @@ def test_concurrent_registrations_each_get_their_own_answer(
                 assert isinstance(answer, grpc.RpcError), answer
                 if expected == "invalid":
                     assert answer.code() == grpc.StatusCode.INVALID_ARGUMENT
-                    errors = json.loads(dict(answer.trailing_metadata())["validation-errors"])
+                    trailer = {entry.key: entry.value for entry in answer.trailing_metadata()}
+                    errors = json.loads(trailer["validation-errors"])
                     assert [e["path"].split()[-1] for e in errors] == ["tf:ramKB"]
                 else:
                     assert answer.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -107,7 +108,7 @@ def test_concurrent_registrations_each_get_their_own_answer(
         expected_ids = {f"urn:tinyfleet:device:ok-{i}" for i in range(18)} | {"urn:tinyfleet:device:owned"}
         assert set(devices) == expected_ids
         assert b'"ramKB": 2' in devices["urn:tinyfleet:device:owned"].description
-        with thread.coordinator.engine.connect() as conn:
+        with repo.engine.connect() as conn:
             rows = conn.execute(sa.select(outbox.c.kind, outbox.c.created_at).order_by(outbox.c.seq)).all()
         described = [r for r in rows if r.kind in ("device.registered", "device.updated")]
         assert sorted(r.kind for r in described) == ["device.registered"] * 19 + ["device.updated"]

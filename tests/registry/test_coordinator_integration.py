@@ -61,7 +61,7 @@ def test_registration_is_validated_and_projected(
         with pytest.raises(grpc.RpcError) as refused:
             stub.Register(signed_register(make_td(ram_kb=-1), key, 1, token))
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        trailer = dict(refused.value.trailing_metadata())
+        trailer = {entry.key: entry.value for entry in refused.value.trailing_metadata()}
         errors = json.loads(trailer["validation-errors"])
         assert [e["path"].split()[-1] for e in errors] == ["tf:ramKB"]
         stub.Register(signed_register(make_td(sensors=("Camera",)), key, 2, token))
@@ -132,13 +132,15 @@ def test_directory_writes_on_the_daemon_go_through_sql(
     admin = {"authorization": f"Bearer {TOKEN}", "content-type": TD_JSON}
     thing = "urn:tinyfleet:device:pi-01"
     _wait_for(lambda: registry.repo is not None and registry.projector is not None)
+    repo = registry.repo
+    assert repo is not None
     assert httpx.put(f"{base}/things/{thing}", content=make_td(), headers=admin).status_code == 201
-    assert registry.repo.get_device(thing) is not None  # SQL, the system of record, has it
+    assert repo.get_device(thing) is not None  # SQL, the system of record, has it
     assert httpx.get(f"{base}/things/{thing}").json()["ramKB"] == 512  # and RDF is already current
     assert httpx.put(f"{base}/things/{thing}", content=make_td(ram_kb=64), headers=admin).status_code == 204
-    assert registry.repo.get_device(thing).description == make_td(ram_kb=64)
+    assert (device := repo.get_device(thing)) is not None and device.description == make_td(ram_kb=64)
     assert httpx.delete(f"{base}/things/{thing}", headers=admin).status_code == 204
-    assert registry.repo.get_device(thing) is None
+    assert repo.get_device(thing) is None
     assert httpx.get(f"{base}/things/{thing}").status_code == 404
 
 

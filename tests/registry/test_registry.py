@@ -18,14 +18,16 @@ def test_register_replace_and_delete_a_device(registry: Registry, make_td: Calla
     events: list[tuple[str, str]] = []
     registry.subscribe(lambda event, thing: events.append((event, thing)))
     assert registry.put(registry.prepare(make_td(sensors=("Accelerometer",)), TD_JSON)) is True
-    created = registry.registration(DEVICE).created
+    registration = registry.registration(DEVICE)
+    assert registration is not None
+    created = registration.created
     assert registry.eligible("eligible-devices sensors=sosa_extend:Accelerometer") == [DEVICE]
     # Re-registration replaces the whole graph: the accelerometer is gone, nothing is left over.
     assert registry.put(registry.prepare(make_td(sensors=("Camera",)), TD_JSON)) is False
     assert registry.eligible("eligible-devices sensors=sosa_extend:Accelerometer") == []
     assert registry.eligible("eligible-devices sensors=sosa_extend:Camera") == [DEVICE]
-    assert registry.registration(DEVICE).created == created
-    assert registry.document(DEVICE)["sensorTypes"] == ["Camera"]
+    assert (again := registry.registration(DEVICE)) is not None and again.created == created
+    assert (document := registry.document(DEVICE)) is not None and document["sensorTypes"] == ["Camera"]
     assert registry.delete(DEVICE) is True
     assert registry.delete(DEVICE) is False
     assert registry.thing_ids() == ([], 0)
@@ -121,7 +123,7 @@ def test_liveness_is_batched_into_one_update_and_seq_recorded(
 
 def test_ttl_registrations_expire(registry: Registry, make_td: Callable[..., bytes]) -> None:
     registry.put(registry.prepare(make_td(), TD_JSON, ttl_s=60))
-    assert registry.document(DEVICE)["registration"]["ttl"] == 60
+    assert (document := registry.document(DEVICE)) is not None and document["registration"]["ttl"] == 60
     assert registry.purge_expired() == []
     later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=61)
     assert registry.purge_expired(later) == [DEVICE]
@@ -149,4 +151,4 @@ def test_rdflib_view_of_the_same_store(make_td: Callable[..., bytes]) -> None:
     registry.put(registry.prepare(make_td(), TD_JSON))
     dataset = store.rdflib_dataset()
     ram = rdflib.URIRef("https://w3id.org/tinyfleet#ramKB")
-    assert [int(o) for o in dataset.objects(rdflib.URIRef(DEVICE), ram)] == [512]
+    assert [int(str(o)) for o in dataset.objects(rdflib.URIRef(DEVICE), ram)] == [512]

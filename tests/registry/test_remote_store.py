@@ -78,7 +78,8 @@ def test_registry_on_a_remote_sparql_server(oxigraph_server: str, make_td: Calla
         headers={"content-type": "application/sparql-query", "accept": "application/sparql-results+json"},
     )
     assert raw.json()["results"]["bindings"][0]["n"]["value"] == "0"
-    assert registry.document("urn:tinyfleet:device:a")["sensorTypes"] == ["Camera"]
+    document = registry.document("urn:tinyfleet:device:a")
+    assert document is not None and document["sensorTypes"] == ["Camera"]
     triples = registry.graph_triples("urn:tinyfleet:device:b")
     assert any(t.predicate.value.endswith("#ramKB") for t in triples)
     assert registry.delete("urn:tinyfleet:device:a") is True

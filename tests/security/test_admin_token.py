@@ -39,7 +39,7 @@ def test_the_admin_api_is_refused_without_the_token_the_coordinator_generated(
         with AdminClient(fleet.address) as anonymous, pytest.raises(grpc.RpcError) as refused:
             anonymous.devices()
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert "DATA_DIR/admin-token" in refused.value.details()
+        assert "DATA_DIR/admin-token" in str(refused.value.details())
         assert main(["job", "list", "--server", fleet.address]) == 1
         with_file = ["--server", fleet.address, "--admin-token-file", str(token_file)]
         assert main(["job", "list", "--json", *with_file]) == 0

@@ -19,7 +19,7 @@ INTERNALS = re.compile(
 )
 
 
-def _details(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:  # type: ignore[no-untyped-def]
+def _details(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         result = call(*args, **kwargs)
         if hasattr(result, "__iter__"):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
 from tinyfleet.simulations.local_fleet import LocalFleet
 
 pytestmark = pytest.mark.slow
@@ -53,11 +54,11 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFleet]:
         yield local
 
 
-def _rounds(info: object) -> list[dict]:
-    return json.loads(info.rounds_json)  # type: ignore[attr-defined]
+def _rounds(info: fleet_pb2.JobInfo) -> list[dict]:
+    return json.loads(info.rounds_json)
 
 
-def _wait(fleet: LocalFleet, job_id: str, timeout: float) -> object:
+def _wait(fleet: LocalFleet, job_id: str, timeout: float) -> fleet_pb2.JobInfo:
     """The job's final state, following it with WatchJob (bounded, so a bug cannot hang CI)."""
     last = fleet.admin().job(job_id)
     for info in fleet.admin().watch(job_id, timeout=timeout):
