@@ -226,6 +226,27 @@ class TaskStream:
         drawers = self.rng.choice(np.array(STREAM_DRAWERS), size=n)
         return images_of(self.images, self.classes, labels, drawers), torch.from_numpy(labels)
 
+    def episode(
+        self, ways: int, shots: int, queries: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A fresh `ways`-way episode from the whole pool (Prototypical Networks' training unit):
+        support and query images of distinct stream drawers, labels 0..ways-1 in class order."""
+        if len(self.pool) < ways or shots + queries > len(STREAM_DRAWERS):
+            raise DataSpecError(
+                f"omniglot: a {ways}-way episode of {shots}+{queries} drawers needs {ways} classes and "
+                f"{shots + queries} drawers; this stream has {len(self.pool)} and {len(STREAM_DRAWERS)}"
+            )
+        classes = self.rng.choice(self.pool, ways, replace=False)
+        drawers = np.stack(
+            [self.rng.choice(np.array(STREAM_DRAWERS), shots + queries, replace=False) for _ in classes]
+        )
+        labels = np.repeat(np.arange(ways), shots + queries)
+        images = images_of(self.images, classes, labels, drawers.reshape(-1))
+        images = images.reshape(ways, shots + queries, 1, SIZE, SIZE)
+        y = torch.arange(ways)
+        support, query = images[:, :shots].flatten(0, 1), images[:, shots:].flatten(0, 1)
+        return support, y.repeat_interleave(shots), query, y.repeat_interleave(queries)
+
 
 class OmniglotDeviceStream(TaskStream):
     """One device of a non-IID fleet: tasks from its own alphabets, held-back drawers for evaluation."""
@@ -272,6 +293,12 @@ class OmniglotDeviceStream(TaskStream):
         except ValueError:
             raise DataSpecError("omniglot: device, devices, ways and seed must be integers") from None
         return cls(*numbers, root=data_root(dir), split=split)
+
+    def label_names(self, labels: torch.Tensor, held: bool = False) -> list[str]:
+        """The class each task label stands for in the current task (or the held-back one), named by
+        its id in the split's training classes (character * 4 + rotation): the same on every device."""
+        classes = self._holdout_classes if held else self.classes
+        return [str(int(classes[i])) for i in labels.tolist()]
 
     def holdout(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A fixed task on held-back drawers, class-interleaved: the first `ways * k` are a k-shot support."""
