@@ -194,6 +194,10 @@ class KeywordStream:
             ) from None
         return cls(words.split("+") if words else [], *numbers, root=data_root(dir))
 
+    def label_names(self, labels: torch.Tensor, held: bool = False) -> list[str]:
+        """The word each label stands for, the same on every device whatever its word order."""
+        return [self.words[i] for i in labels.tolist()]
+
     def clips_of(self, label: int, held: bool = False) -> list[Clip]:
         """The clips of words[label] in the stream (or in the holdout)."""
         clips = word_features(self._root, self.words[label])[0]

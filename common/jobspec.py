@@ -47,6 +47,7 @@ from tinyfleet.common.models import MODELS
 STRATEGY_ALIASES: dict[str, str] = {
     "fedavg": "flwr.serverapp.strategy:FedAvg",
     "fedreptile": "tinyfleet.server.strategies:FedReptile",
+    "fedproto": "tinyfleet.server.strategies:FedProto",
 }
 
 ConfigValue = int | float | str | bool

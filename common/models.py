@@ -118,6 +118,14 @@ MODELS: dict[str, ModelSpec] = {
         task="embedding",
         description="4x64-channel conv embedding (64 values) for nearest-prototype classification, 28x28",
     ),
+    "identity": ModelSpec(
+        name="identity",
+        build=nn.Identity,
+        input_shape=(5,),
+        task="embedding",
+        description="no parameters: a sample's features are its embedding (FedProto on raw features, "
+        "e.g. occupancy's five sensor readings)",
+    ),
 }
 
 
