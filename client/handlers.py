@@ -69,9 +69,10 @@ class HandlerRegistry:
 
 def default_handlers() -> HandlerRegistry:
     """The registry every agent and simulated client starts with (all built-in learners)."""
-    from tinyfleet.client import learners, meta_learners
+    from tinyfleet.client import learners, meta_learners, proto_learners
 
     registry = HandlerRegistry()
     learners.register_all(registry)
     meta_learners.register_all(registry)
+    proto_learners.register_all(registry)
     return registry
