@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint typecheck setup clean
 
 setup: $(STAMP)
 
@@ -20,12 +20,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/tinyfleet demo
 
-test: $(STAMP)
-	$(BIN)/ruff check .
+# ruff, then mypy (the packages and the tests; .ci/typecheck.py), then pytest.
+test: lint
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/python .ci/typecheck.py
+
+typecheck: $(STAMP)
+	$(BIN)/python .ci/typecheck.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
