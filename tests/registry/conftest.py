@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -21,8 +22,8 @@ def registry() -> Iterator[Registry]:
 
 @pytest.fixture
 def make_td() -> Callable[..., bytes]:
-    def make(name: str = "pi-01", **overrides: object) -> bytes:
-        fields: dict[str, object] = {"title": name, "ram_kb": 512, "flash_kb": 4096, "device_class": "mcu"}
+    def make(name: str = "pi-01", **overrides: Any) -> bytes:  # device_thing_description's keywords
+        fields: dict[str, Any] = {"title": name, "ram_kb": 512, "flash_kb": 4096, "device_class": "mcu"}
         fields.update(overrides)
         return json.dumps(device_thing_description(f"urn:tinyfleet:device:{name}", **fields)).encode()
 
