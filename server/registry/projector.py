@@ -57,6 +57,8 @@ class DeviceRow(Protocol):
     @property
     def device_id(self) -> str: ...
     @property
+    def node_id(self) -> int: ...
+    @property
     def description(self) -> bytes: ...
     @property
     def media_type(self) -> str: ...
@@ -489,7 +491,7 @@ class ArtifactProjector:
                         contributors[(job_id, round_number)].append(node_id)
             if not rows:
                 return described
-            devices = {d.node_id: d.device_id for d in self.source.list_devices()}  # type: ignore[attr-defined]
+            devices = {d.node_id: d.device_id for d in self.source.list_devices()}
             for row in rows:
                 spec = parse_job_spec(row.spec_toml)
                 metrics = {f"train.{k}": v for k, v in (row.train_metrics or {}).items()}
