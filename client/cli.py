@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from tinyfleet.cli import HelpFormatter
-from tinyfleet.client.descriptions import DEVICE_CLASSES
+from tinyfleet.common.device_description import DEVICE_CLASSES
 from tinyfleet.common.process_liveness import pid_alive
 
 RUN_EXAMPLES = """examples:

@@ -1,13 +1,11 @@
-"""Device descriptions: loading the file an agent registers with, or making a minimal one.
+"""The agent's device description: the file it registers with, or one made for its host.
 
-A description is a W3C WoT Thing Description (TD 1.1, JSON-LD) or the same
-facts in Turtle. The agent sends it to the coordinator as given (the registry
-validates it against the fleet ontology); here we only make sure it parses and
-names the device with an IRI, so a typo fails on the device with the file and
-the problem named, not as a rejected registration.
-
-Fleet terms use the namespace https://w3id.org/tinyfleet# with prefix "tf"
-(tf:ramKB, tf:flashKB, tf:cpu, tf:cpuCores, tf:deviceClass).
+A description is a W3C WoT Thing Description (TD 1.1, JSON-LD) or the same facts
+in Turtle. The agent sends it to the coordinator as given; here it is judged by the
+rules the coordinator applies first (common.device_description: the TD 1.1 schema,
+which subject is the device), so a typo fails on the device with the file and the
+problem named, not as a rejected registration. The fleet's requirements (RAM,
+flash, class: the SHACL shapes) are checked by the coordinator alone.
 """
 
 from __future__ import annotations
@@ -15,27 +13,27 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-TD_CONTEXT: Final = "https://www.w3.org/2022/wot/td/v1.1"
-TD_NS: Final = "https://www.w3.org/2019/wot/td#"
-TF_NS: Final = "https://w3id.org/tinyfleet#"
-MEDIA_TD_JSON: Final = "application/td+json"
-MEDIA_TURTLE: Final = "text/turtle"
+from tinyfleet.common.device_description import (
+    DEVICE_CLASSES,
+    MEDIA_TD_JSON,
+    MEDIA_TURTLE,
+    DescriptionInvalid,
+    device_iri,
+    device_thing_description,
+    read_device_id,
+)
+
 _JSON_SUFFIXES: Final = {".json", ".jsonld"}
 _TURTLE_SUFFIXES: Final = {".ttl"}
-#: tf:deviceClass values the fleet ontology allows.
-DEVICE_CLASSES: Final = ("sbc", "mcu", "gateway")
-_DEVICE_TYPE_NAMES: Final = {"thing", "device"}
-_IRI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:\S+$")
 
 
 class DescriptionError(ValueError):
-    """A description file that cannot be registered; the message names the file and the problem."""
+    """A description that cannot be registered; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -44,10 +42,6 @@ class Description:
     media_type: str
     device_id: str
     source: str
-
-    @property
-    def is_json(self) -> bool:
-        return self.media_type == MEDIA_TD_JSON
 
 
 def media_type_for(path: Path, data: bytes) -> str:
@@ -70,83 +64,11 @@ def load_description(path: str | Path) -> Description:
 
 
 def parse_description(data: bytes, media_type: str, *, source: str = "<description>") -> Description:
-    if media_type == MEDIA_TD_JSON:
-        device_id = _json_device_id(data, source)
-    elif media_type == MEDIA_TURTLE:
-        device_id = _turtle_device_id(data, source)
-    else:
-        raise DescriptionError(
-            f"{source}: unsupported media type {media_type!r}; use {MEDIA_TD_JSON} or {MEDIA_TURTLE}"
-        )
+    try:
+        device_id = read_device_id(data, media_type)
+    except DescriptionInvalid as exc:
+        raise DescriptionError(f"{source}: {exc.summary}") from exc
     return Description(data=data, media_type=media_type, device_id=device_id, source=source)
-
-
-def _json_device_id(data: bytes, source: str) -> str:
-    try:
-        td = json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise DescriptionError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except json.JSONDecodeError as exc:
-        raise DescriptionError(
-            f"{source}: not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
-        ) from exc
-    if not isinstance(td, dict):
-        raise DescriptionError(
-            f"{source}: a Thing Description must be a JSON object, got {type(td).__name__}"
-        )
-    if "@context" not in td:
-        raise DescriptionError(f"{source}: missing \"@context\" (a TD 1.1 uses {TD_CONTEXT!r})")
-    device_id = td.get("id", td.get("@id"))
-    if device_id is None:
-        raise DescriptionError(f"{source}: missing \"id\"; the device needs an IRI such as urn:dev:pi-01")
-    if not isinstance(device_id, str) or not _IRI.match(device_id):
-        raise DescriptionError(
-            f"{source}: \"id\" must be an absolute IRI (e.g. urn:dev:pi-01), got {device_id!r}"
-        )
-    return device_id
-
-
-def _turtle_device_id(data: bytes, source: str) -> str:
-    from rdflib import RDF, BNode, Graph, URIRef
-
-    graph = Graph()
-    try:
-        graph.parse(data=data.decode("utf-8"), format="turtle")
-    except UnicodeDecodeError as exc:
-        raise DescriptionError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    except Exception as exc:  # rdflib raises BadSyntax and assorted others for bad Turtle
-        detail = " ".join(str(exc).split())
-        raise DescriptionError(f"{source}: not valid Turtle: {detail}") from exc
-    # As the coordinator decides (server/descriptions.py): the subject typed with a
-    # Thing or Device class of any vocabulary (td:Thing, tf:Device, saref:Device, ...),
-    # failing that the subject carrying td:title.
-    typed = {s for s, cls in graph.subject_objects(RDF.type) if _local_name(str(cls)) in _DEVICE_TYPE_NAMES}
-    titled = set(graph.subjects(URIRef(TD_NS + "title")))
-    things = sorted(typed or titled, key=str)
-    if not things:
-        raise DescriptionError(
-            f"{source}: no subject typed as a Thing or Device (td:Thing, tf:Device) and none "
-            "with a td:title; which device is this?"
-        )
-    if len(things) > 1:
-        raise DescriptionError(
-            f"{source}: describes {len(things)} devices ({', '.join(map(str, things))}); "
-            "register one description per device"
-        )
-    if isinstance(things[0], BNode):
-        raise DescriptionError(
-            f"{source}: the device is a blank node; give it an IRI such as <urn:dev:pi-01>"
-        )
-    return str(things[0])
-
-
-def _local_name(iri: str) -> str:
-    return iri.rsplit("#", 1)[-1].rsplit("/", 1)[-1].lower()
-
-
-def device_iri(device_id: str) -> str:
-    """'pi-01' -> 'urn:tinyfleet:device:pi-01'; an id that is already an IRI stays as it is."""
-    return device_id if _IRI.match(device_id) else f"urn:tinyfleet:device:{device_id}"
 
 
 def host_resources(path: str | Path = "/") -> dict[str, Any]:
@@ -169,10 +91,12 @@ def minimal_thing_description(
     cpu_cores: int | None = None,
     title: str | None = None,
 ) -> dict[str, Any]:
-    """A valid TD 1.1 for a device known only by id and resources (tests, demos, quick starts).
+    """The fleet's TD (`device_thing_description`) for a device known by id and resources.
 
     Resources not given are measured on this host (`host_resources`), so a
-    generated description never claims numbers nobody measured.
+    generated description never claims numbers nobody measured. Values the fleet
+    shapes would refuse are refused here (tests/test_device_description.py holds the
+    two to the same bounds), so a bad command-line value fails before registering.
     """
     if not device_id.strip():
         raise DescriptionError("device id is empty")
@@ -182,22 +106,16 @@ def minimal_thing_description(
     cpu_cores = host["cpu_cores"] if cpu_cores is None else cpu_cores
     if device_class not in DEVICE_CLASSES:
         raise DescriptionError(f"device class {device_class!r} is not one of {', '.join(DEVICE_CLASSES)}")
-    for name, value in (("ram_kb", ram_kb), ("flash_kb", flash_kb), ("cpu_cores", cpu_cores)):
-        if value <= 0:
-            raise DescriptionError(f"{name} must be positive, got {value}")
-    iri = device_iri(device_id.strip())
-    return {
-        "@context": [TD_CONTEXT, {"tf": TF_NS}],
-        "id": iri,
-        "title": title or device_id,
-        "securityDefinitions": {"nosec_sc": {"scheme": "nosec"}},
-        "security": ["nosec_sc"],
-        "tf:ramKB": int(ram_kb),
-        "tf:flashKB": int(flash_kb),
-        "tf:cpu": cpu if cpu is not None else host["cpu"],
-        "tf:cpuCores": int(cpu_cores),
-        "tf:deviceClass": device_class,
-    }
+    if not ram_kb > 0:
+        raise DescriptionError(f"ram_kb must be positive, got {ram_kb}")
+    if not flash_kb >= 0:
+        raise DescriptionError(f"flash_kb must be at least 0, got {flash_kb}")
+    if not cpu_cores >= 1:
+        raise DescriptionError(f"cpu_cores must be at least 1, got {cpu_cores}")
+    return device_thing_description(
+        device_iri(device_id.strip()), title=title or device_id.strip(), ram_kb=ram_kb, flash_kb=flash_kb,
+        cpu=host["cpu"] if cpu is None else cpu, cpu_cores=cpu_cores, device_class=device_class,
+    )
 
 
 def minimal_description(device_id: str, **resources: Any) -> Description:

@@ -16,6 +16,8 @@ ONTOLOGY_PATH: Final = HERE / "tinyfleet.ttl"
 SHAPES_PATH: Final = HERE / "shapes.ttl"
 QUERIES_DIR: Final = HERE / "queries"
 CONTEXTS_DIR: Final = HERE / "contexts"
+#: W3C's JSON Schema for TD 1.1 instances, vendored as published (schemas/README.md).
+TD_SCHEMA_PATH: Final = HERE / "schemas" / "td-json-schema-validation.json"
 
 TF: Final = "https://w3id.org/tinyfleet#"
 TD: Final = "https://www.w3.org/2019/wot/td#"
@@ -32,6 +34,8 @@ PROV: Final = "http://www.w3.org/ns/prov#"
 SCHEMA: Final = "https://schema.org/"
 OM: Final = "http://www.ontology-of-units-of-measure.org/resource/om-2/"
 DCT: Final = "http://purl.org/dc/terms/"
+SAREF: Final = "https://saref.etsi.org/core/"  # SAREF 3; SAREF 1 and 2 (and the TD spec's examples):
+SAREF_W3ID: Final = "https://w3id.org/saref#"
 DISCOVERY: Final = "https://www.w3.org/2022/wot/discovery#"
 RDF: Final = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
 RDFS: Final = "http://www.w3.org/2000/01/rdf-schema#"

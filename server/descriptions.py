@@ -1,17 +1,17 @@
-"""Device descriptions: check that what an agent registers parses and names its device.
+"""Device descriptions at the coordinator: the bounds on one, the hook that judges them, refusals.
 
-`describe_device(description, media_type) -> (device_id, normalized)` is the hook
-the registry replaces with SHACL validation (pass another function with the same
-signature to the coordinator). This baseline accepts a W3C WoT Thing Description
-in JSON(-LD) with an "id", or Turtle whose device is the one subject typed as a
-Thing/Device (any vocabulary) or, failing that, the one subject with a td:title.
-Every rejection raises DescriptionError naming what is wrong.
+`describe_device(description, media_type) -> (device_id, stored)` is the hook the
+registry replaces with its own (TD 1.1 schema, scope, SHACL, the fleet's
+requirements: server/registry/daemon_plugin.py). This baseline judges what the
+agent's own pre-check judges (common.device_description: a TD 1.1, or Turtle
+whose device is the one subject typed as a device) within the limits below, so
+a coordinator started without the registry names the same device. Every
+rejection raises DescriptionError naming what is wrong.
 
 What any description may be is checked before it is parsed (DescriptionLimits):
-its size, the nesting depth of JSON (counted without recursion, so 10k-deep
-JSON is refused by name instead of raising RecursionError in the parser), and
-that the device id is an absolute IRI that can name an RDF node. The registry
-applies the same limits.
+its size and the nesting depth of JSON (counted without recursion, so 10k-deep
+JSON is refused by name instead of raising RecursionError in the parser). The
+registry applies the same limits.
 """
 
 from __future__ import annotations
@@ -23,10 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-JSON_MEDIA_TYPES = {"application/td+json", "application/ld+json", "application/json"}
-TURTLE_MEDIA_TYPES = {"text/turtle", "application/x-turtle"}
-TD_NS = "https://www.w3.org/2019/wot/td#"
-_DEVICE_CLASS_NAMES = {"thing", "device"}
+from tinyfleet.common.device_description import DescriptionInvalid, media_kind, read_device_id
+
 #: Default for `tinyfleet server start --max-description-bytes`.
 DEFAULT_MAX_DESCRIPTION_BYTES: Final = 256 * 1024
 #: Deepest JSON nesting accepted. A TD nests a data schema a few levels inside an affordance;
@@ -107,19 +105,6 @@ def json_depth_problem(data: bytes, max_depth: int) -> str | None:
     return None
 
 
-def iri_problem(value: object) -> str | None:
-    """Why `value` cannot be a device id (not an absolute IRI, RFC 3987), or None when it can."""
-    import pyoxigraph as ox
-
-    if not isinstance(value, str):
-        return f"must be an absolute IRI string, got {type(value).__name__}"
-    try:
-        ox.NamedNode(value)
-    except ValueError as exc:  # names the character or part at fault
-        return f"{value!r} is not a valid absolute IRI: {exc}"
-    return None
-
-
 #: What this baseline applies (the registry applies the limits the coordinator is started with).
 DEFAULT_LIMITS: Final = DescriptionLimits()
 
@@ -131,16 +116,14 @@ def describe_device(description: bytes, media_type: str) -> tuple[str, bytes]:
         raise DescriptionError(too_big)
     if not description.strip():
         raise DescriptionError("description is empty")
-    kind = (media_type or "").split(";", 1)[0].strip().lower()
-    if kind in JSON_MEDIA_TYPES:
-        too_deep = json_depth_problem(description, DEFAULT_LIMITS.max_json_depth)
-        if too_deep:
-            raise DescriptionError(too_deep)
-        return _checked_id(_describe_json(description)), description
-    if kind in TURTLE_MEDIA_TYPES:
-        return _checked_id(_describe_turtle(description)), description
-    known = ", ".join(sorted(JSON_MEDIA_TYPES | TURTLE_MEDIA_TYPES))
-    raise DescriptionError(f"unsupported media type {media_type!r}; use one of: {known}")
+    try:
+        if media_kind(media_type) == "json":
+            too_deep = json_depth_problem(description, DEFAULT_LIMITS.max_json_depth)
+            if too_deep:
+                raise DescriptionError(too_deep)
+        return read_device_id(description, media_type), description
+    except DescriptionInvalid as exc:
+        raise DescriptionError(exc.summary) from exc
 
 
 def describe_each(describe: DescribeDevice) -> DescribeDevices:
@@ -194,53 +177,3 @@ def refusal_details(refusal: DescriptionError) -> tuple[str, tuple[tuple[str, st
 
 def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _checked_id(device_id: str) -> str:
-    problem = iri_problem(device_id)
-    if problem:
-        raise DescriptionError(f"device id {problem}")
-    return device_id
-
-
-def _describe_json(description: bytes) -> str:
-    try:
-        document = json.loads(description)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DescriptionError(f"Thing Description is not valid JSON: {exc}") from exc
-    if not isinstance(document, dict):
-        raise DescriptionError("Thing Description must be a JSON object")
-    device_id = document.get("id", document.get("@id"))
-    if not isinstance(device_id, str) or not device_id.strip():
-        raise DescriptionError("Thing Description has no \"id\" (the device's IRI, e.g. urn:dev:...)")
-    return device_id.strip()
-
-
-def _describe_turtle(description: bytes) -> str:
-    from rdflib import RDF, Graph, URIRef
-
-    graph = Graph()
-    try:
-        graph.parse(data=description.decode("utf-8"), format="turtle")
-    except Exception as exc:  # rdflib raises parser-specific types
-        raise DescriptionError(f"Turtle description does not parse: {exc}") from exc
-    typed = {
-        subject
-        for subject, cls in graph.subject_objects(RDF.type)
-        if isinstance(subject, URIRef) and _local_name(str(cls)).lower() in _DEVICE_CLASS_NAMES
-    }
-    titled = {s for s in graph.subjects(URIRef(TD_NS + "title")) if isinstance(s, URIRef)}
-    candidates = typed or titled
-    if not candidates:
-        raise DescriptionError(
-            "Turtle description names no device: expected one IRI subject typed td:Thing "
-            "(or a *Device class) or carrying td:title"
-        )
-    if len(candidates) > 1:
-        names = ", ".join(sorted(str(c) for c in candidates))
-        raise DescriptionError(f"Turtle description names several devices ({names}); expected one")
-    return str(next(iter(candidates)))
-
-
-def _local_name(iri: str) -> str:
-    return iri.rsplit("#", 1)[-1].rsplit("/", 1)[-1]

@@ -23,23 +23,22 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from tinyfleet.server.descriptions import iri_problem
+from tinyfleet.common.device_description import (
+    JSON_MEDIA_TYPES,
+    MEDIA_TD_JSON,
+    TURTLE_MEDIA_TYPES,
+    DescriptionInvalid,
+    iri_problem,
+)
 from tinyfleet.server.http.auth import problem
 from tinyfleet.server.http.registry_access import Access
 from tinyfleet.server.http.sparql import sparql_routes
 from tinyfleet.server.registry.events import EVENT_TYPES, EventHub, sse_response
 from tinyfleet.server.registry.query_workers import QueryWorkers
-from tinyfleet.server.registry.thing_description import (
-    JSON_MEDIA_TYPES,
-    TURTLE_MEDIA_TYPES,
-    DescriptionSyntaxError,
-    parse_json,
-)
+from tinyfleet.server.registry.thing_description import parse_json
 from tinyfleet.server.registry.thing_graphs import Prepared, Registry
-from tinyfleet.server.registry.validation import DescriptionInvalid
 
 log = logging.getLogger(__name__)
-TD_JSON = "application/td+json"
 MAX_PAGE = 1000
 
 
@@ -108,7 +107,7 @@ def directory_td(base_url: str) -> dict[str, Any]:
                         "href": "things/{id}",
                         "op": "invokeaction",
                         "htv:methodName": "PUT",
-                        "contentType": TD_JSON,
+                        "contentType": MEDIA_TD_JSON,
                         "security": "bearer_sc",
                     }
                 ]
@@ -119,7 +118,7 @@ def directory_td(base_url: str) -> dict[str, Any]:
                         "href": "things",
                         "op": "invokeaction",
                         "htv:methodName": "POST",
-                        "contentType": TD_JSON,
+                        "contentType": MEDIA_TD_JSON,
                         "security": "bearer_sc",
                     }
                 ]
@@ -222,7 +221,7 @@ def directory_routes(
     async def read_body(request: Request) -> tuple[bytes, str]:
         """The body and its media type; BodyTooLarge as soon as it passes the registry's size
         limit, so an oversized description is neither buffered whole nor parsed."""
-        media = request.headers.get("content-type", TD_JSON).split(";")[0].strip().lower()
+        media = request.headers.get("content-type", MEDIA_TD_JSON).split(";")[0].strip().lower()
         limit = registry.limits.max_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -248,12 +247,12 @@ def directory_routes(
         if media in JSON_MEDIA_TYPES:
             try:
                 document = parse_json(body, registry.limits.max_json_depth)
-            except DescriptionSyntaxError as exc:
-                return problem(400, "Invalid Thing Description", str(exc))
+            except DescriptionInvalid as exc:
+                return invalid(exc)
             if isinstance(document, dict) and "id" in document:
                 return problem(400, "Thing has an id", "a TD with an id is registered with PUT /things/{id}")
         elif media not in TURTLE_MEDIA_TYPES:
-            return problem(415, "Unsupported media type", f"send {TD_JSON} or text/turtle")
+            return problem(415, "Unsupported media type", f"send {MEDIA_TD_JSON} or text/turtle")
         thing_id = f"urn:uuid:{uuid.uuid4()}"
         try:
             prepared = await anyio.to_thread.run_sync(
@@ -269,7 +268,7 @@ def directory_routes(
         document = await anyio.to_thread.run_sync(registry.document, thing_id)
         if document is None:
             return problem(404, "Not found", f"no Thing {thing_id!r} in the directory")
-        return JSONResponse(document, media_type=TD_JSON)
+        return JSONResponse(document, media_type=MEDIA_TD_JSON)
 
     async def put_thing(request: Request) -> Response:
         thing_id = request.path_params["id"]
@@ -308,8 +307,8 @@ def directory_routes(
             patch = parse_json((await read_body(request))[0], registry.limits.max_json_depth)
         except BodyTooLarge as exc:
             return too_large(exc)
-        except DescriptionSyntaxError as exc:
-            return problem(400, "Invalid patch", str(exc))
+        except DescriptionInvalid as exc:
+            return problem(400, "Invalid patch", exc.summary)
         current.pop("registration", None)
         patched = merge_patch(current, patch)
         if not isinstance(patched, dict):
@@ -317,11 +316,11 @@ def directory_routes(
         data = json.dumps(patched).encode()
         try:
             prepared = await anyio.to_thread.run_sync(
-                lambda: registry.prepare(data, TD_JSON, thing_id=thing_id)
+                lambda: registry.prepare(data, MEDIA_TD_JSON, thing_id=thing_id)
             )
         except DescriptionInvalid as exc:
             return invalid(exc)
-        await anyio.to_thread.run_sync(writer.put, prepared, data, TD_JSON)
+        await anyio.to_thread.run_sync(writer.put, prepared, data, MEDIA_TD_JSON)
         return Response(status_code=204)
 
     async def delete_thing(request: Request) -> Response:
@@ -335,7 +334,7 @@ def directory_routes(
 
     async def well_known(request: Request) -> Response:
         base = str(request.base_url)
-        return JSONResponse(directory_td(base), media_type=TD_JSON)
+        return JSONResponse(directory_td(base), media_type=MEDIA_TD_JSON)
 
     async def events(request: Request) -> Response:
         event_type = request.path_params.get("type")

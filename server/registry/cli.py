@@ -427,7 +427,7 @@ def _validate(args: argparse.Namespace) -> int:
     suffix = args.file.suffix.lower()
     media_type = "text/turtle" if suffix in {".ttl", ".turtle"} else "application/td+json"
     try:
-        prepared = Registry(EmbeddedStore(None)).prepare(data, media_type)
+        prepared = Registry(EmbeddedStore(None)).prepare(data, media_type, for_training=True)
     except DescriptionInvalid as exc:
         print(f"{args.file}: invalid ({len(exc.errors)} problem(s))")
         for problem in exc.errors:

@@ -60,7 +60,7 @@ class RegistryDescriptionError(DescriptionError):
     """A description the registry refused; `errors` is the [{path, message}] list."""
 
     def __init__(self, invalid: DescriptionInvalid) -> None:
-        super().__init__(str(invalid))
+        super().__init__(invalid.summary)
         self.errors = invalid.as_list()
 
 
@@ -111,9 +111,10 @@ class CoordinatorRegistry:
         )
 
     def describe_device(self, description: bytes, media_type: str) -> tuple[str, bytes]:
-        """SQL keeps the description as the device sent it; the projector re-derives its graph."""
+        """SQL keeps the description as the device sent it; the projector re-derives its graph.
+        A device that registers trains: the fleet's requirements apply to it (`for_training`)."""
         try:
-            prepared = self.registry.prepare(description, media_type)
+            prepared = self.registry.prepare(description, media_type, for_training=True)
         except DescriptionInvalid as exc:
             raise RegistryDescriptionError(exc) from exc
         return prepared.thing_id, description
@@ -122,7 +123,9 @@ class CoordinatorRegistry:
         self, items: Sequence[tuple[bytes, str]]
     ) -> list[tuple[str, bytes] | DescriptionError]:
         """`describe_device` for concurrent registrations: each judged on its own, few SHACL runs."""
-        results = self.registry.prepare_many([(d, m, None, None) for d, m in items], raise_first=False)
+        results = self.registry.prepare_many(
+            [(d, m, None, None) for d, m in items], raise_first=False, for_training=True
+        )
         return [
             RegistryDescriptionError(r) if isinstance(r, DescriptionInvalid) else (r.thing_id, d)
             for r, (d, _) in zip(results, items, strict=True)

@@ -5,8 +5,10 @@ Published TinyML descriptions spread a board's RAM over five nodes
 four. The fleet queries compare one triple per fact (tf:ramKB vs
 tf:requiresRamKB), so a description that states only the long form gets the
 shortcut added here, before validation; one that states both keeps its own.
-Nothing is removed. Registered devices are typed tf:Device, which is what the
-device shapes and the queries select on.
+Nothing is removed. A fleet device is typed tf:Device, which is what the device
+shapes (the fleet's requirements) and the queries select on: a device that
+registers to train, or a Thing whose description says it is one (a tinyfleet
+device class, or its RAM or flash stated). Any other Thing stays as described.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Final, TypeGuard
 
 import pyoxigraph as ox
 
+from tinyfleet.common.device_description import FLEET_DEVICE_TYPES
 from tinyfleet.ontology import (
     NNET,
     RDF,
@@ -92,11 +95,12 @@ def _largest(values: list[ox.Literal]) -> ox.Literal | None:
     return best[1] if best else None
 
 
-def normalize_device(triples: list[ox.Triple], device: str) -> list[ox.Triple]:
-    """The device's triples plus `a tf:Device` and any derivable tf:ramKB/flashKB/sensorType."""
+def normalize_device(triples: list[ox.Triple], device: str, *, fleet_device: bool = False) -> list[ox.Triple]:
+    """The device's triples plus any derivable tf:ramKB/flashKB/sensorType, and `a tf:Device`
+    when it is a fleet device (the module docstring; `fleet_device`: it registers to train)."""
     subject = ox.NamedNode(device)
     index = _Index(triples)
-    added = [ox.Triple(subject, _TYPE, DEVICE)] if not index.typed(subject, DEVICE) else []
+    added: list[ox.Triple] = []
     memory = index.path(subject, _HAS_SUBSYSTEM, _HAS_CAPABILITY, _HAS_PROPERTY)
     for shortcut, cls in ((TF + "ramKB", _RAM), (TF + "flashKB", _FLASH)):
         prop = ox.NamedNode(shortcut)
@@ -114,6 +118,15 @@ def normalize_device(triples: list[ox.Triple], device: str) -> list[ox.Triple]:
             if is_sensor_class(kind) and kind not in stated:
                 stated.add(kind)
                 added.append(ox.Triple(subject, sensor_type, kind))
+    memory_facts = {ox.NamedNode(TF + "ramKB"), ox.NamedNode(TF + "flashKB")}
+    fleet_device = (
+        fleet_device
+        or any(index.typed(subject, ox.NamedNode(cls)) for cls in FLEET_DEVICE_TYPES)
+        or any(index.objects(subject, fact) for fact in memory_facts)
+        or any(t.predicate in memory_facts for t in added)
+    )
+    if fleet_device and not index.typed(subject, DEVICE):
+        added.insert(0, ox.Triple(subject, _TYPE, DEVICE))
     return triples + added
 
 

@@ -1,4 +1,4 @@
-"""W3C WoT Thing Descriptions (JSON-LD) and Turtle descriptions <-> RDF triples.
+"""W3C WoT Thing Descriptions (JSON-LD) -> RDF triples (Turtle: common.device_description).
 
 JSON-LD goes through pyoxigraph's JSON-LD parser. Its remote contexts (the TD
 1.1 context, tinyfleet's) are replaced by the copies shipped in
@@ -15,35 +15,13 @@ from __future__ import annotations
 
 import json
 from functools import cache
-from typing import Any, Final
+from typing import Any
 
 import pyoxigraph as ox
 
-from tinyfleet.ontology import TD_CONTEXT_URLS, TINYFLEET_CONTEXT_URL, known_contexts, local_context
-from tinyfleet.server.descriptions import DEFAULT_MAX_JSON_DEPTH, iri_problem, json_depth_problem
-
-JSON_MEDIA_TYPES: Final = frozenset({"application/td+json", "application/ld+json", "application/json"})
-TURTLE_MEDIA_TYPES: Final = frozenset({"text/turtle", "application/x-turtle"})
-
-
-class DescriptionSyntaxError(ValueError):
-    """A description that does not parse; `path` says where (JSON pointer or line:column)."""
-
-    def __init__(self, path: str, message: str) -> None:
-        super().__init__(f"{path}: {message}" if path else message)
-        self.path = path
-        self.message = message
-
-
-def media_kind(media_type: str) -> str:
-    """'json' or 'turtle' for a Content-Type; anything else raises DescriptionSyntaxError."""
-    base = (media_type or "").split(";", 1)[0].strip().lower()
-    if base in JSON_MEDIA_TYPES:
-        return "json"
-    if base in TURTLE_MEDIA_TYPES:
-        return "turtle"
-    known = ", ".join(sorted(JSON_MEDIA_TYPES | TURTLE_MEDIA_TYPES))
-    raise DescriptionSyntaxError("", f"unsupported media type {media_type!r}; use one of: {known}")
+from tinyfleet.common.device_description import iri_problem, refuse
+from tinyfleet.ontology import known_contexts, local_context
+from tinyfleet.server.descriptions import DEFAULT_MAX_JSON_DEPTH, json_depth_problem
 
 
 def parse_json(data: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
@@ -51,20 +29,20 @@ def parse_json(data: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> Any:
     (which recurses once per level) ever sees it."""
     too_deep = json_depth_problem(data, max_depth)
     if too_deep is not None:
-        raise DescriptionSyntaxError("", too_deep)
+        raise refuse("", too_deep)
     try:
         return json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise DescriptionSyntaxError("", f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        raise refuse("", f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
     except json.JSONDecodeError as exc:
-        raise DescriptionSyntaxError(f"line {exc.lineno}:{exc.colno}", f"not valid JSON: {exc.msg}") from exc
+        raise refuse(f"line {exc.lineno}:{exc.colno}", f"not valid JSON: {exc.msg}") from exc
 
 
 def load_json(data: bytes, max_depth: int = DEFAULT_MAX_JSON_DEPTH) -> dict[str, Any]:
     """A Thing Description's JSON object (see `parse_json`)."""
     document = parse_json(data, max_depth)
     if not isinstance(document, dict):
-        raise DescriptionSyntaxError(
+        raise refuse(
             "/", f"a Thing Description is a JSON object, not {type(document).__name__}"
         )
     return document
@@ -82,7 +60,7 @@ def with_local_contexts(document: dict[str, Any]) -> dict[str, Any]:
             inline = _shipped_context(item)
             if inline is None:
                 where = "/@context" + (f"/{index}" if isinstance(contexts, list) else "")
-                raise DescriptionSyntaxError(
+                raise refuse(
                     where,
                     f"unknown JSON-LD context {item!r}: the registry resolves contexts offline and knows "
                     + ", ".join(known_contexts()),
@@ -131,63 +109,4 @@ def td_triples(document: dict[str, Any]) -> list[ox.Triple]:
         quads = ox.parse(json.dumps(expanded).encode(), format=ox.RdfFormat.JSON_LD, base_iri=base_iri)
         return [quad.triple for quad in quads]
     except SyntaxError as exc:
-        raise DescriptionSyntaxError("/", f"not valid JSON-LD: {exc}") from exc
-
-
-def turtle_triples(data: bytes, base_iri: str | None = None) -> list[ox.Triple]:
-    try:
-        return [q.triple for q in ox.parse(data, format=ox.RdfFormat.TURTLE, base_iri=base_iri)]
-    except SyntaxError as exc:
-        position = _position(exc)
-        raise DescriptionSyntaxError(position, f"not valid Turtle: {exc.msg or exc}") from exc
-
-
-def _position(exc: SyntaxError) -> str:
-    if exc.lineno:
-        return f"line {exc.lineno}:{exc.offset or 0}"
-    return ""
-
-
-def device_thing_description(
-    device_id: str,
-    *,
-    title: str,
-    ram_kb: float,
-    flash_kb: float,
-    device_class: str = "sbc",
-    cpu: str | None = None,
-    cpu_cores: int | None = None,
-    clock_mhz: float | None = None,
-    accelerator: str | None = None,
-    sensors: tuple[str, ...] = (),
-    gateway: str | None = None,
-    site: str | None = None,
-) -> dict[str, Any]:
-    """A TD 1.1 describing a tinyfleet device with the fleet ontology's terms.
-
-    `sensors` are class names of the tinyfleet context ("Accelerometer",
-    "Camera", ...) or IRIs; `gateway` is the gateway device's IRI.
-    """
-    td: dict[str, Any] = {
-        "@context": [TD_CONTEXT_URLS[0], TINYFLEET_CONTEXT_URL],
-        "id": device_id,
-        "@type": ["Thing", "Device"],
-        "title": title,
-        "securityDefinitions": {"nosec_sc": {"scheme": "nosec"}},
-        "security": ["nosec_sc"],
-        "deviceClass": device_class,
-        "ramKB": ram_kb,
-        "flashKB": flash_kb,
-    }
-    optional = {
-        "cpu": cpu,
-        "cpuCores": cpu_cores,
-        "clockMHz": clock_mhz,
-        "accelerator": accelerator,
-        "gateway": gateway,
-        "site": site,
-    }
-    td.update({key: value for key, value in optional.items() if value is not None})
-    if sensors:
-        td["sensorTypes"] = list(sensors)
-    return td
+        raise refuse("/", f"not valid JSON-LD: {exc}") from exc

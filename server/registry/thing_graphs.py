@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import json
 import logging
 import queue
@@ -27,32 +28,24 @@ from typing import Any, Final
 
 import pyoxigraph as ox
 
-from tinyfleet.ontology import DISCOVERY, ONTOLOGY_PATH, RDF, TF, XSD
-from tinyfleet.ontology.catalog import render, resolve_query
-from tinyfleet.server.descriptions import (
-    DescriptionLimits,
-    ValidationUnavailable,
-    iri_problem,
-    unprocessable,
-)
-from tinyfleet.server.registry import sparql_updates
-from tinyfleet.server.registry.normalize import model_subjects, normalize_device, normalize_models
-from tinyfleet.server.registry.store import RegistryStore
-from tinyfleet.server.registry.thing_description import (
-    DescriptionSyntaxError,
-    load_json,
-    media_kind,
-    td_triples,
-    turtle_triples,
-)
-from tinyfleet.server.registry.validation import (
+from tinyfleet.common.device_description import (
     DescriptionInvalid,
     Problem,
-    ShaclValidator,
-    check_td_json,
-    is_inside,
-    scope_problems,
+    device_subject,
+    iri_problem,
+    media_kind,
+    td_id,
+    td_problems,
+    turtle_triples,
 )
+from tinyfleet.ontology import DISCOVERY, ONTOLOGY_PATH, RDF, TF, XSD
+from tinyfleet.ontology.catalog import render, resolve_query
+from tinyfleet.server.descriptions import DescriptionLimits, ValidationUnavailable, unprocessable
+from tinyfleet.server.registry import sparql_updates
+from tinyfleet.server.registry.normalize import DEVICE, normalize_device, normalize_models
+from tinyfleet.server.registry.store import RegistryStore
+from tinyfleet.server.registry.thing_description import load_json, td_triples
+from tinyfleet.server.registry.validation import ShaclValidator, is_inside, scope_problems
 from tinyfleet.server.registry.worker_process import (
     KillableWorker,
     WorkerClosed,
@@ -69,7 +62,9 @@ _TTL: Final = ox.NamedNode(DISCOVERY + "ttl")
 _TD_DOCUMENT: Final = ox.NamedNode(TF + "tdDocument")
 _RDF_JSON: Final = ox.NamedNode(RDF + "JSON")
 _REG_NS: Final = uuid.UUID("0b7d1f43-54a6-4d3c-8c3e-4fb0b1f5a2d9")
-_THING_TYPES: Final = (TF + "Device", "https://www.w3.org/2019/wot/td#Thing")
+_TYPE: Final = ox.NamedNode(RDF + "type")
+#: Devices of the fleet (typed tf:Device in their own graph): no job selects anything else.
+_FLEET_DEVICES: Final = f"SELECT ?device WHERE {{ GRAPH ?device {{ ?device {_TYPE} {DEVICE} }} }}"
 #: The registry's and the coordinator's own IRIs (graphs, artifacts, jobs and rounds): no device
 #: may be named by one, or by an IRI they are under, since its graph would replace theirs.
 RESERVED_IRIS: Final = (
@@ -160,12 +155,21 @@ class Registry:
         *,
         thing_id: str | None = None,
         ttl_s: int | None = None,
+        for_training: bool = False,
     ) -> Prepared:
-        """Parse, check, normalize and SHACL-validate one device description."""
-        return self.prepare_many([(data, media_type, thing_id, ttl_s)])[0]
+        """Parse, check, normalize and SHACL-validate one description (`for_training`: see
+        `parse_description`)."""
+        prepared = self.prepare_many([(data, media_type, thing_id, ttl_s)], for_training=for_training)[0]
+        if isinstance(prepared, DescriptionInvalid):  # prepare_many raised it already (raise_first)
+            raise prepared
+        return prepared
 
     def prepare_many(
-        self, items: Sequence[tuple[bytes, str, str | None, int | None]], *, raise_first: bool = True
+        self,
+        items: Sequence[tuple[bytes, str, str | None, int | None]],
+        *,
+        raise_first: bool = True,
+        for_training: bool = False,
     ) -> list[Prepared | DescriptionInvalid]:
         """Like `prepare` for many descriptions, each judged on its own, with few SHACL runs;
         failures are returned in place (or the first raised, when `raise_first`). Whatever
@@ -176,7 +180,9 @@ class Registry:
 
         Accepted descriptions are remembered by their exact input (bounded LRU): the
         coordinator prepares a registration before its SQL commit and the projector the
-        same bytes right after, and preparing is a pure function of the input."""
+        same bytes right after, and preparing is a pure function of the input. One accepted
+        `for_training` is a fleet device by its own facts, so it prepares the same without;
+        one accepted without is reused `for_training` only if it is a fleet device."""
         keys = [_input_key(item) for item in items]
         parsed: list[Prepared | DescriptionInvalid] = []
         known: set[int] = set()
@@ -185,16 +191,17 @@ class Registry:
         large: dict[int, Prepared | DescriptionInvalid] = {}
         for number, (data, media_type, thing_id, ttl_s) in enumerate(items):
             hit = remembered[number]
-            if hit is not None:
+            if hit is not None and (not for_training or _is_fleet_device(hit)):
                 parsed.append(hit)
                 known.add(number)
                 continue
             try:
                 if self.limits.large_bytes < len(data) <= self.limits.max_bytes:
-                    large[number] = self.large_descriptions.prepare(items[number], self.limits)
+                    large[number] = self.large_descriptions.prepare(items[number], self.limits, for_training)
                     parsed.append(large[number])
                 else:
-                    parsed.append(self.prepare_unvalidated(data, media_type, thing_id, ttl_s))
+                    limits = self.limits
+                    parsed.append(parse_description(data, media_type, thing_id, ttl_s, limits, for_training))
             except DescriptionInvalid as exc:
                 parsed.append(exc)
             except ValidationUnavailable:  # stopping: no verdict on anyone (the projector retries later)
@@ -349,7 +356,7 @@ class Registry:
             graph = ox.NamedNode(name)
             quads += [ox.Quad(t.subject, t.predicate, t.object, graph) for t in triples]
         with self._write_lock:
-            self.store.load(ox.serialize(quads, format=ox.RdfFormat.N_QUADS), ox.RdfFormat.N_QUADS, bulk=True)
+            self.store.load(_serialized(quads, ox.RdfFormat.N_QUADS), ox.RdfFormat.N_QUADS, bulk=True)
 
     def _graph_triples(self, prepared: Prepared, registration: Registration) -> list[ox.Triple]:
         thing = ox.NamedNode(prepared.thing_id)
@@ -418,10 +425,17 @@ class Registry:
         rows = self.select(query)
         return rows[0]["v"] if rows else None
 
+    def _select(self, query: str) -> ox.QuerySolutions:
+        """The rows of one of the registry's own SELECTs (`store.query` types every result form)."""
+        result = self.store.query(query)
+        if not isinstance(result, ox.QuerySolutions):
+            raise TypeError(f"the store answered a SELECT with {type(result).__name__}")
+        return result
+
     def last_applied_seq(self) -> int:
         pattern = f"<{sparql_updates.REGISTRY_IRI}> <{TF}lastAppliedSeq> ?seq"
         query = f"SELECT ?seq WHERE {{ GRAPH <{sparql_updates.META_GRAPH}> {{ {pattern} }} }}"
-        rows = list(self.store.query(query))  # type: ignore[arg-type]
+        rows = list(self._select(query))
         return int(rows[0]["seq"].value) if rows else 0
 
     # ---- reading ----------------------------------------------------------------------------
@@ -442,7 +456,7 @@ class Registry:
             query = f"""SELECT ?created ?modified ?expires ?ttl WHERE {{
               GRAPH {name} {{ {name} {_REGISTRATION} ?r . ?r {_CREATED} ?created ; {_MODIFIED} ?modified .
                 OPTIONAL {{ ?r {_EXPIRES} ?expires }} OPTIONAL {{ ?r {_TTL} ?ttl }} }} }}"""
-            for row in self.store.query(query):  # type: ignore[union-attr]
+            for row in self._select(query):
                 expires, ttl = row["expires"], row["ttl"]
                 found[thing_id] = Registration(
                     created=dt.datetime.fromisoformat(row["created"].value),
@@ -462,11 +476,7 @@ class Registry:
         if registration is None:
             return None
         name = ox.NamedNode(thing_id)
-        rows = list(
-            self.store.query(  # type: ignore[arg-type]
-                f"SELECT ?doc WHERE {{ GRAPH {name} {{ {name} {_TD_DOCUMENT} ?doc }} }}"
-            )
-        )
+        rows = list(self._select(f"SELECT ?doc WHERE {{ GRAPH {name} {{ {name} {_TD_DOCUMENT} ?doc }} }}"))
         if rows:
             document = json.loads(rows[0]["doc"].value)
         else:
@@ -474,7 +484,7 @@ class Registry:
             document = {
                 "@context": "https://www.w3.org/2022/wot/td/v1.1",
                 "id": thing_id,
-                "@graph": json.loads(ox.serialize(triples, format=ox.RdfFormat.JSON_LD)),
+                "@graph": json.loads(_serialized(triples, ox.RdfFormat.JSON_LD)),
             }
         document["registration"] = registration.as_json()
         return document
@@ -484,24 +494,26 @@ class Registry:
             return []
         name = ox.NamedNode(graph)
         result = self.store.query(f"CONSTRUCT {{ ?s ?p ?o }} WHERE {{ GRAPH {name} {{ ?s ?p ?o }} }}")
-        return list(result)  # type: ignore[arg-type]
+        if isinstance(result, ox.QuerySolutions | ox.QueryBoolean):
+            raise TypeError(f"the store answered a CONSTRUCT with {type(result).__name__}")
+        return list(result)
 
     def thing_ids(self, *, offset: int = 0, limit: int | None = None) -> tuple[list[str], int]:
         """Registered things (devices with a registration), by IRI, and how many there are in total."""
         count_query = f"SELECT (COUNT(DISTINCT ?g) AS ?n) WHERE {{ GRAPH ?g {{ ?g {_REGISTRATION} ?r }} }}"
-        total = int(next(iter(self.store.query(count_query)))["n"].value)  # type: ignore[arg-type]
+        total = int(next(iter(self._select(count_query)))["n"].value)
         page = f" LIMIT {int(limit)}" if limit is not None else ""
         query = (
             f"SELECT DISTINCT ?g WHERE {{ GRAPH ?g {{ ?g {_REGISTRATION} ?r }} }} "
             f"ORDER BY ?g OFFSET {int(offset)}{page}"
         )
-        return [row["g"].value for row in self.store.query(query)], total  # type: ignore[union-attr]
+        return [row["g"].value for row in self._select(query)], total
 
     def expired(self, now: dt.datetime | None = None) -> list[str]:
         stamp = sparql_updates.datetime_literal(now or _now())
         query = f"""SELECT DISTINCT ?g WHERE {{ GRAPH ?g {{ ?g {_REGISTRATION} ?r . ?r {_EXPIRES} ?e }}
                     FILTER(?e <= {stamp}) }}"""
-        return [row["g"].value for row in self.store.query(query)]  # type: ignore[union-attr]
+        return [row["g"].value for row in self._select(query)]
 
     def purge_expired(self, now: dt.datetime | None = None) -> list[str]:
         gone = self.expired(now)
@@ -524,13 +536,18 @@ class Registry:
         return self.select(render(name, params))
 
     def eligible(self, spec: str) -> list[str]:
-        """Device IRIs a job's `eligible` query (SPARQL or named query) selects, via ?device.
+        """Device IRIs a job's `eligible` query (SPARQL or named query) selects, via ?device,
+        among the fleet's devices (typed tf:Device in their own graph: described with the
+        fleet's requirements), so no query makes any other Thing of the directory eligible.
         The named queries read each device's facts from its own graph; a job's own SPARQL reads
         what it names (the union of all graphs by default), so it should say GRAPH ?device too."""
         rows = self.select(resolve_query(spec))
         if rows and "device" not in rows[0]:
             raise ValueError("an eligibility query must SELECT ?device")
-        return sorted({row["device"].value for row in rows if row.get("device") is not None})
+        selected = {row["device"].value for row in rows if row.get("device") is not None}
+        if not selected:
+            return []
+        return sorted(selected.intersection(row["device"].value for row in self.select(_FLEET_DEVICES)))
 
     # ---- setup ------------------------------------------------------------------------------
 
@@ -546,14 +563,24 @@ class Registry:
 
 
 def parse_description(
-    data: bytes, media_type: str, thing_id: str | None, ttl_s: int | None, limits: DescriptionLimits
+    data: bytes,
+    media_type: str,
+    thing_id: str | None,
+    ttl_s: int | None,
+    limits: DescriptionLimits,
+    for_training: bool = False,
 ) -> Prepared:
     """A description's triples, checked, normalized and skolemized, not yet SHACL-validated.
 
     Refuses, before parsing, a description over `limits.max_bytes`, JSON nested deeper than
     `limits.max_json_depth` and a thing id that is not an absolute IRI or is one of the
-    registry's own; after parsing, any triple whose subject is not the thing or a node of its
-    own (`scope_problems`)."""
+    registry's own; then what common.device_description refuses (a JSON document that is not
+    a TD 1.1; Turtle whose device the one rule cannot find, unless the caller names the
+    thing); after parsing, any triple whose subject is not the thing or a node of its own
+    (`scope_problems`). The thing is typed tf:Device, so the fleet shapes' requirements (RAM,
+    flash, class) apply to it, when its facts make it a fleet device (normalize_device) or
+    `for_training` says it registers to train (gRPC Register); any other Thing is stored
+    as the directory's, and no job selects it (`Registry.eligible`)."""
     too_big = limits.size_problem(len(data))
     if too_big:
         raise DescriptionInvalid([Problem("", too_big)])
@@ -561,29 +588,23 @@ def parse_description(
         bad_id = iri_problem(thing_id)
         if bad_id:
             raise DescriptionInvalid([Problem("/id", f"the thing id {bad_id}")])
-    try:
-        kind = media_kind(media_type)
-        if kind == "json":
-            document = load_json(data, max_depth=limits.max_json_depth)
-            if thing_id is not None and document.get("id") is None:
-                document["id"] = thing_id
-            problems = check_td_json(document)
-            if problems:
-                raise DescriptionInvalid(problems)
-            if thing_id is not None and document["id"] != thing_id:
-                raise DescriptionInvalid(
-                    [Problem("/id", f"is {document['id']!r} but the request is for {thing_id!r}")]
-                )
-            ttl_s = _registration_ttl(document, ttl_s)
-            document.pop("registration", None)  # directory-managed; recomputed on every write
-            triples = td_triples(document)
-            thing = document["id"]
-        else:
-            document = None
-            triples = turtle_triples(data, base_iri=thing_id)
-            thing = thing_id or _single_thing(triples)
-    except DescriptionSyntaxError as exc:
-        raise DescriptionInvalid([Problem(exc.path, exc.message)]) from exc
+    if media_kind(media_type) == "json":
+        document = load_json(data, max_depth=limits.max_json_depth)
+        if thing_id is not None and document.get("id") is None:
+            document["id"] = thing_id
+        problems = td_problems(document)
+        if problems:
+            raise DescriptionInvalid(problems)
+        thing = td_id(document)
+        if thing_id is not None and thing != thing_id:
+            raise DescriptionInvalid([Problem("/id", f"is {thing!r} but the request is for {thing_id!r}")])
+        ttl_s = _registration_ttl(document, ttl_s)
+        document.pop("registration", None)  # directory-managed; recomputed on every write
+        triples = td_triples(document)
+    else:
+        document = None
+        triples = turtle_triples(data, base_iri=thing_id)
+        thing = thing_id or device_subject(triples)
     reserved = [r for r in RESERVED_IRIS if is_inside(thing, r) or is_inside(r, thing)]
     if reserved:
         raise DescriptionInvalid(
@@ -592,10 +613,25 @@ def parse_description(
     outside = scope_problems(triples, thing)
     if outside:
         raise DescriptionInvalid(outside)
-    triples = normalize_models(normalize_device(triples, thing))
+    quoted = [t for t in triples if isinstance(t.subject, ox.Triple) or isinstance(t.object, ox.Triple)]
+    if quoted:  # RDF 1.2: neither the shapes nor pyshacl's rdflib graph can hold one
+        problem = f"holds a triple term (RDF 1.2), which a description may not: {quoted[0]}"
+        raise DescriptionInvalid([Problem("", problem)])
+    triples = normalize_models(normalize_device(triples, thing, fleet_device=for_training))
     return Prepared(
         thing_id=thing, triples=sparql_updates.skolemize(triples, thing), document=document, ttl_s=ttl_s
     )
+
+
+def _serialized(terms: Iterable[ox.Triple] | Iterable[ox.Quad], format: ox.RdfFormat) -> bytes:
+    """`ox.serialize` into memory (typed bytes | None: it returns None when it writes to a file)."""
+    buffer = io.BytesIO()
+    ox.serialize(terms, buffer, format=format)
+    return buffer.getvalue()
+
+
+def _is_fleet_device(prepared: Prepared) -> bool:
+    return ox.Triple(ox.NamedNode(prepared.thing_id), _TYPE, DEVICE) in prepared.triples
 
 
 class LargeDescriptions:
@@ -624,10 +660,10 @@ class LargeDescriptions:
         self._closed = False
 
     def prepare(
-        self, item: tuple[bytes, str, str | None, int | None], limits: DescriptionLimits
+        self, item: tuple[bytes, str, str | None, int | None], limits: DescriptionLimits, for_training: bool
     ) -> Prepared | DescriptionInvalid:
         """The prepared description or its refusal; ValidationUnavailable once closed."""
-        request = _LargeRequest(item, limits, Future())
+        request = _LargeRequest(item, limits, for_training, Future())
         with self._lock:
             if self._closed:
                 raise ValidationUnavailable("the coordinator is stopping; try again")
@@ -647,18 +683,19 @@ class LargeDescriptions:
     def _serve(self) -> None:
         while (request := self._requests.get()) is not None:
             try:
-                request.result.set_result(self._prepare(request.item, request.limits))
+                request.result.set_result(self._prepare(request))
             except BaseException as exc:  # delivered to the caller, who decides
                 request.result.set_exception(exc)
         while not self._requests.empty():  # arrived before close: nothing will serve them
             if (left := self._requests.get()) is not None:
                 left.result.set_exception(ValidationUnavailable("the coordinator is stopping; try again"))
 
-    def _prepare(
-        self, item: tuple[bytes, str, str | None, int | None], limits: DescriptionLimits
-    ) -> Prepared | DescriptionInvalid:
+    def _prepare(self, request: _LargeRequest) -> Prepared | DescriptionInvalid:
+        limits = request.limits
         try:
-            outcome = self._worker.call((item, limits), limits.validation_timeout_s)
+            outcome = self._worker.call(
+                (request.item, limits, request.for_training), limits.validation_timeout_s
+            )
         except WorkerClosed:
             raise ValidationUnavailable("the coordinator is stopping; try again") from None
         except WorkerTimeout:
@@ -684,6 +721,7 @@ class LargeDescriptions:
 class _LargeRequest:
     item: tuple[bytes, str, str | None, int | None]
     limits: DescriptionLimits
+    for_training: bool
     result: Future[Prepared | DescriptionInvalid]
 
 
@@ -692,13 +730,13 @@ def _start_worker() -> None:
 
 
 def _prepare_in_worker(
-    request: tuple[tuple[bytes, str, str | None, int | None], DescriptionLimits],
+    request: tuple[tuple[bytes, str, str | None, int | None], DescriptionLimits, bool],
 ) -> tuple[str, bytes, dict[str, Any] | None, int | None] | list[Problem]:
     """In the worker: (thing id, N-Triples, document, ttl) of an accepted description, or its
     problems (exceptions do not cross the pipe: DescriptionInvalid's constructor takes a list)."""
-    (data, media_type, thing_id, ttl_s), limits = request
+    (data, media_type, thing_id, ttl_s), limits, for_training = request
     try:
-        prepared = parse_description(data, media_type, thing_id, ttl_s, limits)
+        prepared = parse_description(data, media_type, thing_id, ttl_s, limits, for_training)
         problems = ShaclValidator.shared().validate(prepared.triples)
     except DescriptionInvalid as exc:
         return exc.errors
@@ -706,7 +744,7 @@ def _prepare_in_worker(
         return _unprocessable(exc).errors
     if problems:
         return problems
-    ntriples = ox.serialize(prepared.triples, format=ox.RdfFormat.N_TRIPLES)
+    ntriples = _serialized(prepared.triples, ox.RdfFormat.N_TRIPLES)
     return prepared.thing_id, ntriples, prepared.document, prepared.ttl_s
 
 
@@ -734,37 +772,3 @@ def _registration_ttl(document: dict[str, Any], ttl_s: int | None) -> int | None
             )
         return ttl
     return None
-
-
-def _single_thing(triples: list[ox.Triple]) -> str:
-    """The one subject a Turtle description is about: typed td:Thing or tf:Device, else a model."""
-    typed = {
-        t.subject.value
-        for t in triples
-        if t.predicate.value == RDF + "type"
-        and t.object.value in _THING_TYPES
-        and isinstance(t.subject, ox.NamedNode)
-    }
-    if not typed:
-        smart = {
-            t.subject.value
-            for t in triples
-            if t.predicate.value == RDF + "type"
-            and t.object.value.endswith("/SmartSensor")
-            and isinstance(t.subject, ox.NamedNode)
-        }
-        typed = smart
-    if not typed and model_subjects(triples):
-        raise DescriptionInvalid(
-            [Problem("", "this describes models, not a device; import it with `tinyfleet registry import`")]
-        )
-    if len(typed) != 1:
-        what = (
-            "no subject typed td:Thing, tf:Device or s3n:SmartSensor"
-            if not typed
-            else f"{len(typed)} things ({', '.join(sorted(typed))})"
-        )
-        raise DescriptionInvalid(
-            [Problem("", f"a Turtle device description must describe one device; found {what}")]
-        )
-    return typed.pop()

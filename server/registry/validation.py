@@ -1,4 +1,5 @@
-"""Is a description acceptable? JSON-level TD 1.1 checks, its scope, then SHACL against the fleet shapes.
+"""Is a description acceptable? Its scope, then SHACL against the fleet shapes (TD 1.1 and the
+device's identity come first: common.device_description).
 
 A description speaks only for its device (`scope_problems`): the subject of every
 triple must be the device itself or a node minted inside its own description,
@@ -13,8 +14,8 @@ another's in this sense (urn:site:a and urn:site:a:pi) can name that IRI as a
 node of its own, but cannot change that device: every per-device fact is read
 from the device's own named graph, which only its own registration writes.
 
-Every problem is reported as {path, message}: `path` is a JSON pointer into the
-TD for JSON-level problems, and "<focus node> <property path>" for SHACL ones.
+Every problem is reported as {path, message}: `path` is "<subject> <predicate>" for
+scope problems and "<focus node> <property path>" for SHACL ones.
 The shapes are parsed once per process and the harvested shapes reused for
 every validation; pyshacl runs without inference, in place, on a small graph of
 just the description(s) being registered. Only the shapes that declare targets
@@ -46,13 +47,14 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 import pyoxigraph as ox
 
-from tinyfleet.ontology import PREFIXES, SHAPES_PATH, TD_CONTEXT_URLS, XSD
-from tinyfleet.server.descriptions import iri_problem
+# What a refusal is, shared with the agent's checks; importers of this module get it here too.
+from tinyfleet.common.device_description import DescriptionInvalid as DescriptionInvalid
+from tinyfleet.common.device_description import Problem as Problem
+from tinyfleet.ontology import PREFIXES, SHAPES_PATH, XSD
 
 _XSD_STRING: Final = XSD + "string"
 VERDICT_CACHE_SIZE: Final = 4096
@@ -60,104 +62,6 @@ VERDICT_CACHE_SIZE: Final = 4096
 INSIDE_SEPARATORS: Final = ("#", "/", ":")
 #: Triples about other subjects listed one by one; the rest are counted in one last problem.
 MAX_SCOPE_PROBLEMS: Final = 10
-_OPERATIONS: Final = frozenset(
-    {
-        "readproperty",
-        "writeproperty",
-        "observeproperty",
-        "unobserveproperty",
-        "invokeaction",
-        "queryaction",
-        "cancelaction",
-        "subscribeevent",
-        "unsubscribeevent",
-        "readallproperties",
-        "writeallproperties",
-        "readmultipleproperties",
-        "writemultipleproperties",
-        "observeallproperties",
-        "unobserveallproperties",
-        "subscribeallevents",
-        "unsubscribeallevents",
-        "queryallactions",
-    }
-)
-
-
-@dataclass(frozen=True)
-class Problem:
-    path: str
-    message: str
-
-    def as_dict(self) -> dict[str, str]:
-        return {"path": self.path, "message": self.message}
-
-
-class DescriptionInvalid(ValueError):
-    """A description the registry refuses; `errors` lists every problem found."""
-
-    def __init__(self, errors: Sequence[Problem]) -> None:
-        self.errors = list(errors)
-        summary = "; ".join(f"{p.path}: {p.message}" if p.path else p.message for p in self.errors[:5])
-        more = f" (and {len(self.errors) - 5} more)" if len(self.errors) > 5 else ""
-        super().__init__(f"invalid description: {summary}{more}")
-
-    def as_list(self) -> list[dict[str, str]]:
-        return [p.as_dict() for p in self.errors]
-
-
-def check_td_json(td: dict[str, Any], *, require_id: bool = True) -> list[Problem]:
-    """The TD 1.1 rules a JSON document must meet before it is worth reading as RDF."""
-    problems: list[Problem] = []
-    context = td.get("@context")
-    contexts = context if isinstance(context, list) else [context]
-    if context is None:
-        problems.append(Problem("/@context", f"missing; a TD 1.1 starts with {TD_CONTEXT_URLS[0]!r}"))
-    elif not any(c in TD_CONTEXT_URLS for c in contexts if isinstance(c, str)):
-        problems.append(Problem("/@context", f"must include the TD context {TD_CONTEXT_URLS[0]!r}"))
-    thing_id = td.get("id")
-    if thing_id is None:
-        if require_id:
-            problems.append(
-                Problem("/id", "missing; the device needs an IRI such as urn:tinyfleet:device:pi-01")
-            )
-    elif (bad_id := iri_problem(thing_id)) is not None:
-        problems.append(Problem("/id", bad_id))
-    title = td.get("title")
-    if not isinstance(title, str) or not title.strip():
-        problems.append(Problem("/title", "required: a non-empty string"))
-    definitions = td.get("securityDefinitions")
-    if not isinstance(definitions, dict) or not definitions:
-        problems.append(Problem("/securityDefinitions", "required: an object with at least one named scheme"))
-        definitions = {}
-    for name, scheme in definitions.items():
-        if not isinstance(scheme, dict) or not isinstance(scheme.get("scheme"), str):
-            problems.append(Problem(f"/securityDefinitions/{name}", 'needs a "scheme" (e.g. "nosec")'))
-    security = td.get("security")
-    names = [security] if isinstance(security, str) else security
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        problems.append(Problem("/security", "required: a name or list of names from securityDefinitions"))
-    else:
-        problems += [
-            Problem("/security", f"{n!r} is not defined in securityDefinitions")
-            for n in names
-            if n not in definitions
-        ]
-    if "@type" in td and not _strings(td["@type"]):
-        problems.append(Problem("/@type", "must be a string or a list of strings"))
-    for kind in ("properties", "actions", "events"):
-        affordances = td.get(kind, {})
-        if not isinstance(affordances, dict):
-            problems.append(Problem(f"/{kind}", "must be an object keyed by affordance name"))
-            continue
-        for name, affordance in affordances.items():
-            problems += _check_affordance(f"/{kind}/{_escape(name)}", affordance)
-    links = td.get("links", [])
-    if not isinstance(links, list) or not all(
-        isinstance(x, dict) and isinstance(x.get("href"), str) for x in links
-    ):
-        problems.append(Problem("/links", 'must be a list of objects each with an "href"'))
-    return problems
 
 
 def is_inside(iri: str, thing: str) -> bool:
@@ -206,36 +110,6 @@ def _compact_term(term: Any) -> str:
             if term.value.startswith(iri) and len(term.value) > len(iri):
                 return f"{prefix}:{term.value[len(iri) :]}"
     return str(term)
-
-
-def _strings(value: Any) -> bool:
-    return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
-
-
-def _escape(name: str) -> str:
-    return name.replace("~", "~0").replace("/", "~1")
-
-
-def _check_affordance(path: str, affordance: Any) -> list[Problem]:
-    if not isinstance(affordance, dict):
-        return [Problem(path, "must be an object")]
-    forms = affordance.get("forms")
-    if not isinstance(forms, list) or not forms:
-        return [Problem(f"{path}/forms", "required: a non-empty list of forms")]
-    problems = []
-    for index, form in enumerate(forms):
-        where = f"{path}/forms/{index}"
-        if not isinstance(form, dict) or not isinstance(form.get("href"), str) or not form["href"]:
-            problems.append(Problem(f"{where}/href", "required: the URL of the interaction"))
-            continue
-        ops = form.get("op", [])
-        ops = [ops] if isinstance(ops, str) else ops
-        bad = [op for op in ops if op not in _OPERATIONS] if isinstance(ops, list) else [ops]
-        if bad:
-            problems.append(
-                Problem(f"{where}/op", f"unknown operation(s) {bad}; TD 1.1 defines {sorted(_OPERATIONS)}")
-            )
-    return problems
 
 
 class ShaclValidator:
@@ -319,10 +193,12 @@ class ShaclValidator:
         owner: dict[str, list[int]] = {}
         for number, triples in enumerate(descriptions):
             for t in triples:
-                graph.add((_to_rdflib(t.subject), _to_rdflib(t.predicate), _to_rdflib(t.object)))
-                owner.setdefault(t.subject.value, [])
-                if not owner[t.subject.value] or owner[t.subject.value][-1] != number:
-                    owner[t.subject.value].append(number)
+                subject = _to_rdflib(t.subject)
+                graph.add((subject, _to_rdflib(t.predicate), _to_rdflib(t.object)))
+                node = str(subject)  # an IRI or a blank node's id, as a focus node is reported
+                owner.setdefault(node, [])
+                if not owner[node] or owner[node][-1] != number:
+                    owner[node].append(number)
         report = self._shapes.run(graph)
         problems: list[list[Problem]] = [[] for _ in descriptions]
         if report is None:
@@ -337,9 +213,9 @@ def _independent_runs(numbers: Sequence[int], descriptions: Sequence[Sequence[ox
     """Split `numbers` into runs where no description mentions a node another one describes."""
     runs: list[tuple[list[int], set[str], set[str]]] = []  # members, nodes described, nodes mentioned
     for number in numbers:
-        described = {t.subject.value for t in descriptions[number]}
+        described = {t.subject.value for t in descriptions[number] if not isinstance(t.subject, ox.Triple)}
         mentioned = described | {
-            t.object.value for t in descriptions[number] if not isinstance(t.object, ox.Literal)
+            t.object.value for t in descriptions[number] if isinstance(t.object, ox.NamedNode | ox.BlankNode)
         }
         for members, run_described, run_mentioned in runs:
             if described.isdisjoint(run_mentioned) and mentioned.isdisjoint(run_described):
@@ -356,9 +232,11 @@ def _digest(triples: Sequence[ox.Triple]) -> bytes:
     return hashlib.blake2b("\n".join(map(str, triples)).encode(), digest_size=16).digest()
 
 
-def _to_rdflib(term: ox.NamedNode | ox.BlankNode | ox.Literal) -> Any:
+def _to_rdflib(term: ox.NamedNode | ox.BlankNode | ox.Literal | ox.Triple) -> Any:
     import rdflib
 
+    if isinstance(term, ox.Triple):  # parse_description refuses descriptions that hold one
+        raise ValueError(f"a triple term (RDF 1.2) cannot be validated: {term}")
     if isinstance(term, ox.NamedNode):
         return rdflib.URIRef(term.value)
     if isinstance(term, ox.BlankNode):

@@ -103,7 +103,7 @@ def test_status_of_an_empty_state_dir_says_so(tmp_path: Path, capsys) -> None:
     ("extra", "problem"),
     [
         (["--device", "{dir}/missing.json"], "missing.json: cannot read"),
-        (["--device", "{dir}/bad.json"], "bad.json: not valid JSON"),
+        (["--device", "{dir}/bad.json"], "bad.json: line 1:2: not valid JSON"),
         (["--device-id", "pi-9", "--data", "sine:seed=x"], "seed must be an integer"),
         (["--device-id", "pi-9", "--data", "nope:a=1"], "unknown data kind 'nope'"),
         (["--device-id", "pi-9", "--ca", "{dir}/bad.json"], "not a PEM certificate"),

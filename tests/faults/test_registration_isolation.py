@@ -30,9 +30,9 @@ from registry.coordinator_process import (
     wait_for,
 )
 
+from tinyfleet.common.device_description import device_thing_description
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
 from tinyfleet.server.group_runner import GroupRunner
-from tinyfleet.server.registry.thing_description import device_thing_description
 from tinyfleet.simulations.local_fleet import LocalFleet
 
 #: The poisoned group's coordinator runs with this limit (the option, not the default, is tested).

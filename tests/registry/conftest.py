@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from tinyfleet.common.device_description import device_thing_description
 from tinyfleet.server.registry.store import EmbeddedStore
-from tinyfleet.server.registry.thing_description import device_thing_description
 from tinyfleet.server.registry.thing_graphs import Registry
 
 

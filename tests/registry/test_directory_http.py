@@ -7,12 +7,14 @@ import json
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
 from starlette.testclient import TestClient
 
+from tinyfleet.common.device_description import DescriptionInvalid
 from tinyfleet.common.device_keys import DeviceKey, verify
 from tinyfleet.server.auth import MAX_FAILURES, FailedAuthLimiter
 from tinyfleet.server.http.registry_access import Access
@@ -23,6 +25,10 @@ TOKEN = "admin-secret"
 ADMIN = {"authorization": f"Bearer {TOKEN}", "content-type": "application/td+json"}
 PI = "urn:tinyfleet:device:pi-01"
 PI_KEY = DeviceKey.generate()
+#: Thing Descriptions from the TD 1.1 specification, as published (data/td-1.1/README.md).
+TD11_EXAMPLES = sorted((Path(__file__).parent / "data" / "td-1.1").glob("*.td.json"))
+TITLE = "https://www.w3.org/2019/wot/td#title"
+EVERY_GRAPH = "SELECT ?device WHERE { GRAPH ?device { ?device ?p ?o } }"
 
 
 def _verify(device: str, message: bytes, signature: bytes) -> bool:
@@ -81,6 +87,53 @@ def test_invalid_descriptions_come_back_as_problem_json(
     )
     assert bad_patch.status_code == 400
     assert client.get(f"/things/{PI}").json()["ramKB"] == 512  # the stored TD is untouched
+
+
+@pytest.mark.parametrize("example", TD11_EXAMPLES, ids=lambda path: path.name)
+def test_td_1_1_examples_are_stored_listed_and_found_yet_never_eligible(
+    client: TestClient, registry: Registry, make_td: Callable[..., bytes], example: Path
+) -> None:
+    """WoT Discovery: a directory stores every valid TD 1.1; the fleet's requirements (RAM,
+    flash) are for devices that register to train, so a Thing without them takes no job."""
+    body = example.read_bytes()
+    td = json.loads(body)
+    if "id" in td:
+        created = client.put(f"/things/{td['id']}", content=body, headers=ADMIN)
+        thing = td["id"]
+    else:
+        created = client.post("/things", content=body, headers=ADMIN)
+        thing = created.headers.get("location", "").removeprefix("/things/")
+    assert created.status_code == 201, created.text
+    assert client.put(f"/things/{PI}", content=make_td(), headers=ADMIN).status_code == 201
+    assert sorted(listed["id"] for listed in client.get("/things").json()) == sorted([thing, PI])
+    stored = client.get(f"/things/{thing}").json()
+    assert {key: stored[key] for key in td if key != "id"} == {key: td[key] for key in td if key != "id"}
+    query = f"SELECT ?thing WHERE {{ GRAPH ?thing {{ ?thing <{TITLE}> {json.dumps(td['title'])} }} }}"
+    found = client.get("/search/sparql", params={"query": query}).json()["results"]["bindings"]
+    assert [row["thing"]["value"] for row in found] == [thing]
+    assert registry.eligible("eligible-devices") == registry.eligible(EVERY_GRAPH) == [PI]
+    with pytest.raises(DescriptionInvalid) as refused:  # as gRPC Register judges it
+        registry.prepare(body, "application/td+json", thing_id=thing, for_training=True)
+    assert {p.path.split()[-1] for p in refused.value.errors} == {"tf:ramKB", "tf:flashKB"}
+
+
+def test_a_td_breaking_the_td_1_1_schema_is_refused_naming_each_json_path(client: TestClient) -> None:
+    td = json.loads((TD11_EXAMPLES[0].parent / "example-1-lamp.td.json").read_bytes())
+    td["properties"]["status"]["type"] = "text"
+    td["securityDefinitions"]["basic_sc"]["in"] = "nowhere"
+    del td["title"]
+    response = client.put(f"/things/{td['id']}", content=json.dumps(td), headers=ADMIN)
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/problem+json"
+    errors = {e["path"]: e["message"] for e in response.json()["validationErrors"]}
+    assert errors == {
+        "/properties/status/type": "'text' is not one of ['boolean', 'integer', 'number', 'string', "
+        "'object', 'array', 'null'] (TD 1.1 JSON Schema)",
+        "/securityDefinitions/basic_sc/in": "'nowhere' is not one of ['header', 'query', 'body', 'cookie', "
+        "'auto'] (TD 1.1 JSON Schema)",
+        "/title": "missing (required by the TD 1.1 JSON Schema)",
+    }
+    assert client.get("/things").json() == []
 
 
 def test_writes_need_the_admin_token_or_the_devices_own_signature(

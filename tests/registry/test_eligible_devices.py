@@ -15,9 +15,9 @@ import random
 import pyoxigraph as ox
 import pytest
 
+from tinyfleet.common.device_description import device_thing_description
 from tinyfleet.ontology.catalog import parse_query_file, render
 from tinyfleet.server.registry.store import EmbeddedStore
-from tinyfleet.server.registry.thing_description import device_thing_description
 from tinyfleet.server.registry.thing_graphs import Registry
 from tinyfleet.simulations.benchmarks.registry import ELIGIBLE_PLAIN as PLAIN_UNION
 

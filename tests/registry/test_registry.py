@@ -38,7 +38,7 @@ def test_json_level_td_problems_name_their_path(registry: Registry) -> None:
     bad = {
         "@context": "https://www.w3.org/2022/wot/td/v1.1",
         "id": "not an iri",
-        "title": "",
+        "title": 7,
         "securityDefinitions": {"s": {"scheme": "nosec"}},
         "security": ["missing"],
         "properties": {"t": {"forms": [{"href": "http://x", "op": "fly"}]}},
@@ -76,6 +76,18 @@ def test_unknown_context_and_bad_json_are_refused(registry: Registry) -> None:
     }
     with pytest.raises(DescriptionInvalid, match=r"unknown JSON-LD context 'https://evil\.example/ctx'"):
         registry.prepare(json.dumps(td).encode(), TD_JSON)
+
+
+def test_a_triple_term_is_refused_by_name(registry: Registry) -> None:
+    """RDF 1.2 Turtle parses a triple term into the description; SHACL's graph cannot hold one."""
+    turtle = b"""
+    @prefix td: <https://www.w3.org/2019/wot/td#> .
+    <urn:tinyfleet:device:quoting> a td:Thing ; td:title "q" ;
+      <urn:tinyfleet:says> <<( <urn:tinyfleet:device:quoting> td:title "q" )>> .
+    """
+    with pytest.raises(DescriptionInvalid, match=r"holds a triple term \(RDF 1\.2\)"):
+        registry.prepare(turtle, "text/turtle")
+    assert registry.document("urn:tinyfleet:device:quoting") is None
 
 
 def test_turtle_with_the_long_s3n_form_gets_shortcuts_and_no_blank_nodes(registry: Registry) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import pyoxigraph as ox
 import pytest
 
+from tinyfleet.common.device_description import device_thing_description
 from tinyfleet.server.descriptions import (
     DescriptionError,
     DescriptionLimits,
@@ -23,7 +24,6 @@ from tinyfleet.server.descriptions import (
 )
 from tinyfleet.server.registry.importer import ImportFailed, import_document, import_file, read_document
 from tinyfleet.server.registry.store import EmbeddedStore
-from tinyfleet.server.registry.thing_description import device_thing_description
 from tinyfleet.server.registry.thing_graphs import Prepared, Registry
 from tinyfleet.server.registry.validation import DescriptionInvalid, ShaclValidator
 

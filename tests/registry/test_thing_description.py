@@ -9,8 +9,9 @@ import pyoxigraph as ox
 import rdflib
 from rdflib.compare import isomorphic
 
+from tinyfleet.common.device_description import device_thing_description
 from tinyfleet.ontology import TD_CONTEXT_URLS, local_context
-from tinyfleet.server.registry.thing_description import device_thing_description, td_triples
+from tinyfleet.server.registry.thing_description import td_triples
 
 RICH_TD: dict[str, Any] = {
     "@context": [TD_CONTEXT_URLS[0], {"ex": "https://example.org/ns#"}],

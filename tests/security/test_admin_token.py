@@ -16,9 +16,9 @@ import httpx
 import pytest
 
 from tinyfleet.cli import main
+from tinyfleet.common.device_description import device_thing_description
 from tinyfleet.server.admin_client import AdminClient, admin_token_from
 from tinyfleet.server.daemon import LOCK_FILE
-from tinyfleet.server.registry.thing_description import device_thing_description
 from tinyfleet.simulations.local_fleet import LocalFleet
 
 pytestmark = pytest.mark.slow

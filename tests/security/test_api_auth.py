@@ -13,9 +13,9 @@ import httpx
 import pytest
 from server.harness import CoordinatorThread, settings_for
 
+from tinyfleet.common.device_description import device_thing_description
 from tinyfleet.server.admin_client import AdminClient
 from tinyfleet.server.auth import MAX_FAILURES
-from tinyfleet.server.registry.thing_description import device_thing_description
 
 TOKEN = "api-auth-admin-token"
 API = ("/api/devices", "/api/jobs", "/api/jobs/1")

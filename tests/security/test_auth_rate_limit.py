@@ -16,10 +16,10 @@ import httpx
 import pytest
 from server.harness import CoordinatorThread, FakeAgent, settings_for
 
+from tinyfleet.common.device_description import device_thing_description
 from tinyfleet.server.admin_client import AdminClient
 from tinyfleet.server.auth import MAX_FAILURES, FailedAuthLimiter, ReplayGuard, peer_host, peer_key
 from tinyfleet.server.registry.daemon_plugin import CoordinatorRegistry
-from tinyfleet.server.registry.thing_description import device_thing_description
 
 TOKEN = "rate-limit-test-admin"
 TD = "application/td+json"

@@ -26,8 +26,8 @@ from registry.coordinator_process import (
     wait_for,
 )
 
+from tinyfleet.common.device_description import device_thing_description
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
-from tinyfleet.server.registry.thing_description import device_thing_description
 from tinyfleet.simulations.local_fleet import LocalFleet
 
 VICTIM = "urn:tinyfleet:device:victim"

@@ -21,12 +21,12 @@ import httpx
 import pytest
 from server.harness import CoordinatorThread, FakeAgent, settings_for, signed_register
 
+from tinyfleet.common.device_description import device_thing_description
 from tinyfleet.common.device_keys import DeviceKey
 from tinyfleet.common.failpoints import ENV
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
 from tinyfleet.server.database import default_url, open_database
 from tinyfleet.server.registry.daemon_plugin import CoordinatorRegistry
-from tinyfleet.server.registry.thing_description import device_thing_description
 from tinyfleet.server.repository import Repository
 from tinyfleet.simulations.local_fleet import LocalFleet
 

@@ -2,7 +2,9 @@
 
 The coordinator runs on its own asyncio loop in a background thread (as in the
 daemon), so tests drive FleetGrid from the test thread exactly as the job
-runner does. Fake agents speak the Fleet protocol with the generated gRPC stubs
+runner does; with the registry plugged in as `tinyfleet server start` plugs it,
+so registrations are judged by the registry's rules (TD 1.1, scope, SHACL, the
+fleet's requirements). Fake agents speak the Fleet protocol with the generated gRPC stubs
 (a device key, signed Register, Hello signed over the stream's challenge) and let
 a test decide what each task gets back (a real answer, NaN, garbage, silence, a
 dropped stream).
@@ -24,6 +26,7 @@ import grpc
 from flwr.app import Message
 
 from tinyfleet.client.handlers import default_handlers
+from tinyfleet.common.device_description import device_thing_description
 from tinyfleet.common.device_keys import DeviceKey, next_sequence
 from tinyfleet.common.flower_adapter import (
     make_context,
@@ -34,13 +37,14 @@ from tinyfleet.common.flower_adapter import (
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
 from tinyfleet.server.auth import hash_enrollment_token, new_enrollment_id, new_enrollment_token
 from tinyfleet.server.daemon import Coordinator, Hooks, ServerSettings
+from tinyfleet.server.registry.daemon_plugin import CoordinatorRegistry
 
 TD = "application/td+json"
 
 
 def thing(device_id: str) -> bytes:
-    return json.dumps({"@context": "https://www.w3.org/2022/wot/td/v1.1", "id": device_id,
-                       "title": device_id}).encode()
+    """The description of a fleet device (what an agent registers with)."""
+    return json.dumps(device_thing_description(device_id, ram_kb=4096, flash_kb=65536)).encode()
 
 
 def signed_register(
@@ -55,14 +59,24 @@ def signed_register(
 
 
 class CoordinatorThread:
-    """`Coordinator` started on a private event loop thread; `stop()` is its graceful stop."""
+    """`Coordinator` started on a private event loop thread; `stop()` is its graceful stop.
+    Without `hooks`, the registry's (its store is closed at `stop`); `Hooks()` is the bare
+    coordinator."""
 
     def __init__(self, settings: ServerSettings, hooks: Hooks | None = None) -> None:
+        self.registry: CoordinatorRegistry | None = None
+        if hooks is None:
+            self.registry = CoordinatorRegistry.open(settings.data_dir, admin_token=settings.admin_token)
+            hooks = self.registry.hooks()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.coordinator = Coordinator(settings, hooks)
-        self._call(self.coordinator.start())
+        try:
+            self._call(self.coordinator.start())
+        except BaseException:
+            self._release()
+            raise
         self._enroll_token = ""
 
     def _call(self, coro: object, timeout: float = 30.0) -> object:
@@ -96,9 +110,15 @@ class CoordinatorThread:
             self._call(self.coordinator.stop())
             self._call(_cancel_leftover_tasks())
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(10)
-            self.loop.close()
+            self._release()
+
+    def _release(self) -> None:
+        """The loop, its thread and the registry's store (a next coordinator may open it)."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+        if self.registry is not None:
+            self.registry.registry.store.close()
 
 
 async def _cancel_leftover_tasks() -> None:

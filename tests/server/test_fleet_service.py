@@ -91,9 +91,9 @@ def test_register_is_idempotent_with_the_same_key_and_refused_with_another(
     ("description", "media_type", "expected"),
     [
         (b"{not json", TD, "not valid JSON"),
-        (b'{"title": "no id"}', TD, "has no \"id\""),
-        (b"<urn:a> <urn:b> ", "text/turtle", "does not parse"),
-        (b"<urn:a> <urn:b> <urn:c> .", "text/turtle", "names no device"),
+        (b'{"title": "no id"}', TD, "/@context: missing"),
+        (b"<urn:a> <urn:b> ", "text/turtle", "not valid Turtle"),
+        (b"<urn:a> <urn:b> <urn:c> .", "text/turtle", "no subject is typed as a device"),
         (b"{}", "image/png", "unsupported media type"),
     ],
 )
@@ -109,8 +109,8 @@ def test_malformed_descriptions_are_refused_and_nothing_is_stored(
 
 
 def test_turtle_descriptions_name_their_device(coordinator: CoordinatorThread) -> None:
-    turtle = b"""@prefix td: <https://www.w3.org/2019/wot/td#> .
-        <urn:dev:ttl-1> a td:Thing ; td:title "pi" ."""
+    turtle = b"""@prefix td: <https://www.w3.org/2019/wot/td#> . @prefix tf: <https://w3id.org/tinyfleet#> .
+        <urn:dev:ttl-1> a td:Thing ; td:title "pi" ; tf:ramKB 512 ; tf:flashKB 1024 ."""
     agent = coordinator.agent("urn:dev:ttl-1")
     response = agent.stub.Register(signed_register(turtle, agent.key, 1, agent.enroll_token, "text/turtle"))
     agent.channel.close()
@@ -222,7 +222,8 @@ def test_http_api_serves_health_jobs_and_devices(coordinator: CoordinatorThread)
     agent.register()
     agent.connect()
     base = f"http://{coordinator.coordinator.http_address}"
-    assert httpx.get(f"{base}/healthz").json() == {"status": "ok", "online_nodes": 1}
+    health = httpx.get(f"{base}/healthz").json()
+    assert (health["status"], health["online_nodes"], health["outbox"]["lag"]) == ("ok", 1, 0)
     admin = {"authorization": f"Bearer {TOKEN}"}  # /api/* needs the admin token, as its gRPC twins
     [device] = httpx.get(f"{base}/api/devices", headers=admin).json()
     assert device["device_id"] == "urn:dev:web" and device["online"] is True
