@@ -10,6 +10,7 @@ seconds: the jobs are 2 rounds of a tiny model and still take about a minute eac
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -20,16 +21,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tinyfleet.client.omniglot import data_root
 from tinyfleet.common.arrays import load_array_record
 from tinyfleet.common.flower_adapter import array_record_from_bytes
 from tinyfleet.common.jobspec import JobSpec, load_job_spec
 from tinyfleet.common.models import build_model
+from tinyfleet.common.proto_protocol import split_global
 from tinyfleet.server.flower_serverapp import MODEL_FILE, RESULT_FILE
 
 pytestmark = pytest.mark.slow
@@ -116,9 +119,9 @@ class Deployment:
         return json.loads((result_dir / RESULT_FILE).read_text()), result_dir, wall
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    root = tmp_path_factory.mktemp("flower")
+@contextlib.contextmanager
+def flower_deployment(root: Path, node_data: Sequence[str]) -> Iterator[Deployment]:
+    """A SuperLink and one SuperNode per data spec under `root`, stopped on exit."""
     home = root / "flwr-home"
     home.mkdir()
     superlink_port = _free_port()
@@ -139,7 +142,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             "--disable-runtime-dependency-installation",
         ],
     }
-    for i, data in enumerate(NODE_DATA, start=1):
+    for i, data in enumerate(node_data, start=1):
         commands[f"supernode-{i}"] = [
             "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{superlink_port}",
             "--host", "127.0.0.1", "--port", str(_free_port()), "--node-config", f"data='{data}'",
@@ -162,6 +165,12 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     finally:
         for proc in reversed(procs):
             _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    with flower_deployment(tmp_path_factory.mktemp("flower"), NODE_DATA) as running:
+        yield running
 
 
 def test_fedavg_job_with_tinyfleet_handlers_on_flower(deployment: Deployment) -> None:
@@ -205,3 +214,27 @@ def test_fedreptile_with_compressed_links_on_flower(deployment: Deployment) -> N
     assert set(summary["evaluate_metrics"]) == {"2"}  # evaluate_every = 2
     evaluated = summary["evaluate_metrics"]["2"]
     assert evaluated["loss_after"] < evaluated["loss_before"]  # K-shot adaptation from the meta-model
+
+
+@pytest.mark.skipif(not (data_root() / "occupancy").is_dir(), reason="UCI occupancy data not found")
+def test_fedproto_on_flower(tmp_path: Path) -> None:
+    """FedProto on two SuperNodes streaming occupancy rooms. Round 2 sends no backbone: the nodes
+    answer with the one their ClientApp kept in `context.state` in round 1, and their replies,
+    numbered after round 1's acknowledgement, are merged once: every row streamed, counted once."""
+    spec = JobSpec(
+        name="flower-fedproto",
+        strategy="fedproto",
+        model="identity",
+        rounds=2,
+        options={"samples_per_round": 200, "eval_samples": 500},
+        round=load_job_spec(FLOWER_APP / "sine-fedavg.toml").round,
+    )
+    with flower_deployment(tmp_path, ("occupancy:room=0,rooms=2", "occupancy:room=1,rooms=2")) as rooms:
+        summary, result_dir, _ = rooms.run_job(spec, "fedproto")
+
+    assert [summary["train_metrics"][r]["nodes"] for r in ("1", "2")] == [2, 2]
+    assert [summary["train_metrics"][r]["examples"] for r in ("1", "2")] == [400, 800]
+    _, merged = split_global(array_record_from_bytes((result_dir / MODEL_FILE).read_bytes()))
+    assert merged is not None and sum(merged.counts.values()) == 800
+    assert set(summary["evaluate_metrics"]) == {"1", "2"}  # round 1's evaluation sent no backbone either
+    assert summary["evaluate_metrics"]["2"]["accuracy"] > 0.8
