@@ -108,6 +108,14 @@ def test_labels_index_the_words_as_given(data_dir: Path) -> None:
     assert bool((x[y == 0][:, 0, :, 10].argmax(dim=1) == yes_band).all())  # label 0 is "yes"
 
 
+def test_labels_are_named_by_their_word_whatever_the_order_a_device_gives(data_dir: Path) -> None:
+    """FedProto merges classes by name: "no" is one class on devices that list the words differently."""
+    first = keywords.KeywordStream.from_spec(words="yes+no", dir=str(data_dir))
+    second = keywords.KeywordStream.from_spec(words="no+up", dir=str(data_dir))
+    assert first.label_names(torch.tensor([1, 0, 1])) == ["no", "yes", "no"]
+    assert second.label_names(torch.tensor([0, 1]), held=True) == ["no", "up"]
+
+
 def test_holdout_is_fixed_interleaved_and_from_speakers_the_stream_never_plays(data_dir: Path) -> None:
     source = keywords.KeywordStream.from_spec(words="no+up+yes", seed="1", holdout="2", dir=str(data_dir))
     assert len(source.held_speakers) == 2
