@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any, Final
@@ -134,11 +134,27 @@ def _td_schema() -> Draft7Validator:
     return Draft7Validator(json.loads(TD_SCHEMA_PATH.read_text(encoding="utf-8")))
 
 
+@cache
+def _td_schema_check() -> Callable[[Any], Any]:
+    """The same schema compiled to Python by fastjsonschema (formats unchecked, as jsonschema
+    leaves them): about 0.15 ms a device TD where jsonschema takes about 2, so the registry
+    pays jsonschema's price, for its precise findings, only on a TD that fails."""
+    import fastjsonschema
+
+    return fastjsonschema.compile(json.loads(TD_SCHEMA_PATH.read_text(encoding="utf-8")), use_formats=False)
+
+
 def td_problems(td: dict[str, Any]) -> list[Problem]:
     """Why a JSON document is not a TD 1.1: the TD JSON Schema's findings, each at the JSON
     pointer of the member at fault; an `id` that is not an absolute IRI; security names
     that `securityDefinitions` does not define."""
-    problems = {problem for error in _td_schema().iter_errors(td) for problem in _schema_problems(error)}
+    from fastjsonschema import JsonSchemaException
+
+    problems: set[Problem] = set()
+    try:
+        _td_schema_check()(td)
+    except JsonSchemaException:  # jsonschema, the reference, says what and where
+        problems = {problem for error in _td_schema().iter_errors(td) for problem in _schema_problems(error)}
     if "id" in td and (bad_id := iri_problem(td["id"])) is not None:
         problems.add(Problem("/id", bad_id))
     definitions, security = td.get("securityDefinitions"), td.get("security")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -117,3 +118,53 @@ def test_the_agent_refuses_the_values_the_fleet_shapes_refuse(
     except DescriptionError:
         built = False
     assert built == _fleet_shapes_accept(registry, td)
+
+
+def _mutations(td: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Variants of a valid TD, each breaking (or not) one TD 1.1 rule."""
+    edits = [
+        lambda d: d.pop("title"),
+        lambda d: d.update({"@context": "https://www.w3.org/2019/wot/td/v1"}),
+        lambda d: d.update({"@context": ["https://example.org/other"]}),
+        lambda d: d.update({"security": []}),
+        lambda d: d.update({"securityDefinitions": {}}),
+        lambda d: d["securityDefinitions"]["basic_sc"].update({"in": "nowhere"}),
+        lambda d: d["securityDefinitions"].update({"x": {"scheme": "ex:custom"}}),
+        lambda d: d["securityDefinitions"].update({"x": {"scheme": "custom"}}),
+        lambda d: d["properties"]["status"].update({"type": "text"}),
+        lambda d: d["properties"]["status"].update({"forms": []}),
+        lambda d: d["properties"]["status"]["forms"][0].update({"op": "invokeaction"}),
+        lambda d: d["actions"]["toggle"]["forms"][0].update({"op": ["invokeaction", "queryaction"]}),
+        lambda d: d["events"]["overheating"].update({"data": {"type": "string", "minLength": "1"}}),
+        lambda d: d.update({"version": {"model": "1"}}),
+        lambda d: d.update({"links": [{"rel": "icon"}]}),
+        lambda d: d.update({"@type": 7}),
+        lambda d: d.update({"id": 7}),
+    ]
+    for edit in edits:
+        variant = json.loads(json.dumps(td))
+        edit(variant)
+        yield variant
+
+
+def test_the_compiled_schema_accepts_what_jsonschema_accepts() -> None:
+    """td_problems asks fastjsonschema first and jsonschema, the reference, only on a failure:
+    both must accept the same TDs, or a TD jsonschema refuses would pass."""
+    from fastjsonschema import JsonSchemaException
+
+    from tinyfleet.common.device_description import _td_schema, _td_schema_check
+
+    examples = sorted((Path(__file__).parent / "registry" / "data" / "td-1.1").glob("*.td.json"))
+    documents = [json.loads(path.read_bytes()) for path in examples]
+    documents += list(_mutations(documents[[p.name for p in examples].index("example-1-lamp.td.json")]))
+    documents.append(minimal_thing_description("pi", ram_kb=1, flash_kb=0, cpu="x", cpu_cores=1))
+    verdicts = []
+    for document in documents:
+        try:
+            _td_schema_check()(document)
+            compiled = True
+        except JsonSchemaException:
+            compiled = False
+        assert compiled == _td_schema().is_valid(document), document
+        verdicts.append(compiled)
+    assert verdicts.count(False) >= 12 and verdicts.count(True) >= len(examples) + 1

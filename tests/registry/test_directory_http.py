@@ -117,6 +117,18 @@ def test_td_1_1_examples_are_stored_listed_and_found_yet_never_eligible(
     assert {p.path.split()[-1] for p in refused.value.errors} == {"tf:ramKB", "tf:flashKB"}
 
 
+def test_a_device_described_again_without_the_fleets_facts_leaves_every_job(
+    client: TestClient, registry: Registry, make_td: Callable[..., bytes]
+) -> None:
+    assert client.put(f"/things/{PI}", content=make_td(), headers=ADMIN).status_code == 201
+    assert registry.eligible(EVERY_GRAPH) == [PI]
+    plain = {**json.loads((TD11_EXAMPLES[0].parent / "example-1-lamp.td.json").read_bytes()), "id": PI}
+    assert client.put(f"/things/{PI}", content=json.dumps(plain), headers=ADMIN).status_code == 204
+    assert registry.eligible(EVERY_GRAPH) == registry.eligible("eligible-devices") == []
+    assert client.put(f"/things/{PI}", content=make_td(), headers=ADMIN).status_code == 204
+    assert registry.eligible(EVERY_GRAPH) == [PI]
+
+
 def test_a_td_breaking_the_td_1_1_schema_is_refused_naming_each_json_path(client: TestClient) -> None:
     td = json.loads((TD11_EXAMPLES[0].parent / "example-1-lamp.td.json").read_bytes())
     td["properties"]["status"]["type"] = "text"

@@ -37,7 +37,8 @@ def test_a_thing_without_the_fleets_requirements_cannot_register_to_train(
         agent.register(LAMP.read_bytes())
     agent.channel.close()
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    errors = json.loads(dict(refused.value.trailing_metadata() or ())["validation-errors"])
+    trailer = {entry.key: entry.value for entry in refused.value.trailing_metadata() or ()}
+    errors = json.loads(trailer["validation-errors"])
     assert sorted(error["path"].split()[-1] for error in errors) == ["tf:flashKB", "tf:ramKB"]
     assert coordinator.coordinator.repo.list_devices() == []
 
