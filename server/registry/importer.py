@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Final, Protocol
 
 import pyoxigraph as ox
 
-from tinyfleet.ontology import NNET, RDF, S3N, S3N_HTTP, SSN_EXTEND, TD, TF
+from tinyfleet.common.device_description import DEVICE_TYPES, SENSOR_BOARD_TYPES
+from tinyfleet.ontology import NNET, RDF, S3N, S3N_HTTP, SSN_EXTEND, TF
 from tinyfleet.server.registry import sparql_updates
 from tinyfleet.server.registry.normalize import normalize_device, normalize_models
 from tinyfleet.server.registry.thing_graphs import Prepared, Registry
@@ -59,7 +60,8 @@ _STRAY_COLON_NAMESPACES: Final = (
     "http://www.w3.org/ns/",
 )
 _TYPE: Final = RDF + "type"
-_DEVICE_TYPES: Final = frozenset({S3N + "SmartSensor", TD + "Thing", TF + "Device"})
+#: Each subject of one of these classes is a board (as a registration's device is recognised).
+_DEVICE_TYPES: Final = DEVICE_TYPES | SENSOR_BOARD_TYPES
 _MODEL_TYPES: Final = frozenset({NNET + "NeuralNetwork", TF + "ModelArtifact"})
 
 
