@@ -19,20 +19,20 @@ SAREF_DEVICE = b"""@prefix td: <https://www.w3.org/2019/wot/td#> . @prefix tf: <
 <urn:dev:saref-1> a <https://saref.etsi.org/core/Device> ; td:title "s" ; tf:ramKB 256 ; tf:flashKB 1024 ."""
 
 
-@pytest.fixture
-def coordinator(tmp_path: Path) -> Iterator[CoordinatorThread]:
-    running = CoordinatorThread(settings_for(tmp_path / "coord"))
-    try:
-        yield running
-    finally:
-        running.stop()
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorThread]:
+    """One for the module's tests (each registers a device of its own)."""
+    running = CoordinatorThread(settings_for(tmp_path_factory.mktemp("coord")))
+    yield running
+    running.stop()
 
 
 def test_a_thing_without_the_fleets_requirements_cannot_register_to_train(
     coordinator: CoordinatorThread,
 ) -> None:
     """A valid TD 1.1 (the specification's lamp) is no fleet device: Register names what is missing."""
-    agent = coordinator.agent(json.loads(LAMP.read_bytes())["id"])
+    lamp = json.loads(LAMP.read_bytes())["id"]
+    agent = coordinator.agent(lamp)
     with pytest.raises(grpc.RpcError) as refused:
         agent.register(LAMP.read_bytes())
     agent.channel.close()
@@ -40,7 +40,7 @@ def test_a_thing_without_the_fleets_requirements_cannot_register_to_train(
     trailer = {entry.key: entry.value for entry in refused.value.trailing_metadata() or ()}
     errors = json.loads(trailer["validation-errors"])
     assert sorted(error["path"].split()[-1] for error in errors) == ["tf:flashKB", "tf:ramKB"]
-    assert coordinator.coordinator.repo.list_devices() == []
+    assert coordinator.coordinator.repo.get_device(lamp) is None
 
 
 def test_a_saref_device_registers_as_the_device_its_agent_names(coordinator: CoordinatorThread) -> None:
