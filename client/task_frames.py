@@ -2,9 +2,11 @@
 
 Every outcome is a Reply the coordinator can decode: a handler's answer, an
 error reply from the handler registry (unknown type, handler failure), an error
-reply for a task that did not decode, or an error reply in place of an answer
-larger than the coordinator accepts (so the round records why, instead of the
-stream breaking on an oversized frame).
+reply for a task that did not decode, an error reply in place of an answer that
+does not encode (logged with its traceback: raised on the agent's task thread,
+it would have ended that thread and every later task would go unanswered), or an
+error reply in place of an answer larger than the coordinator accepts (so the
+round records why, instead of the stream breaking on an oversized frame).
 """
 
 from __future__ import annotations
@@ -70,12 +72,18 @@ def answer_task(
         error = reply_with_error(instruction, ERR_HANDLER_FAILED, f"agent could not decode the task: {exc}")
         return reply_frame(task.message_id, error, time.perf_counter() - started)
     set_message_id(message, task.message_id)
+    message_type = message.metadata.message_type
     reply = handlers.handle(message, context)
     compute_s = time.perf_counter() - started
-    frame = reply_frame(task.message_id, reply, compute_s)
+    try:
+        frame = reply_frame(task.message_id, reply, compute_s)
+    except Exception as exc:  # e.g. a handler that returned None: answer, and keep answering
+        reason = (f"the answer to {message_type!r} is not a Flower message that encodes: "
+                  f"{type(exc).__name__}: {exc}")
+        log.warning("task %s: %s; sending an error reply instead", task.message_id, reason, exc_info=True)
+        return reply_frame(task.message_id, reply_with_error(message, ERR_HANDLER_FAILED, reason), compute_s)
     size = frame.ByteSize()
     if max_message_bytes and size > max_message_bytes:
-        message_type = message.metadata.message_type
         reason = (
             f"reply to {message_type!r} is {size} bytes, over the coordinator's limit of "
             f"{max_message_bytes} bytes (max_message_bytes)"

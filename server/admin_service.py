@@ -29,10 +29,10 @@ from tinyfleet.server.auth import (
     new_enrollment_token,
     peer_host,
 )
-from tinyfleet.server.connections import ConnectionHub
+from tinyfleet.server.connections import ConnectionHub, Session
 from tinyfleet.server.fleet_service import no_internal_errors, refuse_auth, refuse_if_blocked
 from tinyfleet.server.job_events import JobEvents
-from tinyfleet.server.job_json import RoundsFollower, device_info, job_info
+from tinyfleet.server.job_json import RoundsFollower, job_info
 from tinyfleet.server.job_runner import Eligibility
 from tinyfleet.server.job_strategy import build_strategy
 from tinyfleet.server.repository import TERMINAL_STATES, Device, Enrollment, Repository
@@ -58,11 +58,22 @@ def enrollment_info(enrollment: Enrollment) -> fleet_pb2.EnrollmentInfo:
     )
 
 
-def admin_device_info(device: Device, connected: bool) -> fleet_pb2.DeviceInfo:
-    info = device_info(device, connected)
-    info.revoked = device.revoked_at is not None
-    info.revoked_reason = device.revoked_reason
-    return info
+def admin_device_info(device: Device, session: Session | None) -> fleet_pb2.DeviceInfo:
+    """The device as stored, with what its open stream (`session`, None when offline) tells."""
+    trips = [trip.seconds for trip in session.round_trips] if session is not None else []
+    return fleet_pb2.DeviceInfo(
+        device_id=device.device_id,
+        node_id=device.node_id,
+        online=session is not None,
+        last_seen=device.last_seen or 0.0,
+        registered_at=device.registered_at,
+        revoked=device.revoked_at is not None,
+        revoked_reason=device.revoked_reason,
+        agent_version=device.agent_version,
+        rtt_ms=trips[-1] * 1000 if trips else 0.0,
+        rtt_max_ms=max(trips) * 1000 if trips else 0.0,
+        handlers=sorted(session.handlers) if session is not None else [],
+    )
 
 
 class AdminService(fleet_pb2_grpc.AdminServicer):
@@ -186,9 +197,8 @@ class AdminService(fleet_pb2_grpc.AdminServicer):
     ) -> fleet_pb2.ListDevicesResponse:
         await self._authorize(context)
         devices = await asyncio.to_thread(self.repo.list_devices)
-        online = self.hub.online_nodes()
         return fleet_pb2.ListDevicesResponse(
-            devices=[admin_device_info(d, d.node_id in online) for d in devices]
+            devices=[admin_device_info(d, self.hub.session(d.node_id)) for d in devices]
         )
 
     @no_internal_errors
@@ -203,7 +213,7 @@ class AdminService(fleet_pb2_grpc.AdminServicer):
         closed = self.hub.revoke(device.device_id, reason)
         log.warning("device %s revoked (%s)%s", device.device_id, reason,
                     "; its stream was closed" if closed else "")
-        return admin_device_info(device, connected=False)
+        return admin_device_info(device, None)
 
     @no_internal_errors
     async def CreateEnrollment(

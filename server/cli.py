@@ -294,13 +294,16 @@ def _server_devices(args: argparse.Namespace) -> int:
         rows = [
             {"device_id": d.device_id, "node_id": d.node_id, "online": d.online,
              "last_seen": d.last_seen or None, "registered_at": d.registered_at,
-             "revoked": d.revoked, "revoked_reason": d.revoked_reason}
+             "revoked": d.revoked, "revoked_reason": d.revoked_reason, "agent_version": d.agent_version,
+             "rtt_ms": d.rtt_ms or None, "rtt_max_ms": d.rtt_max_ms or None, "handlers": list(d.handlers)}
             for d in devices
         ]
-        print_rows(rows, args.json, "devices", ("device", "node id", "online", "last seen", "revoked"),
-                    lambda row: (row["device_id"], str(row["node_id"]), "yes" if row["online"] else "no",
-                                 _when(row["last_seen"]),
-                                 (row["revoked_reason"] or "yes") if row["revoked"] else ""))
+        print_rows(rows, args.json, "devices",
+                   ("device", "node id", "online", "last seen", "agent", "rtt ms (worst)", "revoked"),
+                   lambda row: (row["device_id"], str(row["node_id"]), "yes" if row["online"] else "no",
+                                _when(row["last_seen"]), row["agent_version"] or "-",
+                                f"{row['rtt_ms']:.1f} ({row['rtt_max_ms']:.1f})" if row["rtt_ms"] else "-",
+                                (row["revoked_reason"] or "yes") if row["revoked"] else ""))
         return 0
 
     return with_client(args, show)

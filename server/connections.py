@@ -4,21 +4,42 @@ Streams live on the coordinator's asyncio loop; the job runner and FleetGrid liv
 on a worker thread. The hub is the thread-safe seam between them: `send` hands a
 frame to a stream's queue from any thread, `wait_changed` lets the job thread
 sleep until membership changes (no polling), and listeners (FleetGrid) hear
-about replies and disconnects as they happen.
+about replies and disconnects as they happen. A listener that raises is logged
+with its traceback and skipped: it must not take the agent's stream down with it.
+
+Each session also knows what its agent said in Hello (version, the message types
+it has handlers for) and the round trips of the keepalive pings the coordinator
+sends it, for operators (`server devices`) and for refusing tasks early.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from tinyfleet.common.handler_lookup import handler_key
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
 
 log = logging.getLogger(__name__)
+
+#: Keepalive round trips each session keeps (the latest and the worst of these are shown).
+RTT_SAMPLES = 64
+#: Pings awaiting their pong beyond this many are forgotten, oldest first (a silent stream is
+#: closed by the missed-heartbeat rule, not here).
+MAX_UNANSWERED_PINGS = 8
+
+
+@dataclass(frozen=True)
+class RoundTrip:
+    sent_at: float  # time.monotonic() when the Ping was due
+    seconds: float
 
 
 class HubListener(Protocol):
@@ -37,6 +58,13 @@ class Session:
     outgoing: asyncio.Queue[fleet_pb2.CoordinatorFrame | None] = field(default_factory=asyncio.Queue)
     opened_at: float = field(default_factory=time.time)
     closed: bool = False
+    agent_version: str = ""
+    #: Message types the agent has handlers for; empty when it did not say (nothing is refused).
+    handlers: frozenset[str] = frozenset()
+    round_trips: deque[RoundTrip] = field(
+        default_factory=lambda: deque(maxlen=RTT_SAMPLES), init=False, repr=False
+    )
+    _unanswered: dict[int, float] = field(default_factory=dict, init=False, repr=False)
 
     def put(self, frame: fleet_pb2.CoordinatorFrame | None) -> None:
         """Queue a frame (None ends the stream); safe from any thread, order kept."""
@@ -53,6 +81,29 @@ class Session:
         shutdown = fleet_pb2.Shutdown(reason=reason, reconnect_after_s=reconnect_after_s)
         self.put(fleet_pb2.CoordinatorFrame(shutdown=shutdown))
         self.put(None)
+
+    def handles(self, message_type: str) -> bool:
+        """Whether the agent has a handler for `message_type` (True when it did not say)."""
+        return not self.handlers or handler_key(self.handlers, message_type) is not None
+
+    # -- keepalive (loop thread) ----------------------------------------------------
+    def ping(self, due: float) -> None:
+        """Queue a Ping that was due at `due` (time.monotonic()); its Pong's arrival gives a round
+        trip counted from then (`pong`), so time the coordinator was too busy to send it counts."""
+        nonce = secrets.randbits(64)
+        self._unanswered[nonce] = due
+        while len(self._unanswered) > MAX_UNANSWERED_PINGS:
+            del self._unanswered[next(iter(self._unanswered))]
+        self.put(fleet_pb2.CoordinatorFrame(ping=fleet_pb2.Ping(nonce=nonce)))
+
+    def pong(self, nonce: int) -> RoundTrip | None:
+        """Record the round trip of the Ping with `nonce`; None for a nonce not awaited."""
+        sent_at = self._unanswered.pop(nonce, None)
+        if sent_at is None:
+            return None
+        trip = RoundTrip(sent_at, time.monotonic() - sent_at)
+        self.round_trips.append(trip)
+        return trip
 
 
 class ConnectionHub:
@@ -77,8 +128,7 @@ class ConnectionHub:
             self._seen[session.device_id] = time.time()
             self._bump()
         if old is not None:
-            for listener in self._listeners:
-                listener.on_disconnect(old.node_id)
+            self._notify("on_disconnect", old.node_id, lambda listener: listener.on_disconnect(old.node_id))
         return old
 
     def detach(self, session: Session) -> bool:
@@ -89,9 +139,18 @@ class ConnectionHub:
                 del self._sessions[session.node_id]
                 self._bump()
         if current:
-            for listener in self._listeners:
-                listener.on_disconnect(session.node_id)
+            self._notify("on_disconnect", session.node_id,
+                         lambda listener: listener.on_disconnect(session.node_id))
         return current
+
+    def _notify(self, event: str, node_id: int, call: Callable[[HubListener], None]) -> None:
+        """Tell every listener; one that raises is logged and the others still hear."""
+        for listener in list(self._listeners):
+            try:
+                call(listener)
+            except Exception:
+                log.warning("%s of %s failed for node %d; the stream stays open", event,
+                            type(listener).__name__, node_id, exc_info=True)
 
     def _bump(self) -> None:
         self._version += 1
@@ -112,10 +171,10 @@ class ConnectionHub:
         with self._lock:
             return set(self._sessions)
 
-    def device_of(self, node_id: int) -> str | None:
+    def session(self, node_id: int) -> Session | None:
+        """The node's open stream, or None when it is not connected."""
         with self._lock:
-            session = self._sessions.get(node_id)
-            return session.device_id if session else None
+            return self._sessions.get(node_id)
 
     def wait_changed(self, since: int, timeout: float) -> int:
         """Block until membership changes after version `since`, or timeout; returns the version."""
@@ -160,7 +219,7 @@ class ConnectionHub:
         for session in sessions:
             session.close(reason, reconnect_after_s)
 
-    # -- inbound events (loop thread) ---------------------------------------------
+    # -- inbound events -------------------------------------------------------------
     def touch(self, device_id: str) -> None:
         with self._lock:
             self._seen[device_id] = time.time()
@@ -172,5 +231,5 @@ class ConnectionHub:
         return seen
 
     def deliver_reply(self, node_id: int, reply: fleet_pb2.Reply) -> None:
-        for listener in self._listeners:
-            listener.on_reply(node_id, reply)
+        """Hand a reply to the listeners; called off the loop (decoding a reply takes time)."""
+        self._notify("on_reply", node_id, lambda listener: listener.on_reply(node_id, reply))

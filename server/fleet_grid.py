@@ -12,7 +12,9 @@ but do not match its keys and shapes, and (when the job sets max_update_ratio)
 train replies that do not carry exactly the record the strategy aggregates, or
 whose update is too large for the global model (`update_guard`). Such a reply
 becomes an error reply (Flower's strategies skip those) and its Delivery records
-why.
+why; so does a reply whose checks fail in a way nobody foresaw (logged with the
+traceback). A task of a type the node's agent said (in its Hello) it has no handler
+for is not sent: it gets the error reply the agent would have sent.
 
 Each phase of a round (train, evaluate) runs against one deadline set by
 `begin_phase`: the strategy's configure step (which may wait for nodes) and the
@@ -33,6 +35,7 @@ from tinyfleet.common.arrays import InvalidUpdateError, check_compatible, check_
 from tinyfleet.common.flower_adapter import (
     ERR_INVALID_UPDATE,
     ERR_MESSAGE_TOO_LARGE,
+    ERR_UNKNOWN_MESSAGE_TYPE,
     SAMPLE_NODES_POLL_S,
     MessageDecodeError,
     message_from_bytes,
@@ -48,16 +51,17 @@ from tinyfleet.common.grids import (
     Delivery,
     TrackingGrid,
 )
+from tinyfleet.common.message_keys import ARRAYS_KEY
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
 from tinyfleet.server.connections import ConnectionHub
 from tinyfleet.server.update_guard import UpdateGuard
 
 log = logging.getLogger(__name__)
-
-ARRAYS_KEY = "arrays"
 #: Calls of get_node_ids this far apart past the wait window are Flower's `sample_nodes` polling
 #: for nodes (every SAMPLE_NODES_POLL_S), not one configure step asking twice.
 POLL_GAP_S = SAMPLE_NODES_POLL_S / 2
+#: Handlers named in the reason a task is refused (an agent may declare 256).
+SHOWN_HANDLERS = 10
 
 
 class GridClosedError(RuntimeError):
@@ -161,8 +165,13 @@ class FleetGrid(TrackingGrid):
         ids: list[str] = []
         for message in messages:
             mid = stamp(message, run_id=self._run.run_id)
-            wire = message_to_bytes(message)
             node_id = message.metadata.dst_node_id
+            ids.append(mid)
+            session = self.hub.session(node_id)
+            if session is not None and not session.handles(message.metadata.message_type):
+                self._refuse_unhandled(message, sorted(session.handlers))
+                continue
+            wire = message_to_bytes(message)
             delivery = Delivery(
                 message_id=mid,
                 node_id=node_id,
@@ -170,7 +179,6 @@ class FleetGrid(TrackingGrid):
                 group_id=message.metadata.group_id,
                 bytes_down=len(wire),
             )
-            ids.append(mid)
             if len(wire) > self.max_message_bytes:
                 delivery.status = ERROR
                 delivery.error = (
@@ -186,6 +194,23 @@ class FleetGrid(TrackingGrid):
             if not self.hub.send(node_id, fleet_pb2.CoordinatorFrame(task=task)):
                 self._resolve_undeliverable(mid, "node is not connected")
         return ids
+
+    def _refuse_unhandled(self, message: Message, handlers: list[str]) -> None:
+        """Answer, without sending it, a task of a type the node's agent said it has no handler
+        for: the error reply its agent would send, minus the download."""
+        metadata = message.metadata
+        shown = ", ".join(handlers[:SHOWN_HANDLERS]) + (
+            f" and {len(handlers) - SHOWN_HANDLERS} more" if len(handlers) > SHOWN_HANDLERS else ""
+        )
+        reason = (f"node {metadata.dst_node_id}'s agent has no handler for {metadata.message_type!r} "
+                  f"(it handles {shown}); not sent")
+        delivery = Delivery(message_id=metadata.message_id, node_id=metadata.dst_node_id,
+                            message_type=metadata.message_type, group_id=metadata.group_id,
+                            status=ERROR, error=reason)
+        with self._lock:
+            self._deliveries[delivery.message_id] = delivery
+            self._replies[delivery.message_id] = reply_with_error(message, ERR_UNKNOWN_MESSAGE_TYPE, reason)
+        log.warning("%s", reason)
 
     def wait_for_replies(self, message_ids: list[str], timeout: float | None) -> None:
         with self._cond:
@@ -241,8 +266,13 @@ class FleetGrid(TrackingGrid):
         if pending is None or pending.node_id != node_id:
             log.info("ignoring reply %s from node %d: not an open task of that node", mid, node_id)
             return
-        message, error, code = self._check_reply(node_id, pending, reply.flower_message)
-        if error:
+        try:
+            message, error, code = self._check_reply(node_id, pending, reply.flower_message)
+        except Exception as exc:  # unforeseen: the reply still resolves, with the reason, not at the deadline
+            log.warning("checking the reply from node %d for %s failed", node_id, mid, exc_info=True)
+            error = f"reply could not be checked: {type(exc).__name__}: {exc}"
+            message, code = None, ERR_INVALID_UPDATE
+        if error or message is None:
             message = reply_with_error(pending.instruction, code, error)
         elif message.has_error():
             error = f"node reported error {message.error.code}: {message.error.reason}"

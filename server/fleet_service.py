@@ -8,7 +8,11 @@ Bad input is answered with a status naming the problem and never takes the
 stream or the coordinator down: malformed descriptions
 (INVALID_ARGUMENT, nothing stored), refused registrations (PERMISSION_DENIED:
 no usable enrollment token, another device's key, revoked, replayed), a bad
-signature or proof (UNAUTHENTICATED), unknown frame kinds (logged, ignored).
+signature or proof (UNAUTHENTICATED), unknown frame kinds (logged, ignored). A failure
+while reading a stream (none is foreseen: a broken stream reads as its end) is logged at
+WARNING with its traceback and ends that stream alone; a listener that fails on a reply
+(ConnectionHub contains it) ends nothing. Every open stream gets a Ping each heartbeat
+interval; the Pongs give its round trip (`server devices`).
 Every failed authentication counts against its peer (FailedAuthLimiter): past
 the limit the peer gets RESOURCE_EXHAUSTED until its window passes. Errors the
 code did not foresee are logged and answered INTERNAL without their details.
@@ -28,7 +32,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import sqlalchemy as sa
@@ -83,6 +87,10 @@ DEFAULT_CHUNK = 256 * 1024
 MISSED_HEARTBEATS = 3
 #: Register sequence numbers are kept in a signed 64-bit SQL column.
 MAX_SEQUENCE = 2**63 - 1
+#: Bounds on what a Hello may declare (the version is kept in a 64-character SQL column).
+MAX_AGENT_VERSION_CHARS = 64
+MAX_HANDLERS = 256
+MAX_HANDLER_CHARS = 128
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
@@ -146,7 +154,7 @@ async def refuse_auth(
     message: str,
     *,
     presented: bool = True,
-) -> None:
+) -> NoReturn:
     """Abort a failed authentication with `message`. One that presented a credential counts
     against `peer`, and once the peer is past its limit its failures are answered
     RESOURCE_EXHAUSTED instead; a call that presented none guessed nothing and is not counted."""
@@ -157,6 +165,20 @@ async def refuse_auth(
             await refuse_if_blocked(limiter, context, peer)
     log.warning("authentication refused for %s: %s", peer, message)
     await context.abort(code, message)
+
+
+def hello_problem(hello: fleet_pb2.Hello) -> str:
+    """What is wrong with a (verified) Hello's declarations, or ''."""
+    if len(hello.agent_version) > MAX_AGENT_VERSION_CHARS:
+        return (f"hello agent_version is {len(hello.agent_version)} characters; "
+                f"at most {MAX_AGENT_VERSION_CHARS}")
+    if len(hello.handlers) > MAX_HANDLERS:
+        return f"hello names {len(hello.handlers)} handlers; at most {MAX_HANDLERS}"
+    for message_type in hello.handlers:
+        if not 0 < len(message_type) <= MAX_HANDLER_CHARS:
+            return (f"hello handler {message_type[:MAX_HANDLER_CHARS]!r} must have 1 to "
+                    f"{MAX_HANDLER_CHARS} characters")
+    return ""
 
 
 class FleetService(fleet_pb2_grpc.FleetServicer):
@@ -296,8 +318,8 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         except Exception as exc:  # this description's own failure (the lanes isolate items)
             # The registry's validator lists every problem as {path, message}: sent as JSON
             # in the trailing metadata entry "validation-errors".
-            refusal = exc if isinstance(exc, DescriptionError) else unprocessable(exc)
-            message, trailer = refusal_details(refusal)
+            refused = exc if isinstance(exc, DescriptionError) else unprocessable(exc)
+            message, trailer = refusal_details(refused)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message, trailing_metadata=trailer)
         try:
             outcome = await self._registrations.submit(DeviceRegistration(
@@ -373,13 +395,18 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                 self.auth_failures, context, peer, grpc.StatusCode.PERMISSION_DENIED,
                 f"device {device.device_id!r} was revoked" + (f": {revoked}" if revoked else ""),
             )
+        problem = hello_problem(hello)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         loop = asyncio.get_running_loop()
-        session = Session(device_id=device.device_id, node_id=device.node_id, loop=loop)
+        session = Session(device_id=device.device_id, node_id=device.node_id, loop=loop,
+                          agent_version=hello.agent_version, handlers=frozenset(hello.handlers))
         replaced = self.hub.attach(session)
         if replaced is not None:
             replaced.close("replaced by a newer connection of the same device")
-        await self._write_liveness(device.device_id, device.node_id)
-        log.info("node %d (%s) connected", device.node_id, device.device_id)
+        await self._write_liveness(device.device_id, device.node_id, hello.agent_version)
+        log.info("node %d (%s) connected, agent %s", device.node_id, device.device_id,
+                 hello.agent_version or "of unnamed version")
         await context.write(fleet_pb2.CoordinatorFrame(welcome=fleet_pb2.Welcome(
             node_id=device.node_id,
             heartbeat_interval_s=self.heartbeat_interval_s,
@@ -387,6 +414,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             server_time=time.time(),
         )))
         reader = asyncio.create_task(self._read_frames(session, context))
+        keepalive = asyncio.create_task(self._keepalive(session))
         try:
             while True:
                 frame = await session.outgoing.get()
@@ -396,19 +424,33 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         finally:
             session.closed = True
             reader.cancel()
+            keepalive.cancel()
             if self.hub.detach(session):
                 log.info("node %d (%s) disconnected", device.node_id, device.device_id)
                 await self._write_liveness(device.device_id, device.node_id)
             with contextlib.suppress(asyncio.CancelledError):
-                await reader
+                await asyncio.gather(reader, keepalive)
 
-    async def _write_liveness(self, device_id: str, node_id: int) -> None:
+    async def _write_liveness(self, device_id: str, node_id: int, agent_version: str | None = None) -> None:
         """Write the hub's current view of a device to SQL, one write per device at a time,
         so a reconnect racing its old stream's end cannot leave the row saying offline."""
         lock = self._liveness_locks.setdefault(device_id, asyncio.Lock())
         async with lock:
             online = node_id in self.hub.online_nodes()
-            await asyncio.to_thread(self.repo.set_online, device_id, online)
+            await asyncio.to_thread(self.repo.set_online, device_id, online, agent_version)
+
+    async def _keepalive(self, session: Session) -> None:
+        """Ping the agent every heartbeat interval; each Pong gives the stream's round trip,
+        counted from when the ping was due (a loop held up elsewhere sends it late: that counts)."""
+        interval = self.heartbeat_interval_s
+        due = time.monotonic() + interval
+        while not session.closed:
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            session.ping(due)
+            due += interval
+            now = time.monotonic()
+            if due <= now:  # held up for over an interval: no burst of pings to catch up
+                due = now + interval
 
     async def _read_frames(self, session: Session, context: grpc.aio.ServicerContext) -> None:
         """Dispatch agent frames until the stream ends or goes silent; then end the session."""
@@ -424,8 +466,10 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                 if frame is grpc.aio.EOF:
                     break
                 self._dispatch(session, frame)
-        except Exception as exc:  # gRPC errors, frames over the transport limit: end this stream only
-            reason = f"stream error: {exc}"
+        except Exception as exc:  # nothing foreseen raises here (a stream that breaks reads EOF)
+            reason = f"{type(exc).__name__}: {exc}"
+            log.warning("node %d (%s): reading its stream failed; the stream ends", session.node_id,
+                        session.device_id, exc_info=True)
         finally:
             log.debug("node %d: reader ends: %s", session.node_id, reason)
             session.put(None)
@@ -435,7 +479,9 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         self.hub.touch(session.device_id)
         if kind == "reply":
             self.hub.deliver_reply(session.node_id, frame.reply)
-        elif kind in ("heartbeat", "pong"):
+        elif kind == "pong":
+            session.pong(frame.pong.nonce)
+        elif kind == "heartbeat":
             return
         elif kind == "hello":
             log.warning("node %d sent a second hello; ignored", session.node_id)

@@ -117,23 +117,26 @@ def _job_list(args: argparse.Namespace) -> int:
 
 
 def print_job(job: dict[str, Any]) -> None:
-    """A job's state line and its per-round table (rich), one column per reported metric."""
+    """A job's state line, its per-round table (rich) with one column per reported metric, then
+    why rounds kept the model or have no evaluation, and each node that did not reply."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     if not console.is_terminal:
         console.width = 200  # piped output: keep rows on one line
     line = (f"job {job['job_id']} {job['name']!r} ({job['strategy']}): {job['state']}, "
             f"{job['rounds_done']}/{job['rounds_total']} rounds")
-    console.print(line + (f" - {job['reason']}" if job["reason"] else ""))
+    # markup=False: names and reasons are text from job files and devices, not rich markup
+    console.print(line + (f" - {job['reason']}" if job["reason"] else ""), markup=False)
     if not job["rounds"]:
         return
     metric_columns = _metric_columns(job["rounds"])
     table = Table()
     for column in ("round", "participants", "dropped", *(c for _, c in metric_columns),
                    "bytes down", "bytes up", "duration"):
-        table.add_column(column, justify="right")
+        table.add_column(Text(column), justify="right")  # metric names come from devices
     for r in job["rounds"]:
         values = [_number((r[kind] or {}).get(key)) for (kind, key), _ in metric_columns]
         table.add_row(
@@ -142,10 +145,14 @@ def print_job(job: dict[str, Any]) -> None:
         )
     console.print(table)
     for r in job["rounds"]:
+        if r.get("train_error"):
+            console.print(f"  round {r['round']} train: model kept: {r['train_error']}", markup=False)
+        if r.get("eval_error"):
+            console.print(f"  round {r['round']} evaluate: no metrics: {r['eval_error']}", markup=False)
         for node in r.get("nodes", []):
             if node["status"] != "replied":
                 console.print(f"  round {r['round']} {node['phase']}: node {node['node_id']} "
-                              f"{node['status']}: {node['error']}")
+                              f"{node['status']}: {node['error']}", markup=False)
 
 
 def _metric_columns(rounds: list[dict[str, Any]]) -> list[tuple[tuple[str, str], str]]:
@@ -166,8 +173,9 @@ def _number(value: Any) -> str:
 
 
 def _bytes(n: int) -> str:
+    size = float(n)
     for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return f"{n:.1f} GiB"
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"

@@ -103,14 +103,5 @@ def device_dict(device: Device, connected: bool) -> dict[str, Any]:
         "last_seen": device.last_seen,
         "registered_at": device.registered_at,
         "media_type": device.media_type,
+        "agent_version": device.agent_version,
     }
-
-
-def device_info(device: Device, connected: bool) -> fleet_pb2.DeviceInfo:
-    return fleet_pb2.DeviceInfo(
-        device_id=device.device_id,
-        node_id=device.node_id,
-        online=connected,
-        last_seen=device.last_seen or 0.0,
-        registered_at=device.registered_at,
-    )

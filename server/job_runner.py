@@ -11,6 +11,12 @@ is online a round lasts at most the sum of the two plus aggregation. With
 `max_update_ratio` set, FleetGrid drops train replies whose update is too large
 for the global model (`tinyfleet.server.update_guard`) and records why.
 
+A round that aggregates no model (every reply an error, or every reply weighing 0
+examples: Flower's weighted means would divide by zero) keeps the model and goes on;
+its row says why (`train_error`). An evaluation that yields no metrics (the phase
+raised, every reply an error or weighing 0) does not fail the job either; its row
+says why (`eval_error`), and `job status` shows both.
+
 Durability: the aggregated model is written to the artifact store (atomic file)
 before the round's SQL rows; the round row, node results, artifact row, job
 progress and strategy state are one transaction. A crash at any point leaves the
@@ -227,14 +233,17 @@ class JobRunner:
                 f"quorum failed in round {server_round}: {replied} of {settings.min_nodes} "
                 f"required nodes replied ({_drop_summary(train)})"
             )
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        train_error = unweighable(strategy, replies)
+        new_arrays, train_metrics = (None, None) if train_error else strategy.aggregate_train(
+            server_round, replies
+        )
         blob: bytes | None = None
         if new_arrays is None:
             # As Flower's own round loop does: a round with nothing to aggregate (every reply an
             # error, e.g. a restarted device refusing a delta against a copy it lost) keeps the
-            # model; the job goes on and the round points at the unchanged artifact.
-            log.warning("job %d round %d: the strategy aggregated no model; the model is kept",
-                        job_id, server_round)
+            # model; the job goes on and the round points at the unchanged artifact, saying why.
+            train_error = train_error or f"the strategy aggregated no model ({_drop_summary(train)})"
+            log.warning("job %d round %d: %s; the model is kept", job_id, server_round, train_error)
             new_arrays, sha = arrays, parent_sha
         else:
             blob = array_record_to_bytes(new_arrays)
@@ -244,6 +253,7 @@ class JobRunner:
         eval_started = time.monotonic()
         self.grid.reference_arrays = new_arrays
         eval_metrics = None
+        eval_error = ""
         eval_replies: list[Message] = []
         try:
             eval_replies = self._exchange(
@@ -252,12 +262,19 @@ class JobRunner:
                 ),
                 settings.wait_for_nodes_s, settings.evaluate_deadline,
             )
-            eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
+            eval_error = unweighable(strategy, eval_replies)
+            if not eval_error:
+                eval_metrics = strategy.aggregate_evaluate(server_round, eval_replies)
         except _Stopping:
             raise
         except Exception as exc:  # an evaluation shortfall or error does not fail the job
-            log.warning("job %d round %d: evaluation incomplete: %s", job_id, server_round, exc)
+            eval_error = f"{type(exc).__name__}: {exc}"
+            log.warning("job %d round %d: evaluation failed", job_id, server_round, exc_info=True)
         evaluate = self.grid.take_deliveries()
+        if eval_metrics is None and evaluate and not eval_error:
+            eval_error = f"the strategy aggregated no metrics ({_drop_summary(evaluate)})"
+        if eval_error:
+            log.warning("job %d round %d: no evaluation metrics: %s", job_id, server_round, eval_error)
         eval_s = time.monotonic() - eval_started
 
         nodes = [_node_result("train", d, replies) for d in train] + [
@@ -279,6 +296,8 @@ class JobRunner:
             eval_duration_s=eval_s,
             artifact_sha=sha,
             nodes=nodes,
+            train_error=train_error,
+            eval_error=eval_error,
         )
         state = save_state(strategy, self.store)
         artifact = None if blob is None else ArtifactRecord(
@@ -305,6 +324,27 @@ class JobRunner:
     def _check_stopping(self) -> None:
         if self._stopping or self.grid.closed:
             raise _Stopping
+
+
+def unweighable(strategy: object, replies: list[Message]) -> str:
+    """Why the strategy cannot weigh these replies, or '': each valid one reports weight 0 under
+    the strategy's `weighted_by_key` ("num-examples"), and Flower's weighted means divide by the
+    sum of the weights (ZeroDivisionError)."""
+    key = getattr(strategy, "weighted_by_key", None)
+    valid = [reply for reply in replies if not reply.has_error()]
+    if not isinstance(key, str) or not valid:
+        return ""
+    weights = []
+    for reply in valid:
+        records = list(reply.content.metric_records.values())
+        weight = records[0].get(key) if records else None
+        if not isinstance(weight, int | float):
+            return ""  # the strategy's own checks name what is missing
+        weights.append(weight)
+    if sum(weights) != 0:
+        return ""
+    return (f"every valid reply ({len(valid)}) reports {key} = 0, so there is no weighted mean "
+            "to take; nothing was aggregated")
 
 
 def _node_result(phase: str, delivery: Delivery, replies: list[Message]) -> NodeResult:

@@ -78,6 +78,8 @@ class Device:
     enrollment_id: str | None = None
     revoked_at: float | None = None
     revoked_reason: str = ""
+    #: The agent version its last Hello named ("" if none did).
+    agent_version: str = ""
 
 
 @dataclass(frozen=True)
@@ -148,6 +150,10 @@ class RoundRecord:
     eval_duration_s: float
     artifact_sha: str | None
     nodes: list[NodeResult] = field(default_factory=list)
+    #: Why the round kept the model instead of aggregating one ("" when it aggregated one).
+    train_error: str = ""
+    #: Why the round has no evaluation metrics though it asked nodes to evaluate ("" otherwise).
+    eval_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -199,14 +205,14 @@ class Registered:
     reinstated: bool = False
 
 
-def _device(row: Mapping[str, Any]) -> Device:
+def _device(row: sa.RowMapping) -> Device:
     values = {k: row[k] for k in Device.__dataclass_fields__}
     if values["public_key"] is not None:
         values["public_key"] = bytes(values["public_key"])  # PostgreSQL drivers may give a memoryview
     return Device(**values)
 
 
-def _enrollment(row: Mapping[str, Any]) -> Enrollment:
+def _enrollment(row: sa.RowMapping) -> Enrollment:
     return Enrollment(**{k: row[k] for k in Enrollment.__dataclass_fields__})
 
 
@@ -263,8 +269,16 @@ def _described(values: Mapping[str, Any], node_id: int | None = None) -> dict[st
     return payload
 
 
-def _job(row: Mapping[str, Any]) -> Job:
+def _job(row: sa.RowMapping) -> Job:
     return Job(**{k: row[k] for k in Job.__dataclass_fields__})
+
+
+def _inserted_key(result: sa.CursorResult[Any]) -> int:
+    """The primary key a single-row INSERT gave its row (SQLAlchemy's is None when no row was made)."""
+    key = result.inserted_primary_key
+    if key is None:
+        raise RuntimeError("the INSERT made no row, so it has no primary key")
+    return int(key[0])
 
 
 def _precheck_verdict(owners: Sequence[Any], token: Any, enrollment_hash: str, now: float) -> str | None:
@@ -537,14 +551,14 @@ class Repository:
             row = conn.execute(sa.select(enrollments).where(enrollments.c.id == enrollment_id)).first()
         return _enrollment(row._mapping) if row else None
 
-    def set_online(self, device_id: str, online: bool) -> None:
+    def set_online(self, device_id: str, online: bool, agent_version: str | None = None) -> None:
+        """Liveness after a connect or disconnect; a connect also records its Hello's agent version."""
         now = time.time()
+        values: dict[str, Any] = {"online": online, "last_seen": now}
+        if agent_version is not None:
+            values["agent_version"] = agent_version
         with self.engine.begin() as conn:
-            conn.execute(
-                devices.update()
-                .where(devices.c.device_id == device_id)
-                .values(online=online, last_seen=now)
-            )
+            conn.execute(devices.update().where(devices.c.device_id == device_id).values(values))
             self._outbox(conn, "device.online" if online else "device.offline", device_id,
                          {"at": now})
 
@@ -591,11 +605,11 @@ class Repository:
         projector applies it in order with every other change and `registry rebuild` applies it
         again; returns its sequence number."""
         with self.engine.begin() as conn:
-            seq = conn.execute(outbox.insert().values(
+            seq = _inserted_key(conn.execute(outbox.insert().values(
                 kind=REGISTRY_UPDATED, subject="sparql-update", payload={"update": update},
                 created_at=time.time(),
-            )).inserted_primary_key[0]
-        return int(seq)
+            )))
+        return seq
 
     def registry_updates(self) -> list[tuple[int, str]]:
         """Every recorded SPARQL Update as (sequence, text), oldest first."""
@@ -611,7 +625,7 @@ class Repository:
         self, name: str, base_iri: str, media_type: str, content: bytes
     ) -> ImportedDocument:
         """Keep (or replace, by `name`) an imported document, with its outbox row."""
-        values = {
+        values: dict[str, Any] = {
             "name": name,
             "base_iri": base_iri,
             "media_type": media_type,
@@ -624,7 +638,7 @@ class Repository:
                 sa.select(imported_documents.c.id).where(imported_documents.c.name == name)
             ).scalar()
             if found is None:
-                found = conn.execute(imported_documents.insert().values(**values)).inserted_primary_key[0]
+                found = _inserted_key(conn.execute(imported_documents.insert().values(**values)))
             else:
                 conn.execute(
                     imported_documents.update().where(imported_documents.c.id == found).values(**values)
@@ -650,13 +664,13 @@ class Repository:
     # -- jobs ------------------------------------------------------------------
     def create_job(self, name: str, strategy: str, spec_toml: str, rounds_total: int) -> Job:
         with self.engine.begin() as conn:
-            job_id = conn.execute(
+            job_id = _inserted_key(conn.execute(
                 jobs.insert().values(
                     name=name, strategy=strategy, spec_toml=spec_toml, state=QUEUED, reason="",
                     created_at=time.time(), rounds_total=rounds_total, rounds_done=0,
                 )
-            ).inserted_primary_key[0]
-        job = self.get_job(int(job_id))
+            ))
+        job = self.get_job(job_id)
         assert job is not None
         return job
 

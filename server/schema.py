@@ -31,6 +31,8 @@ devices = sa.Table(
     sa.Column("enrollment_id", sa.String(32), nullable=True),
     sa.Column("revoked_at", sa.Double, nullable=True),
     sa.Column("revoked_reason", sa.Text, nullable=False, server_default=""),
+    # What the device's agent said it runs in its last Hello ("" if it did not say).
+    sa.Column("agent_version", sa.String(64), nullable=False, server_default=""),
     # Register looks a caller's key up before validating its description (admission pre-check).
     sa.Index("ix_devices_public_key", "public_key"),
 )
@@ -83,6 +85,10 @@ rounds = sa.Table(
     sa.Column("train_duration_s", sa.Double, nullable=False),
     sa.Column("eval_duration_s", sa.Double, nullable=False),
     sa.Column("artifact_sha", sa.String(64), sa.ForeignKey("artifacts.sha256"), nullable=True),
+    # Why the round kept the model instead of aggregating one ("" when it aggregated).
+    sa.Column("train_error", sa.Text, nullable=False, server_default=""),
+    # Why the round has no evaluation metrics though it asked for some ("" otherwise).
+    sa.Column("eval_error", sa.Text, nullable=False, server_default=""),
 )
 
 node_results = sa.Table(

@@ -56,7 +56,9 @@ def counting_registry(log: list[str], gate: threading.Event | None = None) -> Ha
         if gate is not None:
             assert gate.wait(10)
         record = context.state.config_records.get("counter", ConfigRecord({"n": 0}))
-        record["n"] = int(record["n"]) + 1
+        count = record["n"]
+        assert isinstance(count, int)
+        record["n"] = count + 1
         context.state["counter"] = record
         log.append(f"end {message.metadata.message_id}")
         return reply_with_content(message, RecordDict({"counter": ConfigRecord({"n": record["n"]})}))
@@ -65,7 +67,9 @@ def counting_registry(log: list[str], gate: threading.Event | None = None) -> Ha
 
 
 def counter_of(reply: fleet_pb2.Reply) -> int:
-    return int(message_from_bytes(reply.flower_message).content.config_records["counter"]["n"])
+    count = message_from_bytes(reply.flower_message).content.config_records["counter"]["n"]
+    assert isinstance(count, int)
+    return count
 
 
 def test_registers_connects_heartbeats_and_stops_cleanly(fleet: FakeFleet, start_agent) -> None:
@@ -116,10 +120,10 @@ def test_unknown_type_and_undecodable_tasks_get_error_replies(fleet: FakeFleet, 
     conn.send(task=frame)
     error = message_from_bytes(conn.reply_to(mid).flower_message)
     assert error.has_error() and error.error.code == ERR_UNKNOWN_MESSAGE_TYPE
-    assert "evaluate.teleport" in error.error.reason and error.metadata.reply_to_message_id == mid
+    assert "evaluate.teleport" in str(error.error.reason) and error.metadata.reply_to_message_id == mid
     conn.send(task=fleet_pb2.Task(message_id="garbled", flower_message=b"\x0a\xff\xff", deadline_s=5))
     garbled = message_from_bytes(conn.reply_to("garbled").flower_message)
-    assert garbled.error.code == ERR_HANDLER_FAILED and "could not decode" in garbled.error.reason
+    assert garbled.error.code == ERR_HANDLER_FAILED and "could not decode" in str(garbled.error.reason)
     conn.send(ping=fleet_pb2.Ping(nonce=99))  # and the agent carries on
     conn.wait_for("pong", lambda f: f.pong.nonce == 99)
 
@@ -135,7 +139,7 @@ def test_oversized_reply_is_replaced_by_an_error_naming_size_and_limit(fleet: Fa
     assert len(reply.flower_message) < 4000
     error = message_from_bytes(reply.flower_message)
     assert error.error.code == ERR_MESSAGE_TOO_LARGE
-    assert "limit of 4000 bytes" in error.error.reason and "'train'" in error.error.reason
+    assert "limit of 4000 bytes" in str(error.error.reason) and "'train'" in str(error.error.reason)
 
 
 def test_pings_are_answered_while_tasks_run_one_at_a_time_in_order(fleet: FakeFleet, start_agent) -> None:
@@ -300,3 +304,26 @@ def test_a_task_past_its_deadline_is_not_run(fleet: FakeFleet, start_agent) -> N
 
 def test_default_handlers_are_what_hello_announces() -> None:
     assert "train.fedavg" in default_handlers().message_types
+
+
+def test_an_answer_that_does_not_encode_gets_an_error_reply_and_later_tasks_are_answered(
+    fleet: FakeFleet, start_agent, caplog
+) -> None:
+    registry = counting_registry([])
+
+    @registry.register("query.broken")
+    def broken(message: Message, context: Context) -> Message:
+        return None  # type: ignore[return-value]  # a handler bug
+
+    start_agent(handlers=registry)
+    conn = fleet.wait_connections(1)
+    mid, frame = task("query.broken", conn.node_id)
+    conn.send(task=frame)
+    error = message_from_bytes(conn.reply_to(mid).flower_message)
+    assert error.has_error() and error.error.code == ERR_HANDLER_FAILED
+    assert "the answer to 'query.broken' is not a Flower message that encodes" in str(error.error.reason)
+    [logged] = [r for r in caplog.records if "query.broken" in r.getMessage()]
+    assert logged.levelname == "WARNING" and logged.exc_info is not None
+    after, frame = task("query.count", conn.node_id)  # the task thread is still there
+    conn.send(task=frame)
+    assert counter_of(conn.reply_to(after)) == 1

@@ -161,8 +161,10 @@ class FakeAgent:
         channel_credentials: grpc.ChannelCredentials | None = None,
         enroll_token: str = "",
         key: DeviceKey | None = None,
+        answers_pings: bool = False,
     ) -> None:
         self.device_id = device_id
+        self.answers_pings = answers_pings
         self.behaviour = behaviour
         self.data = data
         self.enroll_token = enroll_token
@@ -228,6 +230,8 @@ class FakeAgent:
                     self.send(fleet_pb2.AgentFrame(hello=self.hello))
                 elif kind == "welcome":
                     self.welcomed.set()
+                elif kind == "ping" and self.answers_pings:  # as a real agent does, at once
+                    self.send(fleet_pb2.AgentFrame(pong=fleet_pb2.Pong(nonce=frame.ping.nonce)))
                 elif kind == "task":
                     self.tasks.append(frame.task)
                     message = message_from_bytes(frame.task.flower_message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp.strategy import FedAvg
 
 from tinyfleet.common.arrays import from_numpy_dict, to_array_record
-from tinyfleet.common.flower_adapter import message_to_bytes, reply_with_content
+from tinyfleet.common.flower_adapter import ERR_UNKNOWN_MESSAGE_TYPE, message_to_bytes, reply_with_content
 from tinyfleet.common.grids import ERROR, REPLIED, TIMEOUT, UNDELIVERABLE
 from tinyfleet.common.models import build_model
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
@@ -71,6 +72,9 @@ def test_replies_resolve_and_silence_times_out(
     _wait_online(grid, 2)
     assert set(grid.get_node_ids()) == {good.node_id, silent.node_id}
     grid.reference_arrays = _model()
+    # Warm up: the first answer builds the model and data stream (seconds on a loaded machine).
+    list(grid.send_and_receive(_train_messages(grid, [good.node_id]), timeout=60))
+    assert [d.status for d in grid.take_deliveries()] == [REPLIED]
 
     started = time.monotonic()
     replies = list(grid.send_and_receive(_train_messages(grid, [good.node_id, silent.node_id]), timeout=1.0))
@@ -182,7 +186,7 @@ def test_bad_replies_are_errors_and_the_stream_keeps_working(
     [delivery] = grid.take_deliveries()
     assert delivery.status == ERROR and expected in delivery.error
     assert len(replies) == 1 and replies[0].has_error()  # strategies see an error reply
-    assert expected in replies[0].error.reason
+    assert expected in str(replies[0].error.reason)
 
     agent.behaviour = answer  # same stream, now a good reply: still served
     replies = list(grid.send_and_receive(_train_messages(grid, [agent.node_id]), timeout=20))
@@ -266,3 +270,84 @@ def test_a_frame_beyond_the_transport_limit_ends_only_that_stream(
     assert deliveries[giant.node_id].status == UNDELIVERABLE
     assert deliveries[good.node_id].status == REPLIED
     assert giant.ended.wait(10) and grid.available_nodes() == {good.node_id}
+
+
+class _Exploding:
+    """A hub listener with a bug: it raises on every event."""
+
+    def on_reply(self, node_id: int, reply: fleet_pb2.Reply) -> None:
+        raise RuntimeError("listener bug on reply")
+
+    def on_disconnect(self, node_id: int) -> None:
+        raise RuntimeError("listener bug on disconnect")
+
+
+def test_a_failing_listener_is_logged_and_does_not_drop_the_stream(
+    coordinator: CoordinatorThread, agents: list[FakeAgent], caplog: pytest.LogCaptureFixture
+) -> None:
+    grid = coordinator.coordinator.grid
+    coordinator.coordinator.hub.add_listener(_Exploding())
+    agent = _agent(coordinator, agents, "steady")
+    _wait_online(grid, 1)
+    with caplog.at_level(logging.WARNING, logger="tinyfleet.server.connections"):
+        for _ in range(2):  # the same stream serves the second exchange
+            replies = list(grid.send_and_receive(_train_messages(grid, [agent.node_id]), timeout=20))
+            assert len(replies) == 1 and [d.status for d in grid.take_deliveries()] == [REPLIED]
+        assert not agent.ended.wait(0.5) and grid.available_nodes() == {agent.node_id}
+    failures = [r for r in caplog.records if "on_reply of _Exploding failed" in r.getMessage()]
+    assert len(failures) == 2 and all(r.levelno == logging.WARNING for r in failures)
+    assert all(r.exc_info and "listener bug on reply" in str(r.exc_info[1]) for r in failures)
+
+
+class _BrokenGuard:
+    """An update guard with a bug nobody foresaw."""
+
+    def check(self, content: RecordDict, reference: ArrayRecord) -> str:
+        raise RuntimeError("guard bug")
+
+
+def test_a_reply_whose_checks_fail_unforeseen_is_an_error_at_once_and_the_stream_stays(
+    coordinator: CoordinatorThread, agents: list[FakeAgent]
+) -> None:
+    grid = coordinator.coordinator.grid
+    agent = _agent(coordinator, agents, "checked")
+    _wait_online(grid, 1)
+    grid.reference_arrays = _model()
+    grid.update_guard = _BrokenGuard()  # type: ignore[assignment]
+    try:
+        started = time.monotonic()
+        [reply] = grid.send_and_receive(_train_messages(grid, [agent.node_id]), timeout=30)
+        assert time.monotonic() - started < 10  # resolved as it arrived, not at the deadline
+    finally:
+        grid.update_guard = None
+    [delivery] = grid.take_deliveries()
+    assert delivery.status == ERROR
+    assert delivery.error == "reply could not be checked: RuntimeError: guard bug"
+    assert reply.has_error() and "guard bug" in str(reply.error.reason)
+    assert not agent.ended.is_set() and grid.available_nodes() == {agent.node_id}
+
+
+def test_a_task_of_a_type_the_agent_has_no_handler_for_is_not_sent(
+    coordinator: CoordinatorThread, agents: list[FakeAgent]
+) -> None:
+    grid = coordinator.coordinator.grid
+    agent = coordinator.agent("urn:dev:evaluator")
+    agent.register()
+    agent.connect(hello=lambda nonce: fleet_pb2.Hello(
+        device_id=agent.device_id, signature=agent.signed_hello(nonce).signature, handlers=["evaluate"],
+    ))
+    agents.append(agent)
+    _wait_online(grid, 1)
+    [refused] = grid.send_and_receive(_train_messages(grid, [agent.node_id]), timeout=30)
+    [delivery] = grid.take_deliveries()
+    assert delivery.status == ERROR and delivery.bytes_down == 0 and agent.tasks == []
+    assert delivery.error == (f"node {agent.node_id}'s agent has no handler for 'train' "
+                              "(it handles evaluate); not sent")
+    assert refused.has_error() and refused.error.code == ERR_UNKNOWN_MESSAGE_TYPE
+    assert refused.metadata.src_node_id == agent.node_id
+
+    content = RecordDict({"arrays": _model(), "config": ConfigRecord({"model": "sine-mlp"})})
+    [answered] = grid.send_and_receive(  # its category covers a qualified type
+        [grid.create_message(content, "evaluate.fedavg", agent.node_id, "1")], timeout=30
+    )
+    assert not answered.has_error() and len(agent.tasks) == 1

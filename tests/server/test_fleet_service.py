@@ -4,7 +4,9 @@ admin token, HTTP JSON API, and the whole path over TLS with a throwaway CA."""
 from __future__ import annotations
 
 import json
+import logging
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,7 +40,7 @@ def coordinator(tmp_path: Path) -> Iterator[CoordinatorThread]:
         running.stop()
 
 
-def _code(call, *args, **kwargs) -> grpc.StatusCode:
+def _code(call, *args, **kwargs) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         result = call(*args, **kwargs)
         if hasattr(result, "__iter__"):
@@ -75,7 +77,7 @@ def test_register_is_idempotent_with_the_same_key_and_refused_with_another(
 
     intruder = coordinator.agent("urn:dev:pi-1")  # a token, but another key
     error = _code(intruder.register)
-    assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "another key" in error.details()
+    assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "another key" in str(error.details())
     assert b"v2" in coordinator.coordinator.repo.get_device("urn:dev:pi-1").description  # type: ignore[union-attr]
 
     # The admin token may re-key a device whose key was lost.
@@ -104,7 +106,7 @@ def test_malformed_descriptions_are_refused_and_nothing_is_stored(
     request = signed_register(description, agent.key, 1, agent.enroll_token, media_type)
     error = _code(agent.stub.Register, request)
     agent.channel.close()
-    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in error.details()
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in str(error.details())
     assert coordinator.coordinator.repo.list_devices() == []
 
 
@@ -205,13 +207,13 @@ def test_admin_calls_need_the_token_and_bad_jobs_are_refused_by_the_server(
         assert _code(client.devices).code() == grpc.StatusCode.UNAUTHENTICATED
     with AdminClient(coordinator.address, admin_token=TOKEN) as client:
         error = _code(client.submit, 'strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 0\n')
-        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "'rounds'" in error.details()
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "'rounds'" in str(error.details())
         error = _code(client.submit, 'strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 1\n'
                                      '[options]\nbogus = 1\n')
-        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "options.bogus" in error.details()
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "options.bogus" in str(error.details())
         error = _code(client.submit, 'strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 1\n'
                                      '[round]\neligible = "SELECT ?d WHERE {}"\n')
-        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "round.eligible" in error.details()
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "round.eligible" in str(error.details())
         assert client.jobs() == []
         assert _code(client.job, "42").code() == grpc.StatusCode.NOT_FOUND
         assert _code(client.job, "x").code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -277,3 +279,81 @@ def test_a_silent_stream_is_closed_after_missed_heartbeats_and_marked_offline(tm
         quiet.close()
     finally:
         running.stop()
+
+
+def _hello(agent: FakeAgent, **declared: object):
+    """A Hello signed by `agent` that also declares `agent_version` and/or `handlers`."""
+    def make(nonce: bytes) -> fleet_pb2.Hello:
+        hello = agent.signed_hello(nonce)
+        return fleet_pb2.Hello(device_id=hello.device_id, signature=hello.signature, **declared)  # type: ignore[arg-type]
+    return make
+
+
+def test_keepalive_pings_give_round_trips_that_devices_lists_with_the_agent_version(tmp_path: Path) -> None:
+    running = CoordinatorThread(settings_for(tmp_path / "c", heartbeat_interval_s=0.1, admin_token=TOKEN))
+    try:
+        agent = running.agent("urn:dev:pinged", answers_pings=True)
+        agent.register()
+        agent.connect(hello=_hello(agent, agent_version="9.8.7", handlers=["train", "evaluate"]))
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sum(f.HasField("ping") for f in agent.frames) < 4:
+            time.sleep(0.05)
+        time.sleep(0.2)  # the last pong's way back
+        with AdminClient(running.address, admin_token=TOKEN) as client:
+            [info] = client.devices()
+        assert info.online and info.agent_version == "9.8.7" and list(info.handlers) == ["evaluate", "train"]
+        assert 0 < info.rtt_ms <= info.rtt_max_ms < 1000
+        assert running.coordinator.repo.get_device("urn:dev:pinged").agent_version == "9.8.7"  # type: ignore[union-attr]
+        nonces = {f.ping.nonce for f in agent.frames if f.HasField("ping")}
+        assert len(nonces) >= 4  # a fresh nonce each time: a pong answers one ping only
+
+        agent.close()  # offline: the version stays, the stream's figures go
+        deadline = time.monotonic() + 10
+        while running.coordinator.hub.online_nodes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with AdminClient(running.address, admin_token=TOKEN) as client:
+            [info] = client.devices()
+        assert not info.online and info.agent_version == "9.8.7"
+        assert info.rtt_ms == 0 and not info.handlers
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize(
+    ("declared", "expected"),
+    [
+        ({"agent_version": "v" * 65}, "agent_version is 65 characters; at most 64"),
+        ({"handlers": [f"query.t{i}" for i in range(257)]}, "257 handlers; at most 256"),
+        ({"handlers": ["train", "x" * 129]}, "must have 1 to 128 characters"),
+    ],
+)
+def test_a_hello_declaring_too_much_is_refused_by_name(
+    coordinator: CoordinatorThread, declared: dict[str, object], expected: str
+) -> None:
+    agent = coordinator.agent("urn:dev:verbose")
+    agent.register()
+    agent.connect(hello=_hello(agent, **declared), wait=False)
+    assert agent.ended.wait(10) and agent.error is not None
+    assert agent.error.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in str(agent.error.details())
+    assert coordinator.coordinator.hub.online_nodes() == set()
+    agent.close()
+
+
+def test_an_unforeseen_error_in_the_stream_reader_is_a_warning_with_its_traceback(
+    coordinator: CoordinatorThread, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = coordinator.agent("urn:dev:unlucky")
+    agent.register()
+    agent.connect()
+
+    def broken(device_id: str) -> None:
+        raise RuntimeError("liveness bookkeeping broke")
+
+    monkeypatch.setattr(coordinator.coordinator.hub, "touch", broken)
+    with caplog.at_level(logging.WARNING, logger="tinyfleet.server.fleet_service"):
+        agent.send(fleet_pb2.AgentFrame(heartbeat=fleet_pb2.Heartbeat(sent_at=1.0)))
+        assert agent.ended.wait(10)  # this stream ends: nothing is known about its state
+    [record] = [r for r in caplog.records if "reading its stream failed" in r.getMessage()]
+    assert record.levelno == logging.WARNING and "urn:dev:unlucky" in record.getMessage()
+    assert record.exc_info is not None and "liveness bookkeeping broke" in str(record.exc_info[1])
+    agent.close()

@@ -19,13 +19,16 @@ from flwr.serverapp.strategy import FedAvg
 
 from tinyfleet.common.arrays import from_numpy_dict
 from tinyfleet.common.flower_adapter import (
+    ERR_HANDLER_FAILED,
     array_record_from_bytes,
     message_from_bytes,
     message_to_bytes,
     reply_with_content,
+    reply_with_error,
 )
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
 from tinyfleet.server.admin_client import AdminClient
+from tinyfleet.server.job_cli import print_job
 from tinyfleet.server.job_json import job_info_dict
 
 from .harness import CoordinatorThread, FakeAgent, answer, reply_frame, settings_for
@@ -295,7 +298,7 @@ def test_a_job_runs_with_postgresql_as_the_store(tmp_path: Path, pg_url: str) ->
     running = CoordinatorThread(settings_for(tmp_path / "coord", db_url=pg_url))
     agent = running.agent("urn:dev:pg")
     try:
-        assert running.coordinator.engine.dialect.name == "postgresql"
+        assert running.coordinator.repo.engine.dialect.name == "postgresql"
         agent.register()
         agent.connect()
         with AdminClient(running.address) as client:
@@ -324,12 +327,75 @@ def test_queued_jobs_run_one_at_a_time_in_submission_order(fleet: Fleet) -> None
 def test_strategies_with_a_schedule_get_the_job_length() -> None:
     from tinyfleet.common.jobspec import parse_job_spec
     from tinyfleet.server.job_strategy import build_strategy
+    from tinyfleet.server.strategies import FedReptile
 
     spec = parse_job_spec(
         'strategy = "fedreptile"\nmodel = "sine-mlp"\nrounds = 40\n'
         '[options]\nepsilon_schedule = "linear"\nepsilon = 0.5\n'
     )
     strategy = build_strategy(spec)
-    assert strategy.num_rounds == 40
+    assert isinstance(strategy, FedReptile) and strategy.options.num_rounds == 40
     stock = build_strategy(parse_job_spec('strategy = "fedavg"\nmodel = "sine-mlp"\nrounds = 40'))
     assert not hasattr(stock, "num_rounds")  # only strategies that take the argument get it
+
+
+def _no_examples(agent: FakeAgent, task: fleet_pb2.Task, message: Message) -> fleet_pb2.AgentFrame:
+    """A real answer from a device that learned from no example (an online stream still empty)."""
+    reply = agent.handlers.handle(message, agent.context)
+    reply.content.metric_records["metrics"]["num-examples"] = 0
+    return reply_frame(task, message_to_bytes(reply))
+
+
+def test_a_round_whose_replies_all_weigh_zero_examples_is_recorded_and_the_job_goes_on(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fleet.agent("empty-1", _no_examples)
+    fleet.agent("empty-2", _no_examples, seed=2)
+    job = fleet.run(job_toml(rounds=2, min_nodes=2))
+    assert job["state"] == "finished", job["reason"]  # was: failed, "ZeroDivisionError: division by zero"
+    first, second = job["rounds"]
+    reason = ("every valid reply (2) reports num-examples = 0, so there is no weighted mean to take; "
+              "nothing was aggregated")
+    assert first["train_error"] == second["train_error"] == reason
+    assert first["eval_error"] == reason and first["eval_metrics"] is None
+    assert fleet.running.coordinator.repo.get_artifact(second["artifact_sha"]).round == 0  # type: ignore[union-attr]
+    print_job(job)
+    shown = capsys.readouterr().out
+    assert f"round 2 train: model kept: {reason}" in shown
+    assert f"round 2 evaluate: no metrics: {reason}" in shown
+
+
+class EvaluationBug(FedAvg):
+    """Evaluation metrics cannot be aggregated: a bug in the strategy."""
+
+    def aggregate_evaluate(self, server_round, replies):
+        raise ValueError("metric [/bold] aggregation broke")
+
+
+def _evaluate_refused(agent: FakeAgent, task: fleet_pb2.Task, message: Message) -> fleet_pb2.AgentFrame:
+    if message.metadata.message_type.startswith("evaluate"):
+        reply = reply_with_error(message, ERR_HANDLER_FAILED, "no evaluation data on this device")
+        return reply_frame(task, message_to_bytes(reply))
+    return answer(agent, task, message)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "behaviour", "expected"),
+    [
+        (f"{__name__}:EvaluationBug", answer, "ValueError: metric [/bold] aggregation broke"),
+        ("fedavg", _evaluate_refused, "the strategy aggregated no metrics (node {node}: error node reported "
+                                      f"error {ERR_HANDLER_FAILED}: no evaluation data on this device)"),
+    ],
+)
+def test_evaluation_errors_are_stored_on_the_round_and_shown_by_job_status(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str], strategy: str, behaviour: Any, expected: str
+) -> None:
+    agent = fleet.agent("evaluated", behaviour)
+    job = fleet.run(job_toml(rounds=1, min_nodes=1, strategy=strategy))
+    assert job["state"] == "finished", job["reason"]
+    [r] = job["rounds"]
+    expected = expected.format(node=agent.node_id)
+    assert r["eval_error"] == expected and r["eval_metrics"] is None
+    assert r["train_error"] == "" and r["train_metrics"]
+    print_job(job)
+    assert f"round 1 evaluate: no metrics: {expected}" in capsys.readouterr().out

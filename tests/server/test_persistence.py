@@ -192,3 +192,40 @@ def test_a_rounds_follower_reads_each_round_once_and_matches_a_full_read(
         assert followed == job_info(repo.get_job(job.id), real_get_rounds(job.id))  # type: ignore[arg-type]
     assert reads == [1, 2, 3], "every round is read once, however often the job changes"
     assert RoundsFollower(job.id + 99).job_info(repo) is None
+
+
+def test_0005_gives_old_rows_empty_errors_and_rounds_keep_why_they_kept_the_model(
+    empty_engine: sa.Engine,
+) -> None:
+    database.upgrade(empty_engine, "0004")
+    with empty_engine.begin() as conn:  # a job with one round and a device, as 0004 stored them
+        conn.execute(sa.text(
+            "INSERT INTO jobs (id, name, strategy, spec_toml, state, created_at, rounds_total) "
+            "VALUES (1, 'old', 'fedavg', 'x = 1', 'running', 1.0, 2)"
+        ))
+        conn.execute(sa.text(
+            "INSERT INTO rounds (job_id, round, started_at, finished_at, participants, dropped, "
+            "bytes_down, bytes_up, duration_s, train_duration_s, eval_duration_s) "
+            "VALUES (1, 1, 1.0, 2.0, 1, 0, 10, 10, 1.0, 0.5, 0.5)"
+        ))
+        conn.execute(sa.text(
+            "INSERT INTO devices (device_id, node_id, description, media_type, registered_at, "
+            "updated_at, online) VALUES ('urn:dev:old', 5, '{}', 'application/td+json', 1.0, 1.0, false)"
+        ))
+    database.upgrade(empty_engine)
+    repo = Repository(empty_engine)
+    [old] = repo.get_rounds(1)
+    assert (old.train_error, old.eval_error) == ("", "")
+    assert repo.get_device("urn:dev:old").agent_version == ""  # type: ignore[union-attr]
+
+    record = RoundRecord(2, 2.0, 3.0, 1, 0, None, None, 10, 10, 1.0, 0.5, 0.5, None,
+                         train_error="every valid reply (1) reports num-examples = 0",
+                         eval_error="ValueError: broken metrics")
+    repo.commit_round(1, record, None, None)
+    [kept] = repo.get_rounds(1, after_round=1)
+    assert kept == record
+
+    repo.set_online("urn:dev:old", True, agent_version="1.2.3")
+    repo.set_online("urn:dev:old", False)  # a disconnect says nothing about the version
+    device = repo.get_device("urn:dev:old")
+    assert device is not None and device.agent_version == "1.2.3" and not device.online

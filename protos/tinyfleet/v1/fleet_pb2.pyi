@@ -213,7 +213,7 @@ class ListDevicesResponse(_message.Message):
     def __init__(self, devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ...) -> None: ...
 
 class DeviceInfo(_message.Message):
-    __slots__ = ("device_id", "node_id", "online", "last_seen", "registered_at", "revoked", "revoked_reason")
+    __slots__ = ("device_id", "node_id", "online", "last_seen", "registered_at", "revoked", "revoked_reason", "agent_version", "rtt_ms", "rtt_max_ms", "handlers")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ONLINE_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +221,10 @@ class DeviceInfo(_message.Message):
     REGISTERED_AT_FIELD_NUMBER: _ClassVar[int]
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     REVOKED_REASON_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RTT_MS_FIELD_NUMBER: _ClassVar[int]
+    RTT_MAX_MS_FIELD_NUMBER: _ClassVar[int]
+    HANDLERS_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     node_id: int
     online: bool
@@ -228,7 +232,11 @@ class DeviceInfo(_message.Message):
     registered_at: float
     revoked: bool
     revoked_reason: str
-    def __init__(self, device_id: _Optional[str] = ..., node_id: _Optional[int] = ..., online: _Optional[bool] = ..., last_seen: _Optional[float] = ..., registered_at: _Optional[float] = ..., revoked: _Optional[bool] = ..., revoked_reason: _Optional[str] = ...) -> None: ...
+    agent_version: str
+    rtt_ms: float
+    rtt_max_ms: float
+    handlers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device_id: _Optional[str] = ..., node_id: _Optional[int] = ..., online: _Optional[bool] = ..., last_seen: _Optional[float] = ..., registered_at: _Optional[float] = ..., revoked: _Optional[bool] = ..., revoked_reason: _Optional[str] = ..., agent_version: _Optional[str] = ..., rtt_ms: _Optional[float] = ..., rtt_max_ms: _Optional[float] = ..., handlers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class CreateEnrollmentRequest(_message.Message):
     __slots__ = ("uses", "ttl_s", "label")
