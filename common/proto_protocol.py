@@ -26,13 +26,17 @@ what it had not kept. A new session (another job) starts the device afresh.
 **Artifact.** The server's global ArrayRecord (each round's artifact) is the
 backbone's arrays plus the merged set under `fedproto.*` keys: means in float64
 (repeated merges stay exact), counts, and the labels as UTF-8 JSON bytes
-(array records hold numbers only).
+(array records hold numbers only). `CONTRIBUTORS_KEY` names, per class, the
+nodes whose examples its prototype holds (a JSON object, label -> node ids), so
+the registry can describe each round's classes and the devices behind them from
+the artifact store alone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Mapping
 from typing import Final
 
 import numpy as np
@@ -58,6 +62,7 @@ ARTIFACT_PREFIX: Final = "fedproto."
 MEANS_KEY: Final = ARTIFACT_PREFIX + "means"
 COUNTS_KEY: Final = ARTIFACT_PREFIX + "counts"
 ARTIFACT_LABELS_KEY: Final = ARTIFACT_PREFIX + "labels"
+CONTRIBUTORS_KEY: Final = ARTIFACT_PREFIX + "contributors"
 
 
 def backbone_sha(backbone: ArrayRecord) -> str:
@@ -87,19 +92,43 @@ def split_global(arrays: ArrayRecord) -> tuple[ArrayRecord, PrototypeSet | None]
     return backbone, merged
 
 
-def join_global(backbone: ArrayRecord, merged: PrototypeSet) -> ArrayRecord:
-    """The global ArrayRecord (a round's artifact): the backbone and the merged set, exactly."""
+def join_global(
+    backbone: ArrayRecord, merged: PrototypeSet, contributors: Mapping[str, Iterable[int]]
+) -> ArrayRecord:
+    """The global ArrayRecord (a round's artifact): the backbone and the merged set, exactly, and
+    each class's contributing nodes."""
     labels, means = merged.matrix()
     counts = np.array([merged.counts[label] for label in labels], dtype=np.int64)
-    encoded = np.frombuffer(json.dumps(labels).encode("utf-8"), dtype=np.uint8)
+    nodes = {label: sorted(contributors.get(label, ())) for label in labels}
     return ArrayRecord(
         {
             **dict(backbone.items()),
             MEANS_KEY: Array(np.ascontiguousarray(means, dtype=np.float64)),
             COUNTS_KEY: Array(counts),
-            ARTIFACT_LABELS_KEY: Array(encoded.copy()),
+            ARTIFACT_LABELS_KEY: Array(_json_bytes(labels)),
+            CONTRIBUTORS_KEY: Array(_json_bytes(nodes)),
         }
     )
+
+
+def global_contributors(arrays: ArrayRecord) -> dict[str, list[int]]:
+    """Per class of a global ArrayRecord, the nodes whose examples its prototype holds ({} when it
+    names none); a malformed entry raises PrototypeError."""
+    if CONTRIBUTORS_KEY not in arrays:
+        return {}
+    try:
+        nodes = json.loads(arrays[CONTRIBUTORS_KEY].numpy().tobytes().decode("utf-8"))
+    except ValueError as exc:
+        raise PrototypeError(f"{CONTRIBUTORS_KEY} is not UTF-8 JSON: {exc}") from None
+    if not isinstance(nodes, dict) or not all(
+        isinstance(ids, list) and all(isinstance(i, int) for i in ids) for ids in nodes.values()
+    ):
+        raise PrototypeError(f"{CONTRIBUTORS_KEY} must map each label to node ids, got {nodes!r}")
+    return {str(label): list(ids) for label, ids in nodes.items()}
+
+
+def _json_bytes(value: object) -> np.ndarray:
+    return np.frombuffer(json.dumps(value, sort_keys=True).encode("utf-8"), dtype=np.uint8).copy()
 
 
 def to_wire(protos: PrototypeSet, encoding: Encoding) -> tuple[ArrayRecord, list[str]]:

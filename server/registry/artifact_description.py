@@ -8,6 +8,14 @@ that generated it (with its job and contributing devices, PROV-O) and the
 artifact it was derived from. Because it states tf:requiresRamKB/FlashKB like
 any published model, the compatible-models query tells which devices can run it.
 
+A prototype artifact (FedProto's: a backbone and a merged prototype set, see
+`tinyfleet.common.proto_protocol`) also states each class it knows
+(tf:knowsClass -> tf:ClassPrototype: tf:classLabel, tf:exampleCount, and
+prov:wasAttributedTo the devices whose examples its prototype holds, found from
+the artifact's node ids). Its weights are the backbone's and the prototypes'
+means; the counts, labels and node ids beside them are bookkeeping, counted
+neither as parameters nor in the encoded sizes.
+
 Memory model (one sample, fp32): running needs the weights plus the largest
 input+output pair of any layer; flash holds the fp32 weights; training every
 parameter ("full" plan) needs weights, gradients and every layer's saved output.
@@ -19,12 +27,16 @@ import datetime as dt
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyoxigraph as ox
 
+from tinyfleet.common.proto_protocol import MEANS_KEY, global_contributors, split_global
 from tinyfleet.ontology import NNET, OM, PROV, RDF, SCHEMA, TF, XSD
 from tinyfleet.server.registry.sparql_updates import datetime_literal
+
+if TYPE_CHECKING:
+    from flwr.app import ArrayRecord
 
 SPARSE_TOP_P = 0.1
 
@@ -106,13 +118,17 @@ def describe_round_artifact(
     finished_at: float,
     contributors: Sequence[str],
     metrics: Mapping[str, float],
-    arrays: Mapping[str, Any],
+    arrays: ArrayRecord,
+    devices: Mapping[int, str],
 ) -> list[ox.Triple]:
-    """The triples of the artifact's graph (artifact, its round and its job)."""
+    """The triples of the artifact's graph (artifact, its round and its job). `devices` maps node
+    ids to device IRIs (a prototype artifact names its classes' contributors by node id)."""
     from tinyfleet.common.models import get_model_spec
 
     spec = get_model_spec(model_name)
-    parameters = int(sum(array.numpy().size for array in arrays.values()))
+    backbone, known = split_global(arrays)
+    weights = dict(arrays.items() if known is None else [*backbone.items(), (MEANS_KEY, arrays[MEANS_KEY])])
+    parameters = int(sum(array.numpy().size for array in weights.values()))
     needs = memory_needs(model_name, parameters)
     art, rnd, job = (
         ox.NamedNode(artifact_iri(sha)),
@@ -153,7 +169,7 @@ def describe_round_artifact(
         ox.Triple(art, p(TF + "requiresFlashKB"), lit(round(needs.flash_kb, 3), "decimal")),
         ox.Triple(art, p(PROV + "wasGeneratedBy"), rnd),
     ]
-    for encoding, size in encoded_sizes(arrays).items():
+    for encoding, size in encoded_sizes(weights).items():
         size_node = node("size")
         triples += [
             ox.Triple(art, p(TF + "hasEncodedSize"), size_node),
@@ -196,4 +212,18 @@ def describe_round_artifact(
     triples += [
         ox.Triple(rnd, p(TF + "contributor"), ox.NamedNode(device)) for device in sorted(contributors)
     ]
+    if known is not None:
+        nodes = global_contributors(arrays)
+        for label in known.labels:
+            known_class = node("class")
+            triples += [
+                ox.Triple(art, p(TF + "knowsClass"), known_class),
+                ox.Triple(known_class, p(RDF + "type"), p(TF + "ClassPrototype")),
+                ox.Triple(known_class, p(TF + "classLabel"), lit(label)),
+                ox.Triple(known_class, p(TF + "exampleCount"), lit(known.counts[label])),
+            ]
+            triples += [
+                ox.Triple(known_class, p(PROV + "wasAttributedTo"), ox.NamedNode(device))
+                for device in sorted({devices[n] for n in nodes.get(label, ()) if n in devices})
+            ]
     return triples

@@ -446,7 +446,8 @@ XSD_DOUBLE = "http://www.w3.org/2001/XMLSchema#double"
 
 
 class ArtifactProjector:
-    """Describes each round's artifact (provenance, contributors, memory needs) once its round
+    """Describes each round's artifact (provenance, contributors, memory needs, the classes a
+    prototype artifact knows and the devices behind each) once its round
     is committed in SQL; the rounds' finished_at watermark lives in the store, written in the
     same update as the description, so a crash neither loses nor duplicates one."""
 
@@ -507,6 +508,7 @@ class ArtifactProjector:
                     contributors=[devices[n] for n in contributors[(row.job_id, row.round)] if n in devices],
                     metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
                     arrays=array_record_from_bytes(self.blobs.get(row.artifact_sha)),
+                    devices=devices,
                 )
                 stamp = ox.Literal(repr(float(row.finished_at)), datatype=ox.NamedNode(XSD_DOUBLE))
                 self.registry.put_graph(

@@ -176,7 +176,7 @@ class FedProto(Strategy):
             }
         )
         self._merged = merged
-        return join_global(self._backbone, merged), metrics
+        return join_global(self._backbone, merged, self.contributors), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
