@@ -50,7 +50,7 @@ from tinyfleet.simulations.prototype_runs import (
     write_model,
 )
 
-ARMS = ("central", "federated")
+ARMS: tuple[Literal["central", "federated"], ...] = ("central", "federated")
 #: The targets of issue 12 and Prototypical Networks' own figures (Snell et al. 2017, table 1).
 TARGETS = {"5-way 1-shot": 0.97, "20-way 1-shot": 0.93}
 PUBLISHED = {"5-way 1-shot": 0.988, "5-way 5-shot": 0.997, "20-way 1-shot": 0.960, "20-way 5-shot": 0.989}
