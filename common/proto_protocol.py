@@ -40,9 +40,10 @@ from collections.abc import Iterable, Mapping
 from typing import Final
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 
 from tinyfleet.common import prototypes
+from tinyfleet.common.arrays import from_numpy_dict
 from tinyfleet.common.flower_adapter import array_record_to_bytes, array_values, raw_array
 from tinyfleet.common.prototypes import Encoding, PrototypeError, PrototypeSet
 
@@ -100,15 +101,15 @@ def join_global(
     labels, means = merged.matrix()
     counts = np.array([merged.counts[label] for label in labels], dtype=np.int64)
     nodes = {label: sorted(contributors.get(label, ())) for label in labels}
-    return ArrayRecord(
+    merged_arrays = from_numpy_dict(
         {
-            **dict(backbone.items()),
-            MEANS_KEY: Array(np.ascontiguousarray(means, dtype=np.float64)),
-            COUNTS_KEY: Array(counts),
-            ARTIFACT_LABELS_KEY: Array(_json_bytes(labels)),
-            CONTRIBUTORS_KEY: Array(_json_bytes(nodes)),
+            MEANS_KEY: means.astype(np.float64),
+            COUNTS_KEY: counts,
+            ARTIFACT_LABELS_KEY: _json_bytes(labels),
+            CONTRIBUTORS_KEY: _json_bytes(nodes),
         }
     )
+    return ArrayRecord({**dict(backbone.items()), **dict(merged_arrays.items())})
 
 
 def global_contributors(arrays: ArrayRecord) -> dict[str, list[int]]:

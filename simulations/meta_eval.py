@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord
 
+from tinyfleet.common.arrays import load_array_record
 from tinyfleet.common.learning import episode_metrics, reset_local
 from tinyfleet.common.models import build_model
 
@@ -54,10 +55,9 @@ def adapt_on_tasks(
 ) -> list[dict[str, float]]:
     """Per-task query metrics before/after adaptation, for the first `limit` tasks (all by default)."""
     model = build_model(model_name, **(model_kwargs or {}))
-    state = {k: torch.from_numpy(v.numpy().copy()) for k, v in arrays.items()}
     results: list[dict[str, float]] = []
     for index in range(min(len(tasks), limit) if limit else len(tasks)):
-        model.load_state_dict(state, strict=False)
+        load_array_record(model, arrays, strict=False)
         reset_local(model, protocol.local_layers)
         sx, sy, qx, qy = tasks.episode(index)
         results.append(
