@@ -43,6 +43,8 @@ class RoundTrip:
 
 
 class HubListener(Protocol):
+    """Hears replies (on a thread of their own: decoding them takes time) and disconnects."""
+
     def on_reply(self, node_id: int, reply: fleet_pb2.Reply) -> None: ...
 
     def on_disconnect(self, node_id: int) -> None: ...

@@ -258,7 +258,7 @@ class FleetGrid(TrackingGrid):
     def closed(self) -> bool:
         return self._closed
 
-    # -- inbound (called by the hub on the asyncio loop) -------------------------
+    # -- inbound (from the hub: replies on a reply-check thread, disconnects on the loop) --
     def on_reply(self, node_id: int, reply: fleet_pb2.Reply) -> None:
         mid = reply.message_id
         with self._lock:

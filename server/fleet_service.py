@@ -12,7 +12,10 @@ signature or proof (UNAUTHENTICATED), unknown frame kinds (logged, ignored). A f
 while reading a stream (none is foreseen: a broken stream reads as its end) is logged at
 WARNING with its traceback and ends that stream alone; a listener that fails on a reply
 (ConnectionHub contains it) ends nothing. Every open stream gets a Ping each heartbeat
-interval; the Pongs give its round trip (`server devices`).
+interval; the Pongs give its round trip (`server devices`). Replies (up to
+max_message_bytes) are decoded and checked in worker threads, never on the loop, so a
+large one does not hold up the other streams (simulations/benchmarks/decode_stall.py;
+benchmarks/results/decode_stall.json).
 Every failed authentication counts against its peer (FailedAuthLimiter): past
 the limit the peer gets RESOURCE_EXHAUSTED until its window passes. Errors the
 code did not foresee are logged and answered INTERNAL without their details.
@@ -32,6 +35,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, TypeVar
 
 import grpc
@@ -91,6 +95,9 @@ MAX_SEQUENCE = 2**63 - 1
 MAX_AGENT_VERSION_CHARS = 64
 MAX_HANDLERS = 256
 MAX_HANDLER_CHARS = 128
+#: Replies decoded and checked at once, off the loop (each may be max_message_bytes: this bounds
+#: the memory they take together, and leaves threads for SQL).
+REPLY_CHECK_THREADS = 2
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
 
@@ -229,6 +236,9 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         )
         #: Enrollment token hash -> (until when, uses) it passes the pre-check without asking again.
         self._usable_tokens: dict[str, tuple[float, int]] = {}
+        # Decoding a reply and checking its arrays takes up to a few hundred ms for 64 MiB: on the
+        # loop, every other stream (pings, heartbeats, Register) would wait that long.
+        self._reply_checks = ThreadPoolExecutor(REPLY_CHECK_THREADS, thread_name_prefix="reply-check")
 
     async def _admin(self, context: grpc.aio.ServicerContext, peer: str) -> bool:
         """True when the caller claims an admin registration by sending a bearer token and
@@ -353,11 +363,12 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         )
 
     def close(self) -> None:
-        """Let the registration groups in flight finish."""
+        """Let the registration groups and reply checks in flight finish."""
         self._validations.close()
         self._large_validations.close()
         self._registrations.close()
         self._prechecks.close()
+        self._reply_checks.shutdown()
 
     # -- Connect -----------------------------------------------------------------
     @no_internal_errors
@@ -465,7 +476,7 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
                     break
                 if frame is grpc.aio.EOF:
                     break
-                self._dispatch(session, frame)
+                await self._dispatch(session, frame)
         except Exception as exc:  # nothing foreseen raises here (a stream that breaks reads EOF)
             reason = f"{type(exc).__name__}: {exc}"
             log.warning("node %d (%s): reading its stream failed; the stream ends", session.node_id,
@@ -474,11 +485,13 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
             log.debug("node %d: reader ends: %s", session.node_id, reason)
             session.put(None)
 
-    def _dispatch(self, session: Session, frame: fleet_pb2.AgentFrame) -> None:
+    async def _dispatch(self, session: Session, frame: fleet_pb2.AgentFrame) -> None:
         kind = frame.WhichOneof("kind")
         self.hub.touch(session.device_id)
-        if kind == "reply":
-            self.hub.deliver_reply(session.node_id, frame.reply)
+        if kind == "reply":  # awaited: this stream's next frame (its end, say) comes after its reply
+            await asyncio.get_running_loop().run_in_executor(
+                self._reply_checks, self.hub.deliver_reply, session.node_id, frame.reply
+            )
         elif kind == "pong":
             session.pong(frame.pong.nonce)
         elif kind == "heartbeat":
