@@ -51,7 +51,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=HelpFormatter,
     )
     run.add_argument(
-        "scenario", choices=["sine-reptile", "omniglot-reptile", "omniglot-protonet", "omniglot-recon"]
+        "scenario",
+        choices=[
+            "sine-reptile",
+            "omniglot-reptile",
+            "omniglot-protonet",
+            "omniglot-recon",
+            "occupancy-online",
+        ],
     )
     run.add_argument("--out", required=True, type=Path, help="output directory")
     run.add_argument("--rounds", type=int, help="training rounds per arm")
