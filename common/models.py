@@ -96,6 +96,30 @@ class ProtoConv4(nn.Module):
         return self.features(x)
 
 
+class KeywordsProtoNet(nn.Module):
+    """A keyword embedding on log-mel spectrograms [1, 40, 101] (`tinyfleet.client.keywords`).
+
+    Batch norm on the input standardises log power with running statistics (a device feeds raw
+    features); 4 blocks (conv3x3, batch norm, ReLU, 2x2 max-pool) shrink 40x101 to 2x6; the mean
+    over time makes the embedding (2 bands x `channels`) indifferent to where in the second the
+    word falls. Small (about 28k parameters at 32 channels), as ~130 training clips call for.
+    """
+
+    def __init__(self, channels: int = 32) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = [nn.BatchNorm2d(1)]
+        in_ch = 1
+        for _ in range(4):
+            blocks += [
+                nn.Conv2d(in_ch, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2)
+            ]
+            in_ch = channels
+        self.features = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).mean(dim=3).flatten(1)
+
+
 MODELS: dict[str, ModelSpec] = {
     "sine-mlp": ModelSpec(
         name="sine-mlp",
@@ -117,6 +141,13 @@ MODELS: dict[str, ModelSpec] = {
         input_shape=(1, 28, 28),
         task="embedding",
         description="4x64-channel conv embedding (64 values) for nearest-prototype classification, 28x28",
+    ),
+    "keywords-protonet": ModelSpec(
+        name="keywords-protonet",
+        build=KeywordsProtoNet,
+        input_shape=(1, 40, 101),
+        task="embedding",
+        description="4x32-channel conv embedding (64 values) of 1 s log-mel spectrograms, nearest prototype",
     ),
     "identity": ModelSpec(
         name="identity",

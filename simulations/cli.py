@@ -57,6 +57,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
             "omniglot-reptile",
             "omniglot-protonet",
             "omniglot-recon",
+            "keywords-proto",
             "occupancy-online",
         ],
     )

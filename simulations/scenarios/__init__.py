@@ -23,6 +23,7 @@ SCENARIOS: dict[str, str] = {
     # scenarios with their own `run` (tinyfleet.simulations.prototype_runs), not FedReptile experiments
     "omniglot-protonet": "tinyfleet.simulations.scenarios.omniglot_protonet",
     "omniglot-recon": "tinyfleet.simulations.scenarios.omniglot_recon",
+    "keywords-proto": "tinyfleet.simulations.scenarios.keywords_proto",
     "occupancy-online": "tinyfleet.simulations.scenarios.occupancy_online",
 }
 
