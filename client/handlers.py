@@ -20,6 +20,7 @@ from tinyfleet.common.flower_adapter import (
     ERR_UNKNOWN_MESSAGE_TYPE,
     reply_with_error,
 )
+from tinyfleet.common.handler_lookup import handler_key
 
 Handler = Callable[[Message, Context], Message]
 log = logging.getLogger(__name__)
@@ -44,9 +45,8 @@ class HandlerRegistry:
         return sorted(self._handlers)
 
     def resolve(self, message_type: str) -> Handler | None:
-        if message_type in self._handlers:
-            return self._handlers[message_type]
-        return self._handlers.get(message_type.split(".", 1)[0]) if "." in message_type else None
+        key = handler_key(self._handlers, message_type)
+        return None if key is None else self._handlers[key]
 
     def handle(self, message: Message, context: Context) -> Message:
         """Run the matching handler; failures come back as error replies, never exceptions."""
