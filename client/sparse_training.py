@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.grad import conv2d_input
 
 from tinyfleet.common.update_plan import PlanError, UpdatePlan, parameter_layers, trained_channels
 
@@ -46,7 +47,7 @@ class _FrozenConv2d(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (weight,) = ctx.saved_tensors
         conv = ctx.conv
-        grad_input = torch.nn.grad.conv2d_input(
+        grad_input = conv2d_input(
             ctx.input_shape, weight, grad, conv.stride, conv.padding, conv.dilation, conv.groups
         )
         return grad_input, None, None
@@ -56,7 +57,7 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, conv: nn.Conv2d) -> torch.Tenso
     if weight.requires_grad:
         return F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
     if x.requires_grad:
-        return _FrozenConv2d.apply(x, weight, conv)  # type: ignore[no-any-return]
+        return _FrozenConv2d.apply(x, weight, conv)
     return F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
@@ -68,7 +69,9 @@ def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, channel_dim: int) -> t
     return y + bias.view(shape)
 
 
-def _planned_forward(module: nn.Module, trained: nn.Parameter | None) -> Callable[[torch.Tensor], torch.Tensor]:
+def _planned_forward(
+    module: nn.Module, trained: nn.Parameter | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """A forward for `module` under the plan: `trained` is the copy of its first output rows that trains
     (None: the weight is whole, trained or frozen)."""
     weight = module.weight
@@ -147,14 +150,16 @@ def planned(model: nn.Module, plan: UpdatePlan) -> Iterator[list[nn.Parameter]]:
         for name in plan.trained_biases(model):
             bias = layers[name].bias
             assert isinstance(bias, nn.Parameter)
-            trainable.append(bias.requires_grad_(True))
+            bias.requires_grad_(True)
+            trainable.append(bias)
         for name, fraction in plan.weights.items():
             module = layers[name]
             weight = module.weight
             assert isinstance(weight, nn.Parameter)
             k = trained_channels(module, fraction)
             if k == weight.shape[0]:
-                trainable.append(weight.requires_grad_(True))
+                weight.requires_grad_(True)
+                trainable.append(weight)
                 continue
             trained = nn.Parameter(weight.detach()[:k].clone())
             lifted.append(_Lifted(module, trained))
@@ -168,8 +173,10 @@ def planned(model: nn.Module, plan: UpdatePlan) -> Iterator[list[nn.Parameter]]:
                 if "forward" in vars(module):
                     raise PlanError(f"{type(module).__name__} already has its own forward; cannot plan it")
                 if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
-                    raise PlanError(f"convolution padding mode {module.padding_mode!r} is not planned; only 'zeros'")
-                setattr(module, "forward", _planned_forward(module, partial.get(id(module))))
+                    raise PlanError(
+                        f"convolution padding mode {module.padding_mode!r} is not planned; only 'zeros'"
+                    )
+                module.forward = _planned_forward(module, partial.get(id(module)))
                 patched.append(module)
         yield trainable
     finally:
@@ -207,7 +214,7 @@ def train_steps(
         for x, y in batches:
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
-            loss.backward()  # type: ignore[no-untyped-call]
+            loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
     return losses
@@ -265,7 +272,7 @@ def measure_step(model: nn.Module, plan: UpdatePlan, x: torch.Tensor, y: torch.T
         opt = make_optimizer(params, optimizer, lr=1e-3)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = loss_fn(model(x), y)
-        loss.backward()  # type: ignore[no-untyped-call]
+        loss.backward()
         opt.step()
         frozen_grads = [p for p in model.parameters() if p.grad is not None and not p.requires_grad]
         if frozen_grads:

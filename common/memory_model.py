@@ -118,7 +118,7 @@ def trace(model: nn.Module, sample_shape: tuple[int, ...], batch: int, classific
         return record
 
     handles = [
-        module.register_forward_hook(hook(name))  # type: ignore[arg-type]
+        module.register_forward_hook(hook(name))
         for name, module in copied.named_modules()
         if not list(module.children())
     ]
@@ -167,7 +167,8 @@ def estimate(
     elems = sum(w + b for w, b in trained_elems.values())
     opt_state = 2 * elems * FP32 + tensors * FP32 if optimizer == "adam" else 0
     all_bytes = sum(
-        p.numel() * (FP32 if pname.endswith("bias") else weight_bytes) for pname, p in model.named_parameters()
+        p.numel() * (FP32 if pname.endswith("bias") else weight_bytes)
+        for pname, p in model.named_parameters()
     )
     return MemoryBreakdown(
         trainable_weights=trainable,
@@ -261,7 +262,8 @@ def plan_for_budget(
         need = estimate(model, candidates[0], sample_shape, batch, dtype, optimizer, classification,
                         frozen_in_flash, traced).total
         raise PlanError(
-            f"no update plan fits {budget_bytes} bytes: the smallest ({candidates[0].to_json()}) needs {need} bytes"
+            f"no update plan fits {budget_bytes} bytes: "
+            f"the smallest ({candidates[0].to_json()}) needs {need} bytes"
         )
     plan, memory = chosen
     return plan.model_copy(update={"name": f"budget-{budget_bytes}"}), memory

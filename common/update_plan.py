@@ -15,13 +15,21 @@ chosen by weight norm; output rows keep the trained part one contiguous slice.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-Fraction = Literal[0.125, 0.25, 0.5, 1.0]
-FRACTIONS: tuple[Fraction, ...] = (0.125, 0.25, 0.5, 1.0)
+FRACTIONS = (0.125, 0.25, 0.5, 1.0)
+
+
+def _fraction(value: float) -> float:
+    if value not in FRACTIONS:
+        raise ValueError(f"channel fraction {value} is not one of {', '.join(map(str, FRACTIONS))}")
+    return value
+
+
+Fraction = Annotated[float, AfterValidator(_fraction)]
 STANDARD_PLANS = ("full", "last-layer", "biases")
 PARTIAL_TYPES = (nn.Linear, nn.Conv2d, nn.modules.batchnorm._BatchNorm)
 
@@ -49,7 +57,9 @@ class UpdatePlan(BaseModel):
         try:
             return cls.model_validate_json(text)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '<plan>'}: {e['msg']}" for e in exc.errors())
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or '<plan>'}: {e['msg']}" for e in exc.errors()
+            )
             raise PlanError(f"update plan does not parse: {problems}") from None
 
     def check(self, model: nn.Module) -> None:
