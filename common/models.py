@@ -27,6 +27,13 @@ def sine_mlp() -> nn.Module:
     )
 
 
+def occupancy_mlp(inputs: int = 5, hidden: int = 16) -> nn.Module:
+    """5-16-16-2 ReLU MLP: room occupied or not from five sensor readings, small enough to train on an MCU."""
+    return nn.Sequential(
+        nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2)
+    )
+
+
 class _ChannelsLastConv2d(nn.Conv2d):
     """A convolution whose output is channels-last (NHWC).
 
@@ -148,6 +155,13 @@ MODELS: dict[str, ModelSpec] = {
         input_shape=(1, 40, 101),
         task="embedding",
         description="4x32-channel conv embedding (64 values) of 1 s log-mel spectrograms, nearest prototype",
+    ),
+    "occupancy-mlp": ModelSpec(
+        name="occupancy-mlp",
+        build=occupancy_mlp,
+        input_shape=(5,),
+        task="classification",
+        description="5-16-16-2 ReLU MLP: occupied or not from temperature, humidity, light, CO2, humidity ratio",
     ),
     "identity": ModelSpec(
         name="identity",
