@@ -218,7 +218,7 @@ def _score(row: Record) -> str:
 
 
 def experiment(record: Record) -> Row:
-    """A `tinyfleet sim run` summary.json copied into benchmarks/results/."""
+    """A FedReptile scenario's `tinyfleet sim run` summary.json, copied into benchmarks/results/."""
     config, arms = record["config"], record["arms"]
     options = _options(config)
     tests = record["meta_test_protocol"]["tasks"]
