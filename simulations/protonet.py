@@ -49,9 +49,8 @@ class EpisodeOptions(Options):
     Parameters
     ----------
     ways, shots, queries : int (default: 60, 5, 5)
-        Classes per training episode, support and query images per class. Snell et al. train
-        Omniglot on 60-way episodes with 5 support and 5 query images... of 20 drawers; devices
-        draw from their 15 stream drawers, so shots + queries <= 15.
+        Classes per training episode, support and query images per class (Snell et al.'s
+        Omniglot episodes). Episodes draw from the 15 stream drawers: shots + queries <= 15.
     lr : float (default: 0.001)
         Adam's learning rate for this round (the schedule is the caller's).
     local_episodes : int (default: 10)
