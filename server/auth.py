@@ -17,7 +17,7 @@ import threading
 import time
 import urllib.parse
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from tinyfleet.common.device_keys import REQUEST_WINDOW_S, SignedRequest
 
@@ -63,7 +63,7 @@ def bearer(authorization: str) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def bearer_token(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str:
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     """The token of an `authorization: Bearer T` gRPC metadata entry, or ''."""
     for key, value in metadata or ():
         if key.lower() == "authorization":

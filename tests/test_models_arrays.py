@@ -15,7 +15,7 @@ from tinyfleet.common.arrays import (
     to_numpy_dict,
 )
 from tinyfleet.common.flower_adapter import RAW_STYPE, raw_array
-from tinyfleet.common.models import build_model, get_model_spec, parameter_count
+from tinyfleet.common.models import OmniglotConv4, build_model, get_model_spec, parameter_count
 
 
 def test_zoo_models_build_reproducibly() -> None:
@@ -24,6 +24,7 @@ def test_zoo_models_build_reproducibly() -> None:
     assert all(torch.equal(x, y) for x, y in pairs)
     assert parameter_count(a) == 1 * 64 + 64 + 64 * 64 + 64 + 64 + 1
     conv4 = build_model("omniglot-conv4", seed=0, ways=5)
+    assert isinstance(conv4, OmniglotConv4)
     assert conv4(torch.zeros(2, 1, 28, 28)).shape == (2, 5)
     assert conv4.features(torch.zeros(2, 1, 28, 28)).shape == (2, 256)  # the 64 x 2 x 2 embedding
     with pytest.raises(KeyError, match="unknown model 'x'"):

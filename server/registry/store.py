@@ -35,6 +35,7 @@ from tinyfleet.server.registry.query_dataset import (
 )
 
 if TYPE_CHECKING:
+    import httpx
     import rdflib
 
 #: SELECT -> QuerySolutions, ASK -> QueryBoolean, CONSTRUCT/DESCRIBE -> triples.
@@ -214,10 +215,10 @@ class RemoteStore:
     def close(self) -> None:
         self._client.close()
 
-    def _raise_for(self, response: object, what: str) -> None:
-        status = response.status_code  # type: ignore[attr-defined]
+    def _raise_for(self, response: httpx.Response, what: str) -> None:
+        status = response.status_code
         if status >= 400:
-            detail = response.text.strip()[:500]  # type: ignore[attr-defined]
+            detail = response.text.strip()[:500]
             if status == 400:
                 raise SyntaxError(f"the SPARQL server rejected the {what}: {detail}")
             raise StoreError(f"the SPARQL server at {self.location} answered {status} to a {what}: {detail}")

@@ -315,7 +315,7 @@ def test_bad_updates_are_skipped_not_aggregated(case: str, caplog: pytest.LogCap
         reply = reply_with_content(message, content)
         replies.append(reply)
     new_theta, metrics = strategy.aggregate_train(1, replies)
-    assert metrics is not None and (metrics["nodes"], metrics["skipped"]) == (1, 1)
+    assert new_theta is not None and metrics is not None and (metrics["nodes"], metrics["skipped"]) == (1, 1)
     for key in theta:
         np.testing.assert_allclose(new_theta[key].numpy(), theta[key].numpy() + 1.0, atol=1e-6)
     bad_node = messages[0].metadata.dst_node_id
@@ -334,7 +334,7 @@ def test_a_malformed_delta_is_refused_by_the_device_naming_the_problem_and_chang
                       message_type="train.fedreptile")
     stamp(message, run_id=0)
     reply = grid.handlers.handle(message, grid.clients[node].context)
-    assert reply.has_error() and "encoded for another model layout" in reply.error.reason
+    assert reply.has_error() and "encoded for another model layout" in str(reply.error.reason)
     meta = grid.clients[node].context.state.config_records[meta_learners.REPLICA_META_STATE]
     assert (meta["sync"], meta[meta_learners.REPLICA_ROUND]) == (sync, replica_round)
     later: list[RoundReport] = []  # so the next delta the server sends still applies

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -143,7 +144,9 @@ def test_service_is_refused_and_the_coordinator_calls_nothing(coordinator: Local
 
 
 def test_an_allow_listed_endpoint_and_only_it_is_called(tmp_path: Path) -> None:
-    rows = {"head": {"vars": ["s"]}, "results": {"bindings": [{"s": {"type": "uri", "value": "urn:remote"}}]}}
+    rows: dict[str, Any] = {
+        "head": {"vars": ["s"]}, "results": {"bindings": [{"s": {"type": "uri", "value": "urn:remote"}}]}
+    }
     with Listener(reply=json.dumps(rows).encode()) as listener:
         allowed = listener.url("/sparql")
         fleet = _start(tmp_path, "--sparql-service-allow", allowed)
