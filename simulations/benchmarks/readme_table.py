@@ -253,6 +253,19 @@ def experiment(record: Record) -> Row:
     return what, figures
 
 
+def qas(record: Record) -> Row:
+    config, methods = record["config"], record["methods"]
+    what = (
+        f"int8 training with and without QAS against fp32: sine MLP adapting to drift, {config['steps']} SGD "
+        f"steps, {config['seeds']} seeds, each method at its tuned learning rate; held-out MSE / amplitude²"
+    )
+    figures = "; ".join(
+        f"{name} {m['mean']:.4f} ± {m['std']:.4f} (median {m['median']:.4f}, lr {m['lr']:g})"
+        for name, m in methods.items()
+    )
+    return what, figures + f"; before adapting {record['before_adaptation']['mean']:.4f}"
+
+
 #: results file name (without .json) -> its row; files holding a `sim run` summary use `experiment`.
 ROWS: dict[str, Callable[[Record], Row]] = {
     "round_latency": round_latency,
@@ -261,6 +274,7 @@ ROWS: dict[str, Callable[[Record], Row]] = {
     "sim_workers": sim_workers,
     "update_bytes": update_bytes,
     "decode_stall": decode_stall,
+    "qas": qas,
 }
 ORDER = ("round_latency", "decode_stall", "registry", "train_step", "sim_workers", "update_bytes")
 
