@@ -162,3 +162,12 @@ def keywords_source(**params: str) -> DataSource:
     from tinyfleet.client.keywords import KeywordStream
 
     return KeywordStream.from_spec(**params)
+
+
+@register_source("replay")
+def replay_source(**params: str) -> DataSource:
+    """`replay:path=FILE,rate_hz=R[,label=COLUMN][,features=A+B][,holdout=N]`: a CSV or NPZ replayed
+    at R samples per second, its last rows held out."""
+    from tinyfleet.client.replay_source import ReplaySource
+
+    return ReplaySource.from_spec(**params)
