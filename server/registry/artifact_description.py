@@ -16,14 +16,21 @@ the artifact's node ids). Its weights are the backbone's and the prototypes'
 means; the counts, labels and node ids beside them are bookkeeping, counted
 neither as parameters nor in the encoded sizes.
 
-Memory model (one sample, fp32): running needs the weights plus the largest
-input+output pair of any layer; flash holds the fp32 weights; training every
-parameter ("full" plan) needs weights, gradients and every layer's saved output.
+Memory (one sample, fp32, from `tinyfleet.common.memory_model`): running needs
+the weights plus the largest input+output pair of any layer (its trace); flash
+holds the fp32 weights. Training is described under each standard update plan
+("full", "last-layer", "biases") and the planner's plan at 64, 128 and 256 kB,
+each a tf:TrainingRequirement with the plan's JSON (what a device is sent), the
+parameters it trains, the RAM of a step (schema:minValue) and the flash its
+frozen weights stay in: the memory model's defaults, which `plan_for_budget`
+also uses, so a device whose tf:ramKB holds a plan is given that plan or a larger
+one. The trainable-devices query picks, per device, the described plan that fits.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -37,8 +44,12 @@ from tinyfleet.server.registry.sparql_updates import datetime_literal
 
 if TYPE_CHECKING:
     from flwr.app import ArrayRecord
+    from torch import nn
+
+    from tinyfleet.common.update_plan import UpdatePlan
 
 SPARSE_TOP_P = 0.1
+PLANNER_BUDGETS_KB = (64, 128, 256)
 
 
 def artifact_iri(sha: str) -> str:
@@ -54,42 +65,66 @@ def round_iri(job_id: int, round_number: int) -> str:
 
 
 @dataclass(frozen=True)
+class PlanNeeds:
+    """One update plan and what a training step under it needs."""
+
+    plan: UpdatePlan
+    trained_parameters: int
+    ram_kb: float
+    flash_kb: float
+
+
+@dataclass(frozen=True)
 class MemoryNeeds:
     run_kb: float
     flash_kb: float
-    train_full_kb: float
+    plans: tuple[PlanNeeds, ...]
 
 
 def memory_needs(model_name: str, parameters: int) -> MemoryNeeds:
-    """Measured on the zoo model with forward hooks on one sample (see module docstring)."""
-    import torch
+    """`parameters` counts what the artifact stores (a prototype set's means included)."""
+    weights = 4 * parameters
+    largest_pair, plans = _model_needs(model_name)
+    return MemoryNeeds(run_kb=(weights + largest_pair) / 1000, flash_kb=weights / 1000, plans=plans)
 
+
+@functools.cache
+def _model_needs(model_name: str) -> tuple[int, tuple[PlanNeeds, ...]]:
+    """Bytes of the largest layer input+output pair, and the plans (depend on the architecture only)."""
+    from tinyfleet.common.memory_model import FP32, estimate, trace
     from tinyfleet.common.models import build_model, get_model_spec
+    from tinyfleet.common.update_plan import STANDARD_PLANS, PlanError, standard_plan
 
     spec = get_model_spec(model_name)
     model = build_model(model_name, seed=0)
-    pairs: list[int] = []
-    outputs: list[int] = []
+    classification = spec.task == "classification"
+    traced = trace(model, spec.input_shape, 1, classification)
+    largest_pair = max((c.input_bytes + c.output_bytes for c in traced.calls), default=0)
+    plans: list[UpdatePlan] = []
+    for make in [*(functools.partial(standard_plan, name, model) for name in STANDARD_PLANS),
+                 *(functools.partial(_planned, model, kb, spec.input_shape, classification)
+                   for kb in PLANNER_BUDGETS_KB)]:
+        try:
+            plan = make()
+        except PlanError:
+            continue  # a model without parameters has no plan; a budget may be too small for any
+        if all((plan.bias_layers, plan.weights) != (p.bias_layers, p.weights) for p in plans):
+            plans.append(plan)
+    needs = []
+    for plan in plans:
+        memory = estimate(model, plan, spec.input_shape, classification=classification, traced=traced)
+        trained = memory.trainable_weights // FP32
+        if trained:  # a model without parameters ("identity") trains nothing under any plan
+            needs.append(PlanNeeds(plan, trained, memory.ram / 1000, memory.flash / 1000))
+    return largest_pair, tuple(needs)
 
-    def hook(module: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        if isinstance(output, torch.Tensor) and not list(module.children()):
-            size_in = sum(t.numel() for t in inputs if isinstance(t, torch.Tensor))
-            pairs.append(size_in + output.numel())
-            outputs.append(output.numel())
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()]
-    try:
-        with torch.no_grad():
-            model(torch.zeros((1, *spec.input_shape)))
-    finally:
-        for handle in handles:
-            handle.remove()
-    weights = 4 * parameters
-    return MemoryNeeds(
-        run_kb=(weights + 4 * max(pairs, default=0)) / 1000,
-        flash_kb=weights / 1000,
-        train_full_kb=(2 * weights + 4 * sum(outputs)) / 1000,
-    )
+def _planned(
+    model: nn.Module, budget_kb: int, sample_shape: tuple[int, ...], classification: bool
+) -> UpdatePlan:
+    from tinyfleet.common.memory_model import plan_for_budget
+
+    return plan_for_budget(model, budget_kb * 1000, sample_shape, classification=classification)[0]
 
 
 def encoded_sizes(arrays: Mapping[str, Any]) -> dict[str, int]:
@@ -177,14 +212,18 @@ def describe_round_artifact(
             ox.Triple(size_node, p(TF + "encoding"), lit(encoding)),
             ox.Triple(size_node, p(TF + "sizeBytes"), lit(size)),
         ]
-    requirement = node("train")
-    triples += [
-        ox.Triple(art, p(TF + "hasTrainingRequirement"), requirement),
-        ox.Triple(requirement, p(RDF + "type"), p(TF + "TrainingRequirement")),
-        ox.Triple(requirement, p(TF + "updatePlan"), lit("full")),
-        ox.Triple(requirement, p(SCHEMA + "minValue"), lit(round(needs.train_full_kb, 3), "decimal")),
-        ox.Triple(requirement, p(SCHEMA + "unitCode"), kb),
-    ]
+    for planned in needs.plans:
+        requirement = node("train")
+        triples += [
+            ox.Triple(art, p(TF + "hasTrainingRequirement"), requirement),
+            ox.Triple(requirement, p(RDF + "type"), p(TF + "TrainingRequirement")),
+            ox.Triple(requirement, p(TF + "updatePlan"), lit(planned.plan.name)),
+            ox.Triple(requirement, p(TF + "planJson"), lit(planned.plan.to_json())),
+            ox.Triple(requirement, p(TF + "trainedParameterCount"), lit(planned.trained_parameters)),
+            ox.Triple(requirement, p(SCHEMA + "minValue"), lit(planned.ram_kb, "decimal")),
+            ox.Triple(requirement, p(TF + "trainingFlashKB"), lit(planned.flash_kb, "decimal")),
+            ox.Triple(requirement, p(SCHEMA + "unitCode"), kb),
+        ]
     for name, value in sorted(metrics.items()):
         metric = node("metric")
         triples += [
