@@ -49,13 +49,17 @@ EXPECTED = {
 def described(registry: Registry, make_td: Callable[..., bytes]) -> Registry:
     for name, ram_kb, flash_kb in DEVICES:
         registry.put(registry.prepare(make_td(name, ram_kb=ram_kb, flash_kb=flash_kb), "application/td+json"))
+    _describe(registry, SHA)
+    return registry
+
+
+def _describe(registry: Registry, sha: str) -> None:
     triples = describe_round_artifact(
-        sha=SHA, job_id=1, round_number=1, strategy="fedreptile", model_name=MODEL, parent_sha=None,
+        sha=sha, job_id=1, round_number=1, strategy="fedreptile", model_name=MODEL, parent_sha=None,
         finished_at=time.time(), contributors=[], metrics={},
         arrays=to_array_record(build_model(MODEL, seed=0)), devices={},
     )
-    registry.put_graph(artifact_iri(SHA), triples)  # SHACL-validated, as the projector writes it
-    return registry
+    registry.put_graph(artifact_iri(sha), triples)  # SHACL-validated, as the projector writes it
 
 
 @pytest.fixture
@@ -101,4 +105,9 @@ def test_trainable_devices_through_sparql_gives_each_fitting_device_its_largest_
 
 def test_trainable_devices_is_usable_as_a_jobs_eligible_query(described: Registry) -> None:
     assert set(described.eligible(f"trainable-devices artifact={SHA}")) == set(EXPECTED)
-    assert described.eligible(f"trainable-devices artifact={'cd' * 32}") == []  # unknown artifact
+    _describe(described, "cd" * 32)  # a second artifact of the same model: still one row per device
+    by_model = described.named("trainable-devices", {"model": MODEL})
+    assert {r["device"].value: r["planName"].value for r in by_model} == EXPECTED
+    assert len(by_model) == len(EXPECTED)
+    assert described.eligible("trainable-devices model=sine-mlp") == []  # no artifact of it
+    assert described.eligible(f"trainable-devices artifact={'ef' * 32}") == []  # unknown artifact
