@@ -168,3 +168,19 @@ def test_the_compiled_schema_accepts_what_jsonschema_accepts() -> None:
         assert compiled == _td_schema().is_valid(document), document
         verdicts.append(compiled)
     assert verdicts.count(False) >= 12 and verdicts.count(True) >= len(examples) + 1
+
+
+def test_the_device_classes_are_the_fleet_shapes() -> None:
+    """The agent's --device-class choices are the values tfsh:Device allows for tf:deviceClass."""
+    import rdflib
+    from rdflib.collection import Collection
+
+    from tinyfleet.common.device_description import DEVICE_CLASSES
+    from tinyfleet.ontology import SHAPES_PATH, TF
+
+    shapes = rdflib.Graph().parse(SHAPES_PATH, format="turtle")
+    (allowed,) = [
+        shapes.value(shape, rdflib.SH["in"])
+        for shape in shapes.subjects(rdflib.SH.path, rdflib.URIRef(TF + "deviceClass"))
+    ]
+    assert sorted(str(value) for value in Collection(shapes, allowed)) == sorted(DEVICE_CLASSES)

@@ -2,12 +2,15 @@
 
 The coordinator runs on its own asyncio loop in a background thread (as in the
 daemon), so tests drive FleetGrid from the test thread exactly as the job
-runner does; with the registry plugged in as `tinyfleet server start` plugs it,
-so registrations are judged by the registry's rules (TD 1.1, scope, SHACL, the
-fleet's requirements). Fake agents speak the Fleet protocol with the generated gRPC stubs
-(a device key, signed Register, Hello signed over the stream's challenge) and let
-a test decide what each task gets back (a real answer, NaN, garbage, silence, a
-dropped stream).
+runner does. The registry is plugged in as `tinyfleet server start` plugs it, so
+registrations are judged by the registry's rules (TD 1.1, scope, SHACL, the
+fleet's requirements); its store is in memory (opening and closing an on-disk one
+took ~0.4 s a coordinator), and a restarted coordinator's registry catches up
+from SQL, the system of record, as after any crash.
+
+Fake agents speak the Fleet protocol with the generated gRPC stubs (a device key,
+signed Register, Hello signed over the stream's challenge) and let a test decide
+what each task gets back (a real answer, NaN, garbage, silence, a dropped stream).
 """
 
 from __future__ import annotations
@@ -35,9 +38,12 @@ from tinyfleet.common.flower_adapter import (
     set_message_id,
 )
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
+from tinyfleet.server.artifacts import ArtifactStore
 from tinyfleet.server.auth import hash_enrollment_token, new_enrollment_id, new_enrollment_token
 from tinyfleet.server.daemon import Coordinator, Hooks, ServerSettings
 from tinyfleet.server.registry.daemon_plugin import CoordinatorRegistry
+from tinyfleet.server.registry.store import EmbeddedStore
+from tinyfleet.server.registry.thing_graphs import Registry
 
 TD = "application/td+json"
 
@@ -60,14 +66,13 @@ def signed_register(
 
 class CoordinatorThread:
     """`Coordinator` started on a private event loop thread; `stop()` is its graceful stop.
-    Without `hooks`, the registry's (its store is closed at `stop`); `Hooks()` is the bare
-    coordinator."""
+    Without `hooks`, the registry's; `Hooks()` is the bare coordinator."""
 
     def __init__(self, settings: ServerSettings, hooks: Hooks | None = None) -> None:
-        self.registry: CoordinatorRegistry | None = None
         if hooks is None:
-            self.registry = CoordinatorRegistry.open(settings.data_dir, admin_token=settings.admin_token)
-            hooks = self.registry.hooks()
+            blobs = ArtifactStore(settings.data_dir / "artifacts")
+            registry = Registry(EmbeddedStore(None))
+            hooks = CoordinatorRegistry(registry, admin_token=settings.admin_token, blobs=blobs).hooks()
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -113,12 +118,9 @@ class CoordinatorThread:
             self._release()
 
     def _release(self) -> None:
-        """The loop, its thread and the registry's store (a next coordinator may open it)."""
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
-        if self.registry is not None:
-            self.registry.registry.store.close()
 
 
 async def _cancel_leftover_tasks() -> None:
