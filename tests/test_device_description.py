@@ -179,8 +179,7 @@ def test_the_device_classes_are_the_fleet_shapes() -> None:
     from tinyfleet.ontology import SHAPES_PATH, TF
 
     shapes = rdflib.Graph().parse(SHAPES_PATH, format="turtle")
-    (allowed,) = [
-        shapes.value(shape, rdflib.SH["in"])
-        for shape in shapes.subjects(rdflib.SH.path, rdflib.URIRef(TF + "deviceClass"))
-    ]
+    (shape,) = shapes.subjects(rdflib.SH.path, rdflib.URIRef(TF + "deviceClass"))
+    allowed = shapes.value(shape, rdflib.SH["in"])
+    assert allowed is not None
     assert sorted(str(value) for value in Collection(shapes, allowed)) == sorted(DEVICE_CLASSES)
