@@ -67,7 +67,12 @@ def test_verdicts_on_their_own_are_remembered_batch_verdicts_are_not(monkeypatch
     validator.validate_many([good, good[:-1]])  # a batch: its verdicts are not kept
     runs: list[int] = []
     real_run = validator._run
-    monkeypatch.setattr(validator, "_run", lambda graphs: runs.append(len(graphs)) or real_run(graphs))
+
+    def counted_run(graphs):
+        runs.append(len(graphs))
+        return real_run(graphs)
+
+    monkeypatch.setattr(validator, "_run", counted_run)
     assert validator.validate(bad) == first and runs == []
     assert validator.validate_many([good, bad]) == [[], first] and runs == [1]
 
