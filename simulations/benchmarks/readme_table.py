@@ -266,6 +266,65 @@ def qas(record: Record) -> Row:
     return what, figures + f"; before adapting {record['before_adaptation']['mean']:.4f}"
 
 
+def _tests_pair(scores: Record) -> str:
+    return " / ".join(f"{100 * scores[t]:.2f}" for t in ("datatest.txt", "datatest2.txt")) + " %"
+
+
+def occupancy_online(record: Record) -> Row:
+    """`tinyfleet sim run occupancy-online`'s summary.json."""
+    protocol = record["protocol"]
+    what = (
+        f"occupancy-online: {protocol['rooms']} rooms stream the training week once in time order, "
+        f"{protocol['rows_per_round']} rows a round, merged every round; sensors chosen on training rows "
+        "only; accuracy on datatest / datatest2"
+    )
+    parts = []
+    for learner, entry in record["learners"].items():
+        chosen = entry["chosen"]
+        text = (
+            f"{learner} ({'+'.join(entry['features']['chosen'])}): "
+            f"federated {_tests_pair(chosen['federated'])}, central {_tests_pair(chosen['central'])}, "
+            f"rooms alone (mean) {_tests_pair(chosen['rooms_mean'])}"
+        )
+        if "offline_reference" in entry:
+            text += f", offline on all rows {_tests_pair(entry['offline_reference'])}"
+        parts.append(text)
+    return what, "; ".join(parts) + f" (targets {_tests_pair(record['targets'])})"
+
+
+def _percent(share: float) -> str:
+    return f"{100 * share:.1f} %"
+
+
+def _percent_ci(result: Record) -> str:
+    return f"{100 * result['acc']:.1f} ± {100 * result['acc_ci95']:.1f} %"
+
+
+def keywords_proto(record: Record) -> Row:
+    """`tinyfleet sim run keywords-proto`'s summary.json."""
+    data, training, devices = record["data"], record["training"], record["devices"]
+    what = (
+        f"keywords-proto: {_n(record['model']['parameters'])}-parameter embedding, "
+        f"{_n(training['episodes'])} episodes ({_n(training['train_cpu_seconds'])} CPU s) on "
+        f"{len(data['seen_words'])} words ({data['training_clips']} clips); "
+        f"{record['test_protocol']['episodes']} episodes a setting on "
+        f"{len(data['unseen_words'])} unseen words, queries by anyone / by {len(data['held_out_speakers'])} "
+        f"held-out speakers; {devices['count']} devices, each word on {devices['devices_per_word']}"
+    )
+    tests = "; ".join(
+        f"{name}: " + ", ".join(f"{s} {_percent_ci(r)}" for s, r in by.items())
+        for name, by in record["few_shot"]["trained"].items()
+    )
+    alone = devices["device_alone"]
+    figures = (
+        f"{tests}; devices on {devices['queries']} held-out clips: "
+        f"merged {_percent(devices['merged']['acc'])} (central {_percent(devices['central']['acc'])}), "
+        f"each alone {_percent(alone['acc_mean'])} "
+        f"({_percent(alone['own_words_acc_mean'])} among its own words)"
+    )
+    return what, figures
+
+
 #: results file name (without .json) -> its row; files holding a `sim run` summary use `experiment`.
 ROWS: dict[str, Callable[[Record], Row]] = {
     "round_latency": round_latency,
@@ -275,6 +334,8 @@ ROWS: dict[str, Callable[[Record], Row]] = {
     "update_bytes": update_bytes,
     "decode_stall": decode_stall,
     "qas": qas,
+    "occupancy-online": occupancy_online,
+    "keywords-proto": keywords_proto,
 }
 ORDER = ("round_latency", "decode_stall", "registry", "train_step", "sim_workers", "update_bytes")
 
@@ -303,7 +364,7 @@ def render(results: Path = RESULTS_DIR) -> str:
     lines = [BEGIN, HEADER]
     for path in files:
         record = json.loads(path.read_text(encoding="utf-8"))
-        make = experiment if "scenario" in record else ROWS.get(path.stem)
+        make = ROWS.get(path.stem) or (experiment if "scenario" in record else None)
         if make is None:
             raise TableError(f"{path}: no README row for this results file (add one to {__name__}.ROWS)")
         try:
