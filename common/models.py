@@ -161,7 +161,7 @@ MODELS: dict[str, ModelSpec] = {
         build=occupancy_mlp,
         input_shape=(5,),
         task="classification",
-        description="5-16-16-2 ReLU MLP: occupied or not from temperature, humidity, light, CO2, humidity ratio",
+        description="5-16-16-2 ReLU MLP: occupancy from temperature, humidity, light, CO2 and humidity ratio",
     ),
     "identity": ModelSpec(
         name="identity",
