@@ -16,8 +16,12 @@ this process, how long decoding and checking one such reply takes. `--baseline P
 record of the same benchmark run on other code (e.g. an older commit, from a git worktree)
 beside this run's under "baseline".
 
+With the checks off the loop, what still delays pings during a reply is gRPC receiving the
+frame on the loop (and the machine's load): skipping the checks altogether leaves the same
+tail. benchmarks/results/decode_stall.json has the figures, before and after.
+
     python -m tinyfleet.simulations.benchmarks.decode_stall [--agents 8] [--reply-mib 48] \\
-        [--replies 5] [--json PATH] [--baseline PATH]
+        [--replies 10] [--json PATH] [--baseline PATH]
 """
 
 from __future__ import annotations
@@ -303,10 +307,11 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--agents", type=int, default=8, help="agents that only answer pings (default 8)")
     parser.add_argument("--reply-mib", type=int, default=48, help="size of the large reply (default 48)")
-    parser.add_argument("--replies", type=int, default=5, help="large replies, one at a time (default 5)")
-    parser.add_argument("--ping-interval", type=float, default=0.25,
-                        help="the coordinator's heartbeat interval: a ping each (default 0.25 s; "
-                             "a stream silent for 3 is closed)")
+    parser.add_argument("--replies", type=int, default=10, help="large replies, one at a time (default 10)")
+    parser.add_argument("--ping-interval", type=float, default=0.5,
+                        help="the coordinator's heartbeat interval: a ping each (default 0.5 s; a stream "
+                             "silent for 3 is closed, and an agent encoding 48 MiB on a loaded machine "
+                             "can be silent for 0.75 s)")
     parser.add_argument("--quiet", type=float, default=2.0,
                         help="seconds without a reply before each (default 2)")
     parser.add_argument("--json", type=Path, help="also write the results here")
