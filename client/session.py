@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Iterator
 
 import grpc
@@ -61,7 +60,7 @@ class Session:
 
         def beat() -> None:
             while not self._closed.wait(interval_s):
-                self.send(fleet_pb2.AgentFrame(heartbeat=fleet_pb2.Heartbeat(sent_at=time.time())))
+                self.send(fleet_pb2.AgentFrame(heartbeat=fleet_pb2.Heartbeat()))
 
         thread = threading.Thread(target=beat, name="tinyfleet-heartbeat", daemon=True)
         thread.start()

@@ -17,7 +17,6 @@ import grpc
 from tinyfleet.protos.tinyfleet.v1 import fleet_pb2, fleet_pb2_grpc
 
 TOKEN_ENV = "TINYFLEET_ADMIN_TOKEN"
-SERVER_ENV = "TINYFLEET_SERVER"
 
 
 def admin_token_from(token: str | None, token_file: Path | None) -> str:

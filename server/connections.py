@@ -58,7 +58,6 @@ class Session:
     node_id: int
     loop: asyncio.AbstractEventLoop
     outgoing: asyncio.Queue[fleet_pb2.CoordinatorFrame | None] = field(default_factory=asyncio.Queue)
-    opened_at: float = field(default_factory=time.time)
     closed: bool = False
     agent_version: str = ""
     #: Message types the agent has handlers for; empty when it did not say (nothing is refused).

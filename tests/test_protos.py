@@ -24,3 +24,9 @@ def test_grpc_stub_imports_from_the_package() -> None:
 
     assert fleet_pb2.DESCRIPTOR.package == "tinyfleet.v1"
     assert hasattr(fleet_pb2_grpc, "FleetStub") and hasattr(fleet_pb2_grpc, "AdminStub")
+
+
+def test_a_heartbeat_carries_nothing_since_its_send_time_was_never_read() -> None:
+    from tinyfleet.protos.tinyfleet.v1 import fleet_pb2
+
+    assert list(fleet_pb2.Heartbeat.DESCRIPTOR.fields) == []  # field 1 (sent_at) is reserved

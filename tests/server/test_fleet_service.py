@@ -150,7 +150,7 @@ def test_second_connect_replaces_the_first_and_unknown_frames_are_ignored(
     first.register()
     first.connect()
     first.send(fleet_pb2.AgentFrame())  # no kind set: logged and ignored
-    first.send(fleet_pb2.AgentFrame(heartbeat=fleet_pb2.Heartbeat(sent_at=1.0)))
+    first.send(fleet_pb2.AgentFrame(heartbeat=fleet_pb2.Heartbeat()))
     second = FakeAgent(coordinator.address, "urn:dev:twice", key=first.key)
     second.node_id = first.node_id
     second.connect()
@@ -351,7 +351,7 @@ def test_an_unforeseen_error_in_the_stream_reader_is_a_warning_with_its_tracebac
 
     monkeypatch.setattr(coordinator.coordinator.hub, "touch", broken)
     with caplog.at_level(logging.WARNING, logger="tinyfleet.server.fleet_service"):
-        agent.send(fleet_pb2.AgentFrame(heartbeat=fleet_pb2.Heartbeat(sent_at=1.0)))
+        agent.send(fleet_pb2.AgentFrame(heartbeat=fleet_pb2.Heartbeat()))
         assert agent.ended.wait(10)  # this stream ends: nothing is known about its state
     [record] = [r for r in caplog.records if "reading its stream failed" in r.getMessage()]
     assert record.levelno == logging.WARNING and "urn:dev:unlucky" in record.getMessage()

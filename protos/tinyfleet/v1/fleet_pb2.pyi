@@ -67,10 +67,8 @@ class Reply(_message.Message):
     def __init__(self, message_id: _Optional[str] = ..., flower_message: _Optional[bytes] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("sent_at",)
-    SENT_AT_FIELD_NUMBER: _ClassVar[int]
-    sent_at: float
-    def __init__(self, sent_at: _Optional[float] = ...) -> None: ...
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class Pong(_message.Message):
     __slots__ = ("nonce",)
