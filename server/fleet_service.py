@@ -203,6 +203,8 @@ class FleetService(fleet_pb2_grpc.FleetServicer):
         auth_failures: FailedAuthLimiter | None = None,
         limits: DescriptionLimits = DEFAULT_LIMITS,
     ) -> None:
+        if not heartbeat_interval_s > 0:  # 0 would close every stream at once and ping without pause
+            raise ValueError(f"the heartbeat interval must be positive, got {heartbeat_interval_s:g} s")
         self.repo = repo
         self.hub = hub
         self.store = store

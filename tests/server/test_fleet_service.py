@@ -357,3 +357,10 @@ def test_an_unforeseen_error_in_the_stream_reader_is_a_warning_with_its_tracebac
     assert record.levelno == logging.WARNING and "urn:dev:unlucky" in record.getMessage()
     assert record.exc_info is not None and "liveness bookkeeping broke" in str(record.exc_info[1])
     agent.close()
+
+
+def test_a_heartbeat_interval_that_is_not_positive_is_refused_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="heartbeat interval must be positive, got 0 s"):
+        CoordinatorThread(settings_for(tmp_path / "c", heartbeat_interval_s=0.0))
+    running = CoordinatorThread(settings_for(tmp_path / "c"))  # the failed start left nothing held
+    running.stop()
