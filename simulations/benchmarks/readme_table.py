@@ -325,6 +325,29 @@ def keywords_proto(record: Record) -> Row:
     return what, figures
 
 
+def _bytes(value: float) -> str:
+    return f"{value / 2**20:.1f} MiB" if value >= 2**20 else f"{value / 2**10:.1f} KiB"
+
+
+def sparse_update(record: Record) -> Row:
+    config, tasks = record["config"], record["tasks"]
+    ratios = [p["modelled_over_measured"] for t in tasks.values() for p in t["plans"].values()]
+    what = (
+        "sparse-update fine-tuning: training memory (trained weights, gradients, optimizer state, "
+        f"activations kept for backward) modelled and measured, and accuracy, per plan; SGD batch "
+        f"{config['batch']}; tasks: " + ", ".join(tasks)
+    )
+    parts = []
+    for task, entry in tasks.items():
+        plans = ", ".join(
+            f"{name} {_bytes(p['measured_bytes'])} {100 * p['accuracy']:.1f} %"
+            for name, p in entry["plans"].items()
+        )
+        parts.append(f"{task}: {plans}")
+    figures = "; ".join(parts) + f"; modelled / measured memory {min(ratios):.3f}-{max(ratios):.3f}"
+    return what, figures
+
+
 #: results file name (without .json) -> its row; files holding a `sim run` summary use `experiment`.
 ROWS: dict[str, Callable[[Record], Row]] = {
     "round_latency": round_latency,
@@ -336,8 +359,13 @@ ROWS: dict[str, Callable[[Record], Row]] = {
     "qas": qas,
     "occupancy-online": occupancy_online,
     "keywords-proto": keywords_proto,
+    "sparse_update": sparse_update,
 }
-ORDER = ("round_latency", "decode_stall", "registry", "train_step", "sim_workers", "update_bytes")
+#: Rows in this order (the fleet's own costs, then learning); other files after them by name.
+ORDER = (
+    "round_latency", "decode_stall", "registry", "update_bytes", "train_step", "sim_workers",
+    "sine_reptile", "omniglot_reptile", "keywords-proto", "occupancy-online", "qas", "sparse_update",
+)
 
 
 def _measured(record: Record) -> str:
@@ -366,7 +394,7 @@ def render(results: Path = RESULTS_DIR) -> str:
         record = json.loads(path.read_text(encoding="utf-8"))
         make = ROWS.get(path.stem) or (experiment if "scenario" in record else None)
         if make is None:
-            raise TableError(f"{path}: no README row for this results file (add one to {__name__}.ROWS)")
+            raise TableError(f"{path}: no README row for this results file (add one to {__spec__.name}.ROWS)")
         try:
             what, figures = make(record)
         except (KeyError, IndexError, TypeError) as exc:
