@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypedDict, Unpack
 
 import torch
 from torch import nn
@@ -232,15 +232,18 @@ def candidate_plans(model: nn.Module) -> list[UpdatePlan]:
     return plans
 
 
+class StepSetup(TypedDict, total=False):
+    """How the training step runs beyond model and plan: `estimate`'s keyword arguments."""
+
+    batch: int
+    dtype: Dtype
+    optimizer: OptimizerName
+    classification: bool
+    frozen_in_flash: bool
+
+
 def plan_for_budget(
-    model: nn.Module,
-    budget_bytes: int,
-    sample_shape: tuple[int, ...],
-    batch: int = 1,
-    dtype: Dtype = "fp32",
-    optimizer: OptimizerName = "sgd",
-    classification: bool = True,
-    frozen_in_flash: bool = True,
+    model: nn.Module, budget_bytes: int, sample_shape: tuple[int, ...], **setup: Unpack[StepSetup]
 ) -> tuple[UpdatePlan, MemoryBreakdown]:
     """The largest plan of `candidate_plans` whose step fits `budget_bytes` of RAM, with its memory.
 
@@ -250,17 +253,15 @@ def plan_for_budget(
     candidates = candidate_plans(model)
     if not candidates:
         raise PlanError("the model has no parameters to train")
-    traced = trace(model, sample_shape, batch, classification)
+    traced = trace(model, sample_shape, setup.get("batch", 1), setup.get("classification", True))
     chosen: tuple[UpdatePlan, MemoryBreakdown] | None = None
     for plan in candidates:
-        memory = estimate(model, plan, sample_shape, batch, dtype, optimizer, classification,
-                          frozen_in_flash, traced)
+        memory = estimate(model, plan, sample_shape, traced=traced, **setup)
         if memory.total > budget_bytes:
             break
         chosen = (plan, memory)
     if chosen is None:
-        need = estimate(model, candidates[0], sample_shape, batch, dtype, optimizer, classification,
-                        frozen_in_flash, traced).total
+        need = estimate(model, candidates[0], sample_shape, traced=traced, **setup).total
         raise PlanError(
             f"no update plan fits {budget_bytes} bytes: "
             f"the smallest ({candidates[0].to_json()}) needs {need} bytes"

@@ -128,49 +128,22 @@ class KeywordsProtoNet(nn.Module):
 
 
 MODELS: dict[str, ModelSpec] = {
-    "sine-mlp": ModelSpec(
-        name="sine-mlp",
-        build=sine_mlp,
-        input_shape=(1,),
-        task="regression",
-        description="1-64-64-1 tanh MLP for sine-wave regression",
-    ),
-    "omniglot-conv4": ModelSpec(
-        name="omniglot-conv4",
-        build=OmniglotConv4,
-        input_shape=(1, 28, 28),
-        task="classification",
-        description="4x64-channel conv net for 28x28 few-shot character classification",
-    ),
-    "omniglot-protonet": ModelSpec(
-        name="omniglot-protonet",
-        build=ProtoConv4,
-        input_shape=(1, 28, 28),
-        task="embedding",
-        description="4x64-channel conv embedding (64 values) for nearest-prototype classification, 28x28",
-    ),
-    "keywords-protonet": ModelSpec(
-        name="keywords-protonet",
-        build=KeywordsProtoNet,
-        input_shape=(1, 40, 101),
-        task="embedding",
-        description="4x32-channel conv embedding (64 values) of 1 s log-mel spectrograms, nearest prototype",
-    ),
-    "occupancy-mlp": ModelSpec(
-        name="occupancy-mlp",
-        build=occupancy_mlp,
-        input_shape=(5,),
-        task="classification",
-        description="5-16-16-2 ReLU MLP: occupancy from temperature, humidity, light, CO2 and humidity ratio",
-    ),
-    "identity": ModelSpec(
-        name="identity",
-        build=nn.Identity,
-        input_shape=(5,),
-        task="embedding",
-        description="no parameters: a sample's features are its embedding (FedProto on raw features, "
-        "e.g. occupancy's five sensor readings)",
-    ),
+    spec.name: spec
+    for spec in (
+        ModelSpec("sine-mlp", sine_mlp, (1,), "regression",
+                  "1-64-64-1 tanh MLP for sine-wave regression"),
+        ModelSpec("omniglot-conv4", OmniglotConv4, (1, 28, 28), "classification",
+                  "4x64-channel conv net for 28x28 few-shot character classification"),
+        ModelSpec("omniglot-protonet", ProtoConv4, (1, 28, 28), "embedding",
+                  "4x64-channel conv embedding (64 values) for nearest-prototype classification, 28x28"),
+        ModelSpec("keywords-protonet", KeywordsProtoNet, (1, 40, 101), "embedding",
+                  "4x32-channel conv embedding (64 values) of 1 s log-mel spectrograms, nearest prototype"),
+        ModelSpec("occupancy-mlp", occupancy_mlp, (5,), "classification",
+                  "5-16-16-2 ReLU MLP: occupancy from temperature, humidity, light, CO2 and humidity ratio"),
+        ModelSpec("identity", nn.Identity, (5,), "embedding",
+                  "no parameters: a sample's features are its embedding (FedProto on raw features, "
+                  "e.g. occupancy's five sensor readings)"),
+    )
 }
 
 

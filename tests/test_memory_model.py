@@ -74,7 +74,7 @@ def test_planner_respects_every_budget_and_more_budget_never_trains_less(name: s
     budgets = sorted({int(smallest * (full * 1.5 / smallest) ** (i / 60)) for i in range(61)})
     trained = []
     for budget in budgets:
-        plan, memory = plan_for_budget(model, budget, spec.input_shape, BATCH)
+        plan, memory = plan_for_budget(model, budget, spec.input_shape, batch=BATCH)
         assert memory.total <= budget
         assert memory == estimate(model, plan, spec.input_shape, BATCH)
         trained.append(memory.trainable_weights)
@@ -82,7 +82,7 @@ def test_planner_respects_every_budget_and_more_budget_never_trains_less(name: s
     assert trained[-1] > trained[0]
     refusal = f"no update plan fits {smallest - 1} bytes: .* needs {smallest} bytes"
     with pytest.raises(PlanError, match=refusal):
-        plan_for_budget(model, smallest - 1, spec.input_shape, BATCH)
+        plan_for_budget(model, smallest - 1, spec.input_shape, batch=BATCH)
 
 
 def test_breakdown_counts_what_each_plan_trains() -> None:

@@ -186,7 +186,7 @@ def plans(task: str) -> dict[str, UpdatePlan | str]:
     }
     for kb in BUDGETS_KB:
         try:
-            out[f"planner {kb} KB"] = plan_for_budget(model, kb * KB, SAMPLE_SHAPES[task], BATCH)[0]
+            out[f"planner {kb} KB"] = plan_for_budget(model, kb * KB, SAMPLE_SHAPES[task], batch=BATCH)[0]
         except PlanError as exc:
             out[f"planner {kb} KB"] = str(exc)
     return out
