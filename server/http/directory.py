@@ -237,6 +237,16 @@ def directory_routes(
     def too_large(exc: BodyTooLarge) -> JSONResponse:
         return problem(413, "Description too large", str(exc))
 
+    async def store(data: bytes, media: str, thing_id: str) -> JSONResponse | bool:
+        """Validate off the loop, then write; the refusal, or whether the Thing is new."""
+        try:
+            prepared = await anyio.to_thread.run_sync(
+                lambda: registry.prepare(data, media, thing_id=thing_id)
+            )
+        except DescriptionInvalid as exc:
+            return invalid(exc)
+        return bool(await anyio.to_thread.run_sync(writer.put, prepared, data, media))
+
     async def create_anonymous(request: Request) -> Response:
         if (refused := access.refuse_admin(request, "creating an anonymous Thing")) is not None:
             return refused
@@ -254,13 +264,8 @@ def directory_routes(
         elif media not in TURTLE_MEDIA_TYPES:
             return problem(415, "Unsupported media type", f"send {MEDIA_TD_JSON} or text/turtle")
         thing_id = f"urn:uuid:{uuid.uuid4()}"
-        try:
-            prepared = await anyio.to_thread.run_sync(
-                lambda: registry.prepare(body, media, thing_id=thing_id)
-            )
-        except DescriptionInvalid as exc:
-            return invalid(exc)
-        await anyio.to_thread.run_sync(writer.put, prepared, body, media)
+        if isinstance(stored := await store(body, media, thing_id), JSONResponse):
+            return stored
         return Response(status_code=201, headers={"location": f"/things/{thing_id}"})
 
     async def get_thing(request: Request) -> Response:
@@ -280,13 +285,8 @@ def directory_routes(
             body, media = await read_body(request)
         except BodyTooLarge as exc:
             return too_large(exc)
-        try:
-            prepared = await anyio.to_thread.run_sync(
-                lambda: registry.prepare(body, media, thing_id=thing_id)
-            )
-        except DescriptionInvalid as exc:
-            return invalid(exc)
-        created = await anyio.to_thread.run_sync(writer.put, prepared, body, media)
+        if isinstance(created := await store(body, media, thing_id), JSONResponse):
+            return created
         return Response(status_code=201 if created else 204)
 
     async def patch_thing(request: Request) -> Response:
@@ -313,14 +313,9 @@ def directory_routes(
         patched = merge_patch(current, patch)
         if not isinstance(patched, dict):
             return problem(400, "Invalid patch", "the patched Thing Description must stay a JSON object")
-        data = json.dumps(patched).encode()
-        try:
-            prepared = await anyio.to_thread.run_sync(
-                lambda: registry.prepare(data, MEDIA_TD_JSON, thing_id=thing_id)
-            )
-        except DescriptionInvalid as exc:
-            return invalid(exc)
-        await anyio.to_thread.run_sync(writer.put, prepared, data, MEDIA_TD_JSON)
+        stored = await store(json.dumps(patched).encode(), MEDIA_TD_JSON, thing_id)
+        if isinstance(stored, JSONResponse):
+            return stored
         return Response(status_code=204)
 
     async def delete_thing(request: Request) -> Response:
