@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tinyfleet.cli import HelpFormatter
+from tinyfleet.common.message_keys import NUM_EXAMPLES_KEY
 from tinyfleet.server.cli import CLIENT_HELP, EXIT_BAD_JOB, EXIT_FAILED, client_args, print_rows, with_client
 
 
@@ -161,7 +162,7 @@ def _metric_columns(rounds: list[dict[str, Any]]) -> list[tuple[tuple[str, str],
     for kind in ("train_metrics", "eval_metrics"):
         for r in rounds:
             for key in r[kind] or {}:
-                if key != "num-examples":
+                if key != NUM_EXAMPLES_KEY:
                     columns.setdefault((kind, key), key)
     return list(columns.items())
 

@@ -42,8 +42,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
+from tinyfleet.common.arrays import from_numpy_dict
+from tinyfleet.common.message_keys import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, NUM_EXAMPLES_KEY
 from tinyfleet.simulations.benchmarks.results_file import RunWatch, module_command, write_results
 
 MIB = 1024 * 1024
@@ -67,10 +69,6 @@ def large_model(reply_mib: int, seed: int, noise: float = 0.0) -> dict[str, np.n
     return model
 
 
-def array_record(model: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({key: Array(values) for key, values in model.items()})
-
-
 def _agents_process(
     server: str, token: str, device_ids: Sequence[str], state_root: str, reply_mib: int, seed: int,
     stop: ProcessEvent,
@@ -87,8 +85,8 @@ def _agents_process(
     handlers = None
     if reply_mib:
         content = RecordDict({
-            "arrays": array_record(large_model(reply_mib, seed, noise=0.01)),
-            "metrics": MetricRecord({"num-examples": 1}),
+            ARRAYS_KEY: from_numpy_dict(large_model(reply_mib, seed, noise=0.01)),
+            METRICS_KEY: MetricRecord({NUM_EXAMPLES_KEY: 1}),
         })
         handlers = HandlerRegistry()
 
@@ -233,7 +231,7 @@ def measure(agents: int, reply_mib: int, replies: int, heartbeat_s: float, quiet
             assert sender is not None
             sampler = RoundTripSampler(coordinator.hub, grid.available_nodes() - {sender.node_id})
             sampler.start()
-            reference = array_record(large_model(reply_mib, seed))
+            reference = from_numpy_dict(large_model(reply_mib, seed))
             grid.reference_arrays = reference
             grid.update_guard = UpdateGuard(MAX_UPDATE_RATIO)
             time.sleep(4 * heartbeat_s)  # the first pings of every stream
@@ -247,7 +245,7 @@ def measure(agents: int, reply_mib: int, replies: int, heartbeat_s: float, quiet
                 time.sleep(quiet_s)
                 quiet.append((start, time.monotonic()))
                 sent = time.monotonic()
-                task = grid.create_message(RecordDict({"config": ConfigRecord({"index": index})}), "train",
+                task = grid.create_message(RecordDict({CONFIG_KEY: ConfigRecord({"index": index})}), "train",
                                            sender.node_id, str(index))
                 answers = list(grid.send_and_receive([task], timeout=300))
                 resolved = time.monotonic()

@@ -30,7 +30,9 @@ from tinyfleet.client.omniglot import data_root
 from tinyfleet.common import codec
 from tinyfleet.common.flower_adapter import message_to_bytes, new_instruction, reply_with_content, stamp
 from tinyfleet.common.learning import adapt, loss_fn
+from tinyfleet.common.message_keys import METRICS_KEY, NUM_EXAMPLES_KEY
 from tinyfleet.common.models import build_model
+from tinyfleet.common.reptile_protocol import UPDATE_KEY
 from tinyfleet.simulations.benchmarks.results_file import RunWatch, module_command, write_results
 
 ENCODINGS = (
@@ -66,10 +68,8 @@ def wire_bytes(record: ArrayRecord) -> int:
     """The reply message a device sends with this update, as serialized by Flower."""
     instruction = new_instruction(RecordDict(), "train.fedreptile", 1, run_id=1)
     stamp(instruction, run_id=1)
-    reply = reply_with_content(
-        instruction,
-        RecordDict({"update": record, "metrics": MetricRecord({"train_loss": 0.1, "num-examples": 50})}),
-    )
+    metrics = MetricRecord({"train_loss": 0.1, NUM_EXAMPLES_KEY: 50})
+    reply = reply_with_content(instruction, RecordDict({UPDATE_KEY: record, METRICS_KEY: metrics}))
     return len(message_to_bytes(reply))
 
 
