@@ -18,6 +18,7 @@ from flwr.serverapp.strategy import Strategy
 from tinyfleet.common.jobspec import JobSpec, JobSpecError, resolve_strategy_class
 from tinyfleet.common.message_keys import MODEL_KEY
 from tinyfleet.common.strategy_options import Options, OptionsError
+from tinyfleet.server.strategies import FedProto
 
 
 def round_defaults(spec: JobSpec) -> dict[str, Any]:
@@ -52,6 +53,12 @@ def build_strategy(spec: JobSpec) -> Strategy:
             raise JobSpecError(f"options.{exc.option}", exc.reason) from None
     else:
         kwargs = _with_round_defaults(spec, _checked_parameters(cls, spec))
+    if spec.round.max_update_ratio is not None and issubclass(cls, FedProto):
+        raise JobSpecError(
+            "round.max_update_ratio",
+            "bounds weight updates, and fedproto's replies are prototype means with counts, not weights "
+            "(each is checked for its classes' shape and finite values as it is merged); remove it",
+        )
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:

@@ -92,3 +92,17 @@ def test_a_stock_strategy_refuses_an_argument_its_constructor_lacks() -> None:
     with pytest.raises(JobSpecError) as info:
         build_strategy(spec)
     assert info.value.field == "options.proximal_mu" and "FedAvg has no argument" in str(info.value)
+
+
+def test_fedproto_refuses_the_weight_update_guard_by_name() -> None:
+    """The guard measures weight updates; FedProto's replies hold prototype means, which it would
+    drop every one of (the job then learned nothing, silently)."""
+    from tinyfleet.server.job_strategy import build_strategy
+
+    text = 'name = "p"\nstrategy = "fedproto"\nmodel = "identity"\nrounds = 2\n'
+    text += "[round]\nmax_update_ratio = 10.0\n"
+    with pytest.raises(JobSpecError, match=r"round\.max_update_ratio.*prototype means"):
+        build_strategy(parse_job_spec(text))
+    from tinyfleet.server.strategies import FedProto
+
+    assert isinstance(build_strategy(parse_job_spec(text.replace("max_update_ratio = 10.0\n", ""))), FedProto)
