@@ -10,7 +10,8 @@ classified by nearest prototype with
 
 - ``merged``: the server's merged set (what every device holds after its merge);
 - ``device``: each device's own prototypes, never merged (the mean over devices, and its 95 % CI
-  over devices): a device alone cannot name classes others learned;
+  over devices): a device alone cannot name classes others learned (its accuracy on queries of its
+  own classes is reported beside);
 - ``central``: prototypes from every non-query drawing of every seen class (an upper bound: more
   examples per class than any device had).
 """
@@ -42,6 +43,7 @@ class ReconPoint:
     device: float
     device_ci95: float
     device_each: tuple[float, ...]
+    device_own_classes: float  # mean over devices that learned a class: accuracy on queries of its own
     central: float
     central_ci95: float
 
@@ -106,6 +108,10 @@ def reconnaissance(
             continue
         merged, middle = accuracy(server, query_x, query_y), accuracy(central, query_x, query_y)
         each = tuple(accuracy(p, query_x, query_y) for p in own)
+        own_classes = []
+        for learned in (p for p in own if len(p)):
+            rows = [i for i, label in enumerate(query_y) if label in learned.counts]
+            own_classes.append(accuracy(learned, query_x[rows], [query_y[i] for i in rows]))
         point = ReconPoint(
             missions=mission + 1,
             classes=len(server),
@@ -115,6 +121,7 @@ def reconnaissance(
             device=float(np.mean(each)),
             device_ci95=float(1.96 * np.std(each, ddof=1) / math.sqrt(devices)) if devices > 1 else 0.0,
             device_each=each,
+            device_own_classes=float(np.mean(own_classes)),
             central=middle,
             central_ci95=_binomial_ci95(middle, len(query_y)),
         )

@@ -118,6 +118,7 @@ def run(settings: RunnerSettings, out: Path, progress: Progress | None) -> Outco
                 acc=getattr(point, method),
                 acc_ci95=getattr(point, f"{method}_ci95"),
                 each_device=" ".join(f"{a:.4f}" for a in point.device_each) if method == "device" else "",
+                own_classes=point.device_own_classes if method == "device" else "",
             )
 
     points = reconnaissance(
@@ -133,6 +134,7 @@ def run(settings: RunnerSettings, out: Path, progress: Progress | None) -> Outco
     _plot(points, o, out / PLOT_FILE)
     last = points[-1]
     final = {m: {"acc": getattr(last, m), "acc_ci95": getattr(last, f"{m}_ci95")} for m in METHODS}
+    final["device"]["own_classes_acc"] = last.device_own_classes
     figures = {
         "split": o.split,
         "backbone": backbone,
@@ -152,6 +154,7 @@ def run(settings: RunnerSettings, out: Path, progress: Progress | None) -> Outco
         f"{m:8} {last.classes} classes: {final[m]['acc'] * 100:5.1f} ± {final[m]['acc_ci95'] * 100:.1f} %"
         for m in METHODS
     ]
+    lines[1] += f"  ({last.device_own_classes * 100:.1f} % on its own classes)"
     return Outcome(figures=figures, lines=lines, files=files)
 
 

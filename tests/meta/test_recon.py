@@ -32,6 +32,7 @@ def test_a_device_alone_names_only_its_own_classes_and_the_merge_names_all() -> 
     # each device learned missions d, d+4, ...: after the last, 10 of 40 classes each
     assert points[-1].device_each == (0.25, 0.25, 0.25, 0.25)
     assert points[0].device_each == (1.0, 0.0, 0.0, 0.0)  # device 0 alone knows the first mission
+    assert all(p.device_own_classes == 1.0 for p in points)  # and names its own classes right
 
 
 def test_merged_beats_each_device_alone_and_central_bounds_it_on_noisy_clusters() -> None:
@@ -82,7 +83,8 @@ def test_sim_run_trains_a_backbone_when_given_none_then_reuses_it(data_dir: Path
     assert [p["classes"] for p in summary["curve"]] == [10, 20]
     assert summary["final"]["merged"]["acc"] >= summary["final"]["device"]["acc"]
     rows = (first / "metrics.csv").read_text().splitlines()
-    assert rows[0] == "missions,classes,queries,method,acc,acc_ci95,each_device" and len(rows) == 1 + 2 * 3
+    assert rows[0] == "missions,classes,queries,method,acc,acc_ci95,each_device,own_classes"
+    assert len(rows) == 1 + 2 * 3
     assert (first / "recon.png").stat().st_size > 0
     backbone = first / "models" / "backbone.arrays"
     assert main([*argv, "--out", str(second), *small, "--backbone", str(backbone)]) == 0
