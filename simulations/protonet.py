@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from tinyfleet.common.learning import prototypical_loss
 from tinyfleet.common.message_keys import ARRAYS_KEY, METRICS_KEY, MODEL_KEY, NUM_EXAMPLES_KEY
 from tinyfleet.common.models import OmniglotConv4, build_model
 from tinyfleet.common.strategy_options import Options
+from tinyfleet.server.artifacts import sha256_hex
 from tinyfleet.simulations.meta_eval import summarize
 from tinyfleet.simulations.rounds import run_rounds
 from tinyfleet.simulations.sim_grid import SimGrid
@@ -264,26 +266,42 @@ def few_shot_test(
 
 
 # -- backbones trained elsewhere -----------------------------------------------------------------
-def load_backbone(path: str, calibration: Callable[[], torch.Tensor]) -> tuple[str, nn.Module]:
-    """An embedding from a saved model (.arrays): an omniglot-protonet, or an omniglot-conv4
-    (FedReptile's) whose features are the embedding. Returns (model name, embedding module).
+@dataclass(frozen=True)
+class Backbone:
+    """An embedding trained elsewhere: its zoo model, the module that embeds, and the file it came
+    from (with its sha256, so results name the very model a run used)."""
+
+    model: str
+    module: nn.Module
+    file: str
+    sha256: str
+
+    def record(self) -> dict[str, str]:
+        return {"file": self.file, "sha256": self.sha256, "model": self.model}
+
+
+def load_backbone(path: str, calibration: Callable[[], torch.Tensor]) -> Backbone:
+    """The embedding of a saved model (.arrays): an omniglot-protonet, or an omniglot-conv4
+    (FedReptile's) whose features are the embedding.
 
     The conv4 net normalises with each batch's own statistics (no running statistics), so an
     image's embedding would depend on its batch; its batch norm is fixed to the statistics of
     `calibration()` (training images), making the test non-transductive like the protonet's.
     """
     try:
-        with open(path, "rb") as handle:
-            record = array_record_from_bytes(handle.read())
+        blob = Path(path).read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"backbone {path} not found (a models/<arm>.arrays of a sim run)") from None
+    record, file = array_record_from_bytes(blob), str(Path(path).resolve())
     if "head.weight" not in record:
         model = build_model(MODEL)
         load_array_record(model, record)
-        return MODEL, model
+        return Backbone(MODEL, model, file, sha256_hex(blob))
     conv4 = OmniglotConv4(ways=int(record["head.weight"].shape[0]))
     load_array_record(conv4, record)
-    return "omniglot-conv4", freeze_batch_norm(conv4.features, calibration())
+    return Backbone(
+        "omniglot-conv4", freeze_batch_norm(conv4.features, calibration()), file, sha256_hex(blob)
+    )
 
 
 def calibration_images(split: OmniglotSplit, root: str, seed: int, count: int = 2000) -> torch.Tensor:

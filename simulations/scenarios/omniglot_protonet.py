@@ -244,10 +244,9 @@ class _Run:
 
     def backbone(self, path: str) -> dict[str, Any]:
         split, seed = OmniglotSplit(self.options.split), self.settings.seed
-        name, model = load_backbone(path, lambda: calibration_images(split, str(self.root), seed))
-        entry: dict[str, Any] = {"file": str(Path(path).resolve()), "model": name, "episodes": 0}
-        entry["train_cpu_seconds"] = 0.0
-        entry["final"] = self._final("backbone", model, 0, 0.0)
+        backbone = load_backbone(path, lambda: calibration_images(split, str(self.root), seed))
+        entry: dict[str, Any] = {**backbone.record(), "episodes": 0, "train_cpu_seconds": 0.0}
+        entry["final"] = self._final("backbone", backbone.module, 0, 0.0)
         return entry
 
     def _curve_point(

@@ -95,9 +95,10 @@ def run(settings: RunnerSettings, out: Path, progress: Progress | None) -> Outco
             f"test classes of the {o.split} split"
         )
     files = [PLOT_FILE]
+    backbone: dict[str, Any]
     if o.backbone:
-        name, model = load_backbone(o.backbone, lambda: calibration_images(split, root, settings.seed))
-        backbone: dict[str, Any] = {"file": str(Path(o.backbone).resolve()), "model": name}
+        loaded = load_backbone(o.backbone, lambda: calibration_images(split, root, settings.seed))
+        model, backbone = loaded.module, loaded.record()
     else:
         model, backbone = _train_backbone(settings, o, progress)
         backbone["model_file"] = write_model(out, "backbone", model)

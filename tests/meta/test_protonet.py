@@ -17,6 +17,7 @@ from tinyfleet.client import omniglot
 from tinyfleet.common.arrays import load_array_record, to_array_record
 from tinyfleet.common.flower_adapter import array_record_from_bytes, array_record_to_bytes
 from tinyfleet.common.models import OmniglotConv4, build_model
+from tinyfleet.server.artifacts import sha256_hex
 from tinyfleet.simulations.experiment import RunSettings, fedreptile_options
 from tinyfleet.simulations.omniglot import central_task
 from tinyfleet.simulations.protonet import (
@@ -128,6 +129,7 @@ def test_sim_run_writes_curves_summary_and_models_for_fedproto(data_dir: Path, t
     assert summary["config"]["options"]["ways"] == 5 and summary["split"] == "alphabets"
     assert set(summary["arms"]) == {"central", "federated", "backbone"}
     assert summary["arms"]["backbone"]["model"] == "omniglot-conv4"
+    assert summary["arms"]["backbone"]["sha256"] == sha256_hex(conv4.read_bytes())
     for arm in ("central", "federated"):
         entry = summary["arms"][arm]
         assert entry["episodes"] == 6 and set(entry["final"]) == set(TESTS)

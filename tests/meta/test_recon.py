@@ -90,6 +90,7 @@ def test_sim_run_trains_a_backbone_when_given_none_then_reuses_it(data_dir: Path
     assert main([*argv, "--out", str(second), *small, "--backbone", str(backbone)]) == 0
     again = json.loads((second / "summary.json").read_text())
     assert again["backbone"]["file"] == str(backbone) and again["final"] == summary["final"]
+    assert again["backbone"]["sha256"] == summary["backbone"]["model_file"]["sha256"]
 
 
 def test_more_classes_than_the_split_tests_is_refused(
