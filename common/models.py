@@ -48,6 +48,25 @@ class _ChannelsLastConv2d(nn.Conv2d):
         return super().forward(x).contiguous(memory_format=torch.channels_last)
 
 
+def conv_blocks(
+    channels: int, *, running_stats: bool = True, ceil_mode: bool = False, channels_last: bool = True
+) -> list[nn.Module]:
+    """4 blocks (conv3x3, batch norm, ReLU, 2x2 max-pool) from one input channel; the first conv's
+    output is channels-last (`_ChannelsLastConv2d`) unless `channels_last` is False."""
+    blocks: list[nn.Module] = []
+    in_ch = 1
+    for block in range(4):
+        conv = _ChannelsLastConv2d if block == 0 and channels_last else nn.Conv2d
+        blocks += [
+            conv(in_ch, channels, 3, padding=1),
+            nn.BatchNorm2d(channels, track_running_stats=running_stats),
+            nn.ReLU(),
+            nn.MaxPool2d(2, ceil_mode=ceil_mode),
+        ]
+        in_ch = channels
+    return blocks
+
+
 class OmniglotConv4(nn.Module):
     """4 conv blocks of 64 channels (conv3x3, batch norm, ReLU, 2x2 max-pool) and a linear head.
 
@@ -61,17 +80,7 @@ class OmniglotConv4(nn.Module):
 
     def __init__(self, ways: int = 5, channels: int = 64) -> None:
         super().__init__()
-        blocks: list[nn.Module] = []
-        in_ch = 1
-        for block in range(4):
-            conv = _ChannelsLastConv2d if block == 0 else nn.Conv2d
-            blocks += [
-                conv(in_ch, channels, 3, padding=1),
-                nn.BatchNorm2d(channels, track_running_stats=False),
-                nn.ReLU(),
-                nn.MaxPool2d(2, ceil_mode=True),
-            ]
-            in_ch = channels
+        blocks = conv_blocks(channels, running_stats=False, ceil_mode=True)
         self.features = nn.Sequential(*blocks, nn.Flatten())
         self.head = nn.Linear(channels * 2 * 2, ways)
 
@@ -89,15 +98,7 @@ class ProtoConv4(nn.Module):
 
     def __init__(self, channels: int = 64) -> None:
         super().__init__()
-        blocks: list[nn.Module] = []
-        in_ch = 1
-        for block in range(4):
-            conv = _ChannelsLastConv2d if block == 0 else nn.Conv2d
-            blocks += [
-                conv(in_ch, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2)
-            ]
-            in_ch = channels
-        self.features = nn.Sequential(*blocks, nn.Flatten())
+        self.features = nn.Sequential(*conv_blocks(channels), nn.Flatten())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -114,14 +115,7 @@ class KeywordsProtoNet(nn.Module):
 
     def __init__(self, channels: int = 32) -> None:
         super().__init__()
-        blocks: list[nn.Module] = [nn.BatchNorm2d(1)]
-        in_ch = 1
-        for _ in range(4):
-            blocks += [
-                nn.Conv2d(in_ch, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2)
-            ]
-            in_ch = channels
-        self.features = nn.Sequential(*blocks)
+        self.features = nn.Sequential(nn.BatchNorm2d(1), *conv_blocks(channels, channels_last=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x).mean(dim=3).flatten(1)
