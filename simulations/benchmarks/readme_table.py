@@ -348,6 +348,54 @@ def sparse_update(record: Record) -> Row:
     return what, figures
 
 
+def _few_shot(results: Record) -> str:
+    return ", ".join(f"{test} {_percent_ci(r)}" for test, r in results.items())
+
+
+def omniglot_protonet(record: Record) -> Row:
+    """`tinyfleet sim run omniglot-protonet`'s summary.json (either split)."""
+    config, protocol = record["config"], record["test_protocol"]
+    o = config["options"]
+    budget = f", CPU budget {config['budget_minutes']:g} min per arm" if config["budget_minutes"] else ""
+    what = (
+        f"omniglot-protonet ({record['split']} split): Prototypical Networks' embedding on {o['ways']}-way "
+        f"{o['shots']}-shot {o['queries']}-query episodes{budget}; central, and federated ({o['devices']} "
+        f"devices on their own alphabets, FedAvg of {o['devices_per_round']} a round, {o['local_episodes']} "
+        f"episodes each); {protocol['final_episodes']} test episodes a setting over "
+        f"{protocol['final_classes']} test classes"
+    )
+    parts = [
+        f"{arm} {_few_shot(entry['final'])} ({_n(entry['episodes'])} episodes, "
+        f"{_n(entry['train_cpu_seconds'])} CPU s)"
+        for arm, entry in record["arms"].items()
+    ]
+    reptile = record.get("related_runs", {}).get("fedreptile_backbone")
+    if reptile:
+        rounds = _n(reptile["trained_by"]["rounds"])
+        parts.append(f"FedReptile's conv4 ({rounds} rounds) as the embedding: {_few_shot(reptile['final'])}")
+    published = ", ".join(f"{t} {_percent(v)}" for t, v in record["published_snell_2017"].items())
+    targets = ", ".join(f"{t} {_percent(v)}" for t, v in record["targets"].items())
+    return what, "; ".join(parts) + f" (targets {targets}; Snell et al. 2017: {published})"
+
+
+def omniglot_recon(record: Record) -> Row:
+    """`tinyfleet sim run omniglot-recon`'s summary.json (either split)."""
+    protocol, final, backbone = record["protocol"], record["final"], record["backbone"]
+    what = (
+        f"omniglot-recon ({record['split']} split): {protocol['devices']} devices, {protocol['missions']} "
+        f"missions of {protocol['classes_per_mission']} new test classes, {protocol['shots']} drawings a "
+        f"class, prototypes merged by counts after each; {backbone['model']} backbone (sha256 "
+        f"{backbone['sha256'][:12]}); accuracy on {protocol['queries_per_class']} queries of every class seen"
+    )
+    device, central = final["device"], final["central"]
+    figures = (
+        f"at {final['classes']} classes: merged {_percent_ci(final['merged'])}, each device alone "
+        f"{_percent_ci(device)} ({_percent(device['own_classes_acc'])} on its own classes), central on "
+        f"{protocol['central_drawings_per_class']} drawings a class {_percent_ci(central)}"
+    )
+    return what, figures
+
+
 #: results file name (without .json) -> its row; files holding a `sim run` summary use `experiment`.
 ROWS: dict[str, Callable[[Record], Row]] = {
     "round_latency": round_latency,
@@ -359,6 +407,10 @@ ROWS: dict[str, Callable[[Record], Row]] = {
     "qas": qas,
     "occupancy-online": occupancy_online,
     "keywords-proto": keywords_proto,
+    "omniglot-protonet": omniglot_protonet,
+    "omniglot-protonet-characters": omniglot_protonet,
+    "omniglot-recon": omniglot_recon,
+    "omniglot-recon-characters": omniglot_recon,
     "sparse_update": sparse_update,
 }
 #: Rows in this order (the fleet's own costs, then learning); other files after them by name.
