@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +38,11 @@ EVALUATION = (("E", 12), ("F", 10))  # 22: enough for 20-way test episodes
 CHARACTER_SPLIT_TRAIN = 20  # of 37
 
 
-def write_structured_omniglot(folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@contextmanager
+def structured_omniglot(folder: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """images_{background,evaluation}.npz under folder/omniglot: each character a random 7x7 block
-    pattern at 105x105, each drawing that pattern with a fifth of its pixels flipped."""
+    pattern at 105x105, each drawing that pattern with a fifth of its pixels flipped; the loaders'
+    caches are emptied before and after."""
     monkeypatch.setattr(omniglot, "BACKGROUND_ALPHABETS", BACKGROUND)
     monkeypatch.setattr(omniglot, "EVALUATION_ALPHABETS", EVALUATION)
     monkeypatch.setattr(omniglot, "CHARACTER_SPLIT_TRAIN", CHARACTER_SPLIT_TRAIN)
@@ -53,14 +56,17 @@ def write_structured_omniglot(folder: Path, monkeypatch: pytest.MonkeyPatch) -> 
         images = patterns ^ (rng.random((chars, 20, 105, 105)) < 0.2)
         labels = np.repeat(np.arange(chars)[:, None], 20, axis=1)
         np.savez(folder / "omniglot" / f"images_{split}.npz", images=images, labels=labels)
+    try:
+        yield folder
+    finally:
+        omniglot.load_split.cache_clear()
+        omniglot.load_all.cache_clear()
 
 
 @pytest.fixture
 def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    write_structured_omniglot(tmp_path / "data", monkeypatch)
-    yield tmp_path / "data"
-    omniglot.load_split.cache_clear()
-    omniglot.load_all.cache_clear()
+    with structured_omniglot(tmp_path / "data", monkeypatch) as folder:
+        yield folder
 
 
 SMALL_RUN = [

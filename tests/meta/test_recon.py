@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 
 from tinyfleet.cli import main
-from tinyfleet.client import omniglot
 from tinyfleet.common.prototypes import PrototypeSet
 from tinyfleet.simulations.recon import accuracy, reconnaissance
 
-from .test_protonet import write_structured_omniglot
+from .test_protonet import structured_omniglot
 
 
 def clusters(classes: int, drawings: int, dim: int, noise: float, seed: int = 0) -> np.ndarray:
@@ -66,10 +65,8 @@ def test_missions_that_do_not_fit_are_refused() -> None:
 
 @pytest.fixture
 def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    write_structured_omniglot(tmp_path / "data", monkeypatch)
-    yield tmp_path / "data"
-    omniglot.load_split.cache_clear()
-    omniglot.load_all.cache_clear()
+    with structured_omniglot(tmp_path / "data", monkeypatch) as folder:
+        yield folder
 
 
 def test_sim_run_trains_a_backbone_when_given_none_then_reuses_it(data_dir: Path, tmp_path: Path) -> None:
