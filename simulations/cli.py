@@ -198,6 +198,9 @@ def run_command(args: argparse.Namespace) -> int:
     arms = tuple(a.strip() for a in args.arms.split(",")) if args.arms else ARMS
     extra = {"ways": args.ways} if args.ways else {}
     if args.split:
+        if not args.scenario.startswith("omniglot"):
+            console.print(f"[red]error:[/red] --split chooses Omniglot's split; {args.scenario} has none")
+            return 2
         extra["split"] = args.split
     try:
         settings = RunSettings(

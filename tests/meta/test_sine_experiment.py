@@ -94,3 +94,10 @@ def test_unknown_arm_is_a_clear_error(tmp_path: Path, capsys) -> None:
     code = main(["sim", "run", "sine-reptile", "--out", str(tmp_path), "--arms", "fedprox"])
     assert code == 2
     assert "fedprox" in capsys.readouterr().err
+
+
+def test_a_split_on_a_scenario_without_one_is_refused(tmp_path: Path, capsys) -> None:
+    code = main(["sim", "run", "sine-reptile", "--out", str(tmp_path), "--split", "characters"])
+    assert code == 2
+    assert "--split chooses Omniglot's split; sine-reptile has none" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
