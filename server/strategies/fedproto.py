@@ -275,6 +275,11 @@ class FedProto(Strategy):
         record = content.array_records.get(PROTOTYPES_KEY)
         if info is None or record is None:
             raise ValueError(f"reply carries no {DELTA_KEY!r} ConfigRecord and {PROTOTYPES_KEY!r} arrays")
+        metrics = list(content.metric_records.values())
+        examples = metrics[0].get(NUM_EXAMPLES_KEY) if len(metrics) == 1 else None
+        if not isinstance(examples, int) or examples < 0:
+            raise ValueError(f"reply needs one MetricRecord with an integer {NUM_EXAMPLES_KEY!r} >= 0 "
+                             "(the round's metrics are weighted by it)")
         if info.get(BACKBONE_SHA_KEY) != self._sha:
             raise ValueError(f"prototypes embedded with backbone {info.get(BACKBONE_SHA_KEY)!r}, "
                              f"not this job's {self._sha}")

@@ -350,3 +350,21 @@ def test_a_source_without_classes_is_refused_by_name() -> None:
     source = open_source("sine:seed=0")
     with pytest.raises(ValueError, match="'sine' has no class labels"):
         proto_learners.label_names(source, source.next(3)[1])
+
+
+def test_a_reply_without_its_example_count_is_skipped_alone(rooms: Path) -> None:
+    """Averaging the round's metrics reads every merged reply's num-examples: one reply without it
+    (or with a second MetricRecord) must be skipped, not fail the round for the honest ones."""
+    from flwr.app import MetricRecord, RecordDict
+
+    strategy = FedProto(samples_per_round=6)
+    grid = SimGrid.from_data_specs(_specs(rooms))
+    arrays, _ = _run(strategy, grid, 1)
+    replies = list(grid.send_and_receive(list(strategy.configure_train(2, arrays, IDENTITY, grid))))
+    bad, good = replies
+    bad.content = RecordDict({k: v for k, v in bad.content.items() if not isinstance(v, MetricRecord)})
+    merged, metrics = strategy.aggregate_train(2, [bad, good])
+    assert merged is not None and metrics is not None
+    assert metrics["nodes"] == 1 and metrics["skipped"] == 1
+    assert strategy.acked[bad.metadata.src_node_id] == 1  # its delta stays pending on the device
+    assert sum(_merged(merged).counts.values()) == 2 * 6 + 6  # round 1 from both, round 2 from one
